@@ -1,0 +1,322 @@
+"""Configuration: frozen dataclasses built from ``FANOUT_*`` environment variables and flags.
+
+Each setting has one name in the environment (``FANOUT_EDGE_PORT``) and one flag
+(``--port``); a flag wins over the environment. A bad value fails at start with a
+`ConfigError` naming the setting. Secrets (the password in a Redis URL) never appear in a
+repr or a log line: use `redact_url`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from common.channels import NAMESPACES
+from common.errors import ConfigError
+from common.keys import DEFAULT_PREFIX
+
+T = TypeVar("T")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def _check_redis_url(setting: str, url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(setting, "must be a redis://, rediss:// or unix:// URL")
+    return url
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPolicy:
+    """How much history a namespace keeps: what recovery after a disconnect can cover."""
+
+    max_length: int
+    max_age: float  # seconds
+
+
+DEFAULT_HISTORY: dict[str, HistoryPolicy] = {
+    "quotes": HistoryPolicy(10_000, 300.0),
+    "trades": HistoryPolicy(10_000, 600.0),
+    "depth": HistoryPolicy(10_000, 120.0),
+    "bars": HistoryPolicy(5_000, 86_400.0),
+    "account": HistoryPolicy(1_000, 86_400.0),
+}
+
+
+def parse_history(setting: str, text: str) -> dict[str, HistoryPolicy]:
+    """``quotes=10000/300,trades=5000/600``: per namespace, max length / max age in seconds.
+    Namespaces not named keep their defaults."""
+    policies = dict(DEFAULT_HISTORY)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, spec = item.partition("=")
+        length, sep2, age = spec.partition("/")
+        if not sep or not sep2 or name not in NAMESPACES:
+            raise ConfigError(
+                setting, f"bad item {item!r}: expected <namespace>=<max length>/<max age s>"
+            )
+        try:
+            policy = HistoryPolicy(int(length), float(age))
+        except ValueError:
+            raise ConfigError(setting, f"bad numbers in {item!r}") from None
+        if policy.max_length < 1 or policy.max_age <= 0:
+            raise ConfigError(setting, f"{item!r}: length must be >= 1 and age > 0")
+        policies[name] = policy
+    return policies
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    key_prefix: str = DEFAULT_PREFIX
+
+    def __repr__(self) -> str:
+        return f"RedisSettings(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis: RedisSettings = RedisSettings()
+    ping_interval: float = 25.0  # s between server pings (first one random in [I/2, I])
+    pong_timeout: float = 10.0  # s to answer a ping
+    connect_timeout: float = 10.0  # s for a new connection to send `connect`
+    max_message_size: int = 65_536  # largest client frame, bytes; larger -> close 1009
+    max_subscriptions: int = 1_000  # per connection
+    queue_max_messages: int = 10_000  # per client send queue
+    queue_max_bytes: int = 4 * 1024 * 1024  # per client send queue
+    recovery_limit: int = 10_000  # most messages one subscribe may replay
+    compression: bool = False  # permessage-deflate: ~5x the CPU in fan-out, off by default
+    node_id: str = ""  # defaults to a random id
+    log_level: str = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    redis: RedisSettings = RedisSettings()
+    feed: str = "sim"
+    symbols: tuple[str, ...] = ("MNQ", "MES", "NQ", "ES", "M2K", "MYM", "RTY", "YM")
+    rate: float = 20.0  # simulated events per second per symbol
+    seed: int = 1
+    batch_size: int = 500  # most publishes per pipelined round trip
+    history: Mapping[str, HistoryPolicy] = field(default_factory=lambda: dict(DEFAULT_HISTORY))
+    meta_ttl: int = 30 * 86_400  # s a channel's epoch, offset and snapshot live idle
+    idempotency_ttl: int = 3_600  # s a published upstream message id is remembered
+    metrics_port: int = 0  # 0 = no metrics endpoint
+    log_level: str = "info"
+
+
+# --- building from environment and flags ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: its flag, environment variable, parser and help."""
+
+    attr: str  # dotted path into the config, e.g. "redis.url"
+    flag: str
+    env: str
+    parse: Callable[[str, str], Any]
+    help: str
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
+    def parse(setting: str, text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(setting, f"must be an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise ConfigError(setting, f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, strict: bool = True) -> Callable[[str, str], float]:
+    def parse(setting: str, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(setting, f"must be a number, got {text!r}") from None
+        if value < lo or (strict and value == lo) or value != value:
+            raise ConfigError(setting, f"must be {'>' if strict else '>='} {lo}, got {text}")
+        return value
+
+    return parse
+
+
+def _bool(setting: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(setting, f"must be true or false, got {text!r}")
+
+
+def _str(setting: str, text: str) -> str:
+    return text
+
+
+def _nonempty(setting: str, text: str) -> str:
+    if not text.strip():
+        raise ConfigError(setting, "must not be empty")
+    return text.strip()
+
+
+def _log_level(setting: str, text: str) -> str:
+    if text.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(setting, f"must be debug, info, warning or error, got {text!r}")
+    return text.lower()
+
+
+def _symbols(setting: str, text: str) -> tuple[str, ...]:
+    from common.channels import parse_channel
+    from common.errors import BadChannel
+
+    symbols = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not symbols:
+        raise ConfigError(setting, "must name at least one symbol")
+    for symbol in symbols:
+        try:
+            parse_channel(f"quotes.{symbol}")
+        except BadChannel:
+            raise ConfigError(setting, f"bad symbol {symbol!r}") from None
+    return symbols
+
+
+def _feed(setting: str, text: str) -> str:
+    if text != "sim":
+        raise ConfigError(setting, f"unknown feed {text!r}: expected sim")
+    return text
+
+
+def _prefix(setting: str, text: str) -> str:
+    if not text or any(c in text for c in "{}: \t\n"):
+        raise ConfigError(setting, "must be a non-empty name without braces, colons or spaces")
+    return text
+
+
+REDIS_SETTINGS = (
+    Setting(
+        "redis.url", "--redis-url", "REDIS_URL", _check_redis_url,
+        "Redis/Valkey URL (FANOUT_REDIS_URL or REDIS_URL)",
+    ),
+    Setting(
+        "redis.key_prefix", "--key-prefix", "FANOUT_KEY_PREFIX", _prefix,
+        "prefix of every Redis key",
+    ),
+)
+
+EDGE_SETTINGS = (
+    *REDIS_SETTINGS,
+    Setting("host", "--host", "FANOUT_EDGE_HOST", _nonempty, "address to listen on"),
+    Setting("port", "--port", "FANOUT_EDGE_PORT", _int(0, 65535), "port to listen on"),
+    Setting("ping_interval", "--ping-interval", "FANOUT_PING_INTERVAL", _float(0),
+            "seconds between server pings"),
+    Setting("pong_timeout", "--pong-timeout", "FANOUT_PONG_TIMEOUT", _float(0),
+            "seconds a client has to answer a ping"),
+    Setting("connect_timeout", "--connect-timeout", "FANOUT_CONNECT_TIMEOUT", _float(0),
+            "seconds a new connection has to send connect"),
+    Setting("max_message_size", "--max-message-size", "FANOUT_MAX_MESSAGE_SIZE", _int(256),
+            "largest client frame in bytes"),
+    Setting("max_subscriptions", "--max-subscriptions", "FANOUT_MAX_SUBSCRIPTIONS", _int(1),
+            "most subscriptions per connection"),
+    Setting("queue_max_messages", "--queue-max-messages", "FANOUT_QUEUE_MAX_MESSAGES",
+            _int(1), "most messages in a client's send queue"),
+    Setting("queue_max_bytes", "--queue-max-bytes", "FANOUT_QUEUE_MAX_BYTES", _int(1024),
+            "most bytes in a client's send queue"),
+    Setting("recovery_limit", "--recovery-limit", "FANOUT_RECOVERY_LIMIT", _int(1),
+            "most messages one subscribe may replay"),
+    Setting("compression", "--compression", "FANOUT_WS_COMPRESSION", _bool,
+            "permessage-deflate (true/false)"),
+    Setting("node_id", "--node-id", "FANOUT_NODE_ID", _prefix, "this edge's id (default random)"),
+    Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level, "log level"),
+)
+
+INGEST_SETTINGS = (
+    *REDIS_SETTINGS,
+    Setting("feed", "--feed", "FANOUT_FEED", _feed, "upstream feed: sim"),
+    Setting("symbols", "--symbols", "FANOUT_SYMBOLS", _symbols,
+            "comma-separated symbols of the simulated feed"),
+    Setting("rate", "--rate", "FANOUT_RATE", _float(0),
+            "simulated events per second per symbol"),
+    Setting("seed", "--seed", "FANOUT_SEED", _int(0), "random seed of the simulated feed"),
+    Setting("batch_size", "--batch-size", "FANOUT_BATCH_SIZE", _int(1, 10_000),
+            "most publishes per pipelined round trip"),
+    Setting("history", "--history", "FANOUT_HISTORY", parse_history,
+            "history per namespace: quotes=10000/300,trades=10000/600,..."),
+    Setting("meta_ttl", "--meta-ttl", "FANOUT_META_TTL", _int(60),
+            "seconds an idle channel's epoch and snapshot live"),
+    Setting("idempotency_ttl", "--idempotency-ttl", "FANOUT_IDEMPOTENCY_TTL", _int(1),
+            "seconds a published upstream message id is remembered"),
+    Setting("metrics_port", "--metrics-port", "FANOUT_INGEST_METRICS_PORT", _int(0, 65535),
+            "port of the ingest's /metrics (0 = none)"),
+    Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level, "log level"),
+)
+
+
+def _env_names(setting: Setting) -> tuple[str, ...]:
+    if setting.env == "REDIS_URL":
+        return ("FANOUT_REDIS_URL", "REDIS_URL")
+    return (setting.env,)
+
+
+def add_arguments(parser: argparse.ArgumentParser, settings: tuple[Setting, ...]) -> None:
+    """Add one flag per setting; values stay strings until `build`, which names errors."""
+    for s in settings:
+        envs = " or ".join(_env_names(s))
+        parser.add_argument(s.flag, dest=s.attr.replace(".", "__"), metavar="VALUE",
+                            default=None, help=f"{s.help} [env {envs}]")
+
+
+def build(
+    cls: type[T],
+    settings: tuple[Setting, ...],
+    env: Mapping[str, str] | None = None,
+    args: argparse.Namespace | None = None,
+) -> T:
+    """The config from defaults, then the environment, then flags."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for s in settings:
+        raw: str | None = None
+        name = s.env
+        for candidate in _env_names(s):
+            if env.get(candidate) not in (None, ""):
+                raw, name = env[candidate], candidate
+                break
+        if args is not None and getattr(args, s.attr.replace(".", "__"), None) is not None:
+            raw, name = getattr(args, s.attr.replace(".", "__")), s.flag
+        if raw is not None:
+            values[s.attr] = s.parse(name, raw)
+    return _construct(cls, values)
+
+
+def _construct(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        path = f"{prefix}{f.name}"
+        if path in values:
+            kwargs[f.name] = values[path]
+        elif any(k.startswith(path + ".") for k in values):
+            kwargs[f.name] = _construct(type(getattr(cls(), f.name)), values, path + ".")
+    return cls(**kwargs)

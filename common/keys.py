@@ -1,0 +1,50 @@
+"""Every Redis key and pub/sub channel name fanout uses, in one place.
+
+Per channel, all keys share the hash tag ``{<channel>}`` so that in Redis Cluster they sit
+in one slot, as the Lua scripts that touch them together require.
+
+    <prefix>:{<channel>}:meta         hash   epoch, top (last assigned offset)
+    <prefix>:{<channel>}:stream       stream history; entry id "<offset>-0", fields d, k, t
+    <prefix>:{<channel>}:snap         hash   snapshot: key -> latest value (JSON); key "" if unkeyed
+    <prefix>:{<channel>}:idem:<id>    string "<epoch>:<offset>" of an upstream message id
+    <prefix>:live:{<channel>}         pub/sub channel of live messages for the edges
+    <prefix>:probe:<node>             pub/sub channel an edge publishes to itself (liveness)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "fanout"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one prefix (tests use a prefix of their own)."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def meta(self, channel: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:meta"
+
+    def stream(self, channel: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:stream"
+
+    def snapshot(self, channel: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:snap"
+
+    def idempotency(self, channel: str, message_id: str) -> str:
+        return f"{self.prefix}:{{{channel}}}:idem:{message_id}"
+
+    def live(self, channel: str) -> str:
+        return f"{self.prefix}:live:{{{channel}}}"
+
+    def live_prefix(self) -> str:
+        return f"{self.prefix}:live:{{"
+
+    def channel_of_live(self, live: str) -> str:
+        """Inverse of `live`: the fanout channel a pub/sub message came on."""
+        return live[len(self.prefix) + 7 : -1]
+
+    def probe(self, node_id: str) -> str:
+        return f"{self.prefix}:probe:{node_id}"

@@ -1,0 +1,96 @@
+-- publish.lua: assign the next offset of a channel, append to its history, update its
+-- snapshot and notify the edges, atomically. See docs/architecture.md.
+--
+-- KEYS[1] meta hash     KEYS[2] stream     KEYS[3] snapshot hash     KEYS[4] idempotency key
+-- ARGV[1] data (JSON text)          ARGV[2] snapshot key ("" = unkeyed)
+-- ARGV[3] upstream message id ("" = not idempotent)
+-- ARGV[4] snapshot mode: merge | last | keyed
+-- ARGV[5] history max length        ARGV[6] history max age (ms)
+-- ARGV[7] meta/snapshot TTL (s)     ARGV[8] idempotency TTL (s)
+-- ARGV[9] live pub/sub channel      ARGV[10] epoch to use if the channel has none
+-- ARGV[11] "1" = delete the key from a keyed snapshot
+-- Returns {offset, epoch, duplicate (0/1)}.
+
+local meta, stream, snap, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local data, key, msgid, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local maxlen, maxage = tonumber(ARGV[5]), tonumber(ARGV[6])
+local meta_ttl, idem_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+
+local epoch = redis.call('HGET', meta, 'epoch')
+
+if msgid ~= '' and epoch then
+  local prev = redis.call('GET', idem)
+  if prev then
+    local e, o = string.match(prev, '^([^:]+):(%d+)$')
+    if e == epoch then
+      return {tonumber(o), epoch, 1}
+    end
+  end
+end
+
+if not epoch then
+  -- A new channel, or its state was lost (Redis restarted empty, or the meta expired):
+  -- a new epoch, and nothing of an older epoch may survive next to it.
+  epoch = ARGV[10]
+  redis.call('DEL', meta, stream, snap)
+  redis.call('HSET', meta, 'epoch', epoch)
+end
+local offset = redis.call('HINCRBY', meta, 'top', 1)
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+redis.call('XADD', stream, 'MAXLEN', maxlen, offset .. '-0', 'd', data, 'k', key, 't', now)
+
+-- Trim by age: look at the oldest entries, a bounded number per publish.
+local cutoff = now - maxage
+local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+if head[1] and tonumber(head[1][2][6]) < cutoff then
+  local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 128)
+  local keep = nil
+  for _, entry in ipairs(batch) do
+    if tonumber(entry[2][6]) >= cutoff then
+      keep = entry[1]
+      break
+    end
+  end
+  if not keep then
+    local last = batch[#batch][1]
+    keep = (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0'
+  end
+  redis.call('XTRIM', stream, 'MINID', keep)
+end
+redis.call('PEXPIRE', stream, maxage)
+
+local field = key
+if mode == 'keyed' then
+  if ARGV[11] == '1' then
+    redis.call('HDEL', snap, field)
+  else
+    redis.call('HSET', snap, field, data)
+  end
+elseif mode == 'merge' then
+  local merged = data
+  local old = redis.call('HGET', snap, field)
+  if old then
+    local ok_old, prev = pcall(cjson.decode, old)
+    local ok_new, cur = pcall(cjson.decode, data)
+    if ok_old and ok_new and type(prev) == 'table' and type(cur) == 'table'
+        and next(cur) ~= 1 and next(prev) ~= 1 then
+      for k, v in pairs(cur) do prev[k] = v end
+      merged = cjson.encode(prev)
+    end
+  end
+  redis.call('HSET', snap, field, merged)
+else
+  redis.call('HSET', snap, field, data)
+end
+
+redis.call('EXPIRE', meta, meta_ttl)
+redis.call('EXPIRE', snap, meta_ttl)
+if msgid ~= '' then
+  redis.call('SET', idem, epoch .. ':' .. offset, 'EX', idem_ttl)
+end
+
+redis.call('PUBLISH', ARGV[9], epoch .. '\n' .. offset .. '\n' .. key .. '\n' .. data)
+return {offset, epoch, 0}

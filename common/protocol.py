@@ -1,0 +1,275 @@
+"""The client wire protocol: parsing, validation and building of frames. Pure: no I/O.
+
+Every frame is one message, an object with a ``type``. JSON text frames by default;
+msgpack binary frames when the client asks for the ``fanout.msgpack`` subprotocol.
+docs/protocol.md is the reference; this module is its implementation, and the edge's
+session only moves bytes between it and the socket.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import msgpack
+
+from common.channels import Channel, parse_channel
+from common.errors import BadRequest, CloseCode, Disconnect, RequestError, UnknownType
+
+PROTOCOL_VERSION = 1
+
+SUBPROTOCOL_JSON = "fanout.json"
+SUBPROTOCOL_MSGPACK = "fanout.msgpack"
+SUBPROTOCOLS = (SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK)
+
+MAX_TOKEN_LENGTH = 8192
+MAX_REQUEST_ID = 2**53 - 1  # what a JavaScript number holds exactly
+
+
+class Codec(str, Enum):
+    JSON = "json"
+    MSGPACK = "msgpack"
+
+    @classmethod
+    def for_subprotocols(cls, offered: list[str]) -> tuple[Codec, str | None]:
+        """The codec, and the subprotocol to accept, for what a client offered."""
+        if SUBPROTOCOL_MSGPACK in offered:
+            return cls.MSGPACK, SUBPROTOCOL_MSGPACK
+        if SUBPROTOCOL_JSON in offered:
+            return cls.JSON, SUBPROTOCOL_JSON
+        return cls.JSON, None
+
+
+Frame = str | bytes
+
+
+# --- client -> server ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a client is in a channel: the last offset it saw, in which epoch."""
+
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    id: int | None
+    token: str | None
+    name: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    id: int | None
+    channel: Channel
+    recover: Position | None
+    snapshot: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    id: int | None
+    channel: Channel
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """A client's own ping; answered with a pong reply."""
+
+    id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """The answer to a server ping."""
+
+
+Command = Connect | Subscribe | Unsubscribe | Ping | Pong
+
+_COMMAND_TYPES = ("connect", "subscribe", "unsubscribe", "ping", "pong")
+
+
+def decode_frame(frame: Frame, codec: Codec) -> dict[str, Any]:
+    """Decode one client frame into an object; a frame that is not one closes the connection.
+
+    A frame we cannot even read gives us no request id to answer, so it is a protocol
+    violation (close 3500), not a request error.
+    """
+    try:
+        if codec is Codec.MSGPACK:
+            if isinstance(frame, str):
+                raise ValueError("text frame on the msgpack subprotocol")
+            obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        else:
+            obj = json.loads(frame)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise Disconnect(CloseCode.BAD_REQUEST, "malformed frame") from None
+    if not isinstance(obj, dict):
+        raise Disconnect(CloseCode.BAD_REQUEST, "frame must be an object")
+    return obj
+
+
+def _request_id(obj: dict[str, Any]) -> int | None:
+    rid = obj.get("id")
+    if rid is None:
+        return None
+    if isinstance(rid, bool) or not isinstance(rid, int) or not 0 <= rid <= MAX_REQUEST_ID:
+        raise BadRequest("id must be a non-negative integer")
+    return rid
+
+
+def request_id_of(obj: dict[str, Any]) -> int | None:
+    """The request id to put in an error reply, when the request has a usable one."""
+    try:
+        return _request_id(obj)
+    except RequestError:
+        return None
+
+
+def parse_command(obj: dict[str, Any]) -> Command:
+    """Validate a decoded frame into a command; raise a RequestError naming the problem."""
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise BadRequest("missing type")
+    rid = _request_id(obj)
+    if kind == "subscribe":
+        channel = parse_channel(obj.get("channel"))
+        snapshot = obj.get("snapshot", False)
+        if not isinstance(snapshot, bool):
+            raise BadRequest("snapshot must be a boolean")
+        return Subscribe(rid, channel, _position(obj.get("recover")), snapshot)
+    if kind == "unsubscribe":
+        return Unsubscribe(rid, parse_channel(obj.get("channel")))
+    if kind == "pong":
+        return Pong()
+    if kind == "ping":
+        return Ping(rid)
+    if kind == "connect":
+        token = obj.get("token")
+        if token is not None and (not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH):
+            raise BadRequest(f"token must be a string of at most {MAX_TOKEN_LENGTH} characters")
+        name = obj.get("name")
+        if name is not None and (not isinstance(name, str) or len(name) > 64):
+            raise BadRequest("name must be a string of at most 64 characters")
+        return Connect(rid, token, name)
+    raise UnknownType(f"unknown type {kind[:32]!r}: expected one of {', '.join(_COMMAND_TYPES)}")
+
+
+def _position(raw: object) -> Position | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise BadRequest("recover must be an object {offset, epoch}")
+    offset, epoch = raw.get("offset"), raw.get("epoch")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise BadRequest("recover.offset must be a non-negative integer")
+    if not isinstance(epoch, str) or not 0 < len(epoch) <= 64:
+        raise BadRequest("recover.epoch must be a non-empty string")
+    return Position(offset, epoch)
+
+
+# --- server -> client ----------------------------------------------------------------------
+
+
+def connected(
+    rid: int | None, client_id: str, ping_interval: float, pong_timeout: float
+) -> dict[str, Any]:
+    return {
+        "type": "connected",
+        "id": rid,
+        "client": client_id,
+        "version": PROTOCOL_VERSION,
+        "ping_interval": ping_interval,
+        "pong_timeout": pong_timeout,
+    }
+
+
+def subscribed(
+    rid: int | None,
+    channel: str,
+    epoch: str,
+    offset: int,
+    recovered: bool,
+    snapshot: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The subscribe reply. After it, the client receives every publication whose offset
+    is above its position: the offset it asked to recover from when `recovered`, else
+    `offset` (the channel's position, which `snapshot` reflects)."""
+    reply: dict[str, Any] = {
+        "type": "subscribed",
+        "id": rid,
+        "channel": channel,
+        "epoch": epoch,
+        "offset": offset,
+        "recovered": recovered,
+    }
+    if snapshot is not None:
+        reply["snapshot"] = snapshot
+    return reply
+
+
+def unsubscribed(rid: int | None, channel: str) -> dict[str, Any]:
+    return {"type": "unsubscribed", "id": rid, "channel": channel}
+
+
+def pong(rid: int | None) -> dict[str, Any]:
+    return {"type": "pong", "id": rid}
+
+
+def ping() -> dict[str, Any]:
+    return {"type": "ping"}
+
+
+def error(rid: int | None, exc: RequestError) -> dict[str, Any]:
+    return {"type": "error", "id": rid, "code": exc.code, "message": exc.message}
+
+
+def resync(channel: str, epoch: str, offset: int, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Pushed when the edge finds a subscribed channel's history lost (epoch changed or a gap
+    it cannot fill): the client replaces its state with `snapshot` and goes on from `offset`."""
+    return {
+        "type": "resync",
+        "channel": channel,
+        "epoch": epoch,
+        "offset": offset,
+        "snapshot": snapshot,
+    }
+
+
+def encode(message: dict[str, Any], codec: Codec) -> Frame:
+    if codec is Codec.MSGPACK:
+        packed: bytes = msgpack.packb(message, use_bin_type=True)
+        return packed
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def pub_json(channel: str, offset: int, key: str, data_json: str) -> str:
+    """A publication as a JSON frame, built around the publisher's JSON text without
+    decoding it: the edge does this once per message, not once per client. Channel names
+    are grammar-checked (no quote or backslash), so they need no escaping."""
+    if key:
+        return (
+            f'{{"type":"pub","channel":"{channel}","offset":{offset},'
+            f'"key":{json.dumps(key, ensure_ascii=False)},"data":{data_json}}}'
+        )
+    return f'{{"type":"pub","channel":"{channel}","offset":{offset},"data":{data_json}}}'
+
+
+def pub_msgpack(channel: str, offset: int, key: str, data_json: str) -> bytes:
+    message: dict[str, Any] = {"type": "pub", "channel": channel, "offset": offset}
+    if key:
+        message["key"] = key
+    message["data"] = json.loads(data_json)
+    packed: bytes = msgpack.packb(message, use_bin_type=True)
+    return packed
+
+
+def snapshot_object(flat: dict[str, str]) -> dict[str, Any]:
+    """A snapshot as the client sees it: key -> decoded value ("" is the key of an unkeyed
+    channel's single value)."""
+    return {k: json.loads(v) for k, v in flat.items()}

@@ -1,0 +1,1 @@
+"""Edge: stateless WebSocket nodes fanning channels out to browsers."""

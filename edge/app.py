@@ -1,0 +1,144 @@
+"""The edge's Starlette application: /ws, the demo page, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket
+
+from common.config import EdgeConfig, redact_url
+from common.errors import CloseCode, Disconnect
+from common.keys import Keys
+from common.protocol import SUBPROTOCOLS, Codec
+from edge.hub import Hub
+from edge.session import Session
+from edge.stats import EdgeCollector, EdgeStats
+
+STATIC = Path(__file__).parent / "static"
+
+
+class Edge:
+    """Everything one edge node holds: its Redis clients, hub, stats and sessions."""
+
+    def __init__(self, config: EdgeConfig, logger: logging.Logger | None = None) -> None:
+        self.config = config
+        self.log = logger or logging.getLogger("fanout.edge")
+        self.node_id = config.node_id or os.urandom(4).hex()
+        self.stats = EdgeStats()
+        self.registry = CollectorRegistry()
+        self.registry.register(EdgeCollector(self.stats))
+        self.redis: Redis | None = None
+        self.hub: Hub | None = None
+        self.sessions: set[Session] = set()
+
+    async def start(self) -> None:
+        url = self.config.redis.url
+        self.log.info("edge starting node=%s redis=%s", self.node_id, redact_url(url))
+        self.redis = Redis.from_url(
+            url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0,
+            health_check_interval=0,
+        )
+        # Pub/sub gets a connection of its own, with no read timeout of its own: it blocks
+        # in reads by design (get_message passes its own timeout).
+        pubsub_client: Redis = Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=5.0, socket_keepalive=True
+        )
+        self._pubsub_client = pubsub_client
+        self.hub = Hub(
+            self.redis, pubsub_client.pubsub, Keys(self.config.redis.key_prefix), self.stats,
+            self.log.getChild("hub"), node_id=self.node_id,
+            recovery_limit=self.config.recovery_limit,
+        )
+        await self.hub.start()
+
+    async def stop(self) -> None:
+        for session in list(self.sessions):
+            session.fail(Disconnect(CloseCode.SHUTDOWN, "server shutting down"))
+        if self.sessions:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sessions_gone(), 3.0)
+        if self.hub is not None:
+            await self.hub.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+            await self._pubsub_client.aclose()
+
+    async def _sessions_gone(self) -> None:
+        while self.sessions:
+            await asyncio.sleep(0.02)
+
+    # --- endpoints -----------------------------------------------------------------------
+
+    async def websocket(self, ws: WebSocket) -> None:
+        assert self.hub is not None
+        offered = list(ws.scope.get("subprotocols") or [])
+        codec, subprotocol = Codec.for_subprotocols(offered)
+        await ws.accept(subprotocol=subprotocol)
+        session = Session(
+            ws, self.hub, self.config, self.stats, self.log.getChild("session"), codec,
+            f"{self.node_id}-{os.urandom(6).hex()}",
+        )
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "node": self.node_id})
+
+    async def readyz(self, request: Request) -> Response:
+        redis_ok = False
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 1.0))
+        live_ok = self.hub is not None and self.hub.ready
+        body = {"redis": redis_ok, "pubsub": live_ok, "node": self.node_id}
+        return JSONResponse(body, status_code=200 if redis_ok and live_ok else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def index(self, request: Request) -> Response:
+        return FileResponse(STATIC / "index.html")
+
+
+def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Starlette:
+    edge = Edge(config, logger)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await edge.start()
+        try:
+            yield
+        finally:
+            await edge.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/", edge.index),
+            Route("/healthz", edge.healthz),
+            Route("/readyz", edge.readyz),
+            Route("/metrics", edge.metrics),
+            WebSocketRoute("/ws", edge.websocket),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.edge = edge
+    return app
+
+
+__all__ = ["SUBPROTOCOLS", "Edge", "create_app"]

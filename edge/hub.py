@@ -1,0 +1,497 @@
+"""The node-wide hub: one Redis subscription per channel, shared by all local subscribers.
+
+Ordering guarantees live here. For each channel the hub keeps `last`, the offset up to
+which it has dispatched every message, so what it hands to subscribers is gapless:
+
+* a live message whose offset is not `last + 1` makes the hub read the missing range from
+  the stream (a *fill*), holding later live messages back until the fill is done;
+* a message of another epoch, or a gap the stream no longer covers, makes it *resync* every
+  subscriber of the channel from the snapshot;
+* after the pub/sub connection was lost, each channel is filled from the stream, since
+  Redis pub/sub drops whatever was published while nobody listened.
+
+A client joining a channel is first registered as *pending* (live messages are buffered
+for it), then the history after its position is read, and the two are merged by offset
+with no await in between: nothing published during the subscribe is lost or doubled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from common import protocol
+from common.channels import Channel
+from common.errors import CloseCode, Disconnect, Unavailable
+from common.keys import Keys
+from common.protocol import Codec, Frame, Position
+from common.scripts import register
+from edge.stats import EdgeStats
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a client session."""
+
+    codec: Codec
+
+    def enqueue(self, frame: Frame) -> None: ...
+
+    def fail(self, exc: Disconnect) -> None: ...
+
+
+class Publication:
+    """A live or historical message of one channel, encoded for clients at most once per
+    codec however many clients receive it."""
+
+    __slots__ = ("_json", "_msgpack", "channel", "data", "epoch", "key", "offset")
+
+    def __init__(self, channel: str, epoch: str, offset: int, key: str, data: str) -> None:
+        self.channel = channel
+        self.epoch = epoch
+        self.offset = offset
+        self.key = key
+        self.data = data
+        self._json: str | None = None
+        self._msgpack: bytes | None = None
+
+    def frame(self, codec: Codec) -> Frame:
+        if codec is Codec.JSON:
+            if self._json is None:
+                self._json = protocol.pub_json(self.channel, self.offset, self.key, self.data)
+            return self._json
+        if self._msgpack is None:
+            self._msgpack = protocol.pub_msgpack(self.channel, self.offset, self.key, self.data)
+        return self._msgpack
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """One client's subscription to one channel."""
+
+    session: Subscriber
+    channel: str
+    last: int = -1  # highest offset delivered (or covered by the snapshot)
+    epoch: str = ""
+    buffer: list[Publication] | None = field(default_factory=list)  # while pending
+
+    def deliver(self, pub: Publication) -> None:
+        if pub.offset <= self.last:
+            return
+        if pub.offset != self.last + 1:
+            # The hub dispatches gaplessly, so this cannot happen; if it does, the client
+            # reconnects and recovers rather than silently missing messages.
+            self.session.fail(Disconnect(CloseCode.INSUFFICIENT_STATE, "gap in channel"))
+            return
+        self.last = pub.offset
+        self.session.enqueue(pub.frame(self.session.codec))
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryResult:
+    epoch: str
+    top: int
+    first: int
+    recoverable: bool
+    entries: list[Publication]
+    snapshot: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """The outcome of a subscribe: what to reply, and what follows the reply."""
+
+    reply: dict[str, Any]
+    replay: list[Publication]
+
+
+class ChannelState:
+    __slots__ = (
+        "active", "backlog", "confirmed", "epoch", "name", "pending", "repair", "last",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.active: dict[Subscriber, Subscription] = {}
+        self.pending: list[Subscription] = []
+        self.last: int | None = None
+        self.epoch: str | None = None
+        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.repair: asyncio.Task[None] | None = None  # a fill or resync under way
+        self.backlog: list[Publication] = []  # live messages held back during a repair
+
+    @property
+    def empty(self) -> bool:
+        return not self.active and not self.pending
+
+
+class Hub:
+    def __init__(
+        self,
+        redis: Redis,
+        pubsub_factory: Callable[[], PubSub],
+        keys: Keys,
+        stats: EdgeStats,
+        logger: logging.Logger,
+        *,
+        node_id: str,
+        recovery_limit: int = 10_000,
+        meta_ttl: int = 30 * 86_400,
+        subscribe_timeout: float = 5.0,
+        probe_interval: float = 5.0,
+        probe_timeout: float = 3.0,
+    ) -> None:
+        self.redis = redis
+        self._pubsub_factory = pubsub_factory
+        self.keys = keys
+        self.stats = stats
+        self.log = logger
+        self.node_id = node_id
+        self.recovery_limit = recovery_limit
+        self.meta_ttl = meta_ttl
+        self.subscribe_timeout = subscribe_timeout
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.channels: dict[str, ChannelState] = {}
+        self._history = register(redis, "history")
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self._probe_channel = keys.probe(node_id)
+        self._probe_seen = asyncio.Event()
+        self._connected = asyncio.Event()
+        self.live_ok = False  # the pub/sub connection answered the last liveness probe
+        self._reconnect = False
+        self._closing = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._read_loop(), name="hub-reader")
+        self._prober = asyncio.create_task(self._probe_loop(), name="hub-prober")
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in (self._reader, self._prober):
+            if task is not None:
+                task.cancel()
+        for state in self.channels.values():
+            if state.repair is not None:
+                state.repair.cancel()
+        for task in (self._reader, self._prober):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return self._connected.is_set() and self.live_ok
+
+    # --- subscribe / unsubscribe ---------------------------------------------------------
+
+    async def subscribe(
+        self, session: Subscriber, channel: Channel, recover: Position | None,
+        want_snapshot: bool, rid: int | None,
+    ) -> tuple[Subscription, Joined]:
+        """Join `channel`; the caller sends `Joined.reply` then `Joined.replay`, in order and
+        before any later live message (which `enqueue` guarantees by running synchronously
+        after this returns)."""
+        name = channel.name
+        state = self.channels.get(name)
+        if state is None:
+            state = self.channels[name] = ChannelState(name)
+            self.stats.channels = len(self.channels)
+            if self._pubsub is not None:
+                await self._redis_subscribe(name)
+        sub = Subscription(session, name)
+        state.pending.append(sub)
+        try:
+            await asyncio.wait_for(asyncio.shield(state.confirmed), self.subscribe_timeout)
+            since = recover.offset if recover is not None else -1
+            result = await self.read_history(name, since, want_snapshot or recover is not None)
+        except BaseException as exc:
+            state.pending.remove(sub)
+            self._maybe_drop(state)
+            if not isinstance(exc, Exception):
+                raise
+            self.log.warning("subscribe failed channel=%s error=%r", name, exc)
+            raise Unavailable("channel temporarily unavailable, retry") from None
+        # From here on no await: the merge below must see a consistent buffer.
+        state.pending.remove(sub)
+        buffered = sub.buffer or []
+        sub.buffer = None
+        recovered = False
+        replay: list[Publication] = []
+        if recover is not None and recover.epoch == result.epoch and result.recoverable:
+            recovered = True
+            replay = result.entries
+            sub.last = recover.offset
+        else:
+            sub.last = result.top
+        sub.epoch = result.epoch
+        last = result.top
+        for pub in buffered:
+            if pub.epoch == result.epoch and pub.offset > last:
+                replay.append(pub)
+                last = pub.offset
+        # Contiguity check: everything replayed must follow the position without a hole.
+        expected = sub.last + 1
+        for pub in replay:
+            if pub.offset != expected:
+                self.log.error("recovery not contiguous channel=%s", name)
+                self._maybe_drop(state)
+                raise Unavailable("recovery failed, retry")
+            expected += 1
+        if replay:
+            sub.last = replay[-1].offset
+        if state.last is None:
+            state.last = sub.last
+            state.epoch = result.epoch
+        state.active[session] = sub
+        self.stats.subscriptions += 1
+        snapshot = None
+        if (recover is not None and not recovered) or want_snapshot:
+            snapshot = protocol.snapshot_object(result.snapshot)
+        if recover is None:
+            self.stats.subscribes_fresh += 1
+        elif recovered:
+            self.stats.subscribes_recovered += 1
+            self.stats.messages_recovered += len(replay)
+        else:
+            self.stats.subscribes_not_recovered += 1
+        reply = protocol.subscribed(rid, name, result.epoch, result.top, recovered, snapshot)
+        return sub, Joined(reply, replay)
+
+    def unsubscribe(self, session: Subscriber, name: str) -> None:
+        state = self.channels.get(name)
+        if state is None or state.active.pop(session, None) is None:
+            return
+        self.stats.subscriptions -= 1
+        self._maybe_drop(state)
+
+    def _maybe_drop(self, state: ChannelState) -> None:
+        if not state.empty or self.channels.get(state.name) is not state:
+            return
+        del self.channels[state.name]
+        self.stats.channels = len(self.channels)
+        if state.repair is not None:
+            state.repair.cancel()
+        if self._pubsub is not None:
+            asyncio.create_task(self._redis_unsubscribe(state.name))
+
+    async def _redis_subscribe(self, name: str) -> None:
+        assert self._pubsub is not None
+        try:
+            await self._pubsub.subscribe(self.keys.live(name))
+        except Exception as exc:  # the reader notices the broken connection and resubscribes
+            self.log.warning("redis subscribe failed channel=%s error=%r", name, exc)
+
+    async def _redis_unsubscribe(self, name: str) -> None:
+        if name in self.channels or self._pubsub is None:
+            return  # resubscribed meanwhile
+        with contextlib.suppress(Exception):
+            await self._pubsub.unsubscribe(self.keys.live(name))
+
+    # --- history -------------------------------------------------------------------------
+
+    async def read_history(self, name: str, since: int, snapshot: bool) -> HistoryResult:
+        keys = [self.keys.meta(name), self.keys.stream(name), self.keys.snapshot(name)]
+        args = [since, self.recovery_limit, "1" if snapshot else "0", new_epoch(), self.meta_ttl]
+        epoch, top, first, recoverable, flat, snap = await self._history(keys=keys, args=args)
+        entries = [
+            Publication(name, epoch, int(flat[i]), flat[i + 1], flat[i + 2])
+            for i in range(0, len(flat), 3)
+        ]
+        if isinstance(snap, dict):  # RESP3 may already give a map
+            snap_map = dict(snap)
+        else:
+            snap_map = {snap[i]: snap[i + 1] for i in range(0, len(snap), 2)}
+        return HistoryResult(epoch, int(top), int(first), bool(recoverable), entries, snap_map)
+
+    # --- live messages -------------------------------------------------------------------
+
+    def _on_live(self, name: str, payload: str) -> None:
+        state = self.channels.get(name)
+        if state is None:
+            return
+        epoch, offset, key, data = payload.split("\n", 3)
+        pub = Publication(name, epoch, int(offset), key, data)
+        self.stats.live_messages += 1
+        if state.repair is not None:
+            state.backlog.append(pub)
+            return
+        self._dispatch(state, pub)
+
+    def _dispatch(self, state: ChannelState, pub: Publication) -> None:
+        """Hand `pub` to the channel's subscribers if it is the next one; else repair."""
+        if state.epoch is None:
+            state.epoch = pub.epoch
+        if pub.epoch != state.epoch:
+            self._start_repair(state, pub, resync=True)
+            return
+        if state.last is not None:
+            if pub.offset <= state.last:
+                return
+            if pub.offset != state.last + 1:
+                self._start_repair(state, pub, resync=False)
+                return
+        state.last = pub.offset
+        for sub in state.pending:
+            if sub.buffer is not None:
+                sub.buffer.append(pub)
+        for sub in state.active.values():
+            sub.deliver(pub)
+
+    def _start_repair(self, state: ChannelState, pub: Publication | None, resync: bool) -> None:
+        if pub is not None:
+            state.backlog.append(pub)
+        if state.repair is None:
+            state.repair = asyncio.create_task(self._repair(state, resync))
+
+    async def _repair(self, state: ChannelState, resync: bool) -> None:
+        """Fill a gap from the stream, or resync everyone from the snapshot; then release the
+        live messages held back meanwhile."""
+        delay = 0.05
+        try:
+            while self.channels.get(state.name) is state:
+                try:
+                    if not resync and state.last is not None:
+                        result = await self.read_history(state.name, state.last, False)
+                        if result.epoch == state.epoch and result.recoverable:
+                            self.stats.gaps_filled += 1
+                            for pub in result.entries:
+                                self._dispatch(state, pub)
+                        else:
+                            resync = True
+                            continue
+                    else:
+                        result = await self.read_history(state.name, -1, True)
+                        self._resync(state, result)
+                except (OSError, ConnectionError, TimeoutError) as exc:
+                    self.log.warning("repair failed channel=%s error=%r", state.name, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                # Release the backlog; a new gap or epoch change in it repairs again.
+                backlog, state.backlog = state.backlog, []
+                for i, pub in enumerate(backlog):
+                    if pub.epoch != state.epoch:
+                        resync = True
+                    elif state.last is not None and pub.offset > state.last + 1:
+                        resync = False
+                    else:
+                        self._dispatch(state, pub)
+                        continue
+                    state.backlog = backlog[i:] + state.backlog
+                    break
+                else:
+                    return
+        finally:
+            state.repair = None
+
+    def _resync(self, state: ChannelState, result: HistoryResult) -> None:
+        self.log.info(
+            "resync channel=%s epoch=%s offset=%d subscribers=%d",
+            state.name, result.epoch, result.top, len(state.active),
+        )
+        self.stats.resyncs += 1
+        state.epoch = result.epoch
+        state.last = result.top
+        message = protocol.resync(
+            state.name, result.epoch, result.top, protocol.snapshot_object(result.snapshot)
+        )
+        frames: dict[Codec, Frame] = {}
+        for sub in state.active.values():
+            codec = sub.session.codec
+            frame = frames.get(codec)
+            if frame is None:
+                frame = frames[codec] = protocol.encode(message, codec)
+            sub.last = result.top
+            sub.epoch = result.epoch
+            sub.session.enqueue(frame)
+
+    # --- the pub/sub connection ----------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        delay = 0.1
+        live_prefix = self.keys.live_prefix()
+        while not self._closing:
+            pubsub = self._pubsub = self._pubsub_factory()
+            self._reconnect = False
+            try:
+                names = list(self.channels)
+                await pubsub.subscribe(self._probe_channel, *(self.keys.live(n) for n in names))
+                self._connected.set()
+                self.log.info("pubsub connected channels=%d", len(names))
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+                    if self._reconnect:
+                        raise ConnectionError("liveness probe failed")
+                    if msg is None:
+                        continue
+                    delay = 0.1
+                    kind = msg["type"]
+                    ch: str = msg["channel"]
+                    if kind == "message":
+                        if ch.startswith(live_prefix):
+                            self._on_live(self.keys.channel_of_live(ch), msg["data"])
+                        elif ch == self._probe_channel:
+                            self._probe_seen.set()
+                    elif kind == "subscribe" and ch.startswith(live_prefix):
+                        self._on_confirmed(self.keys.channel_of_live(ch))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._connected.clear()
+                self.live_ok = False
+                self.stats.pubsub_reconnects += 1
+                self.log.warning("pubsub connection lost error=%r retry_in=%.2f", exc, delay)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                self._pubsub = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _on_confirmed(self, name: str) -> None:
+        state = self.channels.get(name)
+        if state is None:
+            return
+        if not state.confirmed.done():
+            state.confirmed.set_result(None)
+        elif state.active and state.repair is None:
+            # Resubscribed after a lost connection: messages published meanwhile are only
+            # in the stream.
+            self._start_repair(state, None, resync=False)
+
+    async def _probe_loop(self) -> None:
+        """Publish to ourselves and expect it back: catches a half-open pub/sub socket that
+        a PING-based health check would miss."""
+        while True:
+            await self._connected.wait()
+            self._probe_seen.clear()
+            try:
+                await self.redis.publish(self._probe_channel, str(time.time()))
+                await asyncio.wait_for(self._probe_seen.wait(), self.probe_timeout)
+                self.live_ok = True
+            except (TimeoutError, OSError, ConnectionError, Exception) as exc:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                self.live_ok = False
+                self.log.warning("pubsub probe failed error=%r", exc)
+                self._reconnect = True  # the reader reconnects within a second
+            await asyncio.sleep(self.probe_interval if self.live_ok else 0.5)
+
+
+def new_epoch() -> str:
+    return os.urandom(6).hex()

@@ -1,0 +1,1 @@
+"""Ingest: holds the upstream connection of a feed and publishes sequenced messages."""

@@ -1,0 +1,97 @@
+"""Publishing through the atomic publish script, pipelined.
+
+One round trip carries up to `batch_size` script calls; Redis runs each atomically and in
+order, so offsets are assigned in the order messages were given. A failed batch can be
+sent again: messages with an upstream id are published once however often they are sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from common.channels import parse_channel, validate_key
+from common.errors import BadChannel
+from common.config import DEFAULT_HISTORY, HistoryPolicy
+from common.keys import Keys
+from common.scripts import register
+from ingest.upstream import UpstreamMessage
+
+
+class InvalidMessage(ValueError):
+    """A message that cannot be published: bad channel, key or data."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    channel: str
+    offset: int
+    epoch: str
+    duplicate: bool
+
+
+class Publisher:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys | None = None,
+        history: Mapping[str, HistoryPolicy] | None = None,
+        meta_ttl: int = 30 * 86_400,
+        idempotency_ttl: int = 3_600,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys or Keys()
+        self.history = dict(history or DEFAULT_HISTORY)
+        self.meta_ttl = meta_ttl
+        self.idempotency_ttl = idempotency_ttl
+        self._script = register(redis, "publish")
+
+    def _call_args(self, msg: UpstreamMessage, epoch: str) -> tuple[list[str], list[object]]:
+        try:
+            channel = parse_channel(msg.channel)
+            key = validate_key(msg.key)
+            data = json.dumps(msg.data, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False)
+        except (BadChannel, ValueError, TypeError) as exc:
+            raise InvalidMessage(f"{msg.channel!r}: {exc}") from None
+        if len(msg.msg_id) > 256:
+            raise InvalidMessage(f"{msg.channel!r}: message id longer than 256 characters")
+        policy = self.history[channel.namespace]
+        name = channel.name
+        keys = [
+            self.keys.meta(name),
+            self.keys.stream(name),
+            self.keys.snapshot(name),
+            self.keys.idempotency(name, msg.msg_id),
+        ]
+        args: list[object] = [
+            data, key, msg.msg_id, channel.snapshot_mode.value, policy.max_length,
+            int(policy.max_age * 1000), self.meta_ttl, self.idempotency_ttl,
+            self.keys.live(name), epoch, "1" if msg.delete else "0",
+        ]
+        return keys, args
+
+    async def publish(self, msg: UpstreamMessage) -> PublishResult:
+        return (await self.publish_batch([msg]))[0]
+
+    async def publish_batch(self, messages: Sequence[UpstreamMessage]) -> list[PublishResult]:
+        """Publish in order, in one round trip. Raises InvalidMessage (bad channel, key or
+        data) before anything is sent: a batch is never published partially for bad input."""
+        epoch = os.urandom(6).hex()  # used only by a channel that has no epoch yet
+        calls = [self._call_args(msg, epoch) for msg in messages]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await self._script(keys=keys, args=args, client=pipe)
+            raw = await pipe.execute()
+        return [
+            PublishResult(msg.channel, int(r[0]), _text(r[1]), bool(int(r[2])))
+            for msg, r in zip(messages, raw, strict=True)
+        ]
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

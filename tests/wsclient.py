@@ -1,0 +1,119 @@
+"""A minimal protocol client for tests: records every message, answers pings, tracks
+positions per channel. (The full Python client, with reconnects, is a later issue's.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+
+class ProtoClient:
+    def __init__(self, ws: ClientConnection, binary: bool = False) -> None:
+        self.ws = ws
+        self.binary = binary
+        self.ids = itertools.count(1)
+        self.messages: list[dict[str, Any]] = []
+        self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.offsets: dict[str, list[int]] = {}
+        self.positions: dict[str, tuple[int, str]] = {}
+        self.resyncs: list[dict[str, Any]] = []
+        self.answer_pings = True
+        self.changed = asyncio.Event()
+        self.closed: asyncio.Future[tuple[int | None, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def open(cls, url: str, *, binary: bool = False, connect: bool = True,
+                   **kwargs: Any) -> ProtoClient:
+        sub = ["fanout.msgpack"] if binary else ["fanout.json"]
+        ws = await websockets.connect(url, subprotocols=sub, max_size=None,  # type: ignore[arg-type]
+                                      ping_interval=None, **kwargs)
+        client = cls(ws, binary)
+        if connect:
+            reply = await client.request({"type": "connect", "name": "test"})
+            assert reply["type"] == "connected", reply
+        return client
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        await self.ws.send(msgpack.packb(obj) if self.binary else json.dumps(obj))
+
+    async def request(self, obj: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        rid = next(self.ids)
+        fut = self.replies[rid] = asyncio.get_running_loop().create_future()
+        await self.send({**obj, "id": rid})
+        return await asyncio.wait_for(fut, timeout)
+
+    async def subscribe(self, channel: str, *, recover: tuple[int, str] | None = None,
+                        snapshot: bool = False) -> dict[str, Any]:
+        req: dict[str, Any] = {"type": "subscribe", "channel": channel, "snapshot": snapshot}
+        if recover is not None:
+            req["recover"] = {"offset": recover[0], "epoch": recover[1]}
+        reply = await self.request(req)
+        if reply["type"] == "subscribed":
+            self.positions[channel] = (
+                recover[0] if reply["recovered"] and recover else reply["offset"],
+                reply["epoch"],
+            )
+            self.offsets.setdefault(channel, [])
+        return reply
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self.ws:
+                msg = msgpack.unpackb(raw) if isinstance(raw, bytes) else json.loads(raw)
+                for m in msg if isinstance(msg, list) else [msg]:
+                    self._on_message(m)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            rcvd = self.ws.close_rcvd
+            if not self.closed.done():
+                self.closed.set_result(
+                    (rcvd.code, rcvd.reason) if rcvd else (None, "")
+                )
+            self.changed.set()
+
+    def _on_message(self, m: dict[str, Any]) -> None:
+        self.messages.append(m)
+        kind = m.get("type")
+        rid = m.get("id")
+        if kind == "ping" and self.answer_pings:
+            asyncio.create_task(self.send({"type": "pong"}))
+        elif kind == "pub":
+            ch = m["channel"]
+            self.offsets.setdefault(ch, []).append(m["offset"])
+            epoch = self.positions.get(ch, (0, ""))[1]
+            self.positions[ch] = (m["offset"], epoch)
+        elif kind == "resync":
+            self.resyncs.append(m)
+            self.positions[m["channel"]] = (m["offset"], m["epoch"])
+        if rid is not None and rid in self.replies and kind != "pub":
+            fut = self.replies.pop(rid)
+            if not fut.done():
+                fut.set_result(m)
+        self.changed.set()
+
+    async def wait_for(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not cond():
+                self.changed.clear()
+                if cond():
+                    return
+                await self.changed.wait()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(BaseException):
+            await self._reader
