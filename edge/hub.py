@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
 
 from common import protocol
 from common.channels import Channel
@@ -378,7 +379,7 @@ class Hub:
                     else:
                         result = await self.read_history(state.name, -1, True)
                         self._resync(state, result)
-                except (OSError, ConnectionError, TimeoutError) as exc:
+                except (OSError, RedisError, TimeoutError) as exc:
                     self.log.warning("repair failed channel=%s error=%r", state.name, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
@@ -484,9 +485,7 @@ class Hub:
                 await self.redis.publish(self._probe_channel, str(time.time()))
                 await asyncio.wait_for(self._probe_seen.wait(), self.probe_timeout)
                 self.live_ok = True
-            except (TimeoutError, OSError, ConnectionError, Exception) as exc:
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+            except Exception as exc:
                 self.live_ok = False
                 self.log.warning("pubsub probe failed error=%r", exc)
                 self._reconnect = True  # the reader reconnects within a second

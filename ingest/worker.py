@@ -18,6 +18,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from common.config import IngestConfig, redact_url
 from common.keys import Keys
@@ -117,7 +118,7 @@ class Worker:
                 for msg in batch:
                     await self._publish([msg])
                 return
-            except (OSError, ConnectionError, TimeoutError) as exc:
+            except (OSError, RedisError, TimeoutError) as exc:
                 self.metrics.errors.inc()
                 self.log.warning("publish failed size=%d error=%r retry_in=%.2f",
                                  len(batch), exc, delay)

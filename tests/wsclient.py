@@ -76,7 +76,7 @@ class ProtoClient:
         except websockets.ConnectionClosed:
             pass
         finally:
-            rcvd = self.ws.close_rcvd
+            rcvd = self.ws.protocol.close_rcvd
             if not self.closed.done():
                 self.closed.set_result(
                     (rcvd.code, rcvd.reason) if rcvd else (None, "")
