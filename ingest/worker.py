@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from common.config import IngestConfig, redact_url
 from common.keys import Keys
 from ingest.publisher import InvalidMessage, Publisher
+from ingest.sim import make_feed
 from ingest.upstream import Upstream, UpstreamMessage
 
 
@@ -134,12 +135,6 @@ class Worker:
             return
 
 
-def make_upstream(config: IngestConfig) -> Upstream:
-    from ingest.sim import SimulatedFeed
-
-    return SimulatedFeed(config.symbols, config.rate, config.seed)
-
-
 async def serve(config: IngestConfig, logger: logging.Logger) -> None:
     redis = Redis.from_url(config.redis.url, decode_responses=True, socket_timeout=10.0,
                            socket_connect_timeout=5.0)
@@ -151,7 +146,7 @@ async def serve(config: IngestConfig, logger: logging.Logger) -> None:
         redis, Keys(config.redis.key_prefix), config.history, config.meta_ttl,
         config.idempotency_ttl,
     )
-    upstream = make_upstream(config)
+    upstream = make_feed(config)
     logger.info(
         "ingest starting feed=%s symbols=%d rate=%.1f redis=%s",
         config.feed, len(config.symbols), config.rate, redact_url(config.redis.url),
