@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from common.errors import BadChannel
 
@@ -39,7 +39,7 @@ _ACCOUNT_RE = re.compile(r"[A-Za-z0-9_\-]+")
 _KEY_RE = re.compile(r"[^\x00-\x1f]*")
 
 
-class SnapshotMode(str, Enum):
+class SnapshotMode(StrEnum):
     """How a channel's latest state is kept (see the publish script)."""
 
     MERGE = "merge"  # one value; object fields merged into the previous value (quotes, balance)
@@ -117,5 +117,7 @@ def parse_channel(name: object) -> Channel:
 def validate_key(key: object) -> str:
     """A snapshot key: a short string without control characters."""
     if not isinstance(key, str) or len(key) > MAX_KEY_LENGTH or not _KEY_RE.fullmatch(key):
-        raise ValueError(f"snapshot key must be a string of at most {MAX_KEY_LENGTH} printable chars")
+        raise ValueError(
+            f"snapshot key must be a string of at most {MAX_KEY_LENGTH} printable characters"
+        )
     return key

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import msgpack
@@ -28,7 +28,7 @@ MAX_TOKEN_LENGTH = 8192
 MAX_REQUEST_ID = 2**53 - 1  # what a JavaScript number holds exactly
 
 
-class Codec(str, Enum):
+class Codec(StrEnum):
     JSON = "json"
     MSGPACK = "msgpack"
 

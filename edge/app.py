@@ -41,7 +41,7 @@ class Edge:
         self.registry.register(EdgeCollector(self.stats))
         self.redis: Redis | None = None
         self.hub: Hub | None = None
-        self.sessions: set[Session] = set()
+        self.sessions: dict[Session, asyncio.Task[object]] = {}
 
     async def start(self) -> None:
         url = self.config.redis.url
@@ -67,17 +67,12 @@ class Edge:
         for session in list(self.sessions):
             session.fail(Disconnect(CloseCode.SHUTDOWN, "server shutting down"))
         if self.sessions:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sessions_gone(), 3.0)
+            await asyncio.wait(list(self.sessions.values()), timeout=3.0)
         if self.hub is not None:
             await self.hub.close()
         if self.redis is not None:
             await self.redis.aclose()
             await self._pubsub_client.aclose()
-
-    async def _sessions_gone(self) -> None:
-        while self.sessions:
-            await asyncio.sleep(0.02)
 
     # --- endpoints -----------------------------------------------------------------------
 
@@ -90,11 +85,13 @@ class Edge:
             ws, self.hub, self.config, self.stats, self.log.getChild("session"), codec,
             f"{self.node_id}-{os.urandom(6).hex()}",
         )
-        self.sessions.add(session)
+        task = asyncio.current_task()
+        assert task is not None
+        self.sessions[session] = task
         try:
             await session.run()
         finally:
-            self.sessions.discard(session)
+            self.sessions.pop(session, None)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.node_id})

@@ -116,7 +116,14 @@ class Joined:
 
 class ChannelState:
     __slots__ = (
-        "active", "backlog", "confirmed", "epoch", "name", "pending", "repair", "last",
+        "active",
+        "backlog",
+        "confirmed",
+        "epoch",
+        "last",
+        "name",
+        "pending",
+        "repair",
     )
 
     def __init__(self, name: str) -> None:
@@ -172,6 +179,7 @@ class Hub:
         self.live_ok = False  # the pub/sub connection answered the last liveness probe
         self._reconnect = False
         self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -193,7 +201,7 @@ class Hub:
                     await task
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
     @property
     def ready(self) -> bool:
@@ -289,7 +297,9 @@ class Hub:
         if state.repair is not None:
             state.repair.cancel()
         if self._pubsub is not None:
-            asyncio.create_task(self._redis_unsubscribe(state.name))
+            task = asyncio.create_task(self._redis_unsubscribe(state.name))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _redis_subscribe(self, name: str) -> None:
         assert self._pubsub is not None
@@ -459,7 +469,7 @@ class Hub:
                 self.stats.pubsub_reconnects += 1
                 self.log.warning("pubsub connection lost error=%r retry_in=%.2f", exc, delay)
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
                 self._pubsub = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -184,7 +184,8 @@ class Session:
 
     async def _execute(self, command: protocol.Command) -> dict[str, Any] | None:
         if isinstance(command, protocol.Subscribe):
-            return await self._subscribe(command)
+            await self._subscribe(command)
+            return None
         if isinstance(command, protocol.Unsubscribe):
             name = command.channel.name
             if name not in self.subscriptions:
@@ -227,7 +228,6 @@ class Session:
         self.enqueue(protocol.encode(joined.reply, self.codec))
         for pub in joined.replay:
             self.enqueue(pub.frame(self.codec))
-        return None
 
     async def _write_loop(self) -> None:
         queue = self._queue

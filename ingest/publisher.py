@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from common.channels import parse_channel, validate_key
-from common.errors import BadChannel
 from common.config import DEFAULT_HISTORY, HistoryPolicy
+from common.errors import BadChannel
 from common.keys import Keys
 from common.scripts import register
 from ingest.upstream import UpstreamMessage
@@ -50,7 +50,9 @@ class Publisher:
         self.idempotency_ttl = idempotency_ttl
         self._script = register(redis, "publish")
 
-    def _call_args(self, msg: UpstreamMessage, epoch: str) -> tuple[list[str], list[object]]:
+    def _call_args(
+        self, msg: UpstreamMessage, epoch: str
+    ) -> tuple[list[str], list[str | int]]:
         try:
             channel = parse_channel(msg.channel)
             key = validate_key(msg.key)
@@ -68,7 +70,7 @@ class Publisher:
             self.keys.snapshot(name),
             self.keys.idempotency(name, msg.msg_id),
         ]
-        args: list[object] = [
+        args: list[str | int] = [
             data, key, msg.msg_id, channel.snapshot_mode.value, policy.max_length,
             int(policy.max_age * 1000), self.meta_ttl, self.idempotency_ttl,
             self.keys.live(name), epoch, "1" if msg.delete else "0",

@@ -62,6 +62,7 @@ async def test_clients_see_every_offset_once_across_reconnects(
             else:
                 start = reply["offset"]
             await asyncio.sleep(stay_ms / 1000)
+            assert not client.closed.done(), f"server closed the connection: {client.closed}"
             if abrupt:
                 client.ws.transport.abort()
             await client.close()

@@ -30,6 +30,7 @@ class ProtoClient:
         self.closed: asyncio.Future[tuple[int | None, str]] = (
             asyncio.get_running_loop().create_future()
         )
+        self._tasks: set[asyncio.Task[None]] = set()
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -88,7 +89,9 @@ class ProtoClient:
         kind = m.get("type")
         rid = m.get("id")
         if kind == "ping" and self.answer_pings:
-            asyncio.create_task(self.send({"type": "pong"}))
+            task = asyncio.create_task(self.send({"type": "pong"}))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         elif kind == "pub":
             ch = m["channel"]
             self.offsets.setdefault(ch, []).append(m["offset"])
