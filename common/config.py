@@ -9,6 +9,7 @@ repr or a log line: use `redact_url`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -23,20 +24,33 @@ T = TypeVar("T")
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***."""
+    """The URL with any password (user info or ?password=) replaced by ***."""
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    if password is None and "password=" not in parts.query.lower():
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+    if parts.query:
+        query = [
+            f"{k}=***" if k.lower() == "password" else f"{k}{sep}{v}"
+            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+        ]
+        parts = parts._replace(query="&".join(query))
+    return urlunsplit(parts)
 
 
 def _check_redis_url(setting: str, url: str) -> str:
-    scheme = urlsplit(url).scheme
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigError(setting, f"not a valid URL ({exc})") from None
+    scheme = parts.scheme
     if scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(setting, "must be a redis://, rediss:// or unix:// URL")
     return url
@@ -74,7 +88,7 @@ def parse_history(setting: str, text: str) -> dict[str, HistoryPolicy]:
             policy = HistoryPolicy(int(length), float(age))
         except ValueError:
             raise ConfigError(setting, f"bad numbers in {item!r}") from None
-        if policy.max_length < 1 or policy.max_age <= 0:
+        if policy.max_length < 1 or not 0 < policy.max_age < 1e9:
             raise ConfigError(setting, f"{item!r}: length must be >= 1 and age > 0")
         policies[name] = policy
     return policies
@@ -156,8 +170,10 @@ def _float(lo: float, strict: bool = True) -> Callable[[str, str], float]:
             value = float(text)
         except ValueError:
             raise ConfigError(setting, f"must be a number, got {text!r}") from None
-        if value < lo or (strict and value == lo) or value != value:
-            raise ConfigError(setting, f"must be {'>' if strict else '>='} {lo}, got {text}")
+        if not math.isfinite(value) or value < lo or (strict and value == lo):
+            raise ConfigError(
+                setting, f"must be a finite number {'>' if strict else '>='} {lo}, got {text}"
+            )
         return value
 
     return parse

@@ -114,4 +114,5 @@ class Disconnect(FanoutError):
     def __init__(self, code: CloseCode, reason: str) -> None:
         super().__init__(f"{int(code)} {reason}")
         self.code = code
-        self.reason = reason[:120]
+        # A close reason is at most 123 bytes of UTF-8; cut on a character boundary.
+        self.reason = reason.encode()[:123].decode(errors="ignore")

@@ -107,7 +107,10 @@ def decode_frame(frame: Frame, codec: Codec) -> dict[str, Any]:
             obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
         else:
             obj = json.loads(frame)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+    except (
+        ValueError, TypeError, RecursionError,
+        msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+    ):
         raise Disconnect(CloseCode.BAD_REQUEST, "malformed frame") from None
     if not isinstance(obj, dict):
         raise Disconnect(CloseCode.BAD_REQUEST, "frame must be an object")
@@ -139,7 +142,9 @@ def parse_command(obj: dict[str, Any]) -> Command:
     rid = _request_id(obj)
     if kind == "subscribe":
         channel = parse_channel(obj.get("channel"))
-        snapshot = obj.get("snapshot", False)
+        snapshot = obj.get("snapshot")
+        if snapshot is None:
+            snapshot = False
         if not isinstance(snapshot, bool):
             raise BadRequest("snapshot must be a boolean")
         return Subscribe(rid, channel, _position(obj.get("recover")), snapshot)
@@ -243,9 +248,27 @@ def resync(channel: str, epoch: str, offset: int, snapshot: dict[str, Any]) -> d
 
 def encode(message: dict[str, Any], codec: Codec) -> Frame:
     if codec is Codec.MSGPACK:
-        packed: bytes = msgpack.packb(message, use_bin_type=True)
-        return packed
+        return _packb(message)
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def _packb(message: object) -> bytes:
+    """msgpack, with integers beyond 64 bits (valid JSON, no msgpack type) sent as strings."""
+    try:
+        packed: bytes = msgpack.packb(message, use_bin_type=True)
+    except OverflowError:
+        packed = msgpack.packb(_big_ints_as_str(message), use_bin_type=True)
+    return packed
+
+
+def _big_ints_as_str(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _big_ints_as_str(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_big_ints_as_str(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    return value
 
 
 def pub_json(channel: str, offset: int, key: str, data_json: str) -> str:
@@ -265,8 +288,7 @@ def pub_msgpack(channel: str, offset: int, key: str, data_json: str) -> bytes:
     if key:
         message["key"] = key
     message["data"] = json.loads(data_json)
-    packed: bytes = msgpack.packb(message, use_bin_type=True)
-    return packed
+    return _packb(message)
 
 
 def snapshot_object(flat: dict[str, str]) -> dict[str, Any]:

@@ -1,0 +1,492 @@
+"""Configuration from environment and flags (common/config.py): pure, no I/O.
+
+Every test passes its own `env` mapping, so the process environment is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from common.config import (
+    DEFAULT_HISTORY,
+    EDGE_SETTINGS,
+    INGEST_SETTINGS,
+    EdgeConfig,
+    HistoryPolicy,
+    IngestConfig,
+    RedisSettings,
+    Setting,
+    add_arguments,
+    build,
+    parse_history,
+    redact_url,
+)
+from common.errors import ConfigError
+
+
+def parse_flags(settings: tuple[Setting, ...], argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, settings)
+    return parser.parse_args(argv)
+
+
+def edge(env: dict[str, str], argv: list[str] | None = None) -> EdgeConfig:
+    args = None if argv is None else parse_flags(EDGE_SETTINGS, argv)
+    return build(EdgeConfig, EDGE_SETTINGS, env=env, args=args)
+
+
+def ingest(env: dict[str, str], argv: list[str] | None = None) -> IngestConfig:
+    args = None if argv is None else parse_flags(INGEST_SETTINGS, argv)
+    return build(IngestConfig, INGEST_SETTINGS, env=env, args=args)
+
+
+# --- defaults ------------------------------------------------------------------------------
+
+
+def test_edge_defaults() -> None:
+    config = edge({})
+    assert config == EdgeConfig()
+    assert config.host == "127.0.0.1"
+    assert config.port == 8000
+    assert config.redis == RedisSettings("redis://127.0.0.1:6379/0", "fanout")
+    assert config.ping_interval == 25.0
+    assert config.max_message_size == 65_536
+    assert config.compression is False
+    assert config.log_level == "info"
+
+
+def test_ingest_defaults() -> None:
+    config = ingest({})
+    assert config == IngestConfig()
+    assert config.symbols == ("MNQ", "MES", "NQ", "ES", "M2K", "MYM", "RTY", "YM")
+    assert config.history == DEFAULT_HISTORY
+    assert config.feed == "sim"
+
+
+def test_defaults_with_flags_parsed_but_none_given() -> None:
+    assert edge({}, []) == EdgeConfig()
+    assert ingest({}, []) == IngestConfig()
+
+
+def test_unrelated_environment_is_ignored() -> None:
+    assert edge({"PORT": "1", "FANOUT_PORT": "2", "HOME": "/x"}) == EdgeConfig()
+
+
+def test_empty_environment_values_are_ignored() -> None:
+    assert edge({"FANOUT_EDGE_PORT": "", "FANOUT_EDGE_HOST": "", "REDIS_URL": ""}) == EdgeConfig()
+
+
+# --- the environment overrides the defaults -------------------------------------------------
+
+
+def test_edge_environment_overrides() -> None:
+    config = edge({
+        "FANOUT_REDIS_URL": "rediss://cache:6380/2",
+        "FANOUT_KEY_PREFIX": "test1",
+        "FANOUT_EDGE_HOST": " 0.0.0.0 ",
+        "FANOUT_EDGE_PORT": "9001",
+        "FANOUT_PING_INTERVAL": "5.5",
+        "FANOUT_PONG_TIMEOUT": "2",
+        "FANOUT_CONNECT_TIMEOUT": "0.5",
+        "FANOUT_MAX_MESSAGE_SIZE": "256",
+        "FANOUT_MAX_SUBSCRIPTIONS": "3",
+        "FANOUT_QUEUE_MAX_MESSAGES": "10",
+        "FANOUT_QUEUE_MAX_BYTES": "1024",
+        "FANOUT_RECOVERY_LIMIT": "7",
+        "FANOUT_WS_COMPRESSION": "yes",
+        "FANOUT_NODE_ID": "edge-a",
+        "FANOUT_LOG_LEVEL": "DEBUG",
+    })
+    assert config == EdgeConfig(
+        host="0.0.0.0",
+        port=9001,
+        redis=RedisSettings("rediss://cache:6380/2", "test1"),
+        ping_interval=5.5,
+        pong_timeout=2.0,
+        connect_timeout=0.5,
+        max_message_size=256,
+        max_subscriptions=3,
+        queue_max_messages=10,
+        queue_max_bytes=1024,
+        recovery_limit=7,
+        compression=True,
+        node_id="edge-a",
+        log_level="debug",
+    )
+
+
+def test_ingest_environment_overrides() -> None:
+    config = ingest({
+        "REDIS_URL": "unix:///tmp/redis.sock",
+        "FANOUT_FEED": "sim",
+        "FANOUT_SYMBOLS": " MNQ , CON.F.US.MNQ.Z25,,",
+        "FANOUT_RATE": "0.25",
+        "FANOUT_SEED": "0",
+        "FANOUT_BATCH_SIZE": "10000",
+        "FANOUT_HISTORY": "quotes=100/5",
+        "FANOUT_META_TTL": "60",
+        "FANOUT_IDEMPOTENCY_TTL": "1",
+        "FANOUT_INGEST_METRICS_PORT": "9100",
+        "FANOUT_LOG_LEVEL": "warning",
+    })
+    assert config == IngestConfig(
+        redis=RedisSettings("unix:///tmp/redis.sock"),
+        feed="sim",
+        symbols=("MNQ", "CON.F.US.MNQ.Z25"),
+        rate=0.25,
+        seed=0,
+        batch_size=10_000,
+        history={**DEFAULT_HISTORY, "quotes": HistoryPolicy(100, 5.0)},
+        meta_ttl=60,
+        idempotency_ttl=1,
+        metrics_port=9100,
+        log_level="warning",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1", True), ("true", True), ("YES", True), (" on ", True),
+     ("0", False), ("False", False), ("no", False), ("off", False)],
+)
+def test_booleans(text: str, expected: bool) -> None:
+    assert edge({"FANOUT_WS_COMPRESSION": text}).compression is expected
+
+
+@pytest.mark.parametrize("port", ["0", "65535"])
+def test_port_bounds_are_inclusive(port: str) -> None:
+    assert edge({"FANOUT_EDGE_PORT": port}).port == int(port)
+
+
+def test_key_prefix_alone_keeps_the_default_url() -> None:
+    assert edge({"FANOUT_KEY_PREFIX": "p"}).redis == RedisSettings(
+        "redis://127.0.0.1:6379/0", "p"
+    )
+
+
+# --- flags beat the environment -------------------------------------------------------------
+
+
+def test_flag_beats_environment() -> None:
+    config = edge(
+        {"FANOUT_EDGE_PORT": "9000", "FANOUT_EDGE_HOST": "10.0.0.1"},
+        ["--port", "9001"],
+    )
+    assert config.port == 9001
+    assert config.host == "10.0.0.1"  # no flag: the environment still applies
+
+
+def test_flags_set_nested_settings() -> None:
+    config = edge(
+        {"FANOUT_REDIS_URL": "redis://env:1/0", "FANOUT_KEY_PREFIX": "envp"},
+        ["--redis-url", "redis://flag:2/0", "--key-prefix", "flagp"],
+    )
+    assert config.redis == RedisSettings("redis://flag:2/0", "flagp")
+
+
+def test_ingest_flags() -> None:
+    config = ingest(
+        {"FANOUT_SYMBOLS": "ES"},
+        ["--symbols", "NQ,YM", "--history", "bars=10/60"],
+    )
+    assert config.symbols == ("NQ", "YM")
+    assert config.history["bars"] == HistoryPolicy(10, 60.0)
+
+
+def test_add_arguments_defaults_are_none_and_help_names_env() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, EDGE_SETTINGS)
+    args = parser.parse_args([])
+    assert args.redis__url is None
+    assert args.port is None
+    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    assert helps["--port"] == "port to listen on [env FANOUT_EDGE_PORT]"
+    assert helps["--redis-url"] == (
+        "Redis/Valkey URL (FANOUT_REDIS_URL or REDIS_URL) [env FANOUT_REDIS_URL or REDIS_URL]"
+    )
+
+
+# --- REDIS_URL and FANOUT_REDIS_URL ---------------------------------------------------------
+
+
+def test_redis_url_alone() -> None:
+    assert edge({"REDIS_URL": "redis://a:1/0"}).redis.url == "redis://a:1/0"
+
+
+def test_fanout_redis_url_alone() -> None:
+    assert edge({"FANOUT_REDIS_URL": "redis://b:2/0"}).redis.url == "redis://b:2/0"
+
+
+def test_fanout_redis_url_wins_over_redis_url() -> None:
+    env = {"REDIS_URL": "redis://a:1/0", "FANOUT_REDIS_URL": "redis://b:2/0"}
+    assert edge(env).redis.url == "redis://b:2/0"
+    assert ingest(env).redis.url == "redis://b:2/0"
+
+
+def test_empty_fanout_redis_url_falls_back_to_redis_url() -> None:
+    env = {"REDIS_URL": "redis://a:1/0", "FANOUT_REDIS_URL": ""}
+    assert edge(env).redis.url == "redis://a:1/0"
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "setting"),
+    [
+        ({"REDIS_URL": "http://a/"}, None, "REDIS_URL"),
+        ({"FANOUT_REDIS_URL": "http://a/"}, None, "FANOUT_REDIS_URL"),
+        ({"REDIS_URL": "redis://ok/0", "FANOUT_REDIS_URL": "tcp://a"}, None, "FANOUT_REDIS_URL"),
+        ({"REDIS_URL": "redis://ok/0"}, ["--redis-url", "localhost:6379"], "--redis-url"),
+    ],
+)
+def test_bad_redis_url_names_the_setting_used(
+    env: dict[str, str], argv: list[str] | None, setting: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        edge(env, argv)
+    assert info.value.setting == setting
+    assert info.value.problem == "must be a redis://, rediss:// or unix:// URL"
+
+
+@pytest.mark.parametrize("url", ["redis://[::1", "redis://[bad/0"])
+def test_unparseable_redis_url_is_a_config_error(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({"REDIS_URL": url})
+    assert info.value.setting == "REDIS_URL"
+
+
+# --- bad values -----------------------------------------------------------------------------
+
+EDGE_BAD = [
+    ("FANOUT_KEY_PREFIX", "a:b", "--key-prefix"),
+    ("FANOUT_KEY_PREFIX", "{x}", "--key-prefix"),
+    ("FANOUT_KEY_PREFIX", "a b", "--key-prefix"),
+    ("FANOUT_EDGE_HOST", "   ", "--host"),
+    ("FANOUT_EDGE_PORT", "http", "--port"),
+    ("FANOUT_EDGE_PORT", "80.5", "--port"),
+    ("FANOUT_EDGE_PORT", "-1", "--port"),
+    ("FANOUT_EDGE_PORT", "65536", "--port"),
+    ("FANOUT_PING_INTERVAL", "0", "--ping-interval"),
+    ("FANOUT_PING_INTERVAL", "-1", "--ping-interval"),
+    ("FANOUT_PING_INTERVAL", "nan", "--ping-interval"),
+    ("FANOUT_PING_INTERVAL", "soon", "--ping-interval"),
+    ("FANOUT_PONG_TIMEOUT", "0.0", "--pong-timeout"),
+    ("FANOUT_CONNECT_TIMEOUT", "-0.1", "--connect-timeout"),
+    ("FANOUT_MAX_MESSAGE_SIZE", "255", "--max-message-size"),
+    ("FANOUT_MAX_SUBSCRIPTIONS", "0", "--max-subscriptions"),
+    ("FANOUT_QUEUE_MAX_MESSAGES", "0", "--queue-max-messages"),
+    ("FANOUT_QUEUE_MAX_BYTES", "1023", "--queue-max-bytes"),
+    ("FANOUT_RECOVERY_LIMIT", "0", "--recovery-limit"),
+    ("FANOUT_WS_COMPRESSION", "maybe", "--compression"),
+    ("FANOUT_WS_COMPRESSION", "2", "--compression"),
+    ("FANOUT_NODE_ID", "edge:1", "--node-id"),
+    ("FANOUT_LOG_LEVEL", "verbose", "--log-level"),
+    ("FANOUT_LOG_LEVEL", "critical", "--log-level"),
+]
+
+INGEST_BAD = [
+    ("FANOUT_FEED", "live", "--feed"),
+    ("FANOUT_FEED", "SIM", "--feed"),
+    ("FANOUT_SYMBOLS", ",", "--symbols"),
+    ("FANOUT_SYMBOLS", " , , ", "--symbols"),
+    ("FANOUT_SYMBOLS", "MNQ,M Q", "--symbols"),
+    ("FANOUT_SYMBOLS", "MNQ,a..b", "--symbols"),
+    ("FANOUT_SYMBOLS", "{x}", "--symbols"),
+    ("FANOUT_RATE", "0", "--rate"),
+    ("FANOUT_RATE", "fast", "--rate"),
+    ("FANOUT_SEED", "-1", "--seed"),
+    ("FANOUT_SEED", "1.0", "--seed"),
+    ("FANOUT_BATCH_SIZE", "0", "--batch-size"),
+    ("FANOUT_BATCH_SIZE", "10001", "--batch-size"),
+    ("FANOUT_HISTORY", "quotes=1", "--history"),
+    ("FANOUT_META_TTL", "59", "--meta-ttl"),
+    ("FANOUT_IDEMPOTENCY_TTL", "0", "--idempotency-ttl"),
+    ("FANOUT_INGEST_METRICS_PORT", "70000", "--metrics-port"),
+    ("FANOUT_LOG_LEVEL", "", "--log-level"),  # only as a flag: empty env values are ignored
+]
+
+
+@pytest.mark.parametrize(("env_name", "text", "flag"), [b for b in EDGE_BAD if b[1]])
+def test_edge_bad_environment_value_names_the_variable(
+    env_name: str, text: str, flag: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({env_name: text})
+    assert info.value.setting == env_name
+    assert str(info.value).startswith(f"{env_name}: ")
+
+
+@pytest.mark.parametrize(("env_name", "text", "flag"), EDGE_BAD)
+def test_edge_bad_flag_value_names_the_flag(env_name: str, text: str, flag: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({}, [flag, text])
+    assert info.value.setting == flag
+
+
+@pytest.mark.parametrize(("env_name", "text", "flag"), [b for b in INGEST_BAD if b[1]])
+def test_ingest_bad_environment_value_names_the_variable(
+    env_name: str, text: str, flag: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        ingest({env_name: text})
+    assert info.value.setting == env_name
+
+
+@pytest.mark.parametrize(("env_name", "text", "flag"), INGEST_BAD)
+def test_ingest_bad_flag_value_names_the_flag(env_name: str, text: str, flag: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        ingest({}, [flag, text])
+    assert info.value.setting == flag
+
+
+def test_bad_value_message_is_exact() -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({"FANOUT_EDGE_PORT": "65536"})
+    assert str(info.value) == "FANOUT_EDGE_PORT: must be between 0 and 65535, got 65536"
+    with pytest.raises(ConfigError) as info:
+        edge({"FANOUT_EDGE_PORT": "x"})
+    assert info.value.problem == "must be an integer, got 'x'"
+    with pytest.raises(ConfigError) as info:
+        edge({}, ["--ping-interval", "0"])
+    assert str(info.value) == "--ping-interval: must be a finite number > 0, got 0"
+
+
+def test_a_good_flag_does_not_hide_a_bad_environment_value_of_another_setting() -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({"FANOUT_EDGE_PORT": "x"}, ["--host", "0.0.0.0"])
+    assert info.value.setting == "FANOUT_EDGE_PORT"
+
+
+def test_a_good_flag_replaces_a_bad_environment_value() -> None:
+    assert edge({"FANOUT_EDGE_PORT": "x"}, ["--port", "1"]).port == 1
+
+
+@pytest.mark.parametrize("env_name", ["FANOUT_PING_INTERVAL", "FANOUT_PONG_TIMEOUT"])
+def test_infinite_timeouts_are_rejected(env_name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({env_name: "inf"})
+    assert info.value.setting == env_name
+
+
+# --- parse_history ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", " ", ",", " , ,"])
+def test_parse_history_empty_keeps_defaults(text: str) -> None:
+    assert parse_history("H", text) == DEFAULT_HISTORY
+
+
+def test_parse_history_overrides_named_namespaces_only() -> None:
+    policies = parse_history("H", " quotes=100/5 , bars=10/0.5 ,")
+    assert policies == {
+        "quotes": HistoryPolicy(100, 5.0),
+        "trades": HistoryPolicy(10_000, 600.0),
+        "depth": HistoryPolicy(10_000, 120.0),
+        "bars": HistoryPolicy(10, 0.5),
+        "account": HistoryPolicy(1_000, 86_400.0),
+    }
+
+
+def test_parse_history_last_item_for_a_namespace_wins() -> None:
+    assert parse_history("H", "depth=1/1,depth=2/2")["depth"] == HistoryPolicy(2, 2.0)
+
+
+def test_parse_history_does_not_change_the_defaults() -> None:
+    before = dict(DEFAULT_HISTORY)
+    parse_history("H", "quotes=1/1,trades=2/2,depth=3/3,bars=4/4,account=5/5")
+    assert before == DEFAULT_HISTORY
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("quotes", "bad item 'quotes': expected <namespace>=<max length>/<max age s>"),
+        ("quotes=100", "bad item 'quotes=100': expected <namespace>=<max length>/<max age s>"),
+        ("quotes100/5", "bad item 'quotes100/5': expected <namespace>=<max length>/<max age s>"),
+        ("futures=1/1", "bad item 'futures=1/1': expected <namespace>=<max length>/<max age s>"),
+        ("=1/1", "bad item '=1/1': expected <namespace>=<max length>/<max age s>"),
+        ("quotes=x/5", "bad numbers in 'quotes=x/5'"),
+        ("quotes=1.5/5", "bad numbers in 'quotes=1.5/5'"),
+        ("quotes=1/x", "bad numbers in 'quotes=1/x'"),
+        ("quotes=/5", "bad numbers in 'quotes=/5'"),
+        ("quotes=1/", "bad numbers in 'quotes=1/'"),
+        ("quotes=0/5", "'quotes=0/5': length must be >= 1 and age > 0"),
+        ("quotes=-1/5", "'quotes=-1/5': length must be >= 1 and age > 0"),
+        ("quotes=1/0", "'quotes=1/0': length must be >= 1 and age > 0"),
+        ("quotes=1/-5", "'quotes=1/-5': length must be >= 1 and age > 0"),
+        ("quotes=1/1,bars=0/1", "'bars=0/1': length must be >= 1 and age > 0"),
+    ],
+)
+def test_parse_history_bad(text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_history("FANOUT_HISTORY", text)
+    assert info.value.setting == "FANOUT_HISTORY"
+    assert info.value.problem == problem
+
+
+@pytest.mark.parametrize("text", ["quotes=10/nan", "quotes=10/inf"])
+def test_parse_history_rejects_non_finite_age(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_history("FANOUT_HISTORY", text)
+    assert info.value.setting == "FANOUT_HISTORY"
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "redacted"),
+    [
+        ("redis://u:secret@h:1/0", "redis://u:***@h:1/0"),
+        ("redis://:secret@h:1/0", "redis://:***@h:1/0"),
+        ("rediss://user:p%40ss@cache.example:6380/3", "rediss://user:***@cache.example:6380/3"),
+        ("redis://u:p@ss@h/0", "redis://u:***@h/0"),  # an unescaped @ in the password
+        ("redis://h:1/0", "redis://h:1/0"),
+        ("redis://user@h:1/0", "redis://user@h:1/0"),
+        ("unix:///tmp/redis.sock", "unix:///tmp/redis.sock"),
+        ("redis://u:secret@[::1", "<unparseable url>"),
+    ],
+)
+def test_redact_url(url: str, redacted: str) -> None:
+    assert redact_url(url) == redacted
+
+
+def test_redact_url_hides_a_password_in_the_query() -> None:
+    assert "secret" not in redact_url("redis://h:1/0?password=secret")
+
+
+def test_redis_settings_repr_hides_the_password() -> None:
+    settings = RedisSettings(url="redis://u:secret@h:1/0")
+    assert "secret" not in repr(settings)
+    assert repr(settings) == "RedisSettings(url='redis://u:***@h:1/0', key_prefix='fanout')"
+
+
+def test_config_reprs_hide_the_password() -> None:
+    redis = RedisSettings(url="redis://u:secret@h:1/0")
+    assert "secret" not in repr(EdgeConfig(redis=redis))
+    assert "secret" not in repr(IngestConfig(redis=redis))
+    assert "secret" not in repr(edge({"REDIS_URL": "redis://u:secret@h:1/0"}))
+
+
+def test_config_error_from_a_bad_url_does_not_echo_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({"REDIS_URL": "http://u:secret@h/"})
+    assert "secret" not in str(info.value)
+
+
+# --- immutability -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("obj", "attr", "value"),
+    [
+        (EdgeConfig(), "port", 1),
+        (IngestConfig(), "rate", 1.0),
+        (RedisSettings(), "url", "redis://x/0"),
+        (HistoryPolicy(1, 1.0), "max_length", 2),
+    ],
+)
+def test_configs_are_frozen(obj: object, attr: str, value: object) -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(obj, attr, value)
