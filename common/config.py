@@ -98,9 +98,16 @@ def parse_history(setting: str, text: str) -> dict[str, HistoryPolicy]:
 class RedisSettings:
     url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     key_prefix: str = DEFAULT_PREFIX
+    # s a channel's epoch, offset and snapshot live without a publish: the same for ingest
+    # (which refreshes them on publish) and edges (which create a channel's epoch when a
+    # client subscribes before its first publish).
+    meta_ttl: int = 30 * 86_400
 
     def __repr__(self) -> str:
-        return f"RedisSettings(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r})"
+        return (
+            f"RedisSettings(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r}, "
+            f"meta_ttl={self.meta_ttl})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +137,6 @@ class IngestConfig:
     seed: int = 1
     batch_size: int = 500  # most publishes per pipelined round trip
     history: Mapping[str, HistoryPolicy] = field(default_factory=lambda: dict(DEFAULT_HISTORY))
-    meta_ttl: int = 30 * 86_400  # s a channel's epoch, offset and snapshot live idle
     idempotency_ttl: int = 3_600  # s a published upstream message id is remembered
     metrics_port: int = 0  # 0 = no metrics endpoint
     log_level: str = "info"
@@ -240,6 +246,10 @@ REDIS_SETTINGS = (
         "redis.key_prefix", "--key-prefix", "FANOUT_KEY_PREFIX", _prefix,
         "prefix of every Redis key",
     ),
+    Setting(
+        "redis.meta_ttl", "--meta-ttl", "FANOUT_META_TTL", _int(60),
+        "seconds an idle channel's epoch, offset and snapshot live",
+    ),
 )
 
 EDGE_SETTINGS = (
@@ -280,8 +290,6 @@ INGEST_SETTINGS = (
             "most publishes per pipelined round trip"),
     Setting("history", "--history", "FANOUT_HISTORY", parse_history,
             "history per namespace: quotes=10000/300,trades=10000/600,..."),
-    Setting("meta_ttl", "--meta-ttl", "FANOUT_META_TTL", _int(60),
-            "seconds an idle channel's epoch and snapshot live"),
     Setting("idempotency_ttl", "--idempotency-ttl", "FANOUT_IDEMPOTENCY_TTL", _int(1),
             "seconds a published upstream message id is remembered"),
     Setting("metrics_port", "--metrics-port", "FANOUT_INGEST_METRICS_PORT", _int(0, 65535),

@@ -34,7 +34,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -132,11 +132,11 @@ class Plan:
     host: str
     rate: str | None
     symbols: str | None
-    redis_url: str | None  # None: start an embedded Valkey
-    env: Mapping[str, str]  # the children's environment, less the Redis URL
-    log_level: str
-    start_timeout: float
-    stop_timeout: float
+    redis_url: str | None = field(repr=False)  # None: start an embedded Valkey
+    env: Mapping[str, str] = field(repr=False)  # the children's, less the Redis URL
+    log_level: str = "info"
+    start_timeout: float = 30.0
+    stop_timeout: float = 10.0
 
     @property
     def ports(self) -> range:
@@ -234,7 +234,9 @@ def _sigint_blocked() -> Iterator[None]:
 
 def _exit_status(pid: int) -> int | None:
     """The exit code of our child `pid` if it has ended, without reaping it (its owner
-    still waits for it), else None."""
+    still waits for it), else None. Always None where waitid is missing (macOS < 3.13)."""
+    if not hasattr(os, "waitid"):
+        return None
     try:
         result = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:

@@ -271,22 +271,26 @@ def _big_ints_as_str(value: object) -> object:
     return value
 
 
-def pub_json(channel: str, offset: int, key: str, data_json: str) -> str:
+def pub_json(channel: str, offset: int, key: str, data_json: str, deleted: bool = False) -> str:
     """A publication as a JSON frame, built around the publisher's JSON text without
     decoding it: the edge does this once per message, not once per client. Channel names
     are grammar-checked (no quote or backslash), so they need no escaping."""
+    head = f'{{"type":"pub","channel":"{channel}","offset":{offset}'
     if key:
-        return (
-            f'{{"type":"pub","channel":"{channel}","offset":{offset},'
-            f'"key":{json.dumps(key, ensure_ascii=False)},"data":{data_json}}}'
-        )
-    return f'{{"type":"pub","channel":"{channel}","offset":{offset},"data":{data_json}}}'
+        head += f',"key":{json.dumps(key, ensure_ascii=False)}'
+    if deleted:
+        head += ',"deleted":true'
+    return f'{head},"data":{data_json}}}'
 
 
-def pub_msgpack(channel: str, offset: int, key: str, data_json: str) -> bytes:
+def pub_msgpack(
+    channel: str, offset: int, key: str, data_json: str, deleted: bool = False
+) -> bytes:
     message: dict[str, Any] = {"type": "pub", "channel": channel, "offset": offset}
     if key:
         message["key"] = key
+    if deleted:
+        message["deleted"] = True
     message["data"] = json.loads(data_json)
     return _packb(message)
 

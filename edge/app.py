@@ -59,7 +59,7 @@ class Edge:
         self.hub = Hub(
             self.redis, pubsub_client.pubsub, Keys(self.config.redis.key_prefix), self.stats,
             self.log.getChild("hub"), node_id=self.node_id,
-            recovery_limit=self.config.recovery_limit,
+            recovery_limit=self.config.recovery_limit, meta_ttl=self.config.redis.meta_ttl,
         )
         await self.hub.start()
 

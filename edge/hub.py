@@ -53,24 +53,31 @@ class Publication:
     """A live or historical message of one channel, encoded for clients at most once per
     codec however many clients receive it."""
 
-    __slots__ = ("_json", "_msgpack", "channel", "data", "epoch", "key", "offset")
+    __slots__ = ("_json", "_msgpack", "channel", "data", "deleted", "epoch", "key", "offset")
 
-    def __init__(self, channel: str, epoch: str, offset: int, key: str, data: str) -> None:
+    def __init__(
+        self, channel: str, epoch: str, offset: int, key: str, data: str, deleted: bool = False
+    ) -> None:
         self.channel = channel
         self.epoch = epoch
         self.offset = offset
         self.key = key
         self.data = data
+        self.deleted = deleted
         self._json: str | None = None
         self._msgpack: bytes | None = None
 
     def frame(self, codec: Codec) -> Frame:
         if codec is Codec.JSON:
             if self._json is None:
-                self._json = protocol.pub_json(self.channel, self.offset, self.key, self.data)
+                self._json = protocol.pub_json(
+                    self.channel, self.offset, self.key, self.data, self.deleted
+                )
             return self._json
         if self._msgpack is None:
-            self._msgpack = protocol.pub_msgpack(self.channel, self.offset, self.key, self.data)
+            self._msgpack = protocol.pub_msgpack(
+                self.channel, self.offset, self.key, self.data, self.deleted
+            )
         return self._msgpack
 
 
@@ -123,6 +130,7 @@ class ChannelState:
         "last",
         "name",
         "pending",
+        "recheck",
         "repair",
     )
 
@@ -135,6 +143,7 @@ class ChannelState:
         self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.repair: asyncio.Task[None] | None = None  # a fill or resync under way
         self.backlog: list[Publication] = []  # live messages held back during a repair
+        self.recheck = False  # pub/sub reconnected during a repair: read history once more
 
     @property
     def empty(self) -> bool:
@@ -227,8 +236,10 @@ class Hub:
         state.pending.append(sub)
         try:
             await asyncio.wait_for(asyncio.shield(state.confirmed), self.subscribe_timeout)
-            since = recover.offset if recover is not None else -1
-            result = await self.read_history(name, since, want_snapshot or recover is not None)
+            if recover is not None:
+                result = await self.read_history(name, recover.offset, "r", recover.epoch)
+            else:
+                result = await self.read_history(name, -1, "1" if want_snapshot else "0")
         except BaseException as exc:
             state.pending.remove(sub)
             self._maybe_drop(state)
@@ -242,7 +253,7 @@ class Hub:
         sub.buffer = None
         recovered = False
         replay: list[Publication] = []
-        if recover is not None and recover.epoch == result.epoch and result.recoverable:
+        if recover is not None and result.recoverable and recover.epoch == result.epoch:
             recovered = True
             replay = result.entries
             sub.last = recover.offset
@@ -268,9 +279,13 @@ class Hub:
             state.last = sub.last
             state.epoch = result.epoch
         state.active[session] = sub
+        if state.epoch != result.epoch and state.repair is None:
+            # The channel's epoch changed while this subscribe read history (either side may
+            # be the stale one): resync the channel's subscribers, this one included.
+            self._start_repair(state, None, resync=True)
         self.stats.subscriptions += 1
         snapshot = None
-        if (recover is not None and not recovered) or want_snapshot:
+        if (recover is not None and not recovered) or (recover is None and want_snapshot):
             snapshot = protocol.snapshot_object(result.snapshot)
         if recover is None:
             self.stats.subscribes_fresh += 1
@@ -316,13 +331,19 @@ class Hub:
 
     # --- history -------------------------------------------------------------------------
 
-    async def read_history(self, name: str, since: int, snapshot: bool) -> HistoryResult:
+    async def read_history(
+        self, name: str, since: int, snapshot: str, epoch: str = ""
+    ) -> HistoryResult:
+        """Position, entries after `since` (if `epoch` is current, or ""), and the snapshot
+        when `snapshot` is "1" (always) or "r" (only if not recoverable)."""
         keys = [self.keys.meta(name), self.keys.stream(name), self.keys.snapshot(name)]
-        args = [since, self.recovery_limit, "1" if snapshot else "0", new_epoch(), self.meta_ttl]
+        args: list[str | int] = [
+            since, self.recovery_limit, snapshot, new_epoch(), self.meta_ttl, epoch
+        ]
         epoch, top, first, recoverable, flat, snap = await self._history(keys=keys, args=args)
         entries = [
-            Publication(name, epoch, int(flat[i]), flat[i + 1], flat[i + 2])
-            for i in range(0, len(flat), 3)
+            Publication(name, epoch, int(flat[i]), flat[i + 1], flat[i + 3], flat[i + 2] == "1")
+            for i in range(0, len(flat), 4)
         ]
         if isinstance(snap, dict):  # RESP3 may already give a map
             snap_map = dict(snap)
@@ -336,8 +357,8 @@ class Hub:
         state = self.channels.get(name)
         if state is None:
             return
-        epoch, offset, key, data = payload.split("\n", 3)
-        pub = Publication(name, epoch, int(offset), key, data)
+        epoch, offset, deleted, key, data = payload.split("\n", 4)
+        pub = Publication(name, epoch, int(offset), key, data, deleted == "1")
         self.stats.live_messages += 1
         if state.repair is not None:
             state.backlog.append(pub)
@@ -378,8 +399,10 @@ class Hub:
             while self.channels.get(state.name) is state:
                 try:
                     if not resync and state.last is not None:
-                        result = await self.read_history(state.name, state.last, False)
-                        if result.epoch == state.epoch and result.recoverable:
+                        result = await self.read_history(
+                            state.name, state.last, "0", state.epoch or ""
+                        )
+                        if result.recoverable and result.epoch == state.epoch:
                             self.stats.gaps_filled += 1
                             for pub in result.entries:
                                 self._dispatch(state, pub)
@@ -387,7 +410,7 @@ class Hub:
                             resync = True
                             continue
                     else:
-                        result = await self.read_history(state.name, -1, True)
+                        result = await self.read_history(state.name, -1, "1")
                         self._resync(state, result)
                 except (OSError, RedisError, TimeoutError) as exc:
                     self.log.warning("repair failed channel=%s error=%r", state.name, exc)
@@ -407,7 +430,12 @@ class Hub:
                     state.backlog = backlog[i:] + state.backlog
                     break
                 else:
-                    return
+                    if not state.recheck:
+                        return
+                    # The pub/sub connection came back during this repair: messages
+                    # published while it was down may be past what was read. Read again.
+                    state.recheck = False
+                    resync = False
         finally:
             state.repair = None
 
@@ -480,10 +508,13 @@ class Hub:
             return
         if not state.confirmed.done():
             state.confirmed.set_result(None)
-        elif state.active and state.repair is None:
+        elif state.active:
             # Resubscribed after a lost connection: messages published meanwhile are only
             # in the stream.
-            self._start_repair(state, None, resync=False)
+            if state.repair is None:
+                self._start_repair(state, None, resync=False)
+            else:
+                state.recheck = True
 
     async def _probe_loop(self) -> None:
         """Publish to ourselves and expect it back: catches a half-open pub/sub socket that

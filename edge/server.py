@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import uvicorn
 
 from common.config import EdgeConfig
@@ -29,6 +31,8 @@ def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
 
 def run_edge(config: EdgeConfig) -> int:
     server = uvicorn.Server(uvicorn_config(config))
-    server.run()
+    # uvicorn re-raises the signal after its graceful shutdown.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
     return 0 if server.started else 1
 

@@ -46,6 +46,10 @@ _CLOSE_REASONS = {
 }
 
 
+# Closes fanout does not choose itself: uvicorn's (1009 oversized frame, 1012 shutdown).
+_PEER_CLOSE_REASONS = {1009: "message_too_big", 1012: "shutdown"}
+
+
 class Session:
     def __init__(
         self,
@@ -65,22 +69,25 @@ class Session:
         self.codec = codec
         self.client_id = client_id
         self.subscriptions: set[str] = set()
-        self._subscribing: set[str] = set()
+        self._subscribing: dict[str, asyncio.Task[None]] = {}
         self._queue: deque[Frame] = deque()
         self._queue_bytes = 0
         self._wakeup = asyncio.Event()
         self._done = asyncio.Event()
         self._close: Disconnect | None = None
         self._awaiting_pong = False
-        self._connected = False
+        self._peer_close_code = 1005
 
     # --- called by the hub (synchronous, never blocks) -----------------------------------
 
-    def enqueue(self, frame: Frame) -> None:
+    def enqueue(self, frame: Frame, force: bool = False) -> None:
+        """Queue a frame for this client; over the queue's bounds the client is closed as a
+        slow consumer. `force` skips the bounds: for a subscribe's reply and replay, which
+        the recovery limit bounds already and which a client must get whole."""
         if self._close is not None:
             return
         size = len(frame)
-        if (
+        if not force and (
             len(self._queue) >= self.config.queue_max_messages
             or self._queue_bytes + size > self.config.queue_max_bytes
         ):
@@ -119,6 +126,7 @@ class Session:
                                    exc_info=exc)
                     self.fail(Disconnect(CloseCode.SERVER_ERROR, "internal error"))
         finally:
+            tasks += self._subscribing.values()
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -132,7 +140,10 @@ class Session:
             self._queue.clear()
             self.stats.connections -= 1
             close = self._close
-            reason = _CLOSE_REASONS.get(close.code, "other") if close else "client_closed"
+            if close is not None:
+                reason = _CLOSE_REASONS.get(close.code, "other")
+            else:
+                reason = _PEER_CLOSE_REASONS.get(self._peer_close_code, "client_closed")
             self.stats.count_disconnect(reason)
             if close is not None:
                 self.log.info("disconnect client=%s code=%d reason=%s",
@@ -143,6 +154,7 @@ class Session:
     async def _receive(self) -> Frame | None:
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
+            self._peer_close_code = int(message.get("code") or 1005)
             return None
         self.stats.frames_received += 1
         text = message.get("text")
@@ -159,9 +171,15 @@ class Session:
         if first is None:
             return
         obj = protocol.decode_frame(first, self.codec)
-        if obj.get("type") != "connect":
+        try:
+            command = protocol.parse_command(obj)
+        except RequestError as exc:
+            raise Disconnect(CloseCode.BAD_REQUEST, f"bad connect: {exc.message}") from None
+        if not isinstance(command, protocol.Connect):
             raise Disconnect(CloseCode.BAD_REQUEST, "first message must be connect")
-        await self._handle(obj)
+        self.enqueue(protocol.encode(protocol.connected(
+            command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout
+        ), self.codec))
         pinger = asyncio.create_task(self._ping_loop())
         try:
             while True:
@@ -175,19 +193,40 @@ class Session:
     async def _handle(self, obj: dict[str, Any]) -> None:
         try:
             command = protocol.parse_command(obj)
+            if isinstance(command, protocol.Subscribe):
+                # Subscribes wait on Redis: run them beside the reader, so that a pong or
+                # another request is not stuck behind them.
+                self._start_subscribe(command)
+                return
             reply = await self._execute(command)
         except RequestError as exc:
-            self.stats.count_error(exc.code)
-            reply = protocol.error(protocol.request_id_of(obj), exc)
+            self._reply_error(obj, exc)
+            return
         if reply is not None:
             self.enqueue(protocol.encode(reply, self.codec))
 
+    def _reply_error(self, obj: dict[str, Any], exc: RequestError) -> None:
+        self.stats.count_error(exc.code)
+        self.enqueue(protocol.encode(protocol.error(protocol.request_id_of(obj), exc), self.codec))
+
+    def _start_subscribe(self, command: protocol.Subscribe) -> None:
+        name = command.channel.name
+        if name in self.subscriptions or name in self._subscribing:
+            raise AlreadySubscribed(f"already subscribed to {name}")
+        if len(self.subscriptions) + len(self._subscribing) >= self.config.max_subscriptions:
+            raise TooManySubscriptions(
+                f"at most {self.config.max_subscriptions} subscriptions per connection"
+            )
+        task = asyncio.create_task(self._subscribe(command))
+        self._subscribing[name] = task
+        task.add_done_callback(lambda _: self._subscribing.pop(name, None))
+
     async def _execute(self, command: protocol.Command) -> dict[str, Any] | None:
-        if isinstance(command, protocol.Subscribe):
-            await self._subscribe(command)
-            return None
         if isinstance(command, protocol.Unsubscribe):
             name = command.channel.name
+            pending = self._subscribing.get(name)
+            if pending is not None:
+                await asyncio.wait([pending])  # unsubscribe what that subscribe gives
             if name not in self.subscriptions:
                 raise NotSubscribed(f"not subscribed to {name}")
             self.subscriptions.discard(name)
@@ -199,35 +238,25 @@ class Session:
         if isinstance(command, protocol.Ping):
             return protocol.pong(command.id)
         if isinstance(command, protocol.Connect):
-            if self._connected:
-                raise BadRequest("already connected")
-            self._connected = True
-            return protocol.connected(
-                command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout
-            )
+            raise BadRequest("already connected")
         raise InternalError("unhandled command")
 
     async def _subscribe(self, command: protocol.Subscribe) -> None:
         name = command.channel.name
-        if name in self.subscriptions or name in self._subscribing:
-            raise AlreadySubscribed(f"already subscribed to {name}")
-        if len(self.subscriptions) + len(self._subscribing) >= self.config.max_subscriptions:
-            raise TooManySubscriptions(
-                f"at most {self.config.max_subscriptions} subscriptions per connection"
-            )
-        self._subscribing.add(name)
         try:
             _, joined = await self.hub.subscribe(
                 self, command.channel, command.recover, command.snapshot, command.id
             )
-        finally:
-            self._subscribing.discard(name)
+        except RequestError as exc:
+            self.stats.count_error(exc.code)
+            self.enqueue(protocol.encode(protocol.error(command.id, exc), self.codec))
+            return
         # No await between the hub's merge and these enqueues: the reply and the replay go
         # out before any live message that follows them.
         self.subscriptions.add(name)
-        self.enqueue(protocol.encode(joined.reply, self.codec))
+        self.enqueue(protocol.encode(joined.reply, self.codec), force=True)
         for pub in joined.replay:
-            self.enqueue(pub.frame(self.codec))
+            self.enqueue(pub.frame(self.codec), force=True)
 
     async def _write_loop(self) -> None:
         queue = self._queue

@@ -58,7 +58,8 @@ class EdgeCollector(Collector):
             return CounterMetricFamily(f"fanout_edge_{name}", doc, value=value)
 
         yield gauge("connections", "Open client connections.", s.connections)
-        yield counter("connections", "Client connections accepted.", s.connections_total)
+        yield counter("connections_accepted", "Client connections accepted.",
+                      s.connections_total)
         yield gauge("subscriptions", "Active client subscriptions.", s.subscriptions)
         yield gauge("channels", "Channels this node is subscribed to in Redis.", s.channels)
         yield counter("frames_sent", "WebSocket frames sent to clients.", s.frames_sent)

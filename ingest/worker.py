@@ -143,7 +143,7 @@ async def serve(config: IngestConfig, logger: logging.Logger) -> None:
     if config.metrics_port:
         start_http_server(config.metrics_port, registry=registry)
     publisher = Publisher(
-        redis, Keys(config.redis.key_prefix), config.history, config.meta_ttl,
+        redis, Keys(config.redis.key_prefix), config.history, config.redis.meta_ttl,
         config.idempotency_ttl,
     )
     upstream = make_feed(config)

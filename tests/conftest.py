@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
+import hypothesis  # noqa: F401  (loaded up front: a lazy import at session end trips a CPython 3.11 AST bug)
 import pytest
 import uvicorn
 from redis.asyncio import Redis

@@ -133,14 +133,13 @@ def test_ingest_environment_overrides() -> None:
         "FANOUT_LOG_LEVEL": "warning",
     })
     assert config == IngestConfig(
-        redis=RedisSettings("unix:///tmp/redis.sock"),
+        redis=RedisSettings("unix:///tmp/redis.sock", meta_ttl=60),
         feed="sim",
         symbols=("MNQ", "CON.F.US.MNQ.Z25"),
         rate=0.25,
         seed=0,
         batch_size=10_000,
         history={**DEFAULT_HISTORY, "quotes": HistoryPolicy(100, 5.0)},
-        meta_ttl=60,
         idempotency_ttl=1,
         metrics_port=9100,
         log_level="warning",
@@ -459,7 +458,9 @@ def test_redact_url_hides_a_password_in_the_query() -> None:
 def test_redis_settings_repr_hides_the_password() -> None:
     settings = RedisSettings(url="redis://u:secret@h:1/0")
     assert "secret" not in repr(settings)
-    assert repr(settings) == "RedisSettings(url='redis://u:***@h:1/0', key_prefix='fanout')"
+    assert repr(settings) == (
+        "RedisSettings(url='redis://u:***@h:1/0', key_prefix='fanout', meta_ttl=2592000)"
+    )
 
 
 def test_config_reprs_hide_the_password() -> None:

@@ -40,7 +40,7 @@ class FakeSession:
 
 
 def live(hub: Hub, epoch: str, offset: int) -> None:
-    hub._on_live(CH, f"{epoch}\n{offset}\n\n{{\"o\":{offset}}}")
+    hub._on_live(CH, f"{epoch}\n{offset}\n0\n\n{{\"o\":{offset}}}")
 
 
 def history(epoch: str, top: int, first: int, since: int) -> HistoryResult:
@@ -53,7 +53,9 @@ def make_hub(reader: Callable[[Hub, int], Awaitable[HistoryResult]]) -> Hub:
     hub = Hub(Redis(), lambda: None, KEYS, EdgeStats(), logging.getLogger("t"),  # type: ignore[arg-type,return-value]
               node_id="n")
 
-    async def read_history(name: str, since: int, snapshot: bool) -> HistoryResult:
+    async def read_history(
+        name: str, since: int, snapshot: str, epoch: str = ""
+    ) -> HistoryResult:
         return await reader(hub, since)
 
     hub.read_history = read_history  # type: ignore[method-assign]

@@ -4,13 +4,15 @@
 -- KEYS[1] meta hash     KEYS[2] stream     KEYS[3] snapshot hash
 -- ARGV[1] since: return entries with offset > since (-1 = return no entries)
 -- ARGV[2] limit: most entries to return; more missing than that = not recoverable
--- ARGV[3] "1" = return the snapshot
+-- ARGV[3] snapshot: "1" = return it, "0" = don't, "r" = only if not recoverable
 -- ARGV[4] epoch to create the channel with if it has none (so that an edge subscribing to
 --         a channel before its first publish agrees with that publish on the epoch)
 -- ARGV[5] meta TTL (s)
+-- ARGV[6] the epoch the client's `since` belongs to ("" = the current one): recoverable
+--         only if it is the channel's epoch
 -- Returns {epoch, top, first, recoverable (0/1), entries, snapshot}
 --   first: offset of the oldest retained entry (top + 1 when none is retained)
---   entries: flat {offset, key, data, offset, key, data, ...}, only when recoverable
+--   entries: flat {offset, key, deleted ("1"/"0"), data, ...}, only when recoverable
 --   snapshot: flat {key, value, ...} (HGETALL), when asked for
 
 local meta, stream, snap = KEYS[1], KEYS[2], KEYS[3]
@@ -33,20 +35,23 @@ end
 
 local recoverable = 0
 local entries = {}
-if since >= 0 and since <= top and since + 1 >= first and top - since <= limit then
+local same_epoch = ARGV[6] == '' or ARGV[6] == epoch
+if same_epoch and since >= 0 and since <= top and since + 1 >= first
+    and top - since <= limit then
   recoverable = 1
   if since < top then
     local rows = redis.call('XRANGE', stream, (since + 1) .. '-0', '+')
     for _, row in ipairs(rows) do
       entries[#entries + 1] = tonumber(string.match(row[1], '^(%d+)'))
       entries[#entries + 1] = row[2][4]
+      entries[#entries + 1] = row[2][8] or '0'
       entries[#entries + 1] = row[2][2]
     end
   end
 end
 
 local snapshot = {}
-if ARGV[3] == '1' then
+if ARGV[3] == '1' or (ARGV[3] == 'r' and recoverable == 0) then
   snapshot = redis.call('HGETALL', snap)
 end
 return {epoch, top, first, recoverable, entries, snapshot}

@@ -8,7 +8,7 @@
 -- ARGV[5] history max length        ARGV[6] history max age (ms)
 -- ARGV[7] meta/snapshot TTL (s)     ARGV[8] idempotency TTL (s)
 -- ARGV[9] live pub/sub channel      ARGV[10] epoch to use if the channel has none
--- ARGV[11] "1" = delete the key from a keyed snapshot
+-- ARGV[11] "1" = delete the key from a keyed snapshot (the message says so to clients), else "0"
 -- Returns {offset, epoch, duplicate (0/1)}.
 
 local meta, stream, snap, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -40,7 +40,8 @@ local offset = redis.call('HINCRBY', meta, 'top', 1)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-redis.call('XADD', stream, 'MAXLEN', maxlen, offset .. '-0', 'd', data, 'k', key, 't', now)
+redis.call('XADD', stream, 'MAXLEN', maxlen, offset .. '-0', 'd', data, 'k', key, 't', now,
+  'x', ARGV[11])
 
 -- Trim by age: look at the oldest entries, a bounded number per publish.
 local cutoff = now - maxage
@@ -92,5 +93,7 @@ if msgid ~= '' then
   redis.call('SET', idem, epoch .. ':' .. offset, 'EX', idem_ttl)
 end
 
-redis.call('PUBLISH', ARGV[9], epoch .. '\n' .. offset .. '\n' .. key .. '\n' .. data)
+-- Live message: a newline-separated header (keys hold no control characters), then data.
+redis.call('PUBLISH', ARGV[9],
+  epoch .. '\n' .. offset .. '\n' .. ARGV[11] .. '\n' .. key .. '\n' .. data)
 return {offset, epoch, 0}
