@@ -94,6 +94,32 @@ def parse_history(setting: str, text: str) -> dict[str, HistoryPolicy]:
     return policies
 
 
+OVERFLOW_POLICIES = ("disconnect", "conflate", "drop")
+
+DEFAULT_OVERFLOW: dict[str, str] = {
+    "quotes": "conflate",
+    "trades": "drop",
+    "depth": "conflate",
+    "bars": "drop",
+    "account": "disconnect",
+}
+
+
+def parse_overflow(setting: str, text: str) -> dict[str, str]:
+    """``quotes=conflate,trades=drop``: what a slow client's queue does per namespace.
+    Namespaces not named keep their defaults."""
+    policies = dict(DEFAULT_OVERFLOW)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, policy = item.partition("=")
+        if not sep or name not in NAMESPACES or policy not in OVERFLOW_POLICIES:
+            raise ConfigError(
+                setting,
+                f"bad item {item!r}: expected <namespace>=<{'|'.join(OVERFLOW_POLICIES)}>",
+            )
+        policies[name] = policy
+    return policies
+
+
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
     url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
@@ -121,7 +147,11 @@ class EdgeConfig:
     max_message_size: int = 65_536  # largest client frame, bytes; larger -> close 1009
     max_subscriptions: int = 1_000  # per connection
     queue_max_messages: int = 10_000  # per client send queue
-    queue_max_bytes: int = 4 * 1024 * 1024  # per client send queue
+    queue_max_bytes: int = 1024 * 1024  # per client send queue
+    overflow: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OVERFLOW))
+    max_frame_messages: int = 1_000  # messages coalesced into one frame (1 = no coalescing)
+    max_frame_bytes: int = 65_536  # a coalesced frame's size; a single larger message goes alone
+    write_delay: float = 0.0  # s the writer waits to gather more messages into a frame
     recovery_limit: int = 10_000  # most messages one subscribe may replay
     compression: bool = False  # permessage-deflate: ~5x the CPU in fan-out, off by default
     node_id: str = ""  # defaults to a random id
@@ -272,6 +302,15 @@ EDGE_SETTINGS = (
             "most bytes in a client's send queue"),
     Setting("recovery_limit", "--recovery-limit", "FANOUT_RECOVERY_LIMIT", _int(1),
             "most messages one subscribe may replay"),
+    Setting("overflow", "--overflow", "FANOUT_OVERFLOW", parse_overflow,
+            "slow-client policy per namespace: quotes=conflate,trades=drop,depth=conflate,"
+            "bars=drop,account=disconnect"),
+    Setting("max_frame_messages", "--max-frame-messages", "FANOUT_MAX_FRAME_MESSAGES",
+            _int(1), "most messages coalesced into one frame (1 = no coalescing)"),
+    Setting("max_frame_bytes", "--max-frame-bytes", "FANOUT_MAX_FRAME_BYTES", _int(256),
+            "largest coalesced frame in bytes"),
+    Setting("write_delay", "--write-delay", "FANOUT_WRITE_DELAY", _float(0, strict=False),
+            "seconds a writer waits to batch more messages into a frame (default 0)"),
     Setting("compression", "--compression", "FANOUT_WS_COMPRESSION", _bool,
             "permessage-deflate (true/false)"),
     Setting("node_id", "--node-id", "FANOUT_NODE_ID", _prefix, "this edge's id (default random)"),

@@ -71,6 +71,12 @@ class PermissionDenied(RequestError):
     code = "permission_denied"
 
 
+class HistoryUnavailable(RequestError):
+    """The asked-for publications are no longer retained (or the epoch changed)."""
+
+    code = "history_unavailable"
+
+
 class Unavailable(RequestError):
     """Redis could not be reached in time; retrying later may work."""
 

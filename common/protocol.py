@@ -69,6 +69,7 @@ class Subscribe:
     channel: Channel
     recover: Position | None
     snapshot: bool
+    max_rate: float | None = None  # most frames per second for this channel; None = all
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +90,21 @@ class Pong:
     """The answer to a server ping."""
 
 
-Command = Connect | Subscribe | Unsubscribe | Ping | Pong
+@dataclass(frozen=True, slots=True)
+class History:
+    """Backfill: the publications `first`..`last` of a channel (after a gap notice)."""
 
-_COMMAND_TYPES = ("connect", "subscribe", "unsubscribe", "ping", "pong")
+    id: int | None
+    channel: Channel
+    epoch: str
+    first: int
+    last: int
+
+
+Command = Connect | Subscribe | Unsubscribe | History | Ping | Pong
+
+_COMMAND_TYPES = ("connect", "subscribe", "unsubscribe", "history", "ping", "pong")
+MAX_RATE = 1000.0
 
 
 def decode_frame(frame: Frame, codec: Codec) -> dict[str, Any]:
@@ -147,7 +160,28 @@ def parse_command(obj: dict[str, Any]) -> Command:
             snapshot = False
         if not isinstance(snapshot, bool):
             raise BadRequest("snapshot must be a boolean")
-        return Subscribe(rid, channel, _position(obj.get("recover")), snapshot)
+        max_rate = obj.get("max_rate")
+        if max_rate is not None and (
+            isinstance(max_rate, bool) or not isinstance(max_rate, int | float)
+            or not 0 < max_rate <= MAX_RATE
+        ):
+            raise BadRequest(f"max_rate must be a number above 0 and at most {MAX_RATE:g}")
+        return Subscribe(
+            rid, channel, _position(obj.get("recover")), snapshot,
+            None if max_rate is None else float(max_rate),
+        )
+    if kind == "history":
+        channel = parse_channel(obj.get("channel"))
+        first, last, epoch = obj.get("from"), obj.get("to"), obj.get("epoch")
+        for label, value in (("from", first), ("to", last)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadRequest(f"{label} must be a positive integer")
+        assert isinstance(first, int) and isinstance(last, int)
+        if last < first:
+            raise BadRequest("to must not be below from")
+        if not isinstance(epoch, str) or not 0 < len(epoch) <= 64:
+            raise BadRequest("epoch must be a non-empty string")
+        return History(rid, channel, epoch, first, last)
     if kind == "unsubscribe":
         return Unsubscribe(rid, parse_channel(obj.get("channel")))
     if kind == "pong":
@@ -201,6 +235,7 @@ def subscribed(
     offset: int,
     recovered: bool,
     snapshot: dict[str, Any] | None,
+    delivery: str = "all",
 ) -> dict[str, Any]:
     """The subscribe reply. After it, the client receives every publication whose offset
     is above its position: the offset it asked to recover from when `recovered`, else
@@ -212,6 +247,7 @@ def subscribed(
         "epoch": epoch,
         "offset": offset,
         "recovered": recovered,
+        "delivery": delivery,
     }
     if snapshot is not None:
         reply["snapshot"] = snapshot
@@ -232,6 +268,28 @@ def ping() -> dict[str, Any]:
 
 def error(rid: int | None, exc: RequestError) -> dict[str, Any]:
     return {"type": "error", "id": rid, "code": exc.code, "message": exc.message}
+
+
+def gap(channel: str, first: int, last: int) -> dict[str, Any]:
+    """The offsets `first`..`last` of `channel` were dropped for this slow client (drop
+    policy); it may fetch them with a `history` request."""
+    return {"type": "gap", "channel": channel, "from": first, "to": last}
+
+
+def history_reply(
+    rid: int | None, channel: str, epoch: str, pubs: list[Frame], codec: Codec
+) -> Frame:
+    """The reply to `history`: the publications as they were pushed, in an array."""
+    if codec is Codec.JSON:
+        head = json.dumps(
+            {"type": "history", "id": rid, "channel": channel, "epoch": epoch},
+            separators=(",", ":"),
+        )
+        return f'{head[:-1]},"publications":[{",".join(map(str, pubs))}]}}'
+    return _packb({
+        "type": "history", "id": rid, "channel": channel, "epoch": epoch,
+        "publications": [msgpack.unpackb(p, raw=False) for p in pubs],
+    })
 
 
 def resync(channel: str, epoch: str, offset: int, snapshot: dict[str, Any]) -> dict[str, Any]:

@@ -31,11 +31,12 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from common import protocol
-from common.channels import Channel
+from common.channels import Channel, SnapshotMode
 from common.errors import CloseCode, Disconnect, Unavailable
 from common.keys import Keys
 from common.protocol import Codec, Frame, Position
 from common.scripts import register
+from edge.sendqueue import Policy
 from edge.stats import EdgeStats
 
 
@@ -44,7 +45,13 @@ class Subscriber(Protocol):
 
     codec: Codec
 
-    def enqueue(self, frame: Frame) -> None: ...
+    def enqueue(self, frame: Frame) -> None:
+        """Queue a control frame (reply, resync): never dropped nor conflated."""
+        ...
+
+    def deliver(self, sub: Subscription, pub: Publication) -> None:
+        """Queue a publication under the subscription's overflow policy."""
+        ...
 
     def fail(self, exc: Disconnect) -> None: ...
 
@@ -87,9 +94,17 @@ class Subscription:
 
     session: Subscriber
     channel: str
+    namespace: str = ""
+    policy: Policy = Policy.DISCONNECT  # what the client's queue does when it is full
+    merge: bool = False  # messages are partial updates (conflation merges them)
+    max_rate: float | None = None  # most frames per second for this channel
     last: int = -1  # highest offset delivered (or covered by the snapshot)
     epoch: str = ""
     buffer: list[Publication] | None = field(default_factory=list)  # while pending
+    # Throttling (max_rate): when the next frame may go, and what waits for it, by key.
+    next_at: float = 0.0
+    held: dict[str, Publication] | None = None
+    timer: asyncio.TimerHandle | None = None
 
     def deliver(self, pub: Publication) -> None:
         if pub.offset <= self.last:
@@ -100,7 +115,12 @@ class Subscription:
             self.session.fail(Disconnect(CloseCode.INSUFFICIENT_STATE, "gap in channel"))
             return
         self.last = pub.offset
-        self.session.enqueue(pub.frame(self.session.codec))
+        self.session.deliver(self, pub)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +240,8 @@ class Hub:
 
     async def subscribe(
         self, session: Subscriber, channel: Channel, recover: Position | None,
-        want_snapshot: bool, rid: int | None,
+        want_snapshot: bool, rid: int | None, *, policy: Policy = Policy.DISCONNECT,
+        max_rate: float | None = None,
     ) -> tuple[Subscription, Joined]:
         """Join `channel`; the caller sends `Joined.reply` then `Joined.replay`, in order and
         before any later live message (which `enqueue` guarantees by running synchronously
@@ -232,7 +253,10 @@ class Hub:
             self.stats.channels = len(self.channels)
             if self._pubsub is not None:
                 await self._redis_subscribe(name)
-        sub = Subscription(session, name)
+        sub = Subscription(
+            session, name, channel.namespace, policy,
+            channel.snapshot_mode is SnapshotMode.MERGE, max_rate,
+        )
         state.pending.append(sub)
         try:
             await asyncio.wait_for(asyncio.shield(state.confirmed), self.subscribe_timeout)
@@ -294,13 +318,20 @@ class Hub:
             self.stats.messages_recovered += len(replay)
         else:
             self.stats.subscribes_not_recovered += 1
-        reply = protocol.subscribed(rid, name, result.epoch, result.top, recovered, snapshot)
+        delivery = "all" if policy is Policy.DISCONNECT and max_rate is None else policy.value
+        if max_rate is not None and policy is not Policy.DROP:
+            delivery = "conflate"
+        reply = protocol.subscribed(
+            rid, name, result.epoch, result.top, recovered, snapshot, delivery
+        )
         return sub, Joined(reply, replay)
 
     def unsubscribe(self, session: Subscriber, name: str) -> None:
         state = self.channels.get(name)
-        if state is None or state.active.pop(session, None) is None:
+        sub = state.active.pop(session, None) if state is not None else None
+        if state is None or sub is None:
             return
+        sub.cancel()
         self.stats.subscriptions -= 1
         self._maybe_drop(state)
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import deque
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -23,13 +22,16 @@ from common.errors import (
     BadRequest,
     CloseCode,
     Disconnect,
+    HistoryUnavailable,
     InternalError,
     NotSubscribed,
     RequestError,
     TooManySubscriptions,
+    Unavailable,
 )
 from common.protocol import Codec, Frame
-from edge.hub import Hub
+from edge.hub import Hub, Publication, Subscription
+from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
 from edge.stats import EdgeStats
 
 _CLOSE_REASONS = {
@@ -70,34 +72,88 @@ class Session:
         self.client_id = client_id
         self.subscriptions: set[str] = set()
         self._subscribing: dict[str, asyncio.Task[None]] = {}
-        self._queue: deque[Frame] = deque()
-        self._queue_bytes = 0
+        self.queue = SendQueue(
+            codec, config.queue_max_messages, config.queue_max_bytes, self._count_queue
+        )
+        self._policies = {ns: Policy(p) for ns, p in config.overflow.items()}
         self._wakeup = asyncio.Event()
         self._done = asyncio.Event()
         self._close: Disconnect | None = None
         self._awaiting_pong = False
         self._peer_close_code = 1005
+        self._loop = asyncio.get_running_loop()
 
     # --- called by the hub (synchronous, never blocks) -----------------------------------
 
-    def enqueue(self, frame: Frame, force: bool = False) -> None:
-        """Queue a frame for this client; over the queue's bounds the client is closed as a
-        slow consumer. `force` skips the bounds: for a subscribe's reply and replay, which
-        the recovery limit bounds already and which a client must get whole."""
+    def _count_queue(self, messages: int, size: int) -> None:
+        self.stats.queue_messages += messages
+        self.stats.queue_bytes += size
+
+    def enqueue(self, frame: Frame) -> None:
+        """Queue a control frame: a reply, a ping, a resync, a recovered message. Each is
+        bounded by something else (a request, the ping interval, the recovery limit)."""
+        if self._close is None:
+            self.queue.push_control(frame)
+            self._wakeup.set()
+
+    def deliver(self, sub: Subscription, pub: Publication) -> None:
+        """Queue a live publication under the subscription's policy and rate limit."""
         if self._close is not None:
             return
-        size = len(frame)
-        if not force and (
-            len(self._queue) >= self.config.queue_max_messages
-            or self._queue_bytes + size > self.config.queue_max_bytes
-        ):
+        if sub.max_rate is not None:
+            self._throttle(sub, pub)
+            return
+        self._push(sub, pub)
+
+    def _push(self, sub: Subscription, pub: Publication, data: str | None = None) -> None:
+        if data is None or data is pub.data:
+            data, frame = pub.data, pub.frame(self.codec)
+        else:  # merged by the throttle: this client's own encoding
+            frame = self.queue.encode_pub(pub.channel, pub.offset, pub.key, data)
+        outcome = self.queue.push(
+            pub.channel, pub.offset, pub.key, data, frame, sub.policy, sub.merge, pub.deleted
+        )
+        if outcome is Outcome.QUEUED:
+            pass
+        elif outcome is Outcome.CONFLATED:
+            self.stats.count_conflated(sub.namespace)
+        elif outcome is Outcome.DROPPED:
+            self.stats.count_dropped(sub.namespace)
+        else:
             self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer"))
             return
-        self._queue.append(frame)
-        self._queue_bytes += size
-        self.stats.queue_messages += 1
-        self.stats.queue_bytes += size
         self._wakeup.set()
+
+    def _throttle(self, sub: Subscription, pub: Publication) -> None:
+        """At most `max_rate` frames per second for the channel; in between, the latest value
+        per key is held (partial updates merged), and all held keys go out together in
+        offset order, so offsets stay increasing."""
+        now = self._loop.time()
+        if sub.held is None and now >= sub.next_at:
+            sub.next_at = now + 1.0 / (sub.max_rate or 1.0)
+            self._push(sub, pub)
+            return
+        held = sub.held if sub.held is not None else {}
+        sub.held = held
+        old = held.pop(pub.key, None)
+        if old is not None:
+            self.stats.count_conflated(sub.namespace)
+            if sub.merge and not pub.deleted:
+                pub = Publication(
+                    pub.channel, pub.epoch, pub.offset, pub.key, merge_json(old.data, pub.data)
+                )
+        held[pub.key] = pub
+        if sub.timer is None:
+            sub.timer = self._loop.call_at(sub.next_at, self._release, sub)
+
+    def _release(self, sub: Subscription) -> None:
+        sub.timer = None
+        held, sub.held = sub.held or {}, None
+        sub.next_at = self._loop.time() + 1.0 / (sub.max_rate or 1.0)
+        for pub in sorted(held.values(), key=lambda p: p.offset):
+            self._push(sub, pub, pub.data)
+            if self._close is not None:
+                return
 
     def fail(self, exc: Disconnect) -> None:
         """End the session with `exc`'s close code (from any task)."""
@@ -135,9 +191,7 @@ class Session:
             for name in self.subscriptions:
                 self.hub.unsubscribe(self, name)
             self.subscriptions.clear()
-            self.stats.queue_messages -= len(self._queue)
-            self.stats.queue_bytes -= self._queue_bytes
-            self._queue.clear()
+            self.queue.clear()
             self.stats.connections -= 1
             close = self._close
             if close is not None:
@@ -232,6 +286,9 @@ class Session:
             self.subscriptions.discard(name)
             self.hub.unsubscribe(self, name)
             return protocol.unsubscribed(command.id, name)
+        if isinstance(command, protocol.History):
+            await self._history(command)
+            return None
         if isinstance(command, protocol.Pong):
             self._awaiting_pong = False
             return None
@@ -245,7 +302,8 @@ class Session:
         name = command.channel.name
         try:
             _, joined = await self.hub.subscribe(
-                self, command.channel, command.recover, command.snapshot, command.id
+                self, command.channel, command.recover, command.snapshot, command.id,
+                policy=self._policies[command.channel.namespace], max_rate=command.max_rate,
             )
         except RequestError as exc:
             self.stats.count_error(exc.code)
@@ -254,30 +312,52 @@ class Session:
         # No await between the hub's merge and these enqueues: the reply and the replay go
         # out before any live message that follows them.
         self.subscriptions.add(name)
-        self.enqueue(protocol.encode(joined.reply, self.codec), force=True)
+        self.enqueue(protocol.encode(joined.reply, self.codec))
         for pub in joined.replay:
-            self.enqueue(pub.frame(self.codec), force=True)
+            self.enqueue(pub.frame(self.codec))
+
+    async def _history(self, command: protocol.History) -> None:
+        """Backfill after a gap notice: the publications first..last, if still retained."""
+        if command.last - command.first + 1 > self.config.recovery_limit:
+            raise BadRequest(f"at most {self.config.recovery_limit} publications per request")
+        name = command.channel.name
+        try:
+            result = await self.hub.read_history(name, command.first - 1, "0", command.epoch)
+        except Exception as exc:
+            self.log.warning("history failed channel=%s error=%r", name, exc)
+            raise Unavailable("history temporarily unavailable, retry") from None
+        if not result.recoverable or result.epoch != command.epoch or result.top < command.last:
+            raise HistoryUnavailable(f"{name} {command.first}..{command.last} is not retained")
+        frames = [p.frame(self.codec) for p in result.entries if p.offset <= command.last]
+        self.enqueue(protocol.history_reply(command.id, name, result.epoch, frames, self.codec))
 
     async def _write_loop(self) -> None:
-        queue = self._queue
+        """Drain the queue, everything pending coalesced into one frame (up to the frame
+        bounds): a frame costs about the same CPU whatever it holds, so a client that
+        falls behind costs less per message, not more. `send` waits while the socket's
+        write buffer is over its high-water mark; meanwhile the queue's policy applies."""
+        queue = self.queue
         stats = self.stats
         send = self.ws.send
+        codec = self.codec
+        max_messages = self.config.max_frame_messages
+        max_bytes = self.config.max_frame_bytes
+        delay = self.config.write_delay
+        kind = "text" if codec is Codec.JSON else "bytes"
         while True:
             await self._wakeup.wait()
+            if delay:
+                await asyncio.sleep(delay)
             self._wakeup.clear()
-            while queue:
-                frame = queue.popleft()
-                size = len(frame)
-                self._queue_bytes -= size
-                stats.queue_messages -= 1
-                stats.queue_bytes -= size
-                if isinstance(frame, str):
-                    await send({"type": "websocket.send", "text": frame})
-                else:
-                    await send({"type": "websocket.send", "bytes": frame})
+            while True:
+                frames = queue.pop_batch(max_messages, max_bytes)
+                if not frames:
+                    break
+                frame = coalesce(frames, codec)
+                await send({"type": "websocket.send", kind: frame})
                 stats.frames_sent += 1
-                stats.messages_sent += 1
-                stats.bytes_sent += size
+                stats.messages_sent += len(frames)
+                stats.bytes_sent += len(frame)
 
     async def _ping_loop(self) -> None:
         """Application pings (browsers cannot see protocol pings). The first one comes at a

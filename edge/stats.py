@@ -36,12 +36,20 @@ class EdgeStats:
     queue_bytes: int = 0
     disconnects: dict[str, int] = field(default_factory=dict)
     request_errors: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)  # by namespace
+    conflated: dict[str, int] = field(default_factory=dict)  # by namespace
 
     def count_disconnect(self, reason: str) -> None:
         self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
 
     def count_error(self, code: str) -> None:
         self.request_errors[code] = self.request_errors.get(code, 0) + 1
+
+    def count_dropped(self, namespace: str) -> None:
+        self.dropped[namespace] = self.dropped.get(namespace, 0) + 1
+
+    def count_conflated(self, namespace: str) -> None:
+        self.conflated[namespace] = self.conflated.get(namespace, 0) + 1
 
 
 class EdgeCollector(Collector):
@@ -87,6 +95,17 @@ class EdgeCollector(Collector):
         for reason, n in sorted(s.disconnects.items()):
             disc.add_metric([reason], n)
         yield disc
+        for name, doc, values in (
+            ("messages_dropped", "Messages dropped for slow clients (drop policy), by namespace.",
+             s.dropped),
+            ("messages_conflated",
+             "Messages replaced by a newer value for slow or rate-limited clients, by namespace.",
+             s.conflated),
+        ):
+            family = CounterMetricFamily(f"fanout_edge_{name}", doc, labels=["namespace"])
+            for namespace, n in sorted(values.items()):
+                family.add_metric([namespace], n)
+            yield family
         errs = CounterMetricFamily(
             "fanout_edge_request_errors", "Error replies, by code.", labels=["code"]
         )

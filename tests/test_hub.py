@@ -13,7 +13,7 @@ from common.channels import parse_channel
 from common.errors import Disconnect
 from common.keys import Keys
 from common.protocol import Codec, Frame, Position
-from edge.hub import HistoryResult, Hub, Publication
+from edge.hub import HistoryResult, Hub, Publication, Subscription
 from edge.stats import EdgeStats
 
 CH = "quotes.MNQ"
@@ -29,6 +29,9 @@ class FakeSession:
 
     def enqueue(self, frame: Frame) -> None:
         self.frames.append(frame)
+
+    def deliver(self, sub: Subscription, pub: Publication) -> None:
+        self.frames.append(pub.frame(self.codec))
 
     def fail(self, exc: Disconnect) -> None:
         self.failed = exc

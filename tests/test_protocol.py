@@ -320,7 +320,8 @@ def test_unknown_type(kind: str) -> None:
         parse_command({"type": kind, "id": 1})
     assert info.value.code == "unknown_type"
     assert info.value.message == (
-        f"unknown type {kind!r}: expected one of connect, subscribe, unsubscribe, ping, pong"
+        f"unknown type {kind!r}: expected one of "
+        "connect, subscribe, unsubscribe, history, ping, pong"
     )
 
 
@@ -447,17 +448,20 @@ def test_subscribed_without_snapshot_has_no_snapshot_field() -> None:
         "epoch": "ep",
         "offset": 17,
         "recovered": True,
+        "delivery": "all",
     }
 
 
 def test_subscribed_with_snapshot() -> None:
-    assert protocol.subscribed(None, "depth.ES", "ep", 0, False, {"": {"bid": 1}}) == {
+    reply = protocol.subscribed(None, "depth.ES", "ep", 0, False, {"": {"bid": 1}}, "conflate")
+    assert reply == {
         "type": "subscribed",
         "id": None,
         "channel": "depth.ES",
         "epoch": "ep",
         "offset": 0,
         "recovered": False,
+        "delivery": "conflate",
         "snapshot": {"": {"bid": 1}},
     }
 

@@ -33,7 +33,8 @@ async def test_clients_see_every_offset_once_across_reconnects(
     edge_factory, publisher: Publisher, schedules: list[list[tuple[int, int, bool]]], seed: int
 ) -> None:
     edges = [await edge_factory(), await edge_factory()]
-    channel = f"quotes.P{os.urandom(4).hex()}"
+    # An exact-delivery channel: account channels never drop or conflate (policy disconnect).
+    channel = f"account.P{os.urandom(4).hex()}.orders"
     rng = random.Random(seed)
     publishing = asyncio.Event()
     publishing.set()

@@ -25,6 +25,7 @@ class ProtoClient:
         self.offsets: dict[str, list[int]] = {}
         self.positions: dict[str, tuple[int, str]] = {}
         self.resyncs: list[dict[str, Any]] = []
+        self._recover: dict[int, tuple[int, str] | None] = {}
         self.answer_pings = True
         self.changed = asyncio.Event()
         self.closed: asyncio.Future[tuple[int | None, str]] = (
@@ -48,8 +49,10 @@ class ProtoClient:
     async def send(self, obj: dict[str, Any]) -> None:
         await self.ws.send(msgpack.packb(obj) if self.binary else json.dumps(obj))
 
-    async def request(self, obj: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-        rid = next(self.ids)
+    async def request(
+        self, obj: dict[str, Any], timeout: float = 10.0, rid: int | None = None
+    ) -> dict[str, Any]:
+        rid = next(self.ids) if rid is None else rid
         fut = self.replies[rid] = asyncio.get_running_loop().create_future()
         await self.send({**obj, "id": rid})
         return await asyncio.wait_for(fut, timeout)
@@ -59,14 +62,9 @@ class ProtoClient:
         req: dict[str, Any] = {"type": "subscribe", "channel": channel, "snapshot": snapshot}
         if recover is not None:
             req["recover"] = {"offset": recover[0], "epoch": recover[1]}
-        reply = await self.request(req)
-        if reply["type"] == "subscribed":
-            self.positions[channel] = (
-                recover[0] if reply["recovered"] and recover else reply["offset"],
-                reply["epoch"],
-            )
-            self.offsets.setdefault(channel, [])
-        return reply
+        rid = next(self.ids)
+        self._recover[rid] = recover
+        return await self.request(req, rid=rid)
 
     async def _read(self) -> None:
         try:
@@ -97,6 +95,15 @@ class ProtoClient:
             self.offsets.setdefault(ch, []).append(m["offset"])
             epoch = self.positions.get(ch, (0, ""))[1]
             self.positions[ch] = (m["offset"], epoch)
+        elif kind == "subscribed":
+            # Set the position here, in frame order: the replayed messages may follow the
+            # reply in the same (coalesced) frame.
+            recover = self._recover.pop(rid, None) if isinstance(rid, int) else None
+            ch = m["channel"]
+            self.positions[ch] = (
+                recover[0] if m["recovered"] and recover else m["offset"], m["epoch"]
+            )
+            self.offsets.setdefault(ch, [])
         elif kind == "resync":
             self.resyncs.append(m)
             self.positions[m["channel"]] = (m["offset"], m["epoch"])

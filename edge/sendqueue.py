@@ -1,0 +1,233 @@
+"""A client's bounded send queue and its overflow policies. Pure: no I/O, no clock.
+
+The hub pushes publications (already encoded once for everyone); the session's writer pops
+everything pending at once and coalesces it into one frame. What happens when a client
+does not keep up is decided per channel namespace:
+
+* ``disconnect``: the queue is over its bounds → the caller closes the connection with
+  3001 (reconnect and recover from the last offset). Nothing is ever dropped silently.
+* ``conflate``: a queued, unsent message of the same channel and key is replaced by the
+  newer one (merged field by field for partial updates such as quotes), so a slow client
+  gets fewer but current values. The replaced entry becomes a tombstone and the new one
+  goes to the back: offsets stay increasing per channel.
+* ``drop``: over the bounds, new messages are dropped and the client gets a ``gap`` notice
+  naming exactly the offsets it missed, placed where they would have been.
+
+Sizes are ``len()`` of the encoded frame: bytes for msgpack, characters for JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+from enum import IntEnum, StrEnum
+
+from common import protocol
+from common.protocol import Codec, Frame
+
+
+class Policy(StrEnum):
+    DISCONNECT = "disconnect"
+    CONFLATE = "conflate"
+    DROP = "drop"
+
+
+class Outcome(IntEnum):
+    QUEUED = 0
+    CONFLATED = 1  # queued, replacing an older queued value of the same key
+    DROPPED = 2  # not queued; a gap notice will tell the client
+    OVERFLOW = 3  # not queued; the client must be disconnected
+
+
+class Entry:
+    __slots__ = ("alive", "channel", "data", "frame", "key", "offset", "size")
+
+    def __init__(
+        self, frame: Frame, channel: str | None = None, key: str = "", offset: int = 0,
+        data: str | None = None,
+    ) -> None:
+        self.frame = frame
+        self.size = len(frame)
+        self.channel = channel
+        self.key = key
+        self.offset = offset
+        self.data = data  # the JSON data, kept for merging conflated partial updates
+        self.alive = True
+
+
+def merge_json(old: str, new: str) -> str:
+    """Fields of `new` over those of `old`, when both are JSON objects; else `new`."""
+    try:
+        a, b = json.loads(old), json.loads(new)
+    except ValueError:
+        return new
+    if isinstance(a, dict) and isinstance(b, dict):
+        a.update(b)
+        return json.dumps(a, separators=(",", ":"), ensure_ascii=False)
+    return new
+
+
+class SendQueue:
+    def __init__(
+        self,
+        codec: Codec,
+        max_messages: int,
+        max_bytes: int,
+        on_size: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.codec = codec
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self._entries: deque[Entry] = deque()
+        self._alive = 0
+        self._bytes = 0
+        self._latest: dict[tuple[str, str], Entry] = {}  # conflatable entries by key
+        self._gaps: dict[str, list[int]] = {}  # channel -> [from, to] dropped, not announced
+        self._on_size = on_size  # (delta messages, delta bytes), for the node's gauges
+
+    def __len__(self) -> int:
+        return self._alive
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def pending_gaps(self) -> bool:
+        return bool(self._gaps)
+
+    def _full(self, size: int) -> bool:
+        return self._alive >= self.max_messages or self._bytes + size > self.max_bytes
+
+    def _append(self, entry: Entry) -> None:
+        self._entries.append(entry)
+        self._alive += 1
+        self._bytes += entry.size
+        if self._on_size is not None:
+            self._on_size(1, entry.size)
+
+    def _kill(self, entry: Entry) -> None:
+        entry.alive = False
+        self._alive -= 1
+        self._bytes -= entry.size
+        if self._on_size is not None:
+            self._on_size(-1, -entry.size)
+        # Tombstones of a client that reads nothing would pile up: compact now and then.
+        if len(self._entries) > 64 and len(self._entries) > 2 * self._alive:
+            self._entries = deque(e for e in self._entries if e.alive)
+
+    def push_control(self, frame: Frame) -> None:
+        """Replies, pings, resyncs, recovered messages: never dropped nor conflated (each is
+        bounded by something else: a request, the ping interval, the recovery limit)."""
+        self._append(Entry(frame))
+
+    def push(
+        self, channel: str, offset: int, key: str, data: str, frame: Frame, policy: Policy,
+        merge: bool = False, deleted: bool = False,
+    ) -> Outcome:
+        """Queue one publication under `policy`. `frame` is its shared encoding; `merge`
+        says that its data is a partial update to merge into a conflated older value."""
+        if policy is Policy.CONFLATE:
+            return self._conflate(channel, offset, key, data, frame, merge, deleted)
+        size = len(frame)
+        if self._full(size):
+            if policy is Policy.DISCONNECT:
+                return Outcome.OVERFLOW
+            gap = self._gaps.get(channel)
+            if gap is None:
+                self._gaps[channel] = [offset, offset]
+            else:
+                gap[1] = offset
+            return Outcome.DROPPED
+        self._announce_gap(channel)
+        self._append(Entry(frame, channel, key, offset))
+        return Outcome.QUEUED
+
+    def _conflate(
+        self, channel: str, offset: int, key: str, data: str, frame: Frame, merge: bool,
+        deleted: bool,
+    ) -> Outcome:
+        old = self._latest.get((channel, key))
+        outcome = Outcome.QUEUED
+        if old is not None and old.alive:
+            self._kill(old)
+            outcome = Outcome.CONFLATED
+            if merge and old.data is not None and not deleted:
+                data = merge_json(old.data, data)
+                frame = self.encode_pub(channel, offset, key, data)
+        elif self._full(len(frame)) and (
+            self._alive >= 2 * self.max_messages or self._bytes > 2 * self.max_bytes
+        ):
+            # A new key on a queue far over its bounds: conflation cannot keep it bounded.
+            return Outcome.OVERFLOW
+        entry = Entry(frame, channel, key, offset, data if merge else None)
+        self._latest[(channel, key)] = entry
+        self._append(entry)
+        return outcome
+
+    def encode_pub(self, channel: str, offset: int, key: str, data: str) -> Frame:
+        """This client's own encoding of a publication whose data was merged for it."""
+        if self.codec is Codec.JSON:
+            return protocol.pub_json(channel, offset, key, data)
+        return protocol.pub_msgpack(channel, offset, key, data)
+
+    def _announce_gap(self, channel: str) -> None:
+        gap = self._gaps.pop(channel, None)
+        if gap is not None:
+            self.push_control(protocol.encode(protocol.gap(channel, gap[0], gap[1]), self.codec))
+
+    def pop_batch(self, max_messages: int, max_bytes: int) -> list[Frame]:
+        """The next frames to send, oldest first: at least one if any, at most
+        `max_messages` and (beyond the first) `max_bytes` in all."""
+        out: list[Frame] = []
+        size = 0
+        entries = self._entries
+        while entries and len(out) < max_messages:
+            entry = entries[0]
+            if not entry.alive:
+                entries.popleft()
+                continue
+            if out and size + entry.size > max_bytes:
+                break
+            entries.popleft()
+            entry.alive = False
+            self._alive -= 1
+            self._bytes -= entry.size
+            if self._on_size is not None:
+                self._on_size(-1, -entry.size)
+            if entry.channel is not None and self._latest.get((entry.channel, entry.key)) is entry:
+                del self._latest[(entry.channel, entry.key)]
+            out.append(entry.frame)
+            size += entry.size
+        if not self._alive and self._gaps:
+            # Everything before the drops went out: announce them now, not at the next push.
+            for channel in list(self._gaps):
+                self._announce_gap(channel)
+        return out
+
+    def clear(self) -> None:
+        if self._on_size is not None:
+            self._on_size(-self._alive, -self._bytes)
+        self._entries.clear()
+        self._latest.clear()
+        self._gaps.clear()
+        self._alive = 0
+        self._bytes = 0
+
+
+def coalesce(frames: list[Frame], codec: Codec) -> Frame:
+    """One WebSocket frame for several messages: a JSON array, or a msgpack array, built by
+    joining the already encoded messages (no re-encoding). A single message goes as is."""
+    if len(frames) == 1:
+        return frames[0]
+    if codec is Codec.JSON:
+        return "[" + ",".join(frames) + "]"  # type: ignore[arg-type]
+    n = len(frames)
+    if n < 16:
+        head = bytes((0x90 | n,))
+    elif n < 0x10000:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(frames)  # type: ignore[arg-type]
