@@ -48,6 +48,8 @@ _CLOSE_REASONS = {
 }
 
 
+CLOSE_TIMEOUT = 10.0  # s a close frame may wait for a full socket to drain
+
 # Closes fanout does not choose itself: uvicorn's (1009 oversized frame, 1012 shutdown).
 _PEER_CLOSE_REASONS = {1009: "message_too_big", 1012: "shutdown"}
 
@@ -202,8 +204,13 @@ class Session:
             if close is not None:
                 self.log.info("disconnect client=%s code=%d reason=%s",
                               self.client_id, close.code, close.reason)
+                # The close frame waits behind whatever the socket still holds: a slow client
+                # that drains in time gets it (and knows to reconnect and recover); a frozen
+                # one is cut off when the wait ends.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.ws.close(int(close.code), close.reason), 2.0)
+                    await asyncio.wait_for(
+                        self.ws.close(int(close.code), close.reason), CLOSE_TIMEOUT
+                    )
 
     async def _receive(self) -> Frame | None:
         message = await self.ws.receive()

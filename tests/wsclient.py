@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -120,6 +121,22 @@ class ProtoClient:
                 if cond():
                     return
                 await self.changed.wait()
+
+    async def watch_heartbeat(self, interval: float, timeout: float) -> float:
+        """Return the moment (monotonic) the server is found silent: no ping within
+        interval + timeout. Clients reconnect then; this one just reports it."""
+        loop = asyncio.get_running_loop()
+        seen = sum(m.get("type") == "ping" for m in self.messages)
+        deadline = loop.time() + interval + timeout
+        while True:
+            count = sum(m.get("type") == "ping" for m in self.messages)
+            if count > seen:
+                seen, deadline = count, loop.time() + interval + timeout
+            if loop.time() >= deadline:
+                return time.monotonic()
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), deadline - loop.time())
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
