@@ -60,6 +60,7 @@ class Edge:
             self.redis, pubsub_client.pubsub, Keys(self.config.redis.key_prefix), self.stats,
             self.log.getChild("hub"), node_id=self.node_id,
             recovery_limit=self.config.recovery_limit, meta_ttl=self.config.redis.meta_ttl,
+            max_frame_bytes=self.config.max_frame_bytes,
         )
         await self.hub.start()
 

@@ -49,8 +49,9 @@ class Subscriber(Protocol):
         """Queue a control frame (reply, resync): never dropped nor conflated."""
         ...
 
-    def deliver(self, sub: Subscription, pub: Publication) -> None:
-        """Queue a publication under the subscription's overflow policy."""
+    def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
+        """Queue the batch's publications from index `start` under the subscription's
+        overflow policy."""
         ...
 
     def fail(self, exc: Disconnect) -> None: ...
@@ -88,6 +89,51 @@ class Publication:
         return self._msgpack
 
 
+class Batch:
+    """The messages one channel got in one event-loop turn, handed to every subscriber at
+    once: the join of their encodings is made once per codec, so a client's cost is per
+    batch, not per message. Split in chunks of at most `max_bytes` (a frame's size)."""
+
+    __slots__ = ("_chunks", "max_bytes", "pubs")
+
+    def __init__(self, pubs: list[Publication], max_bytes: int) -> None:
+        self.pubs = pubs
+        self.max_bytes = max_bytes
+        self._chunks: dict[Codec, list[tuple[Frame, int, int, int]]] = {}
+
+    def chunks(self, codec: Codec, start: int = 0) -> list[tuple[Frame, int, int, int]]:
+        """(part, count, first offset, last offset) for the messages from index `start`."""
+        if start == 0:
+            cached = self._chunks.get(codec)
+            if cached is not None:
+                return cached
+        out: list[tuple[Frame, int, int, int]] = []
+        frames: list[Frame] = []
+        size = 0
+        first = 0
+        pubs = self.pubs
+        for i in range(start, len(pubs)):
+            frame = pubs[i].frame(codec)
+            if frames and size + len(frame) > self.max_bytes:
+                out.append((_join(frames, codec), len(frames), first, pubs[i - 1].offset))
+                frames, size = [], 0
+            if not frames:
+                first = pubs[i].offset
+            frames.append(frame)
+            size += len(frame) + 1
+        if frames:
+            out.append((_join(frames, codec), len(frames), first, pubs[-1].offset))
+        if start == 0:
+            self._chunks[codec] = out
+        return out
+
+
+def _join(frames: list[Frame], codec: Codec) -> Frame:
+    if codec is Codec.JSON:
+        return ",".join(frames)  # type: ignore[arg-type]
+    return b"".join(frames)  # type: ignore[arg-type]
+
+
 @dataclass(eq=False, slots=True)
 class Subscription:
     """One client's subscription to one channel."""
@@ -106,16 +152,21 @@ class Subscription:
     held: dict[str, Publication] | None = None
     timer: asyncio.TimerHandle | None = None
 
-    def deliver(self, pub: Publication) -> None:
-        if pub.offset <= self.last:
-            return
-        if pub.offset != self.last + 1:
-            # The hub dispatches gaplessly, so this cannot happen; if it does, the client
-            # reconnects and recovers rather than silently missing messages.
-            self.session.fail(Disconnect(CloseCode.INSUFFICIENT_STATE, "gap in channel"))
-            return
-        self.last = pub.offset
-        self.session.deliver(self, pub)
+    def deliver(self, batch: Batch) -> None:
+        pubs = batch.pubs
+        start = 0
+        if pubs[0].offset != self.last + 1:  # rare: some were already replayed to it
+            while start < len(pubs) and pubs[start].offset <= self.last:
+                start += 1
+            if start == len(pubs):
+                return
+            if pubs[start].offset != self.last + 1:
+                # The hub dispatches gaplessly, so this cannot happen; if it does, the client
+                # reconnects and recovers rather than silently missing messages.
+                self.session.fail(Disconnect(CloseCode.INSUFFICIENT_STATE, "gap in channel"))
+                return
+        self.last = pubs[-1].offset
+        self.session.deliver(self, batch, start)
 
     def cancel(self) -> None:
         if self.timer is not None:
@@ -149,6 +200,7 @@ class ChannelState:
         "epoch",
         "last",
         "name",
+        "outbox",
         "pending",
         "recheck",
         "repair",
@@ -164,6 +216,7 @@ class ChannelState:
         self.repair: asyncio.Task[None] | None = None  # a fill or resync under way
         self.backlog: list[Publication] = []  # live messages held back during a repair
         self.recheck = False  # pub/sub reconnected during a repair: read history once more
+        self.outbox: list[Publication] = []  # dispatched this turn, not yet delivered
 
     @property
     def empty(self) -> bool:
@@ -185,6 +238,7 @@ class Hub:
         subscribe_timeout: float = 5.0,
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
+        max_frame_bytes: int = 65_536,
     ) -> None:
         self.redis = redis
         self._pubsub_factory = pubsub_factory
@@ -209,6 +263,9 @@ class Hub:
         self._reconnect = False
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
+        self.max_frame_bytes = max_frame_bytes
+        self._to_flush: list[ChannelState] = []
+        self._flush_handle: asyncio.Handle | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -413,8 +470,27 @@ class Hub:
         for sub in state.pending:
             if sub.buffer is not None:
                 sub.buffer.append(pub)
-        for sub in state.active.values():
-            sub.deliver(pub)
+        if state.active:
+            if not state.outbox:
+                self._to_flush.append(state)
+                if self._flush_handle is None:
+                    self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            state.outbox.append(pub)
+
+    def _flush(self) -> None:
+        """Deliver what each channel got during this event-loop turn, as one batch."""
+        self._flush_handle = None
+        states, self._to_flush = self._to_flush, []
+        for state in states:
+            self._flush_channel(state)
+
+    def _flush_channel(self, state: ChannelState) -> None:
+        if not state.outbox:
+            return
+        batch = Batch(state.outbox, self.max_frame_bytes)
+        state.outbox = []
+        for sub in list(state.active.values()):
+            sub.deliver(batch)
 
     def _start_repair(self, state: ChannelState, pub: Publication | None, resync: bool) -> None:
         if pub is not None:
@@ -476,6 +552,7 @@ class Hub:
             state.name, result.epoch, result.top, len(state.active),
         )
         self.stats.resyncs += 1
+        self._flush_channel(state)  # what came before the resync goes out before it
         state.epoch = result.epoch
         state.last = result.top
         message = protocol.resync(

@@ -41,13 +41,17 @@ class Outcome(IntEnum):
 
 
 class Entry:
-    __slots__ = ("alive", "channel", "data", "frame", "key", "offset", "size")
+    """One queued message, or a *chunk*: several messages of one channel already joined
+    (shared by every client of the channel; see `Batch` in the hub)."""
+
+    __slots__ = ("alive", "channel", "count", "data", "frame", "key", "offset", "size")
 
     def __init__(
         self, frame: Frame, channel: str | None = None, key: str = "", offset: int = 0,
-        data: str | None = None,
+        data: str | None = None, count: int = 1,
     ) -> None:
         self.frame = frame
+        self.count = count
         self.size = len(frame)
         self.channel = channel
         self.key = key
@@ -102,10 +106,10 @@ class SendQueue:
 
     def _append(self, entry: Entry) -> None:
         self._entries.append(entry)
-        self._alive += 1
+        self._alive += entry.count
         self._bytes += entry.size
         if self._on_size is not None:
-            self._on_size(1, entry.size)
+            self._on_size(entry.count, entry.size)
 
     def _kill(self, entry: Entry) -> None:
         entry.alive = False
@@ -144,6 +148,28 @@ class SendQueue:
         self._append(Entry(frame, channel, key, offset))
         return Outcome.QUEUED
 
+    def push_chunk(
+        self, channel: str, first: int, last: int, part: Frame, count: int, policy: Policy
+    ) -> Outcome:
+        """Queue `count` messages (offsets first..last) joined into `part` (JSON texts joined
+        by commas, or msgpack objects concatenated). All or nothing: over the bounds the
+        whole chunk is dropped (one gap) or the client disconnected. Not conflatable: the
+        caller sends messages one by one to a conflating client that is behind."""
+        size = len(part)
+        if self._full(size):
+            if policy is Policy.DISCONNECT:
+                return Outcome.OVERFLOW
+            if policy is Policy.DROP:
+                gap = self._gaps.get(channel)
+                if gap is None:
+                    self._gaps[channel] = [first, last]
+                else:
+                    gap[1] = last
+                return Outcome.DROPPED
+        self._announce_gap(channel)
+        self._append(Entry(part, channel, "", last, count=count))
+        return Outcome.QUEUED
+
     def _conflate(
         self, channel: str, offset: int, key: str, data: str, frame: Frame, merge: bool,
         deleted: bool,
@@ -157,11 +183,12 @@ class SendQueue:
                 data = merge_json(old.data, data)
                 frame = self.encode_pub(channel, offset, key, data)
         elif self._full(len(frame)) and (
-            self._alive >= 2 * self.max_messages or self._bytes > 2 * self.max_bytes
+            self._alive >= 2 * self.max_messages
+            or self._bytes + len(frame) > 2 * self.max_bytes
         ):
             # A new key on a queue far over its bounds: conflation cannot keep it bounded.
             return Outcome.OVERFLOW
-        entry = Entry(frame, channel, key, offset, data if merge else None)
+        entry = Entry(frame, channel, key, offset, data if merge and not deleted else None)
         self._latest[(channel, key)] = entry
         self._append(entry)
         return outcome
@@ -179,32 +206,46 @@ class SendQueue:
 
     def pop_batch(self, max_messages: int, max_bytes: int) -> list[Frame]:
         """The next frames to send, oldest first: at least one if any, at most
-        `max_messages` and (beyond the first) `max_bytes` in all."""
+        `max_messages` and (beyond the first) `max_bytes` in all. (Without chunks; the
+        writer uses `pop_parts`.)"""
+        return self.pop_parts(max_messages, max_bytes)[0]
+
+    def pop_parts(self, max_messages: int, max_bytes: int) -> tuple[list[Frame], int]:
+        """The next parts to send and how many messages they hold, oldest first: at least
+        one part if any, at most `max_messages` messages and (beyond the first part)
+        `max_bytes` in all."""
+        if not self._alive and self._gaps:
+            self._announce_all_gaps()
         out: list[Frame] = []
         size = 0
+        count = 0
         entries = self._entries
-        while entries and len(out) < max_messages:
+        while entries:
             entry = entries[0]
             if not entry.alive:
                 entries.popleft()
                 continue
-            if out and size + entry.size > max_bytes:
+            if out and (size + entry.size > max_bytes or count + entry.count > max_messages):
                 break
             entries.popleft()
             entry.alive = False
-            self._alive -= 1
+            self._alive -= entry.count
             self._bytes -= entry.size
             if self._on_size is not None:
-                self._on_size(-1, -entry.size)
+                self._on_size(-entry.count, -entry.size)
             if entry.channel is not None and self._latest.get((entry.channel, entry.key)) is entry:
                 del self._latest[(entry.channel, entry.key)]
             out.append(entry.frame)
             size += entry.size
+            count += entry.count
         if not self._alive and self._gaps:
-            # Everything before the drops went out: announce them now, not at the next push.
-            for channel in list(self._gaps):
-                self._announce_gap(channel)
-        return out
+            self._announce_all_gaps()
+        return out, count
+
+    def _announce_all_gaps(self) -> None:
+        """Everything before the drops went out: announce them now, not at the next push."""
+        for channel in list(self._gaps):
+            self._announce_gap(channel)
 
     def clear(self) -> None:
         if self._on_size is not None:
@@ -216,14 +257,16 @@ class SendQueue:
         self._bytes = 0
 
 
-def coalesce(frames: list[Frame], codec: Codec) -> Frame:
+def coalesce(frames: list[Frame], codec: Codec, n: int | None = None) -> Frame:
     """One WebSocket frame for several messages: a JSON array, or a msgpack array, built by
-    joining the already encoded messages (no re-encoding). A single message goes as is."""
-    if len(frames) == 1:
+    joining the already encoded messages (no re-encoding). A single message goes as is.
+    `n` counts the messages when some of `frames` are chunks of several."""
+    if n is None:
+        n = len(frames)
+    if n == 1:
         return frames[0]
     if codec is Codec.JSON:
         return "[" + ",".join(frames) + "]"  # type: ignore[arg-type]
-    n = len(frames)
     if n < 16:
         head = bytes((0x90 | n,))
     elif n < 0x10000:

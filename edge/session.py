@@ -30,7 +30,7 @@ from common.errors import (
     Unavailable,
 )
 from common.protocol import Codec, Frame
-from edge.hub import Hub, Publication, Subscription
+from edge.hub import Batch, Hub, Publication, Subscription
 from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
 from edge.stats import EdgeStats
 
@@ -98,14 +98,31 @@ class Session:
             self.queue.push_control(frame)
             self._wakeup.set()
 
-    def deliver(self, sub: Subscription, pub: Publication) -> None:
-        """Queue a live publication under the subscription's policy and rate limit."""
+    def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
+        """Queue live publications under the subscription's policy and rate limit. A client
+        that keeps up gets the batch's shared chunks (one queue entry per batch); only a
+        rate-limited client, or a conflating one that is behind, is served message by
+        message."""
         if self._close is not None:
             return
         if sub.max_rate is not None:
-            self._throttle(sub, pub)
+            for pub in batch.pubs[start:]:
+                self._throttle(sub, pub)
             return
-        self._push(sub, pub)
+        if sub.policy is Policy.CONFLATE and len(self.queue):
+            for pub in batch.pubs[start:]:
+                self._push(sub, pub)
+                if self._close is not None:
+                    return
+            return
+        for part, count, first, last in batch.chunks(self.codec, start):
+            outcome = self.queue.push_chunk(sub.channel, first, last, part, count, sub.policy)
+            if outcome is Outcome.DROPPED:
+                self.stats.count_dropped(sub.namespace, count)
+            elif outcome is Outcome.OVERFLOW:
+                self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer"))
+                return
+        self._wakeup.set()
 
     def _push(self, sub: Subscription, pub: Publication, data: str | None = None) -> None:
         if data is None or data is pub.data:
@@ -357,13 +374,13 @@ class Session:
                 await asyncio.sleep(delay)
             self._wakeup.clear()
             while True:
-                frames = queue.pop_batch(max_messages, max_bytes)
-                if not frames:
+                parts, count = queue.pop_parts(max_messages, max_bytes)
+                if not parts:
                     break
-                frame = coalesce(frames, codec)
+                frame = coalesce(parts, codec, count)
                 await send({"type": "websocket.send", kind: frame})
                 stats.frames_sent += 1
-                stats.messages_sent += len(frames)
+                stats.messages_sent += count
                 stats.bytes_sent += len(frame)
 
     async def _ping_loop(self) -> None:

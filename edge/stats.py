@@ -45,8 +45,8 @@ class EdgeStats:
     def count_error(self, code: str) -> None:
         self.request_errors[code] = self.request_errors.get(code, 0) + 1
 
-    def count_dropped(self, namespace: str) -> None:
-        self.dropped[namespace] = self.dropped.get(namespace, 0) + 1
+    def count_dropped(self, namespace: str, n: int = 1) -> None:
+        self.dropped[namespace] = self.dropped.get(namespace, 0) + n
 
     def count_conflated(self, namespace: str) -> None:
         self.conflated[namespace] = self.conflated.get(namespace, 0) + 1

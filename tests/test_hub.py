@@ -13,7 +13,7 @@ from common.channels import parse_channel
 from common.errors import Disconnect
 from common.keys import Keys
 from common.protocol import Codec, Frame, Position
-from edge.hub import HistoryResult, Hub, Publication, Subscription
+from edge.hub import Batch, HistoryResult, Hub, Publication, Subscription
 from edge.stats import EdgeStats
 
 CH = "quotes.MNQ"
@@ -30,8 +30,8 @@ class FakeSession:
     def enqueue(self, frame: Frame) -> None:
         self.frames.append(frame)
 
-    def deliver(self, sub: Subscription, pub: Publication) -> None:
-        self.frames.append(pub.frame(self.codec))
+    def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
+        self.frames += [pub.frame(self.codec) for pub in batch.pubs[start:]]
 
     def fail(self, exc: Disconnect) -> None:
         self.failed = exc
@@ -89,6 +89,7 @@ async def test_live_messages_during_history_read_are_merged_once() -> None:
     assert [p.offset for p in joined.replay] == [3, 4, 5, 6, 7, 8]
     for o in (7, 8, 9):  # 7 and 8 again (pub/sub lagging behind history), then 9
         live(hub, "e", o)
+    await asyncio.sleep(0)  # delivered in one batch at the end of the loop's turn
     assert s.offsets() == [9]
     assert s.failed is None
 
@@ -111,6 +112,7 @@ async def test_gap_in_live_flow_is_filled_from_history() -> None:
     live(hub, "e", 11)  # arrives during the fill: held back, released after
     while hub.channels[CH].repair is not None:
         await asyncio.sleep(0)
+    await asyncio.sleep(0)
     assert reads == [-1, 4]
     assert s.offsets() == [4, 5, 6, 7, 8, 9, 10, 11]
 
@@ -129,6 +131,7 @@ async def test_new_epoch_resyncs_subscribers() -> None:
     live(hub, "f", 3)  # the stream was recreated: epoch f
     while hub.channels[CH].repair is not None:
         await asyncio.sleep(0)
+    await asyncio.sleep(0)
     resyncs = [f for f in s.frames if '"type":"resync"' in str(f)]
     assert len(resyncs) == 1 and '"epoch":"f"' in str(resyncs[0])
     assert s.offsets() == [3]  # offset 3 of epoch f follows the resync at 2
@@ -148,4 +151,5 @@ async def test_unfillable_gap_resyncs() -> None:
         await asyncio.sleep(0)
     assert any('"type":"resync"' in str(f) for f in s.frames)
     live(hub, "e", 51)
+    await asyncio.sleep(0)
     assert s.offsets() == [51]
