@@ -61,6 +61,7 @@ class Edge:
             self.log.getChild("hub"), node_id=self.node_id,
             recovery_limit=self.config.recovery_limit, meta_ttl=self.config.redis.meta_ttl,
             max_frame_bytes=self.config.max_frame_bytes,
+            max_frame_messages=self.config.max_frame_messages,
         )
         await self.hub.start()
 

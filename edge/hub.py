@@ -54,6 +54,11 @@ class Subscriber(Protocol):
         overflow policy."""
         ...
 
+    def resynced(self, sub: Subscription, frame: Frame) -> None:
+        """Queue a resync push; what was held for the channel (gaps, throttled values)
+        belongs to the old state and is forgotten."""
+        ...
+
     def fail(self, exc: Disconnect) -> None: ...
 
 
@@ -94,11 +99,12 @@ class Batch:
     once: the join of their encodings is made once per codec, so a client's cost is per
     batch, not per message. Split in chunks of at most `max_bytes` (a frame's size)."""
 
-    __slots__ = ("_chunks", "max_bytes", "pubs")
+    __slots__ = ("_chunks", "max_bytes", "max_messages", "pubs")
 
-    def __init__(self, pubs: list[Publication], max_bytes: int) -> None:
+    def __init__(self, pubs: list[Publication], max_bytes: int, max_messages: int = 1000) -> None:
         self.pubs = pubs
         self.max_bytes = max_bytes
+        self.max_messages = max_messages
         self._chunks: dict[Codec, list[tuple[Frame, int, int, int]]] = {}
 
     def chunks(self, codec: Codec, start: int = 0) -> list[tuple[Frame, int, int, int]]:
@@ -114,7 +120,9 @@ class Batch:
         pubs = self.pubs
         for i in range(start, len(pubs)):
             frame = pubs[i].frame(codec)
-            if frames and size + len(frame) > self.max_bytes:
+            if frames and (
+                size + len(frame) > self.max_bytes or len(frames) >= self.max_messages
+            ):
                 out.append((_join(frames, codec), len(frames), first, pubs[i - 1].offset))
                 frames, size = [], 0
             if not frames:
@@ -239,6 +247,7 @@ class Hub:
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
         max_frame_bytes: int = 65_536,
+        max_frame_messages: int = 1_000,
     ) -> None:
         self.redis = redis
         self._pubsub_factory = pubsub_factory
@@ -264,6 +273,7 @@ class Hub:
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
         self.max_frame_bytes = max_frame_bytes
+        self.max_frame_messages = max_frame_messages
         self._to_flush: list[ChannelState] = []
         self._flush_handle: asyncio.Handle | None = None
 
@@ -487,7 +497,7 @@ class Hub:
     def _flush_channel(self, state: ChannelState) -> None:
         if not state.outbox:
             return
-        batch = Batch(state.outbox, self.max_frame_bytes)
+        batch = Batch(state.outbox, self.max_frame_bytes, self.max_frame_messages)
         state.outbox = []
         for sub in list(state.active.values()):
             sub.deliver(batch)
@@ -566,7 +576,7 @@ class Hub:
                 frame = frames[codec] = protocol.encode(message, codec)
             sub.last = result.top
             sub.epoch = result.epoch
-            sub.session.enqueue(frame)
+            sub.session.resynced(sub, frame)
 
     # --- the pub/sub connection ----------------------------------------------------------
 

@@ -247,6 +247,12 @@ class SendQueue:
         for channel in list(self._gaps):
             self._announce_gap(channel)
 
+    def forget(self, channel: str) -> None:
+        """Drop what is pending for `channel` beyond the queued frames: a gap not yet
+        announced (after a resync or an unsubscribe it would name offsets that no longer
+        mean anything to the client)."""
+        self._gaps.pop(channel, None)
+
     def clear(self) -> None:
         if self._on_size is not None:
             self._on_size(-self._alive, -self._bytes)

@@ -98,6 +98,12 @@ class Session:
             self.queue.push_control(frame)
             self._wakeup.set()
 
+    def resynced(self, sub: Subscription, frame: Frame) -> None:
+        self.queue.forget(sub.channel)
+        sub.cancel()
+        sub.held = None
+        self.enqueue(frame)
+
     def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
         """Queue live publications under the subscription's policy and rate limit. A client
         that keeps up gets the batch's shared chunks (one queue entry per batch); only a
@@ -309,6 +315,7 @@ class Session:
                 raise NotSubscribed(f"not subscribed to {name}")
             self.subscriptions.discard(name)
             self.hub.unsubscribe(self, name)
+            self.queue.forget(name)
             return protocol.unsubscribed(command.id, name)
         if isinstance(command, protocol.History):
             await self._history(command)

@@ -30,6 +30,9 @@ class FakeSession:
     def enqueue(self, frame: Frame) -> None:
         self.frames.append(frame)
 
+    def resynced(self, sub: Subscription, frame: Frame) -> None:
+        self.frames.append(frame)
+
     def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
         self.frames += [pub.frame(self.codec) for pub in batch.pubs[start:]]
 
