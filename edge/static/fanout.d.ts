@@ -43,6 +43,14 @@ export interface Bar {
   interval: string;
 }
 
+/** What a channel's live publications look like for a client that falls behind (or sets
+ *  maxRate), from the subscribe reply:
+ *  - "all": every offset, consecutively (a slow client is disconnected and recovers);
+ *  - "conflate": offsets increase but may skip; each message carries the latest value of its
+ *    key (quotes: partial updates merged server-side). Not a gap;
+ *  - "drop": dropped ranges are announced by gap notices (onGap, the "gap" event). */
+export type Delivery = "all" | "conflate" | "drop";
+
 export type ConnectionState = "connecting" | "open" | "closed" | "reconnecting";
 
 export interface StateInfo {
@@ -106,6 +114,41 @@ export interface SubscribedInfo {
   epoch: string;
   offset: number;
   recovered: boolean;
+  /** "all" when the server does not say (older servers). */
+  delivery: Delivery;
+}
+
+/** Publications `from`..`to` (inclusive) of a "drop" channel were dropped for this client.
+ *  The position is now `to`; client.history(channel, from, to) may fetch them while retained. */
+export interface GapInfo {
+  channel: string;
+  from: number;
+  to: number;
+  /** The epoch the offsets belong to. */
+  epoch: string;
+}
+
+/** A publication as sent by the server (in a history reply). */
+export interface Publication<T = any> {
+  type: "pub";
+  channel: string;
+  offset: number;
+  /** Present for keyed messages only. */
+  key?: string;
+  /** Present (true) when the publication removed its key from a keyed snapshot. */
+  deleted?: boolean;
+  data: T;
+}
+
+/** The rejection of client.history(). */
+export interface HistoryError extends Error {
+  /** The server's error code (history_unavailable: gone, do not retry; unavailable: retry
+   *  later; bad_request; bad_channel); undefined when not connected or the connection went. */
+  code?: string;
+  channel: string;
+  from: number;
+  to: number;
+  epoch: string;
 }
 
 export interface ServerError {
@@ -118,7 +161,8 @@ export interface ServerError {
 }
 
 export interface SubscribeOptions<T = any> {
-  /** Each publication, exactly once and in offset order. */
+  /** Each publication at most once, in offset order. On "conflate" channels (and with
+   *  maxRate) offsets may skip: each message carries the latest value of its key. */
   onMessage?: (data: T, meta: MessageMeta) => void;
   /** Replace the channel's state with this snapshot (the initial one, and every resync). */
   onResync?: (snapshot: Snapshot<T>, info: ResyncInfo) => void;
@@ -126,16 +170,23 @@ export interface SubscribeOptions<T = any> {
   onSubscribed?: (info: SubscribedInfo) => void;
   /** The subscription failed for good (bad channel, permission denied, ...) and was dropped. */
   onError?: (error: ServerError) => void;
+  /** The server dropped a range of publications ("drop" channels): see GapInfo. */
+  onGap?: (info: GapInfo) => void;
   /** Ask for the channel's current state on the first subscribe. */
   snapshot?: boolean;
   /** Resume from a position saved earlier (e.g. before a page reload). */
   recover?: Position;
+  /** At most this many updates per second for this channel (0 < maxRate <= 1000; sent as
+   *  max_rate). Offsets then skip as on "conflate". Out of range throws a RangeError. */
+  maxRate?: number | null;
 }
 
 export interface Subscription {
   readonly channel: string;
   unsubscribe(): boolean;
   position(): Position | null;
+  /** The channel's delivery from the last subscribe reply; null before the first. */
+  delivery(): Delivery | null;
 }
 
 export interface Counters {
@@ -143,7 +194,8 @@ export interface Counters {
   recovered: number;
   /** Snapshots that replaced a channel's state: failed recoveries and server resyncs. */
   resynced: number;
-  /** Publications that skipped offsets (each triggers a recovery). */
+  /** Gaps: gap notices of "drop" channels (the position moves past them), and publications
+   *  that skipped offsets without one (each triggers a recovery). Conflation skips are not gaps. */
   gaps: number;
   /** Publications at or below the channel's position (ignored). */
   duplicates: number;
@@ -175,6 +227,8 @@ export interface FanoutEvents {
   state: (state: ConnectionState, info: StateInfo) => void;
   connected: (reply: ConnectedReply) => void;
   error: (error: ServerError) => void;
+  /** A gap notice on any subscribed "drop" channel (after the subscription's onGap). */
+  gap: (info: GapInfo) => void;
 }
 
 /** Whether a close code says to reconnect (all but 3500-3999). */
@@ -207,6 +261,10 @@ export class FanoutClient {
   channels(): string[];
   /** Round-trip time in ms. */
   ping(): Promise<number>;
+  /** The publications `from`..`to` (inclusive) of a channel, in offset order (e.g. a gap's range).
+   *  `epoch` defaults to the subscription's. Rejects with a HistoryError. Not ordered with the
+   *  live flow: use the result to fill a record of past messages, not to overwrite newer state. */
+  history<T = any>(channel: string, from: number, to: number, epoch?: string): Promise<Publication<T>[]>;
 
   on<E extends keyof FanoutEvents>(event: E, fn: FanoutEvents[E]): () => void;
   off<E extends keyof FanoutEvents>(event: E, fn: FanoutEvents[E]): void;

@@ -9,14 +9,23 @@
 //
 // The client keeps, per channel, the last offset it delivered and the channel's epoch.
 // After any reconnect it subscribes again with `recover` from that position, so the
-// application sees every publication exactly once, in order, or else a resync (a snapshot
-// that replaces its state for the channel).
+// application sees publications in offset order, never twice, or else a resync (a snapshot
+// that replaces its state for the channel). What a slow client may miss depends on the
+// channel's `delivery` (in the subscribe reply):
+//   "all"      every publication; a skipped offset is a gap, filled by re-subscribing.
+//   "conflate" offsets may skip (each message carries the latest value of its key, quotes
+//              merged server-side): applying every message gives the current state.
+//   "drop"     dropped ranges are announced by `gap` notices (onGap, the "gap" event);
+//              fetch them with client.history(channel, from, to) if needed.
+// With `maxRate`, offsets may skip on any channel, as on "conflate".
 
 const DEFAULT_BACKOFF = { min: 500, max: 20000 }; // ms
 const CONNECT_TIMEOUT_MS = 10000; // socket open + `connected` reply
 const HEARTBEAT_GRACE_MS = 2000; // on top of ping_interval + pong_timeout
 const RETRYABLE_ERRORS = new Set(["unavailable", "internal"]);
 const SUBSCRIBE_RETRY_MS = { min: 1000, max: 5000 };
+const MAX_RATE = 1000; // the server's limit for a subscribe's max_rate
+const DELIVERIES = new Set(["all", "conflate", "drop"]);
 
 // Close codes we use for connections we end ourselves (never sent by the server).
 const CLOSE_CONNECT_TIMEOUT = 4000;
@@ -108,13 +117,20 @@ export class FanoutClient {
     if (typeof channel !== "string" || !channel) throw new TypeError("channel must be a non-empty string");
     if (this._subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
     const o = options || {};
+    const maxRate = o.maxRate ?? null;
+    if (maxRate !== null && !(typeof maxRate === "number" && maxRate > 0 && maxRate <= MAX_RATE)) {
+      throw new RangeError(`maxRate must be a number above 0 and at most ${MAX_RATE}`);
+    }
     const sub = {
       channel,
       onMessage: o.onMessage,
       onResync: o.onResync,
       onSubscribed: o.onSubscribed,
       onError: o.onError,
+      onGap: o.onGap,
       snapshot: !!o.snapshot,
+      maxRate,
+      delivery: null, // from the last subscribe reply: all | conflate | drop
       offset: o.recover ? o.recover.offset : null,
       epoch: o.recover ? o.recover.epoch : null,
       phase: "idle", // idle | pending | live | refilling
@@ -126,6 +142,7 @@ export class FanoutClient {
       channel,
       unsubscribe: () => (this._subs.get(channel) === sub ? this.unsubscribe(channel) : false),
       position: () => (sub.epoch == null ? null : { offset: sub.offset, epoch: sub.epoch }),
+      delivery: () => sub.delivery,
     };
   }
 
@@ -167,7 +184,31 @@ export class FanoutClient {
     });
   }
 
-  /** Listen to an event: state, connected, error. Returns a function that stops listening. */
+  /**
+   * Fetch the publications `from`..`to` (inclusive) of a channel, typically the range of a
+   * gap notice. Resolves with the `pub` messages ({type, channel, offset, key?, deleted?,
+   * data}) in offset order; rejects with an Error carrying `code` (history_unavailable: gone
+   * for good; unavailable: retry later; bad_request; ...) or when not connected. `epoch`
+   * defaults to the subscription's current one. The reply is not ordered with the live flow:
+   * newer publications of the channel may have been delivered already.
+   */
+  history(channel, from, to, epoch) {
+    return new Promise((resolve, reject) => {
+      const sub = this._subs.get(channel);
+      const ep = epoch ?? (sub ? sub.epoch : null);
+      if (ep == null) return reject(new Error(`history: no epoch known for ${channel}`));
+      if (this.state !== "open") return reject(new Error("not connected"));
+      this._request({ type: "history", channel, epoch: ep, from, to }, (reply) => {
+        if (!reply) return reject(new Error("connection lost"));
+        if (reply.type === "history") return resolve(Array.isArray(reply.publications) ? reply.publications : []);
+        const err = new Error(reply.message || reply.code || `history failed: ${reply.type}`);
+        Object.assign(err, { code: reply.code, channel, from, to, epoch: ep });
+        reject(err);
+      });
+    });
+  }
+
+  /** Listen to an event: state, connected, error, gap. Returns a function that stops listening. */
   on(event, fn) {
     if (!this._listeners.has(event)) this._listeners.set(event, new Set());
     this._listeners.get(event).add(fn);
@@ -316,11 +357,13 @@ export class FanoutClient {
     } catch (err) {
       return this._log("ignoring a malformed frame", err);
     }
-    // A future server may batch messages: a JSON array of them in one frame.
+    // A coalesced frame is an array of messages: handle them in order, exactly as if each had
+    // come alone. Each is handled completely (a `subscribed` reply sets the position) before
+    // the next (e.g. the publications replayed after it) is looked at.
     const messages = Array.isArray(parsed) ? parsed : [parsed];
     for (const msg of messages) {
       if (ws !== this._ws) return; // a handler dropped the connection
-      if (msg && typeof msg === "object") this._dispatch(msg);
+      if (msg && typeof msg === "object" && !Array.isArray(msg)) this._dispatch(msg);
     }
   }
 
@@ -334,6 +377,8 @@ export class FanoutClient {
         return this._armHeartbeat();
       case "resync":
         return this._onResync(msg);
+      case "gap":
+        return this._onGap(msg);
     }
     const handler = msg.id != null ? this._pending.get(msg.id) : undefined;
     if (handler) {
@@ -368,6 +413,7 @@ export class FanoutClient {
     const msg = { type: "subscribe", channel: sub.channel, snapshot: sub.snapshot };
     const recover = sub.epoch != null ? { offset: sub.offset, epoch: sub.epoch } : null;
     if (recover) msg.recover = recover;
+    if (sub.maxRate != null) msg.max_rate = sub.maxRate;
     sub.phase = "pending";
     this._request(msg, (reply) => this._onSubscribeReply(sub, recover, reply));
   }
@@ -377,6 +423,8 @@ export class FanoutClient {
     if (reply.type !== "subscribed") return this._onSubscribeError(sub, reply);
     sub.epoch = reply.epoch;
     sub.phase = "live";
+    // A server without slow-consumer policies sends no `delivery`: every offset comes.
+    sub.delivery = DELIVERIES.has(reply.delivery) ? reply.delivery : "all";
     if (recover && reply.recovered) {
       // Every publication after the position we sent follows.
       sub.offset = recover.offset;
@@ -391,7 +439,13 @@ export class FanoutClient {
       }
     }
     if (sub.onSubscribed) {
-      const info = { channel: sub.channel, epoch: sub.epoch, offset: sub.offset, recovered: !!reply.recovered };
+      const info = {
+        channel: sub.channel,
+        epoch: sub.epoch,
+        offset: sub.offset,
+        recovered: !!reply.recovered,
+        delivery: sub.delivery,
+      };
       this._safely(sub.onSubscribed, info);
     }
   }
@@ -422,7 +476,8 @@ export class FanoutClient {
       this.counters.duplicates += 1;
       return;
     }
-    if (msg.offset > sub.offset + 1) {
+    if (msg.offset > sub.offset + 1 && !this._skipsAllowed(sub)) {
+      // Offsets skipped without a gap notice: a real gap ("all", or "drop" without maxRate).
       this.counters.gaps += 1;
       this._log("gap on", sub.channel, "after", sub.offset, "got", msg.offset);
       this._refill(sub);
@@ -434,6 +489,32 @@ export class FanoutClient {
       const meta = { channel: sub.channel, offset: msg.offset, epoch: sub.epoch, key: msg.key ?? "" };
       this._safely(sub.onMessage, msg.data, meta);
     }
+  }
+
+  /** Whether a publication may skip offsets: conflated (or rate-limited) values supersede. */
+  _skipsAllowed(sub) {
+    return sub.delivery === "conflate" || sub.maxRate != null;
+  }
+
+  /** The server dropped `from`..`to` for us (a "drop" channel and a slow client). */
+  _onGap(msg) {
+    const sub = this._subs.get(msg.channel);
+    // Before the subscribe reply, or while refilling, the recovery covers it anyway.
+    if (!sub || sub.phase !== "live" || typeof msg.from !== "number" || typeof msg.to !== "number") return;
+    if (msg.to <= sub.offset) return; // already past it
+    if (msg.from > sub.offset + 1 && !this._skipsAllowed(sub)) {
+      // Offsets before the announced range are missing too, unannounced: recover them all.
+      this.counters.gaps += 1;
+      this._log("gap on", sub.channel, "after", sub.offset, "notice from", msg.from);
+      this._refill(sub);
+      return;
+    }
+    this.counters.gaps += 1;
+    sub.offset = msg.to;
+    const info = { channel: sub.channel, from: msg.from, to: msg.to, epoch: sub.epoch };
+    this._log("gap notice on", sub.channel, info);
+    if (sub.onGap) this._safely(sub.onGap, info);
+    this._emit("gap", info);
   }
 
   /** Fill a gap: unsubscribe, then subscribe again recovering from the last offset delivered. */
