@@ -1,0 +1,890 @@
+"""Fan-out throughput and latency of one edge process.
+
+One edge (`python -m common.cli edge`, a subprocess pinned to CPU 0) serves `--clients`
+WebSocket clients that all subscribe to ONE channel. This process (pinned to CPU 1, with the
+embedded Valkey) runs the clients and a publisher that publishes to that channel through the
+real Lua publish script at each of the `--rates` in turn. Each message carries `ts`
+(time.time() at publish); clients take now - ts on receipt (same machine clock).
+
+Per rate: `--warmup` s of publishing, then `--duration` s measured, then a drain (until every
+client has the last offset, at most `--drain` s). Per client the offsets must be contiguous;
+gaps and duplicates are counted. The rates stop rising when delivered < 90 % of expected or
+p99 > 1 s.
+
+The clients are deliberately lean, because one Python process has to receive
+clients x rate frames/s: `raw` (default) does the opening handshake with websockets' sans-I/O
+`ClientProtocol` (request, Sec-WebSocket-Accept and subprotocol checks) and sends through it
+(masking), but parses incoming frames itself over an `asyncio.Protocol` and reads a
+publication's offset and ts with one regex instead of json.loads (other frames: json.loads);
+`sansio` feeds every incoming byte to `ClientProtocol` instead (for comparison). Both accept
+the edge's coalesced frames (a JSON array of messages) and its `gap` notices.
+
+    .venv/bin/python bench/fanout.py [--clients 500] [--rates 50,100,200,400,800]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from _common import (
+    CpuBusy,
+    CpuMeter,
+    bench_prefix,
+    delete_prefix,
+    environment,
+    parent_death_hook,
+    pin,
+    redis_server,
+    run_async,
+    sigterm_as_interrupt,
+    source_root,
+    source_state,
+    table,
+)
+from redis.asyncio import Redis
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from common.embedded import free_port
+from common.keys import Keys
+from ingest.publisher import Publisher
+from ingest.upstream import UpstreamMessage
+
+ROOT = source_root()  # the edge runs the code this process imported
+HOST = "127.0.0.1"
+MAX_PUBLISH_BATCH = 200  # messages per publish round trip when the publisher catches up
+STOP_DELIVERED = 0.9  # stop rising when delivered < 90 % of expected
+STOP_P99 = 1.0  # s
+CLIENT_BOUND = 85.0  # % of its CPU: above it, the client side may be what limits a row
+
+# A publication exactly as `common.protocol.pub_json` builds it, with our data (ts first).
+# Frames it does not match (replies, pings, a changed format) go through json.loads.
+PUB_RE = re.compile(rb'\{"type":"pub","channel":"[^"]*","offset":(\d+),"data":\{"ts":([0-9.]+)[,}]')
+PUB_MATCH = PUB_RE.match
+PUB_FINDITER = PUB_RE.finditer
+MESSAGE_START = b'{"type":'
+
+
+# --- clients -------------------------------------------------------------------------------
+
+
+class Totals:
+    """Counters of all clients together (one event loop: no locking)."""
+
+    def __init__(self) -> None:
+        self.pubs = 0  # publications received (in order, not duplicates)
+        self.frames = 0  # text frames received (control frames not counted)
+        self.gaps = 0  # offsets skipped without notice
+        self.announced = 0  # offsets the edge dropped and said so (gap notices)
+        self.dups = 0  # offsets received again (or going back)
+        self.resyncs = 0
+        self.errors = 0
+        self.error_samples: list[str] = []
+        self.disconnects = 0  # connections the edge closed (not us)
+        self.close_codes: dict[int, int] = {}
+        self.lat: list[float] = []  # s, of publications whose ts is in [lat_lo, lat_hi)
+        self.lat_lo = math.inf
+        self.lat_hi = math.inf
+
+
+class BenchClient(asyncio.Protocol):
+    """One WebSocket client: connect, subscribe to one channel, count what arrives."""
+
+    def __init__(self, totals: Totals, uri: str, channel: str, raw: bool) -> None:
+        self.totals = totals
+        self.channel = channel
+        self.raw = raw
+        self.proto = ClientProtocol(
+            parse_uri(uri), subprotocols=[Subprotocol("fanout.json")], max_size=None
+        )
+        self.transport: asyncio.Transport | None = None
+        self.is_open = False  # handshake done
+        self.handshake = b""
+        self.buf = b""
+        self.last = -2  # highest offset received; -2 until subscribed
+        self.received = 0
+        self.closed = False
+        self.closing = False  # we are closing: not a disconnect
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.proto.send_request(self.proto.connect())
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.closing:
+            self.totals.disconnects += 1
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"connection lost: {exc!r}"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if not self.is_open:
+                self._handshake(data)
+            elif self.raw:
+                self._frames(data)
+            else:
+                self._sansio(data)
+        except Exception as exc:  # a frame we do not understand: count it, drop the client
+            self.fail(f"{type(exc).__name__}: {exc}")
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        self.proto.send_text(json.dumps(obj, separators=(",", ":")).encode())
+        self._flush()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.closed:
+            with contextlib.suppress(Exception):
+                if self.proto.state is State.OPEN:
+                    self.proto.send_close(1000)
+                    self._flush()
+            self.transport.close()
+
+    def fail(self, why: str) -> None:
+        self.totals.errors += 1
+        if len(self.totals.error_samples) < 5:
+            self.totals.error_samples.append(why[:300])
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError(why))
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- receiving -----------------------------------------------------------------------
+
+    def _handshake(self, data: bytes) -> None:
+        """Hand exactly the HTTP response to ClientProtocol; what follows it is frames."""
+        self.handshake += data
+        end = self.handshake.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.handshake) > 65_536:
+                self.fail("handshake response too long")
+            return
+        head, rest = self.handshake[: end + 4], self.handshake[end + 4 :]
+        self.handshake = b""
+        self.proto.receive_data(head)
+        self.proto.events_received()  # the Response
+        if self.proto.state is not State.OPEN:
+            self.fail(f"handshake failed: {self.proto.handshake_exc!r}")
+            return
+        self.is_open = True
+        self.send({"type": "connect", "id": 1, "name": "bench"})
+        if rest:
+            self.data_received(rest)
+
+    def _frames(self, data: bytes) -> None:
+        """The hot path: unmasked server frames, parsed in place."""
+        buf = self.buf + data if self.buf else data
+        n = len(buf)
+        pos = 0
+        now = time.time()
+        totals = self.totals
+        while n - pos >= 2:
+            length = buf[pos + 1]
+            if length < 126:
+                start = pos + 2
+            elif length == 126:
+                if n - pos < 4:
+                    break
+                length = (buf[pos + 2] << 8) | buf[pos + 3]
+                start = pos + 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                start = pos + 10
+            else:
+                self.fail("masked frame from the server")
+                return
+            end = start + length
+            if end > n:
+                break
+            if buf[pos] == 0x81:  # FIN + text, no RSV bits
+                totals.frames += 1
+                m = PUB_MATCH(buf, start, end)
+                if m is not None:
+                    offset = int(m[1])
+                    if offset == self.last + 1:
+                        self.last = offset
+                        self.received += 1
+                        totals.pubs += 1
+                        ts = float(m[2])
+                        if totals.lat_lo <= ts < totals.lat_hi:
+                            totals.lat.append(now - ts)
+                    else:
+                        self._pub(offset, float(m[2]), now)
+                else:
+                    self._text(buf, start, end, now)
+            else:
+                self._control(buf[pos], buf[start:end])
+                if self.transport is None or self.transport.is_closing():
+                    return
+            pos = end
+        self.buf = buf[pos:] if pos < n else b""
+
+    def _sansio(self, data: bytes) -> None:
+        self.proto.receive_data(data)
+        now = time.time()
+        for frame in self.proto.events_received():
+            if not isinstance(frame, Frame):
+                continue
+            if frame.opcode is Opcode.TEXT and frame.fin:
+                self.totals.frames += 1
+                payload = bytes(frame.data)
+                m = PUB_MATCH(payload)
+                if m is not None:
+                    self._pub(int(m[1]), float(m[2]), now)
+                else:
+                    self._text(payload, 0, len(payload), now)
+            elif frame.opcode is Opcode.CLOSE:
+                self._count_close(bytes(frame.data))
+            elif frame.opcode not in (Opcode.PING, Opcode.PONG):  # pings: answered by proto
+                self.fail(f"unexpected frame {frame.opcode.name} fin={frame.fin}")
+        self._flush()
+        if self.proto.close_expected() and self.transport is not None:
+            self.transport.close()
+
+    def _text(self, buf: bytes, start: int, end: int, now: float) -> None:
+        """A text frame other than a single publication: an array of messages (the edge
+        coalesces), a reply, a ping, a notice."""
+        if buf[start] == 0x5B:  # "[": coalesced messages
+            matches = list(PUB_FINDITER(buf, start, end))
+            if len(matches) == buf.count(MESSAGE_START, start, end):  # all publications
+                for m in matches:
+                    self._pub(int(m[1]), float(m[2]), now)
+                return
+            for obj in json.loads(buf[start:end]):
+                self._message(obj, now)
+            return
+        self._message(json.loads(buf[start:end]), now)
+
+    def _pub(self, offset: int, ts: float | None, now: float) -> None:
+        totals = self.totals
+        if self.last < -1:
+            totals.errors += 1  # a publication before the subscribe reply
+            return
+        if offset <= self.last:
+            totals.dups += 1
+            return
+        if offset != self.last + 1:
+            totals.gaps += offset - self.last - 1
+        self.last = offset
+        self.received += 1
+        totals.pubs += 1
+        if ts is not None and totals.lat_lo <= ts < totals.lat_hi:
+            totals.lat.append(now - ts)
+
+    def _message(self, obj: dict[str, Any], now: float) -> None:
+        kind = obj.get("type")
+        if kind == "pub":
+            data = obj.get("data")
+            ts = data.get("ts") if isinstance(data, dict) else None
+            self._pub(int(obj["offset"]), float(ts) if ts is not None else None, now)
+        elif kind == "ping":
+            self.send({"type": "pong"})
+        elif kind == "connected":
+            self.send({"type": "subscribe", "id": 2, "channel": self.channel})
+        elif kind == "subscribed":
+            self.last = int(obj["offset"])
+            if not self.ready.done():
+                self.ready.set_result(None)
+        elif kind == "resync":
+            self.totals.resyncs += 1
+            self.last = int(obj["offset"])
+        elif kind == "gap":  # the edge dropped offsets from..to for us (drop policy)
+            first, last = int(obj["from"]), int(obj["to"])
+            if first > self.last + 1:
+                self.totals.gaps += first - self.last - 1
+            self.totals.announced += max(0, last - max(first, self.last + 1) + 1)
+            self.last = max(self.last, last)
+        elif kind == "error":
+            self.fail(f"error reply: {obj}")
+
+    def _control(self, first: int, payload: bytes) -> None:
+        opcode = first & 0x0F
+        if first & 0x70 or not first & 0x80 or opcode in (Opcode.CONT, Opcode.BINARY):
+            self.fail(f"unexpected frame: first byte {first:#x} (RSV, fragment or binary)")
+        elif opcode == Opcode.CLOSE:
+            self._count_close(payload)
+            if self.transport is not None:
+                self.transport.close()
+        elif opcode == Opcode.PING:
+            self.proto.send_pong(payload)
+            self._flush()
+        elif opcode == Opcode.TEXT:  # FIN set and no RSV bits: handled by the caller
+            self.fail("unreachable")
+
+    def _count_close(self, payload: bytes) -> None:
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+        self.totals.close_codes[code] = self.totals.close_codes.get(code, 0) + 1
+
+
+async def connect_clients(
+    clients: list[BenchClient], n: int, port: int, channel: str, raw: bool, totals: Totals,
+    concurrency: int,
+) -> None:
+    """Open `n` clients into `clients` (so that the caller closes even a partial set)."""
+    loop = asyncio.get_running_loop()
+    uri = f"ws://{HOST}:{port}/ws"
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            _, client = await loop.create_connection(
+                lambda: BenchClient(totals, uri, channel, raw), HOST, port
+            )
+            clients.append(client)
+            await asyncio.wait_for(client.ready, 30.0)
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+# --- the edge ------------------------------------------------------------------------------
+
+
+class EdgeProcess:
+    """`python -m common.cli edge` on a free loopback port, pinned to one CPU, killed with
+    us (PR_SET_PDEATHSIG) however we end."""
+
+    def __init__(self, redis_url: str, prefix: str, cpu: int | None,
+                 extra: list[str]) -> None:
+        self.port = free_port(HOST)
+        self.extra = extra
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.cpu = cpu
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] = tempfile.TemporaryFile(prefix="bench-edge-")  # noqa: SIM115
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        death = parent_death_hook()
+        cpu = self.cpu
+
+        def preexec() -> None:
+            death()
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
+        cmd = [
+            sys.executable, "-m", "common.cli", "edge",
+            "--host", HOST, "--port", str(self.port),
+            "--redis-url", self.redis_url, "--key-prefix", self.prefix,
+            "--log-level", "warning", *self.extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=preexec, start_new_session=True,  # Ctrl-C reaches only us
+        )
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.log.close()
+
+    def output(self, limit: int = 4_000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-limit:]
+
+    def url(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}{path}"
+
+
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with _HTTP.open(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+async def wait_ready(edge: EdgeProcess, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert edge.proc is not None
+        if edge.proc.poll() is not None:
+            raise RuntimeError(f"edge exited with code {edge.proc.returncode}:\n"
+                               f"{edge.output()}")
+        with contextlib.suppress(OSError):
+            status, _ = await asyncio.to_thread(http_get, edge.url("/readyz"), 1.0)
+            if status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"edge not ready after {timeout:.0f} s:\n{edge.output()}")
+        await asyncio.sleep(0.1)
+
+
+def parse_metrics(text: str, name: str) -> list[tuple[str, float]]:
+    """The samples of metric `name` (with any labels) in a Prometheus text exposition."""
+    samples = []
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            sample, _, value = line.rpartition(" ")
+            samples.append((sample, float(value)))
+    return samples
+
+
+# --- a rate --------------------------------------------------------------------------------
+
+
+@dataclass
+class Phase:
+    rate: float
+    clients: int  # open at the start
+    open_after: int
+    published: int
+    window_s: float
+    window_published: int
+    window_pubs: int
+    received: int  # publications of this phase received, all clients, after the drain
+    window_frames: int
+    gaps: int
+    announced: int
+    dups: int
+    p50: float
+    p99: float
+    samples: int
+    edge_cpu: float
+    bench_cpu: float
+    valkey_cpu: float | None
+    edge_cpu_busy: float  # the whole CPU the edge is pinned to (or the machine)
+    bench_cpu_busy: float  # likewise for this process's CPU
+    steal: float  # machine-wide, % of one CPU
+    drain_s: float
+    drained: bool
+
+    @property
+    def delivered(self) -> float:
+        return self.window_pubs / self.window_s
+
+    @property
+    def expected(self) -> float:
+        return self.clients * self.window_published / self.window_s
+
+    @property
+    def lost(self) -> int:
+        return self.clients * self.published - self.received
+
+    @property
+    def frames(self) -> float:
+        return self.window_frames / self.window_s
+
+    def cells(self) -> list[object]:
+        clients = (str(self.clients) if self.open_after == self.clients
+                   else f"{self.clients} ({self.clients - self.open_after} disconnected)")
+        drain = f"{self.drain_s:.2f}" + ("" if self.drained else " (timeout)")
+        lost: object = self.lost
+        if self.announced:
+            lost = f"{self.lost:,} ({self.announced:,} announced)"
+        return [
+            round(self.rate), clients, round(self.delivered), round(self.expected), lost,
+            f"{self.gaps}/{self.dups}", ms(self.p50), ms(self.p99), round(self.edge_cpu), drain,
+        ]
+
+    def cpu_cells(self) -> list[object]:
+        valkey = "n/a" if self.valkey_cpu is None else round(self.valkey_cpu)
+        return [
+            round(self.rate), round(self.frames), round(self.delivered / max(self.frames, 1), 1),
+            round(self.edge_cpu), round(self.edge_cpu_busy),
+            round(self.bench_cpu), valkey, round(self.bench_cpu_busy), round(self.steal, 1),
+        ]
+
+
+HEADERS = [
+    "publish rate/s", "clients", "delivered msgs/s", "expected msgs/s", "lost", "gaps/dups",
+    "p50 ms", "p99 ms", "edge CPU %", "drain s",
+]
+CPU_HEADERS = [
+    "publish rate/s", "frames/s", "msgs/frame", "edge CPU %", "edge's CPU busy %",
+    "bench CPU %", "valkey CPU %", "bench's CPU busy %", "steal %",
+]
+
+
+def ms(seconds: float) -> object:
+    return "n/a" if math.isnan(seconds) else round(seconds * 1000, 1)
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    publisher: Publisher
+    channel: str
+    clients: list[BenchClient]
+    totals: Totals
+    edge_pid: int
+    valkey_pid: int | None
+    edge_cpu: int | None  # pinned to, or None (then "busy" is the machine's)
+    bench_cpu: int | None
+
+
+def message(channel: str, ts: float, seq: int) -> UpstreamMessage:
+    # A trade-sized message; ts first so that the clients' regex finds it.
+    data = {"ts": ts, "symbol": "BENCH", "price": 21_000.25 + (seq % 40) * 0.25,
+            "size": 1 + seq % 7, "side": "buy" if seq % 2 else "sell"}
+    return UpstreamMessage(channel, data)
+
+
+async def run_phase(ctx: Context, rate: float) -> Phase:
+    args, totals = ctx.args, ctx.totals
+    live = [c for c in ctx.clients if not c.closed]
+    totals.lat, totals.lat_lo, totals.lat_hi = [], math.inf, math.inf
+    pubs_start, gaps_start, dups_start = totals.pubs, totals.gaps, totals.dups
+    announced_start = totals.announced
+    edge_meter, bench_meter = CpuMeter(ctx.edge_pid), CpuMeter(os.getpid())
+    valkey_meter = CpuMeter(ctx.valkey_pid) if ctx.valkey_pid else None
+    edge_busy, bench_busy = CpuBusy(ctx.edge_cpu), CpuBusy(ctx.bench_cpu)
+    steal_meter = CpuBusy()
+    warmup, end = args.warmup, args.warmup + args.duration
+
+    sent = 0
+    last_offset = -1
+    in_window = False
+    t0 = t1 = 0.0
+    pubs0 = pubs1 = sent0 = sent1 = frames0 = frames1 = 0
+    edge_cpu = bench_cpu = edge_cpu_busy = bench_cpu_busy = steal = 0.0
+    valkey_cpu: float | None = None
+    start = time.perf_counter()
+    while True:
+        now = time.perf_counter()
+        elapsed = now - start
+        if not in_window and elapsed >= warmup:
+            in_window = True
+            t0, pubs0, sent0, frames0 = now, totals.pubs, sent, totals.frames
+            totals.lat_lo = time.time()
+            for meter in (edge_meter, bench_meter, valkey_meter, edge_busy, bench_busy,
+                          steal_meter):
+                if meter is not None:
+                    meter.start()
+        if in_window and elapsed >= end:
+            t1, pubs1, sent1, frames1 = now, totals.pubs, sent, totals.frames
+            totals.lat_hi = time.time()
+            edge_cpu, bench_cpu = edge_meter.percent(), bench_meter.percent()
+            valkey_cpu = valkey_meter.percent() if valkey_meter else None
+            edge_cpu_busy, bench_cpu_busy = edge_busy.percent()[0], bench_busy.percent()[0]
+            steal = steal_meter.percent()[1]
+            break
+        due = int(elapsed * rate) + 1  # message i is due at i / rate
+        if due > sent:
+            count = min(due - sent, MAX_PUBLISH_BATCH)
+            ts = time.time()
+            results = await ctx.publisher.publish_batch(
+                [message(ctx.channel, ts, sent + i) for i in range(count)]
+            )
+            sent += count
+            last_offset = results[-1].offset
+        else:
+            next_due = start + sent / rate
+            boundary = start + (warmup if not in_window else end)
+            await asyncio.sleep(max(0.0, min(next_due, boundary) - now))
+
+    drain_start = time.perf_counter()
+    deadline = drain_start + args.drain
+    drained = False
+    while time.perf_counter() < deadline:
+        if all(c.closed or c.last >= last_offset for c in live):
+            drained = True
+            break
+        await asyncio.sleep(0.02)
+    drain_s = time.perf_counter() - drain_start
+    lat = sorted(totals.lat)
+    totals.lat = []
+    return Phase(
+        rate=rate, clients=len(live), open_after=sum(not c.closed for c in live),
+        published=sent, window_s=t1 - t0, window_published=sent1 - sent0,
+        window_pubs=pubs1 - pubs0, received=totals.pubs - pubs_start,
+        window_frames=frames1 - frames0, gaps=totals.gaps - gaps_start,
+        announced=totals.announced - announced_start, dups=totals.dups - dups_start,
+        p50=quantile(lat, 0.50), p99=quantile(lat, 0.99), samples=len(lat),
+        edge_cpu=edge_cpu, bench_cpu=bench_cpu, valkey_cpu=valkey_cpu,
+        edge_cpu_busy=edge_cpu_busy, bench_cpu_busy=bench_cpu_busy, steal=steal,
+        drain_s=drain_s, drained=drained,
+    )
+
+
+def stop_reason(phase: Phase) -> str | None:
+    if phase.open_after == 0:
+        return "every client was disconnected"
+    if phase.delivered < STOP_DELIVERED * phase.expected:
+        return (f"delivered {phase.delivered:,.0f} msgs/s < 90 % of expected "
+                f"{phase.expected:,.0f} msgs/s")
+    if phase.p99 > STOP_P99:
+        return f"p99 latency {phase.p99 * 1000:,.0f} ms > {STOP_P99 * 1000:.0f} ms"
+    return None
+
+
+# --- main ----------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProcess,
+              valkey_pid: int | None) -> list[str]:
+    """The whole benchmark; returns the report's lines."""
+    out: list[str] = []
+    try:
+        async with asyncio.timeout(args.timeout) as limit:
+            await _run(args, url, prefix, edge, valkey_pid, out)
+    except TimeoutError:
+        if limit.expired():
+            raise BenchTimeout(
+                f"the benchmark took longer than --timeout {args.timeout:g} s"
+            ) from None
+        raise
+    return out
+
+
+class BenchTimeout(Exception):
+    pass
+
+
+async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProcess,
+               valkey_pid: int | None, out: list[str]) -> None:
+    redis = Redis.from_url(url, decode_responses=True, socket_timeout=10.0,
+                           socket_connect_timeout=5.0)
+    clients: list[BenchClient] = []
+    try:
+        publisher = Publisher(redis, Keys(prefix))
+        channel = args.channel
+        await publisher.publish(message(channel, time.time(), 0))  # the channel exists
+        await wait_ready(edge)
+        totals = Totals()
+        progress(f"connecting {args.clients} clients ...")
+        started = time.perf_counter()
+        await connect_clients(clients, args.clients, edge.port, channel,
+                              args.client == "raw", totals, args.connect_concurrency)
+        progress(f"  {len(clients)} connected and subscribed in "
+                 f"{time.perf_counter() - started:.1f} s")
+        bench_cpu = args.bench_cpu if edge.cpu is not None else None
+        ctx = Context(args, publisher, channel, clients, totals, edge.pid, valkey_pid,
+                      edge.cpu, bench_cpu)
+        phases: list[Phase] = []
+        why: str | None = None
+        for rate in args.rates:
+            progress(f"rate {rate:g}/s: {args.warmup:g} s warm-up + "
+                     f"{args.duration:g} s measured ...")
+            phase = await run_phase(ctx, rate)
+            phases.append(phase)
+            progress("  " + " | ".join(str(c) for c in phase.cells()))
+            why = stop_reason(phase)
+            if why:
+                break
+        out.append(table(HEADERS, [p.cells() for p in phases]))
+        out.append("")
+        out.append("CPU during each measured window (100 % = one core). 'busy' is the whole "
+                   "CPU: every process on it plus interrupts (loopback TCP is mostly softirq "
+                   "time, charged to no process); steal is machine-wide.")
+        out.append("")
+        out.append(table(CPU_HEADERS, [p.cpu_cells() for p in phases]))
+        out.append("")
+        samples = ", ".join(f"{p.samples:,}" for p in phases)
+        out.append(f"latency samples per row: {samples}")
+        for p in phases:
+            achieved = p.window_published / p.window_s
+            if achieved < 0.95 * p.rate:
+                out.append(f"note: at {p.rate:g}/s the publisher reached only {achieved:,.0f} "
+                           "msgs/s (expected msgs/s uses what it reached)")
+            if p.bench_cpu >= CLIENT_BOUND:
+                out.append(
+                    f"note: at {p.rate:g}/s this process (clients + publisher) used "
+                    f"{p.bench_cpu:.0f} % of its CPU ({p.bench_cpu_busy:.0f} % busy in all) and "
+                    f"the edge {p.edge_cpu:.0f} %: the client side is near saturation, so "
+                    "delivery and latency there may be limited by it, not by the edge"
+                )
+        if why:
+            out.append(f"stopped rising at {phases[-1].rate:g}/s: {why}")
+        else:
+            out.append("every rate kept up (delivered >= 90 % of expected, p99 <= 1 s)")
+        status, text = await asyncio.to_thread(http_get, edge.url("/metrics"))
+        out.append("")
+        out.append(f"edge /metrics at the end (HTTP {status}), before the clients closed:")
+        names = ("fanout_edge_messages_sent_total", "fanout_edge_frames_sent_total",
+                 "fanout_edge_disconnects_total")
+        for name in names:
+            found = parse_metrics(text, name)
+            for sample, value in found:
+                out.append(f"  {sample} {value:,.0f}")
+            if not found:
+                out.append(f"  {name}: no samples (none counted)")
+        out.append(f"clients received {totals.frames:,} frames in all, holding "
+                   f"{totals.pubs:,} publications (plus replies and pings); "
+                   f"disconnected by the edge: {totals.disconnects}; "
+                   f"close codes: {totals.close_codes or 'none'}; resyncs: "
+                   f"{totals.resyncs}; unannounced gaps {totals.gaps}, duplicates "
+                   f"{totals.dups}, announced drops {totals.announced}; "
+                   f"client errors: {totals.errors}")
+        for sample in totals.error_samples:
+            out.append(f"  client error: {sample}")
+    finally:
+        for client in clients:
+            client.close()
+        with contextlib.suppress(Exception):
+            await delete_prefix(redis, prefix)
+        await redis.aclose()
+        await asyncio.sleep(0.2)  # let the transports close
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def rates(text: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected e.g. 50,100,200, got {text!r}") from None
+    if not values or any(not 0 < v <= 100_000 for v in values):
+        raise argparse.ArgumentTypeError("rates must be > 0 and <= 100000")
+    return values
+
+
+def number(lo: float, cast: Callable[[str], Any] = float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = cast(text)
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return value
+
+    return parse
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--clients", type=number(1, int), default=500)
+    p.add_argument("--rates", type=rates, default=[50, 100, 200, 400, 800],
+                   help="publish rates, messages/s, comma-separated (default 50,100,200,400,800)")
+    p.add_argument("--duration", type=number(0.5), default=5.0, help="measured s per rate")
+    p.add_argument("--warmup", type=number(0), default=1.0, help="s per rate before measuring")
+    p.add_argument("--drain", type=number(0), default=10.0,
+                   help="most s to wait after a rate for every client to catch up")
+    p.add_argument("--client", choices=("raw", "sansio"), default="raw",
+                   help="client receive path (see the module doc)")
+    p.add_argument("--channel", default="trades.BENCH")
+    p.add_argument("--connect-concurrency", type=number(1, int), default=50)
+    p.add_argument("--edge-cpu", type=int, default=0, help="CPU to pin the edge to")
+    p.add_argument("--bench-cpu", type=int, default=1,
+                   help="CPU to pin this process (and the embedded Valkey) to")
+    p.add_argument("--no-pin", action="store_true", help="do not pin anything")
+    p.add_argument("--edge-args", default="",
+                   help="more flags for `fanout edge`, e.g. '--max-frame-messages 1'")
+    p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL"),
+                   help="use this Redis/Valkey instead of an embedded one [env BENCH_REDIS_URL]")
+    p.add_argument("--timeout", type=number(10), default=None,
+                   help="abort after this many s (default: from the other settings)")
+    args = p.parse_args()
+    if args.timeout is None:
+        args.timeout = 90 + len(args.rates) * (args.warmup + args.duration + args.drain + 5)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    sigterm_as_interrupt()
+    print(f"fanout benchmark: {environment()}", flush=True)
+    print(source_state(), flush=True)
+    edge_cpu: int | None = None
+    notes: list[str] = []
+    can_pin = len(os.sched_getaffinity(0)) >= 2 and args.edge_cpu != args.bench_cpu
+    if not args.no_pin and can_pin and pin(0, args.bench_cpu):
+        edge_cpu = args.edge_cpu
+        notes.append(f"edge pinned to CPU {args.edge_cpu}; this process (clients + "
+                     f"publisher) pinned to CPU {args.bench_cpu}")
+    if edge_cpu is None:
+        notes.append("nothing pinned (fewer than 2 usable CPUs, or --no-pin)")
+    status = 0
+    try:
+        with redis_server(args.redis_url) as server:
+            if server.embedded is not None and server.pid and edge_cpu is not None:
+                pin(server.pid, args.bench_cpu)
+                notes.append(f"embedded valkey-server pinned to CPU {args.bench_cpu}")
+            elif server.embedded is None:
+                notes.append("Redis: --redis-url (not pinned, CPU not measured)")
+            prefix = bench_prefix("fanout")
+            edge = EdgeProcess(server.url, prefix, edge_cpu, shlex.split(args.edge_args))
+            try:
+                edge.start()
+                client = ("raw: websockets sans-I/O ClientProtocol handshake + own frame "
+                          "parser, regex for pub offset/ts" if args.client == "raw" else
+                          "sansio: every byte through websockets' ClientProtocol")
+                print("; ".join(notes), flush=True)
+                if args.edge_args:
+                    print(f"edge flags: {args.edge_args}", flush=True)
+                print(f"client: {client}; {args.clients} clients on one channel "
+                      f"({args.channel}), JSON subprotocol, no compression; "
+                      f"{args.warmup:g} s warm-up + {args.duration:g} s per rate", flush=True)
+                lines = run_async(run(args, server.url, prefix, edge, server.pid))
+                log = edge.output().strip()
+                if log:
+                    lines += ["", "edge log (warnings and errors; tail):", log[-3_000:]]
+            except BenchTimeout as exc:
+                print(f"aborted: {exc}", file=sys.stderr)
+                status = 1
+                lines = []
+            except Exception:
+                tail = edge.output() if edge.proc is not None else ""
+                if tail:
+                    print(f"edge output (tail):\n{tail}", file=sys.stderr)
+                raise
+            finally:
+                edge.stop()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print()
+    print("\n".join(lines))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
