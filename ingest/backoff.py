@@ -21,7 +21,7 @@ class Backoff:
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay of the `attempt`-th retry (0-based)."""
-        return min(self.cap, self.base * 2 ** min(attempt, 62))
+        return min(self.cap, self.base * 2.0 ** min(attempt, 62))
 
     def next_delay(self) -> float:
         """The delay before the next attempt; each call is one more attempt."""
