@@ -130,13 +130,10 @@ class Session:
                 return
         self._wakeup.set()
 
-    def _push(self, sub: Subscription, pub: Publication, data: str | None = None) -> None:
-        if data is None or data is pub.data:
-            data, frame = pub.data, pub.frame(self.codec)
-        else:  # merged by the throttle: this client's own encoding
-            frame = self.queue.encode_pub(pub.channel, pub.offset, pub.key, data)
+    def _push(self, sub: Subscription, pub: Publication) -> None:
         outcome = self.queue.push(
-            pub.channel, pub.offset, pub.key, data, frame, sub.policy, sub.merge, pub.deleted
+            pub.channel, pub.offset, pub.key, pub.data, pub.frame(self.codec), sub.policy,
+            sub.merge, pub.deleted,
         )
         if outcome is Outcome.QUEUED:
             pass
@@ -163,7 +160,7 @@ class Session:
         old = held.pop(pub.key, None)
         if old is not None:
             self.stats.count_conflated(sub.namespace)
-            if sub.merge and not pub.deleted:
+            if sub.merge and not pub.deleted:  # this client's own merged value
                 pub = Publication(
                     pub.channel, pub.epoch, pub.offset, pub.key, merge_json(old.data, pub.data)
                 )
@@ -176,7 +173,7 @@ class Session:
         held, sub.held = sub.held or {}, None
         sub.next_at = self._loop.time() + 1.0 / (sub.max_rate or 1.0)
         for pub in sorted(held.values(), key=lambda p: p.offset):
-            self._push(sub, pub, pub.data)
+            self._push(sub, pub)
             if self._close is not None:
                 return
 
