@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         "ingest",
         help="run an ingest worker: hold the upstream feed, publish sequenced messages",
         description="Run an ingest worker: read the upstream feed and publish every message "
-        "through the atomic publish script (offset, history, snapshot, live notify).",
+        "through the atomic publish script (offset, history, snapshot, live notify). Workers "
+        "of one feed elect a leader through a lease in Redis: only the leader connects "
+        "upstream and publishes; the others stand by and take over within the lease TTL.",
     )
     add_arguments(ingest, INGEST_SETTINGS)
 

@@ -169,6 +169,8 @@ class IngestConfig:
     history: Mapping[str, HistoryPolicy] = field(default_factory=lambda: dict(DEFAULT_HISTORY))
     idempotency_ttl: int = 3_600  # s a published upstream message id is remembered
     metrics_port: int = 0  # 0 = no metrics endpoint
+    feed_id: str = ""  # the feed's name in its lease: workers with one id elect one leader
+    lease_ttl: float = 5.0  # s the leader's lease lasts without a renewal
     log_level: str = "info"
 
 
@@ -333,6 +335,10 @@ INGEST_SETTINGS = (
             "seconds a published upstream message id is remembered"),
     Setting("metrics_port", "--metrics-port", "FANOUT_INGEST_METRICS_PORT", _int(0, 65535),
             "port of the ingest's /metrics (0 = none)"),
+    Setting("feed_id", "--feed-id", "FANOUT_FEED_ID", _prefix,
+            "the feed's id in leader election: one leader per id (default: the feed name)"),
+    Setting("lease_ttl", "--lease-ttl", "FANOUT_LEASE_TTL", _float(0.5, strict=False),
+            "seconds the leader's lease lasts without renewal (>= 0.5; default 5)"),
     Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level, "log level"),
 )
 

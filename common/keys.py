@@ -9,6 +9,15 @@ in one slot, as the Lua scripts that touch them together require.
     <prefix>:{<channel>}:idem:<id>    string "<epoch>:<offset>" of an upstream message id
     <prefix>:live:{<channel>}         pub/sub channel of live messages for the edges
     <prefix>:probe:<node>             pub/sub channel an edge publishes to itself (liveness)
+
+Per ingest feed (leader election, see ingest/leader.py), both under the hash tag ``{<feed>}``
+so that the lease scripts, which touch both, run in one slot:
+
+    <prefix>:lease:{<feed>}           string "<token>:<owner>" of the leader, with a PX TTL
+    <prefix>:fence:{<feed>}           string counter: the last fencing token handed out
+
+The channel meta hash also holds ``fence``: the highest fencing token that published to the
+channel (publish.lua rejects a lower one).
 """
 
 from __future__ import annotations
@@ -48,3 +57,9 @@ class Keys:
 
     def probe(self, node_id: str) -> str:
         return f"{self.prefix}:probe:{node_id}"
+
+    def lease(self, feed: str) -> str:
+        return f"{self.prefix}:lease:{{{feed}}}"
+
+    def fence(self, feed: str) -> str:
+        return f"{self.prefix}:fence:{{{feed}}}"

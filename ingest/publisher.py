@@ -3,6 +3,12 @@
 One round trip carries up to `batch_size` script calls; Redis runs each atomically and in
 order, so offsets are assigned in the order messages were given. A failed batch can be
 sent again: messages with an upstream id are published once however often they are sent.
+
+A leader publishes with its `Fence` (fencing token and lease deadline, see
+ingest/leader.py): the script then writes nothing for a token lower than the highest one
+that already published to the channel, or once the server's clock is past the deadline, and
+the publisher raises `FencedOut`. Without a fence (the HTTP API, tests) publishing is
+unfenced.
 """
 
 from __future__ import annotations
@@ -27,11 +33,40 @@ class InvalidMessage(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Fence:
+    """What a leader publishes with: its fencing token, and the moment (the Redis server's
+    clock, ms since the epoch) after which its lease may have expired (None = no deadline)."""
+
+    token: int
+    deadline_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PublishResult:
     channel: str
     offset: int
     epoch: str
     duplicate: bool
+
+
+class FencedOut(Exception):
+    """The publish script refused (some of) a batch: a higher fencing token has published
+    to `channel` (`reason` "token"; `fence` is the channel's token), or the lease deadline
+    has passed on the server (`reason` "expired"). What was refused wrote nothing; the
+    other messages of the batch are in `results` (a later message of the batch may have
+    been published while an earlier one was refused: the caller must stop, and the next
+    leader republish from the upstream, idempotently)."""
+
+    def __init__(
+        self, channel: str, token: int, fence: int, reason: str, results: list[PublishResult]
+    ) -> None:
+        super().__init__(f"fenced out: channel={channel} token={token} fence={fence} "
+                         f"reason={reason}")
+        self.channel = channel
+        self.token = token
+        self.fence = fence
+        self.reason = reason
+        self.results = results
 
 
 class Publisher:
@@ -51,7 +86,7 @@ class Publisher:
         self._script = register(redis, "publish")
 
     def _call_args(
-        self, msg: UpstreamMessage, epoch: str
+        self, msg: UpstreamMessage, epoch: str, fence: Fence | None = None
     ) -> tuple[list[str], list[str | int]]:
         try:
             channel = parse_channel(msg.channel)
@@ -74,25 +109,42 @@ class Publisher:
             data, key, msg.msg_id, channel.snapshot_mode.value, policy.max_length,
             int(policy.max_age * 1000), self.meta_ttl, self.idempotency_ttl,
             self.keys.live(name), epoch, "1" if msg.delete else "0",
+            "" if fence is None else fence.token,
+            "" if fence is None or fence.deadline_ms is None else fence.deadline_ms,
         ]
         return keys, args
 
-    async def publish(self, msg: UpstreamMessage) -> PublishResult:
-        return (await self.publish_batch([msg]))[0]
+    async def publish(self, msg: UpstreamMessage, fence: Fence | None = None) -> PublishResult:
+        return (await self.publish_batch([msg], fence))[0]
 
-    async def publish_batch(self, messages: Sequence[UpstreamMessage]) -> list[PublishResult]:
+    async def publish_batch(
+        self, messages: Sequence[UpstreamMessage], fence: Fence | None = None
+    ) -> list[PublishResult]:
         """Publish in order, in one round trip. Raises InvalidMessage (bad channel, key or
-        data) before anything is sent: a batch is never published partially for bad input."""
+        data) before anything is sent: a batch is never published partially for bad input.
+        With a `fence`, raises FencedOut if the script refused any message of the batch."""
         epoch = os.urandom(6).hex()  # used only by a channel that has no epoch yet
-        calls = [self._call_args(msg, epoch) for msg in messages]
+        calls = [self._call_args(msg, epoch, fence) for msg in messages]
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 await self._script(keys=keys, args=args, client=pipe)
             raw = await pipe.execute()
-        return [
-            PublishResult(msg.channel, int(r[0]), _text(r[1]), bool(int(r[2])))
-            for msg, r in zip(messages, raw, strict=True)
-        ]
+        results: list[PublishResult] = []
+        refused: tuple[str, int, str] | None = None
+        for msg, r in zip(messages, raw, strict=True):
+            status = int(r[2])
+            if status <= 1:
+                results.append(PublishResult(msg.channel, int(r[0]), _text(r[1]), bool(status)))
+            elif refused is None:
+                if status == 2:
+                    refused = (msg.channel, int(_text(r[1])), "token")
+                else:
+                    refused = (msg.channel, 0, "expired")
+        if refused is not None:
+            assert fence is not None
+            channel, channel_fence, reason = refused
+            raise FencedOut(channel, fence.token, channel_fence, reason, results)
+        return results
 
 
 def _text(value: str | bytes) -> str:

@@ -5,6 +5,13 @@ whatever is queued (up to `batch_size`) into one round trip. At low rates a mess
 out alone at once; at high rates batches grow by themselves, which is what lets one
 process sustain a high publish rate. If Redis fails, the same batch is sent again after a
 backoff: idempotent message ids make that safe.
+
+With a `Leader` (as `fanout ingest` runs it), the worker is a standby until it wins its
+feed's lease, holds the upstream only while it leads (connect on election, disconnect when
+the term ends) and publishes with the term's fence. A term ends when the lease is lost or
+expires by the local clock, or when a publish is fenced out (a newer leader wrote first):
+the worker then drops what it had not published (the next leader's upstream replays it),
+and campaigns again.
 """
 
 from __future__ import annotations
@@ -20,11 +27,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from common.aio import raise_if_cancelling, stop_tasks
 from common.config import IngestConfig, redact_url
 from common.keys import Keys
-from ingest.publisher import InvalidMessage, Publisher
+from ingest.leader import Leader, LeaderMetrics, NotLeader, Term
+from ingest.publisher import Fence, FencedOut, InvalidMessage, Publisher, PublishResult
 from ingest.sim import make_feed
 from ingest.upstream import Upstream, UpstreamMessage
+
+IN_FLIGHT_GRACE = 5.0  # s a publish round trip already sent may take to complete after a term
 
 
 class IngestMetrics:
@@ -55,6 +66,10 @@ class IngestMetrics:
             "fanout_ingest_queue_depth", "Upstream messages waiting to be published.",
             registry=registry,
         )
+        self.fenced = Counter(
+            "fanout_ingest_fenced_out", "Publish round trips refused by fencing (a newer "
+            "leader published, or the lease deadline passed).", registry=registry,
+        )
 
 
 class Worker:
@@ -66,50 +81,132 @@ class Worker:
         metrics: IngestMetrics | None = None,
         batch_size: int = 500,
         queue_size: int = 10_000,
+        leader: Leader | None = None,
     ) -> None:
         self.upstream = upstream
         self.publisher = publisher
         self.log = logger
         self.metrics = metrics or IngestMetrics(CollectorRegistry())
         self.batch_size = batch_size
+        self.queue_size = queue_size
+        self.leader = leader
         self.queue: asyncio.Queue[UpstreamMessage | None] = asyncio.Queue(queue_size)
+        self._idle = asyncio.Event()  # set unless a publish round trip is in flight
+        self._idle.set()
 
     async def run(self) -> None:
-        reader = asyncio.create_task(self._read(), name="ingest-upstream")
+        """Without a leader: publish the upstream until it ends. With one: lead whenever
+        elected, until the upstream ends or the task is cancelled (which stops publishing
+        first, then releases the lease)."""
+        if self.leader is None:
+            await self._serve_term(None)
+            return
+        campaign = asyncio.create_task(self.leader.run(), name="ingest-leader")
         try:
-            await self._publish_loop()
+            while True:
+                elected = asyncio.create_task(self.leader.elected())
+                try:
+                    await asyncio.wait({campaign, elected}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    elected.cancel()
+                if campaign.done():
+                    campaign.result()  # the campaign failed: raise its error
+                    return
+                term = elected.result()
+                if not term.ended.is_set() and await self._serve_term(term):
+                    return  # the upstream ended
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            # After the term's tasks stopped: nothing is published once the lease is released.
+            await stop_tasks([campaign], self.log)
+
+    async def _serve_term(self, term: Term | None) -> bool:
+        """Read the upstream and publish while `term` lasts (forever without one). True if
+        the upstream ended. A fresh queue per term: nothing read in an earlier term is
+        published in a later one."""
+        self.queue = asyncio.Queue(self.queue_size)
+        if term is not None:
+            self.log.info("upstream connecting feed=%s token=%d", self.upstream.name, term.token)
+        reader = asyncio.create_task(self._read(), name="ingest-upstream")
+        publisher = asyncio.create_task(self._publish_loop(), name="ingest-publish")
+        ended = asyncio.create_task(term.ended.wait()) if term is not None else None
+        tasks = {t for t in (reader, publisher, ended) if t is not None}
+        try:
+            while not publisher.done() and not (ended is not None and ended.done()):
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                if reader.done():
+                    reader.result()  # raises if the upstream adapter failed
+                    tasks.discard(reader)  # it ended: the publisher drains the queue
+            if not publisher.done():
+                # The term ended. Disconnect the upstream now; a round trip already sent
+                # may complete (its outcome, fenced or not, is counted and logged), and
+                # nothing more is sent: every attempt checks the term first.
+                reader.cancel()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), IN_FLIGHT_GRACE)
+        finally:
+            # An upstream adapter disconnects as its generator closes.
+            await stop_tasks([reader, publisher, ended], self.log)
+        upstream_ended = False
+        if not publisher.cancelled():
+            exc = publisher.exception()
+            if isinstance(exc, FencedOut):
+                assert self.leader is not None
+                self.leader.step_down("fenced", exc.fence)
+            elif exc is not None and not isinstance(exc, NotLeader):
+                raise exc
+            upstream_ended = exc is None
+        if term is not None:
+            self.metrics.queue.set(0)
+            self.log.info("upstream disconnected feed=%s token=%d reason=%s",
+                          self.upstream.name, term.token,
+                          "upstream ended" if upstream_ended else term.reason)
+        return upstream_ended
 
     async def _read(self) -> None:
-        async for msg in self.upstream.messages():
-            await self.queue.put(msg)
-        await self.queue.put(None)  # the upstream ended
+        queue = self.queue
+        messages = self.upstream.messages()
+        try:
+            async for msg in messages:
+                raise_if_cancelling()
+                await queue.put(msg)
+        finally:
+            aclose = getattr(messages, "aclose", None)  # an async generator: disconnect now
+            if aclose is not None:
+                await aclose()
+        await queue.put(None)  # the upstream ended
 
     async def _publish_loop(self) -> None:
+        queue = self.queue
         ended = False
         while not ended:
-            first = await self.queue.get()
+            first = await queue.get()
             if first is None:
                 return
             batch = [first]
-            while len(batch) < self.batch_size and not self.queue.empty():
-                item = self.queue.get_nowait()
+            while len(batch) < self.batch_size and not queue.empty():
+                item = queue.get_nowait()
                 if item is None:
                     ended = True
                     break
                 batch.append(item)
-            self.metrics.queue.set(self.queue.qsize())
+            self.metrics.queue.set(queue.qsize())
             await self._publish(batch)
 
     async def _publish(self, batch: list[UpstreamMessage]) -> None:
         delay = 0.05
         while True:
+            # Checked before every attempt: a term that ended or ran out publishes nothing.
+            fence = self.leader.fence() if self.leader is not None else None
             started = time.perf_counter()
             try:
-                results = await self.publisher.publish_batch(batch)
+                results = await self._round_trip(batch, fence)
+            except FencedOut as exc:
+                self._count(exc.results)
+                self.metrics.fenced.inc()
+                self.log.warning("publish fenced out feed=%s token=%d channel=%s fence=%d "
+                                 "reason=%s", self.leader.feed if self.leader else "-",
+                                 exc.token, exc.channel, exc.fence, exc.reason)
+                raise
             except InvalidMessage as exc:
                 # Drop the bad message(s) one by one, never the whole batch.
                 if len(batch) == 1:
@@ -128,14 +225,32 @@ class Worker:
                 continue
             self.metrics.latency.observe(time.perf_counter() - started)
             self.metrics.batch.observe(len(batch))
-            dups = sum(r.duplicate for r in results)
-            self.metrics.published.inc(len(results) - dups)
-            if dups:
-                self.metrics.duplicates.inc(dups)
+            self._count(results)
             return
 
+    async def _round_trip(
+        self, batch: list[UpstreamMessage], fence: Fence | None
+    ) -> list[PublishResult]:
+        self._idle.clear()
+        try:
+            results = await self.publisher.publish_batch(batch, fence)
+        finally:
+            self._idle.set()
+        raise_if_cancelling()
+        return results
 
-async def serve(config: IngestConfig, logger: logging.Logger) -> None:
+    def _count(self, results: list[PublishResult]) -> None:
+        dups = sum(r.duplicate for r in results)
+        self.metrics.published.inc(len(results) - dups)
+        if dups:
+            self.metrics.duplicates.inc(dups)
+
+
+async def serve(
+    config: IngestConfig, logger: logging.Logger, upstream: Upstream | None = None
+) -> None:
+    """Run one ingest worker for `config` (and `upstream`, default: the configured feed)
+    until cancelled: standby, or leader of `config.feed_id`."""
     redis = Redis.from_url(config.redis.url, decode_responses=True, socket_timeout=10.0,
                            socket_connect_timeout=5.0)
     registry = CollectorRegistry()
@@ -146,23 +261,27 @@ async def serve(config: IngestConfig, logger: logging.Logger) -> None:
         redis, Keys(config.redis.key_prefix), config.history, config.redis.meta_ttl,
         config.idempotency_ttl,
     )
-    upstream = make_feed(config)
+    if upstream is None:
+        upstream = make_feed(config)
+    feed_id = config.feed_id or config.feed
+    leader = Leader(redis, Keys(config.redis.key_prefix), feed_id, logger,
+                    LeaderMetrics(registry), ttl=config.lease_ttl)
     logger.info(
-        "ingest starting feed=%s symbols=%d rate=%.1f redis=%s",
-        config.feed, len(config.symbols), config.rate, redact_url(config.redis.url),
+        "ingest starting feed=%s feed_id=%s owner=%s lease_ttl=%.2f redis=%s",
+        upstream.name, feed_id, leader.owner, config.lease_ttl, redact_url(config.redis.url),
     )
-    worker = Worker(upstream, publisher, logger, metrics, config.batch_size)
+    worker = Worker(upstream, publisher, logger, metrics, config.batch_size, leader=leader)
     try:
         await worker.run()
     finally:
         await redis.aclose()
 
 
-def run_worker(config: IngestConfig) -> int:
+def run_worker(config: IngestConfig, upstream: Upstream | None = None) -> int:
     logger = logging.getLogger("fanout.ingest")
 
     async def main() -> None:
-        task = asyncio.create_task(serve(config, logger))
+        task = asyncio.create_task(serve(config, logger, upstream))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)

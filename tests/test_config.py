@@ -64,6 +64,8 @@ def test_ingest_defaults() -> None:
     assert config.symbols == ("MNQ", "MES", "NQ", "ES", "M2K", "MYM", "RTY", "YM")
     assert config.history == DEFAULT_HISTORY
     assert config.feed == "sim"
+    assert config.feed_id == ""  # the leader election uses the feed name then
+    assert config.lease_ttl == 5.0
 
 
 def test_defaults_with_flags_parsed_but_none_given() -> None:
@@ -130,6 +132,8 @@ def test_ingest_environment_overrides() -> None:
         "FANOUT_META_TTL": "60",
         "FANOUT_IDEMPOTENCY_TTL": "1",
         "FANOUT_INGEST_METRICS_PORT": "9100",
+        "FANOUT_FEED_ID": "md-1",
+        "FANOUT_LEASE_TTL": "0.5",
         "FANOUT_LOG_LEVEL": "warning",
     })
     assert config == IngestConfig(
@@ -142,6 +146,8 @@ def test_ingest_environment_overrides() -> None:
         history={**DEFAULT_HISTORY, "quotes": HistoryPolicy(100, 5.0)},
         idempotency_ttl=1,
         metrics_port=9100,
+        feed_id="md-1",
+        lease_ttl=0.5,
         log_level="warning",
     )
 
@@ -302,6 +308,11 @@ INGEST_BAD = [
     ("FANOUT_META_TTL", "59", "--meta-ttl"),
     ("FANOUT_IDEMPOTENCY_TTL", "0", "--idempotency-ttl"),
     ("FANOUT_INGEST_METRICS_PORT", "70000", "--metrics-port"),
+    ("FANOUT_FEED_ID", "a:b", "--feed-id"),
+    ("FANOUT_FEED_ID", "{x}", "--feed-id"),
+    ("FANOUT_LEASE_TTL", "0.49", "--lease-ttl"),
+    ("FANOUT_LEASE_TTL", "inf", "--lease-ttl"),
+    ("FANOUT_LEASE_TTL", "soon", "--lease-ttl"),
     ("FANOUT_LOG_LEVEL", "", "--log-level"),  # only as a flag: empty env values are ignored
 ]
 

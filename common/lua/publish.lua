@@ -9,12 +9,35 @@
 -- ARGV[7] meta/snapshot TTL (s)     ARGV[8] idempotency TTL (s)
 -- ARGV[9] live pub/sub channel      ARGV[10] epoch to use if the channel has none
 -- ARGV[11] "1" = delete the key from a keyed snapshot (the message says so to clients), else "0"
--- Returns {offset, epoch, duplicate (0/1)}.
+-- ARGV[12] fencing token of the publishing leader ("" or absent = unfenced)
+-- ARGV[13] the leader's lease deadline, server clock in ms ("" or absent = none)
+-- Returns {offset, epoch, status}: status 0 = published, 1 = duplicate (the offset and epoch
+-- the message id was published at), 2 = fenced (a higher token has published to the
+-- channel: nothing written; offset 0, epoch = the channel's fence), 3 = expired (the server
+-- clock is past ARGV[13]: nothing written; offset 0, epoch "").
 
 local meta, stream, snap, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local data, key, msgid, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local maxlen, maxage = tonumber(ARGV[5]), tonumber(ARGV[6])
 local meta_ttl, idem_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
+
+local token, deadline = ARGV[12] or '', ARGV[13] or ''
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- Fencing, before anything else: a deposed leader writes nothing, not even a duplicate.
+local fence = nil
+if token ~= '' then
+  token = tonumber(token)
+  fence = tonumber(redis.call('HGET', meta, 'fence') or '0')
+  if token < fence then
+    return {0, tostring(fence), 2}
+  end
+end
+if deadline ~= '' and now >= tonumber(deadline) then
+  return {0, '', 3}
+end
 
 local epoch = redis.call('HGET', meta, 'epoch')
 
@@ -23,6 +46,9 @@ if msgid ~= '' and epoch then
   if prev then
     local e, o = string.match(prev, '^([^:]+):(%d+)$')
     if e == epoch then
+      if fence and token > fence then
+        redis.call('HSET', meta, 'fence', token)  -- a newer leader replaying: fence it here too
+      end
       return {tonumber(o), epoch, 1}
     end
   end
@@ -36,9 +62,10 @@ if not epoch then
   redis.call('HSET', meta, 'epoch', epoch)
 end
 local offset = redis.call('HINCRBY', meta, 'top', 1)
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if fence and token > fence then
+  -- The first write of a newer leader: from now on older tokens are rejected here.
+  redis.call('HSET', meta, 'fence', token)
+end
 
 redis.call('XADD', stream, 'MAXLEN', maxlen, offset .. '-0', 'd', data, 'k', key, 't', now,
   'x', ARGV[11])

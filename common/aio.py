@@ -1,0 +1,39 @@
+"""asyncio helpers for cancellation that survives libraries which swallow it.
+
+redis-py (seen with 8.1.0) can swallow a task's cancellation that arrives while a command
+is in flight: the command returns normally and the task runs on, although `cancel()` was
+called (reproduced with a plain SET). Python 3.11's `asyncio.wait_for` can do the same when
+the inner call finishes as the outer task is cancelled. A task that was cancelled keeps a
+non-zero `cancelling()` count, so loops check it after such calls and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation of the current task that a callee swallowed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def stop_tasks(
+    tasks: Iterable[asyncio.Task[object] | None], log: logging.Logger, timeout: float = 10.0
+) -> None:
+    """Cancel `tasks` and wait for them to end, at most `timeout` seconds: a task that still
+    runs then is logged and left behind rather than hanging its caller."""
+    pending = {t for t in tasks if t is not None}
+    for task in pending:
+        task.cancel()
+    if not pending:
+        return
+    done, late = await asyncio.wait(pending, timeout=timeout)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved here; callers that care look at it themselves
+    for task in late:
+        log.warning("task did not stop when cancelled task=%s", task.get_name())

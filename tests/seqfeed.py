@@ -1,0 +1,113 @@
+"""A deterministic upstream for failover tests: a stand-in for a real upstream that replays
+its recent messages, with stable ids, when a new connection subscribes.
+
+Message `i` goes to channel ``trades.S<i % channels>`` with data ``{"i": i, "w": <worker>}``
+and upstream id ``m<i>``. Every `messages()` iteration (one per leadership term) starts a
+little before the highest `i` already published, read from the channels' streams in Redis:
+the repeats are dropped by the publish script's idempotency, and whatever the previous
+leader read but never published is published now. `w` records which worker published a
+message first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+
+from common.keys import Keys
+from ingest.upstream import UpstreamMessage
+
+
+def channel_of(i: int, channels: int) -> str:
+    return f"trades.S{i % channels}"
+
+
+class SequenceFeed:
+    name = "seq"
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        worker: str,
+        channels: int = 4,
+        rate: float = 500.0,
+        replay: int = 200,
+        limit: int | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.worker = worker
+        self.channels = channels
+        self.rate = rate
+        self.replay = replay
+        self.limit = limit  # the feed ends after message limit - 1
+        self.starts: list[int] = []  # where each iteration started
+
+    async def resume_position(self) -> tuple[int, int]:
+        """(start, next): `next` follows the highest message published so far (0 if none),
+        `start` is up to `replay` messages before it."""
+        top = -1
+        for c in range(self.channels):
+            last = await self.redis.xrevrange(self.keys.stream(channel_of(c, self.channels)),
+                                              count=1)
+            if last:
+                fields = last[0][1]
+                data = fields.get("d", fields.get(b"d"))
+                top = max(top, int(json.loads(data)["i"]))
+        return max(0, top + 1 - self.replay), top + 1
+
+    async def messages(self) -> AsyncIterator[UpstreamMessage]:
+        start, following = await self.resume_position()
+        i = start
+        self.starts.append(start)
+        loop = asyncio.get_running_loop()
+        # The replayed messages are due at once, as a real upstream sends its backlog.
+        began = loop.time() - (following - start) / self.rate
+        while self.limit is None or i < self.limit:
+            due = start + int((loop.time() - began) * self.rate) + 1
+            if self.limit is not None:
+                due = min(due, self.limit)
+            while i < due:
+                yield UpstreamMessage(channel_of(i, self.channels), {"i": i, "w": self.worker},
+                                      msg_id=f"m{i}")
+                i += 1
+            await asyncio.sleep(0.005)
+
+
+Rows = dict[str, list[tuple[int, int, str]]]
+
+
+async def published(redis: Redis, keys: Keys, channels: int = 4) -> Rows:
+    """Per channel, every stream entry as (offset, i, worker), in stream order."""
+    out: Rows = {}
+    for c in range(channels):
+        channel = channel_of(c, channels)
+        entries = await redis.xrange(keys.stream(channel))
+        rows = []
+        for entry_id, fields in entries:
+            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            data = json.loads(fields.get("d", fields.get(b"d")))
+            rows.append((int(entry_id.split("-")[0]), int(data["i"]), str(data["w"])))
+        out[channel] = rows
+    return out
+
+
+def check_clean(streams: Rows) -> int:
+    """Assert what a consumer must see across any number of failovers: per channel,
+    offsets 1, 2, 3, ... and messages in upstream order; across channels, every message
+    0..max exactly once (none lost, none twice). Returns the number of messages."""
+    seen: list[int] = []
+    for channel, rows in streams.items():
+        offsets = [offset for offset, _, _ in rows]
+        assert offsets == list(range(1, len(rows) + 1)), f"{channel}: offsets not contiguous"
+        ids = [i for _, i, _ in rows]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids), f"{channel}: order or duplicate"
+        seen.extend(ids)
+    assert len(seen) == len(set(seen)), "a message published twice"
+    assert sorted(seen) == list(range(len(seen))), "a message lost"
+    return len(seen)
