@@ -15,6 +15,7 @@ from common.config import (
     IngestConfig,
     add_arguments,
     build,
+    check_ingest,
 )
 from common.errors import ConfigError
 
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ingest":
             ingest_config = build(IngestConfig, INGEST_SETTINGS, args=args)
+            check_ingest(ingest_config)
             _logging(ingest_config.log_level)
             from ingest.worker import run_worker
 

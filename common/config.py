@@ -171,6 +171,23 @@ class IngestConfig:
     metrics_port: int = 0  # 0 = no metrics endpoint
     feed_id: str = ""  # the feed's name in its lease: workers with one id elect one leader
     lease_ttl: float = 5.0  # s the leader's lease lasts without a renewal
+    reconnect_base: float = 0.5  # s: ceiling of the first reconnect delay (full jitter)
+    reconnect_cap: float = 20.0  # s: ceiling of any reconnect delay
+    # feed "ws": a generic WebSocket JSON feed (docs/architecture.md, "Upstream adapters")
+    ws_url: str = field(default="", repr=False)  # may carry credentials in its query
+    ws_subscribe: str = ""  # JSON array of messages sent after each connect
+    ws_mapping: str = ""  # JSON: field mappings to channel, key, id and payload
+    ws_headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # secrets
+    ws_idle_timeout: float = 30.0  # s without a message before reconnecting
+    # feed "projectx": the ProjectX gateway's SignalR hubs
+    projectx_url: str = "https://rtc.topstepx.com"
+    projectx_token: str = field(default="", repr=False)
+    projectx_contracts: tuple[str, ...] = ()
+    projectx_accounts: tuple[int, ...] = ()
+    # the HTTP publish API (ingest/http_api.py); 0 = off
+    api_host: str = "127.0.0.1"
+    api_port: int = 0
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     log_level: str = "info"
 
 
@@ -257,9 +274,43 @@ def _symbols(setting: str, text: str) -> tuple[str, ...]:
     return symbols
 
 
+FEEDS = ("sim", "ws", "projectx")
+
+
 def _feed(setting: str, text: str) -> str:
-    if text != "sim":
-        raise ConfigError(setting, f"unknown feed {text!r}: expected sim")
+    if text not in FEEDS:
+        raise ConfigError(setting, f"unknown feed {text!r}: expected one of {', '.join(FEEDS)}")
+    return text
+
+
+def _csv(setting: str, text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _ints(setting: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(item) for item in _csv(setting, text))
+    except ValueError:
+        raise ConfigError(setting, f"must be comma-separated integers, got {text!r}") from None
+
+
+def _json_object(setting: str, text: str) -> dict[str, str]:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ConfigError(setting, "must be a JSON object") from None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ConfigError(setting, "must be a JSON object of strings")
+    return value
+
+
+def _ws_url(setting: str, text: str) -> str:
+    if urlsplit(text).scheme not in ("ws", "wss"):
+        raise ConfigError(setting, "must be a ws:// or wss:// URL")
     return text
 
 
@@ -321,7 +372,7 @@ EDGE_SETTINGS = (
 
 INGEST_SETTINGS = (
     *REDIS_SETTINGS,
-    Setting("feed", "--feed", "FANOUT_FEED", _feed, "upstream feed: sim"),
+    Setting("feed", "--feed", "FANOUT_FEED", _feed, "upstream feed: sim, ws or projectx"),
     Setting("symbols", "--symbols", "FANOUT_SYMBOLS", _symbols,
             "comma-separated symbols of the simulated feed"),
     Setting("rate", "--rate", "FANOUT_RATE", _float(0),
@@ -339,8 +390,55 @@ INGEST_SETTINGS = (
             "the feed's id in leader election: one leader per id (default: the feed name)"),
     Setting("lease_ttl", "--lease-ttl", "FANOUT_LEASE_TTL", _float(0.5, strict=False),
             "seconds the leader's lease lasts without renewal (>= 0.5; default 5)"),
+    Setting("reconnect_base", "--reconnect-base", "FANOUT_RECONNECT_BASE", _float(0),
+            "seconds: ceiling of the first upstream reconnect delay (default 0.5)"),
+    Setting("reconnect_cap", "--reconnect-cap", "FANOUT_RECONNECT_CAP", _float(0),
+            "seconds: ceiling of any upstream reconnect delay (default 20)"),
+    Setting("ws_url", "--ws-url", "FANOUT_WS_URL", _ws_url, "feed ws: the upstream URL"),
+    Setting("ws_subscribe", "--ws-subscribe", "FANOUT_WS_SUBSCRIBE", _str,
+            "feed ws: JSON array of messages to send after each connect"),
+    Setting("ws_mapping", "--ws-mapping", "FANOUT_WS_MAPPING", _str,
+            "feed ws: JSON field mappings (see docs/architecture.md)"),
+    Setting("ws_headers", "--ws-headers", "FANOUT_WS_HEADERS", _json_object,
+            "feed ws: JSON object of HTTP headers for the connection (secret)"),
+    Setting("ws_idle_timeout", "--ws-idle-timeout", "FANOUT_WS_IDLE_TIMEOUT", _float(0),
+            "feed ws: seconds without a message before reconnecting (default 30)"),
+    Setting("projectx_url", "--projectx-url", "FANOUT_PROJECTX_URL", _nonempty,
+            "feed projectx: the gateway's base URL"),
+    Setting("projectx_token", "--projectx-token", "FANOUT_PROJECTX_TOKEN", _nonempty,
+            "feed projectx: the JWT (secret)"),
+    Setting("projectx_contracts", "--projectx-contracts", "FANOUT_PROJECTX_CONTRACTS", _csv,
+            "feed projectx: comma-separated contract ids"),
+    Setting("projectx_accounts", "--projectx-accounts", "FANOUT_PROJECTX_ACCOUNTS", _ints,
+            "feed projectx: comma-separated account ids for the user hub"),
+    Setting("api_host", "--api-host", "FANOUT_API_HOST", _nonempty,
+            "address of the HTTP publish API"),
+    Setting("api_port", "--api-port", "FANOUT_API_PORT", _int(0, 65535),
+            "port of the HTTP publish API (0 = off)"),
+    Setting("api_keys", "--api-keys", "FANOUT_API_KEYS", _csv,
+            "comma-separated API keys of the HTTP publish API (secret)"),
     Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level, "log level"),
 )
+
+
+def check_ingest(config: IngestConfig) -> None:
+    """What one setting alone cannot tell: the settings the chosen feed and the API need."""
+    if config.feed == "ws":
+        if not config.ws_url:
+            raise ConfigError("FANOUT_WS_URL", "is required with FANOUT_FEED=ws")
+        if not config.ws_mapping:
+            raise ConfigError("FANOUT_WS_MAPPING", "is required with FANOUT_FEED=ws")
+    if config.feed == "projectx":
+        if not config.projectx_token:
+            raise ConfigError("FANOUT_PROJECTX_TOKEN", "is required with FANOUT_FEED=projectx")
+        if not config.projectx_contracts and not config.projectx_accounts:
+            raise ConfigError(
+                "FANOUT_PROJECTX_CONTRACTS", "name contracts and/or FANOUT_PROJECTX_ACCOUNTS"
+            )
+    if config.reconnect_cap < config.reconnect_base:
+        raise ConfigError("FANOUT_RECONNECT_CAP", "must not be below FANOUT_RECONNECT_BASE")
+    if config.api_port and not config.api_keys:
+        raise ConfigError("FANOUT_API_KEYS", "is required when FANOUT_API_PORT is set")
 
 
 def _env_names(setting: Setting) -> tuple[str, ...]:

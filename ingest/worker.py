@@ -22,7 +22,9 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Generator
 
+import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -30,9 +32,9 @@ from redis.exceptions import RedisError
 from common.aio import raise_if_cancelling, stop_tasks
 from common.config import IngestConfig, redact_url
 from common.keys import Keys
+from ingest.feeds import make_upstream, state_metric
 from ingest.leader import Leader, LeaderMetrics, NotLeader, Term
 from ingest.publisher import Fence, FencedOut, InvalidMessage, Publisher, PublishResult
-from ingest.sim import make_feed
 from ingest.upstream import Upstream, UpstreamMessage
 
 IN_FLIGHT_GRACE = 5.0  # s a publish round trip already sent may take to complete after a term
@@ -262,7 +264,7 @@ async def serve(
         config.idempotency_ttl,
     )
     if upstream is None:
-        upstream = make_feed(config)
+        upstream = make_upstream(config, logger, state_metric(registry))
     feed_id = config.feed_id or config.feed
     leader = Leader(redis, Keys(config.redis.key_prefix), feed_id, logger,
                     LeaderMetrics(registry), ttl=config.lease_ttl)
@@ -271,10 +273,39 @@ async def serve(
         upstream.name, feed_id, leader.owner, config.lease_ttl, redact_url(config.redis.url),
     )
     worker = Worker(upstream, publisher, logger, metrics, config.batch_size, leader=leader)
+    api = _api_server(config, publisher, logger) if config.api_port else None
+    api_task = asyncio.create_task(api.serve(), name="ingest-api") if api else None
     try:
         await worker.run()
     finally:
+        if api is not None and api_task is not None:
+            api.should_exit = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(api_task, 10)
         await redis.aclose()
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the worker's event loop: the worker, not uvicorn, owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _api_server(
+    config: IngestConfig, publisher: Publisher, logger: logging.Logger
+) -> uvicorn.Server:
+    """The HTTP publish API beside the worker. It publishes unfenced (backend services
+    publish to their own channels, not the feed's), so it serves on standbys too."""
+    from ingest.http_api import create_api_app
+
+    app = create_api_app(publisher, config.api_keys, logger=logger.getChild("api"))
+    logger.info("publish api host=%s port=%d", config.api_host, config.api_port)
+    return _EmbeddedServer(uvicorn.Config(
+        app, host=config.api_host, port=config.api_port, lifespan="off", log_config=None,
+        access_log=False,
+    ))
 
 
 def run_worker(config: IngestConfig, upstream: Upstream | None = None) -> int:

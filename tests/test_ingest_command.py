@@ -1,0 +1,104 @@
+"""`fanout ingest` wired end to end: the generic WebSocket feed and the HTTP publish API in
+one worker process, against a real Valkey; and the settings the feeds require."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from redis.asyncio import Redis
+
+from common.config import INGEST_SETTINGS, IngestConfig, build, check_ingest
+from common.embedded import free_port
+from common.errors import ConfigError
+from common.keys import Keys
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"FANOUT_FEED": "ws"}, "FANOUT_WS_URL"),
+        ({"FANOUT_FEED": "ws", "FANOUT_WS_URL": "ws://h/x"}, "FANOUT_WS_MAPPING"),
+        ({"FANOUT_FEED": "projectx"}, "FANOUT_PROJECTX_TOKEN"),
+        ({"FANOUT_FEED": "projectx", "FANOUT_PROJECTX_TOKEN": "t"}, "FANOUT_PROJECTX_CONTRACTS"),
+        ({"FANOUT_API_PORT": "8090"}, "FANOUT_API_KEYS"),
+        ({"FANOUT_RECONNECT_BASE": "5", "FANOUT_RECONNECT_CAP": "1"}, "FANOUT_RECONNECT_CAP"),
+    ],
+)
+def test_feed_settings_are_checked_at_start(env: dict[str, str], setting: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_ingest(build(IngestConfig, INGEST_SETTINGS, env=env))
+    assert info.value.setting == setting
+
+
+def test_secrets_stay_out_of_the_repr() -> None:
+    config = build(IngestConfig, INGEST_SETTINGS, env={
+        "FANOUT_API_KEYS": "k-secret", "FANOUT_PROJECTX_TOKEN": "jwt-secret",
+        "FANOUT_WS_HEADERS": '{"Authorization": "Bearer h-secret"}',
+        "FANOUT_WS_URL": "wss://feed/x?token=u-secret",
+    })
+    assert config.api_keys == ("k-secret",)
+    assert "secret" not in repr(config)
+
+
+@pytest.mark.integration
+async def test_ws_feed_and_publish_api_in_one_worker(redis_server, key_prefix: str) -> None:
+    sent: list[dict[str, Any]] = []
+
+    async def upstream(ws: Any) -> None:
+        subscribe = json.loads(await ws.recv())
+        assert subscribe == {"op": "subscribe", "symbols": ["ES"]}
+        for i in range(20):
+            msg = {"s": "ES", "seq": i, "bid": 100 + i}
+            sent.append(msg)
+            await ws.send(json.dumps(msg))
+        await ws.wait_closed()
+
+    api_port = free_port()
+    async with websockets.serve(upstream, "127.0.0.1", 0) as server:
+        ws_port = server.sockets[0].getsockname()[1]
+        mapping = {"channel": "quotes.{s}", "id": "seq"}
+        env = {
+            **os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
+            "FANOUT_FEED": "ws", "FANOUT_WS_URL": f"ws://127.0.0.1:{ws_port}/",
+            "FANOUT_WS_SUBSCRIBE": json.dumps([{"op": "subscribe", "symbols": ["ES"]}]),
+            "FANOUT_WS_MAPPING": json.dumps(mapping), "FANOUT_API_PORT": str(api_port),
+            "FANOUT_API_KEYS": "test-key", "FANOUT_LEASE_TTL": "2",
+        }
+        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "ingest"], env=env)
+        redis = Redis.from_url(redis_server.url, decode_responses=True)
+        keys = Keys(key_prefix)
+        try:
+            async with asyncio.timeout(30):
+                while await redis.hget(keys.meta("quotes.ES"), "top") != "20":
+                    assert proc.poll() is None, "ingest exited"
+                    await asyncio.sleep(0.05)
+            entries = await redis.xrange(keys.stream("quotes.ES"))
+            assert [json.loads(e[1]["d"]) for e in entries] == sent
+            async with asyncio.timeout(30), httpx.AsyncClient(timeout=5) as http:
+                while True:
+                    try:
+                        r = await http.post(
+                            f"http://127.0.0.1:{api_port}/api/publish",
+                            headers={"Authorization": "Bearer test-key"},
+                            json={"channel": "account.7.orders", "data": {"id": 1}, "key": "1"},
+                        )
+                        break
+                    except httpx.TransportError:
+                        await asyncio.sleep(0.05)
+                assert r.status_code == 200, r.text
+                assert r.json()["offset"] == 1
+                bad = await http.post(f"http://127.0.0.1:{api_port}/api/publish",
+                                      json={"channel": "account.7.orders", "data": {}})
+                assert bad.status_code == 401
+        finally:
+            proc.terminate()
+            assert proc.wait(15) == 0
+            await redis.aclose()
