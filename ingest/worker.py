@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import signal
 import time
 from collections.abc import Generator
@@ -32,6 +31,7 @@ from redis.exceptions import RedisError
 from common.aio import raise_if_cancelling, stop_tasks
 from common.config import IngestConfig, redact_url
 from common.keys import Keys
+from ingest.backoff import Backoff
 from ingest.feeds import make_upstream, state_metric
 from ingest.leader import Leader, LeaderMetrics, NotLeader, Term
 from ingest.publisher import Fence, FencedOut, InvalidMessage, Publisher, PublishResult
@@ -195,7 +195,7 @@ class Worker:
             await self._publish(batch)
 
     async def _publish(self, batch: list[UpstreamMessage]) -> None:
-        delay = 0.05
+        backoff = Backoff(base=0.05, cap=5.0)
         while True:
             # Checked before every attempt: a term that ended or ran out publishes nothing.
             fence = self.leader.fence() if self.leader is not None else None
@@ -220,10 +220,10 @@ class Worker:
                 return
             except (OSError, RedisError, TimeoutError) as exc:
                 self.metrics.errors.inc()
+                delay = backoff.next_delay()
                 self.log.warning("publish failed size=%d error=%r retry_in=%.2f",
                                  len(batch), exc, delay)
-                await asyncio.sleep(random.uniform(0, delay))
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(delay)
                 continue
             self.metrics.latency.observe(time.perf_counter() - started)
             self.metrics.batch.observe(len(batch))
