@@ -157,6 +157,15 @@ function renderCounters() {
 
 // --- state updates from the client --------------------------------------------------------
 
+// Offsets received per channel (the newest 10,000), for tests to check contiguity.
+const received = new Map();
+function logOffset(channel, offset) {
+  let list = received.get(channel);
+  if (!list) received.set(channel, (list = []));
+  list.push(offset);
+  if (list.length > 10000) list.splice(0, list.length - 10000);
+}
+
 function trackChannel(channel, offset, epoch) {
   const c = channels.get(channel);
   c.offset = offset;
@@ -190,6 +199,7 @@ function subscribeSymbol(symbol) {
     },
     onMessage(data, meta) {
       q.offset = meta.offset;
+      logOffset(meta.channel, meta.offset);
       trackChannel(meta.channel, meta.offset, meta.epoch);
       setQuote(q, data, false);
     },
@@ -215,6 +225,7 @@ function subscribeSymbol(symbol) {
       schedule();
     },
     onMessage(data, meta) {
+      logOffset(meta.channel, meta.offset);
       trackChannel(meta.channel, meta.offset, meta.epoch);
       addTrade({ symbol, ...data });
     },
@@ -302,6 +313,7 @@ window.fanoutDemo = {
   positions: () => client.positions(),
   counters: client.counters,
   frames: () => frame,
+  received: () => Object.fromEntries(received),
 };
 
 if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
