@@ -103,8 +103,13 @@ class Browser:
 
     async def screenshot(self, path: Path) -> None:
         shot = await self.call("Page.captureScreenshot", format="png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(shot["data"]))
+        data = base64.b64decode(shot["data"])
+
+        def save() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+        await asyncio.to_thread(save)
 
     async def close(self) -> None:
         if self.ws is not None:
