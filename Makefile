@@ -37,6 +37,10 @@ demo: venv
 test: venv
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/mypy
+	@# The browser client's unit tests (node's own test runner, no npm packages).
+	@if command -v node >/dev/null 2>&1; then node --test edge/static/test/; \
+	elif [ -n "$$CI" ]; then echo "node is missing: the browser client's tests need it" >&2; exit 1; \
+	else echo "node not found: skipping the browser client's unit tests"; fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: venv

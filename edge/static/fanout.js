@@ -44,6 +44,32 @@ function defaultUrl() {
   return (loc.protocol === "https:" ? "wss://" : "ws://") + loc.host + "/ws";
 }
 
+/** `persist`: true = sessionStorage, or any object with getItem/setItem; else none. */
+function resolveStorage(persist) {
+  if (!persist) return null;
+  if (typeof persist === "object" && typeof persist.getItem === "function") return persist;
+  try {
+    return globalThis.sessionStorage || null;
+  } catch {
+    return null; // storage disabled (privacy settings, sandboxed frames)
+  }
+}
+
+function loadPositions(storage, key) {
+  try {
+    const value = JSON.parse(storage.getItem(key) || "{}");
+    const out = {};
+    for (const [channel, p] of Object.entries(value || {})) {
+      if (p && Number.isInteger(p.offset) && p.offset >= 0 && typeof p.epoch === "string" && p.epoch) {
+        out[channel] = { offset: p.offset, epoch: p.epoch };
+      }
+    }
+    return out;
+  } catch {
+    return {};
+  }
+}
+
 function jitter(attempt, min, max) {
   // Capped exponential backoff with full jitter: uniform in [0, min(max, min * 2^(n-1))].
   const cap = Math.min(max, min * 2 ** Math.max(0, attempt - 1));
@@ -78,6 +104,15 @@ export class FanoutClient {
     this._subs = new Map(); // channel -> subscription record
     this._listeners = new Map(); // event -> Set<fn>
     this._timers = {}; // name -> timeout handle: connect, heartbeat, reconnect
+
+    // Optional persistence of positions (e.g. sessionStorage), so that a page reload recovers
+    // from where it was instead of starting at the live tail.
+    this._storage = resolveStorage(opts.persist);
+    this._storageKey = typeof opts.persistKey === "string" ? opts.persistKey : "fanout.positions";
+    this._stored = this._storage ? loadPositions(this._storage, this._storageKey) : {};
+    if (this._storage && typeof globalThis.addEventListener === "function") {
+      globalThis.addEventListener("pagehide", () => this._savePositions());
+    }
   }
 
   // --- public API ----------------------------------------------------------------------
@@ -131,8 +166,8 @@ export class FanoutClient {
       snapshot: !!o.snapshot,
       maxRate,
       delivery: null, // from the last subscribe reply: all | conflate | drop
-      offset: o.recover ? o.recover.offset : null,
-      epoch: o.recover ? o.recover.epoch : null,
+      offset: o.recover ? o.recover.offset : this._stored[channel]?.offset ?? null,
+      epoch: o.recover ? o.recover.epoch : this._stored[channel]?.epoch ?? null,
       phase: "idle", // idle | pending | live | refilling
       retryTimer: null,
     };
@@ -438,6 +473,7 @@ export class FanoutClient {
         this._deliverSnapshot(sub, reply.snapshot, "initial");
       }
     }
+    this._positionsChanged();
     if (sub.onSubscribed) {
       const info = {
         channel: sub.channel,
@@ -485,9 +521,28 @@ export class FanoutClient {
     }
     sub.offset = msg.offset;
     this.counters.messages += 1;
+    this._positionsChanged();
     if (sub.onMessage) {
       const meta = { channel: sub.channel, offset: msg.offset, epoch: sub.epoch, key: msg.key ?? "" };
       this._safely(sub.onMessage, msg.data, meta);
+    }
+  }
+
+  /** Save positions soon (at most every 250 ms), if persistence is on. */
+  _positionsChanged() {
+    if (!this._storage || this._timers.persist) return;
+    this._timers.persist = setTimeout(() => {
+      this._timers.persist = null;
+      this._savePositions();
+    }, 250);
+  }
+
+  _savePositions() {
+    if (!this._storage) return;
+    try {
+      this._storage.setItem(this._storageKey, JSON.stringify(this.positions()));
+    } catch (err) {
+      this._log("cannot persist positions:", err);
     }
   }
 
@@ -511,6 +566,7 @@ export class FanoutClient {
     }
     this.counters.gaps += 1;
     sub.offset = msg.to;
+    this._positionsChanged();
     const info = { channel: sub.channel, from: msg.from, to: msg.to, epoch: sub.epoch };
     this._log("gap notice on", sub.channel, info);
     if (sub.onGap) this._safely(sub.onGap, info);
@@ -531,6 +587,7 @@ export class FanoutClient {
     sub.epoch = msg.epoch;
     sub.offset = msg.offset;
     this.counters.resynced += 1;
+    this._positionsChanged();
     this._deliverSnapshot(sub, msg.snapshot || {}, "resync");
   }
 
