@@ -89,6 +89,13 @@ export interface FanoutOptions {
   connectTimeout?: number;
   /** A WebSocket constructor to use instead of the global one (tests, Node). */
   WebSocket?: { new (url: string): WebSocket };
+  /**
+   * Keep positions across page reloads: true = sessionStorage, or any Storage-like object.
+   * A channel subscribed without `recover` then recovers from its stored position.
+   */
+  persist?: boolean | Pick<Storage, "getItem" | "setItem">;
+  /** The storage key of the positions; default "fanout.positions". */
+  persistKey?: string;
 }
 
 export interface MessageMeta {

@@ -79,7 +79,8 @@ function jitter(attempt, min, max) {
 export class FanoutClient {
   /**
    * @param {string | string[] | object} [urls] one URL or a list to cycle through
-   * @param {object} [options] {token, name, debug, backoff: {min, max}, connectTimeout, WebSocket}
+   * @param {object} [options] {token, name, debug, backoff: {min, max}, connectTimeout, WebSocket,
+   *   persist (true = sessionStorage, or a Storage-like object), persistKey}
    */
   constructor(urls, options) {
     if (urls && typeof urls === "object" && !Array.isArray(urls)) [urls, options] = [undefined, urls];
