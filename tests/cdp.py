@@ -35,7 +35,7 @@ class Browser:
     def __init__(self, executable: str) -> None:
         self.executable = executable
         self.port = free_port()
-        self.profile = tempfile.TemporaryDirectory(prefix="fanout-chromium-")
+        self.profile = tempfile.TemporaryDirectory(prefix="fanout-chromium-", ignore_cleanup_errors=True)
         self.proc: subprocess.Popen[bytes] | None = None
         self.ws: Any = None
         self.ids = itertools.count(1)

@@ -139,3 +139,37 @@ async def test_edge_killed_under_the_page_loses_nothing(
             await pub
         proxy.terminate()
         proxy.wait(10)
+
+
+async def test_reload_recovers_from_session_storage(
+    edge, publisher: Publisher, browser: Browser
+) -> None:
+    symbol = f"R{os.urandom(2).hex().upper()}"
+    stop, last = asyncio.Event(), {}
+    pub = asyncio.create_task(publish_forever(publisher, [symbol], stop, last))
+    try:
+        await browser.goto(f"{edge.http}/?symbols={symbol}")
+        await browser.wait_for(
+            f"(window.fanoutDemo.received()['trades.{symbol}'] || []).length > 5", 15)
+        # Let the page store its positions, then reload while publishing goes on.
+        await browser.wait_for(
+            f"JSON.parse(sessionStorage.getItem('fanout.positions') || '{{}}')"
+            f"['trades.{symbol}']?.offset > 5")
+        await browser.js("window.fanout.close(); true")  # stop consuming before the snapshot
+        stored = await browser.js("JSON.parse(sessionStorage.getItem('fanout.positions'))")
+        seen = (await browser.js("window.fanoutDemo.received()"))[f"trades.{symbol}"]
+        assert stored[f"trades.{symbol}"]["offset"] == seen[-1]
+        await browser.reload()
+        await browser.wait_for(
+            "window.fanout && window.fanout.state === 'open' && window.fanout.counters.recovered >= 2",
+            15)
+        await browser.wait_for(
+            f"(window.fanoutDemo.received()['trades.{symbol}'] || []).length > 5", 15)
+        after = (await browser.js("window.fanoutDemo.received()"))[f"trades.{symbol}"]
+        # The reloaded page goes on exactly after the stored position: no gap, no repeat.
+        assert after[0] == stored[f"trades.{symbol}"]["offset"] + 1
+        assert after == list(range(after[0], after[0] + len(after)))
+        assert await browser.js("window.fanout.counters.resynced") == 0
+    finally:
+        stop.set()
+        await pub

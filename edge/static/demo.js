@@ -1,4 +1,5 @@
-// The demo page: live quotes, a trades tape and the client's state, from fanout.js.
+// The demo page: live quotes, a trades tape, 1-minute bars of the selected symbol and the
+// client's state, from fanout.js.
 //
 // Messages only update plain objects and mark what changed; the DOM is written at most once
 // per animation frame, and only the cells whose text changed.
@@ -18,7 +19,12 @@ const list = (name) => (params.get(name) || "").split(",").map((s) => s.trim()).
 const symbols = list("symbols").length ? list("symbols") : DEFAULT_SYMBOLS;
 const urls = list("url");
 
-const client = new FanoutClient(urls.length ? urls : undefined, { name: "demo", debug: !["", "0", null].includes(params.get("debug")) });
+const client = new FanoutClient(urls.length ? urls : undefined, {
+  name: "demo",
+  debug: !["", "0", null].includes(params.get("debug")),
+  // Positions in sessionStorage: a reload recovers what it missed (?persist=0 turns it off).
+  persist: params.get("persist") !== "0",
+});
 
 // --- the page's data ----------------------------------------------------------------------
 
@@ -102,6 +108,7 @@ function schedule() {
 function render() {
   scheduled = false;
   frame += 1;
+  if (chart.symbol && dirtyQuotes.has(chart.symbol)) chart.dirty = true; // its last-price line
   for (const symbol of dirtyQuotes) renderQuote(quotes.get(symbol));
   dirtyQuotes.clear();
   for (const channel of dirtyChannels) {
@@ -113,6 +120,13 @@ function render() {
   if (tapeDirty) renderTape();
   tapeDirty = false;
   renderCounters();
+  if (chart.dirty) {
+    try {
+      drawChart();
+    } catch (err) {
+      console.warn("[demo] chart:", err); // never let the chart stop the tables
+    }
+  }
 }
 
 function renderQuote(q) {
@@ -228,12 +242,253 @@ function subscribeSymbol(symbol) {
       logOffset(meta.channel, meta.offset);
       trackChannel(meta.channel, meta.offset, meta.epoch);
       addTrade({ symbol, ...data });
+      tradeForChart(symbol, data);
     },
     onSubscribed(info) {
       trackChannel(info.channel, info.offset, info.epoch);
       schedule();
     },
   });
+}
+
+// --- 1-minute bar chart of the selected symbol ------------------------------------------------
+//
+// bars.1m.<SYM> of the selected symbol only (the previous one is unsubscribed). The snapshot
+// holds the last closed bar (key ""); messages are closed bars, and on recovery older bars
+// replay as ordinary messages: bars are kept by start time, so a replay replaces, never doubles.
+// The bar still forming is drawn from the symbol's trades until its closed bar arrives.
+
+const BAR_MS = 60_000;
+const MAX_BARS = 60;
+const chart = {
+  symbol: null,
+  sub: null, // the bars subscription handle
+  bars: [], // closed bars, oldest first, at most MAX_BARS, unique `t`
+  live: null, // {t, o, h, l, c, v, n}: the bar forming from trades, newer than every closed bar
+  offset: null,
+  dirty: false,
+  size: { w: 0, h: 0, dpr: 1 },
+};
+
+function validBar(b) {
+  return b && num(b.t) && num(b.o) && num(b.h) && num(b.l) && num(b.c);
+}
+
+function putBar(bar) {
+  if (!validBar(bar)) return;
+  const bars = chart.bars;
+  let i = bars.length;
+  while (i > 0 && bars[i - 1].t > bar.t) i--;
+  if (i > 0 && bars[i - 1].t === bar.t) bars[i - 1] = bar;
+  else bars.splice(i, 0, bar);
+  if (bars.length > MAX_BARS) bars.splice(0, bars.length - MAX_BARS);
+  if (chart.live && chart.live.t <= bars[bars.length - 1].t) chart.live = null;
+  markChart();
+}
+
+function tradeForChart(symbol, trade) {
+  if (symbol !== chart.symbol || !num(trade.price)) return;
+  const ms = tsMillis(trade.ts);
+  if (!Number.isFinite(ms)) return;
+  const t = Math.floor(ms / BAR_MS) * BAR_MS;
+  const lastClosed = chart.bars.length ? chart.bars[chart.bars.length - 1].t : -Infinity;
+  if (t <= lastClosed) return; // that bar is closed already
+  const p = trade.price;
+  const size = num(trade.size) ? trade.size : 0;
+  const live = chart.live;
+  if (!live || t > live.t) chart.live = { t, o: p, h: p, l: p, c: p, v: size, n: 1 };
+  else if (t === live.t) Object.assign(live, { h: Math.max(live.h, p), l: Math.min(live.l, p), c: p, v: live.v + size, n: live.n + 1 });
+  else return; // an older trade (the tape's snapshot, or out of order)
+  markChart();
+}
+
+function markChart() {
+  chart.dirty = true;
+  schedule();
+}
+
+function selectSymbol(symbol) {
+  if (symbol === chart.symbol || !quotes.has(symbol)) return;
+  if (chart.sub) chart.sub.unsubscribe();
+  const prev = quotes.get(chart.symbol);
+  if (prev) prev.cells[0].parentNode.classList.remove("selected");
+  quotes.get(symbol).cells[0].parentNode.classList.add("selected");
+  Object.assign(chart, { symbol, bars: [], live: null, offset: null, sub: null });
+  setText($("chart-symbol"), symbol);
+  const channel = `bars.1m.${symbol}`;
+  const mine = () => chart.symbol === symbol; // late callbacks of a previous selection
+  try {
+    chart.sub = client.subscribe(channel, {
+      snapshot: true,
+      onResync(snapshot, info) {
+        if (!mine()) return;
+        chart.offset = info.offset;
+        // The snapshot is the newest closed bar: keep the older ones (the chart is a history)
+        // unless the snapshot is older than them (a new epoch).
+        const bar = snapshot[""];
+        if (validBar(bar) && chart.bars.length && bar.t < chart.bars[chart.bars.length - 1].t) chart.bars = [];
+        putBar(bar);
+        markChart();
+      },
+      onMessage(data, meta) {
+        if (!mine()) return;
+        chart.offset = meta.offset;
+        putBar(data);
+        markChart();
+      },
+      onSubscribed(info) {
+        if (!mine()) return;
+        chart.offset = info.offset;
+        markChart();
+      },
+      onError(err) {
+        if (mine()) setText($("chart-detail"), `${err.code}: ${err.message}`);
+      },
+    });
+  } catch (err) {
+    console.warn("[demo] bars subscribe:", err);
+  }
+  markChart();
+}
+
+function resizeChart() {
+  const canvas = $("chart");
+  const dpr = window.devicePixelRatio || 1;
+  const w = Math.max(1, Math.round(canvas.clientWidth * dpr));
+  const h = Math.max(1, Math.round(canvas.clientHeight * dpr));
+  if (canvas.width !== w || canvas.height !== h) {
+    canvas.width = w;
+    canvas.height = h;
+  }
+  chart.size = { w, h, dpr };
+}
+
+// A round step for about `count` ticks over `span`.
+function niceStep(span, count) {
+  const raw = span / Math.max(1, count);
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const n = raw / mag;
+  return (n <= 1 ? 1 : n <= 2 ? 2 : n <= 2.5 ? 2.5 : n <= 5 ? 5 : 10) * mag;
+}
+
+function cssVar(name) {
+  return getComputedStyle(document.documentElement).getPropertyValue(name).trim();
+}
+
+function drawChart() {
+  chart.dirty = false;
+  const canvas = $("chart");
+  if (!canvas) return;
+  resizeChart();
+  const { w, h, dpr } = chart.size;
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  ctx.scale(dpr, dpr);
+  const W = w / dpr, H = h / dpr;
+  const axisW = 64, timeH = 18, pad = 8;
+  const plotW = W - axisW - pad, plotH = H - timeH - pad;
+  const bars = chart.live ? chart.bars.concat(chart.live) : chart.bars;
+  const shown = bars.slice(-MAX_BARS);
+  const q = quotes.get(chart.symbol);
+  const lastPx = q && num(q.data.last) ? q.data.last : null;
+
+  setText($("chart-detail"), chart.symbol
+    ? `${chart.bars.length} bar${chart.bars.length === 1 ? "" : "s"}${chart.offset != null ? ` · offset ${chart.offset}` : ""}`
+    : "");
+
+  ctx.font = `11px ${cssVar("--mono") || "monospace"}`;
+  ctx.textBaseline = "middle";
+  const dim = cssVar("--dim") || "#7c8799";
+  if (!shown.length || plotW < 20 || plotH < 20) {
+    ctx.fillStyle = dim;
+    ctx.textAlign = "center";
+    ctx.fillText(chart.symbol ? "waiting for the first 1-minute bar…" : "select a symbol", W / 2, H / 2);
+    return;
+  }
+
+  let lo = Infinity, hi = -Infinity;
+  for (const b of shown) {
+    lo = Math.min(lo, b.l);
+    hi = Math.max(hi, b.h);
+  }
+  if (lastPx != null) {
+    lo = Math.min(lo, lastPx);
+    hi = Math.max(hi, lastPx);
+  }
+  if (hi === lo) {
+    hi += 0.5;
+    lo -= 0.5;
+  }
+  const margin = (hi - lo) * 0.06;
+  lo -= margin;
+  hi += margin;
+  const y = (p) => pad + ((hi - p) / (hi - lo)) * plotH;
+
+  // Price axis and grid.
+  const step = niceStep(hi - lo, Math.max(2, Math.floor(plotH / 40)));
+  const digits = step >= 1 ? 2 : Math.min(6, Math.ceil(-Math.log10(step)) + 1);
+  ctx.textAlign = "left";
+  ctx.lineWidth = 1;
+  for (let p = Math.ceil(lo / step) * step; p <= hi; p += step) {
+    const yy = Math.round(y(p)) + 0.5;
+    ctx.strokeStyle = "rgba(255,255,255,0.05)";
+    ctx.beginPath();
+    ctx.moveTo(0, yy);
+    ctx.lineTo(plotW, yy);
+    ctx.stroke();
+    ctx.fillStyle = dim;
+    ctx.fillText(p.toFixed(digits), plotW + 6, yy);
+  }
+  ctx.strokeStyle = cssVar("--border") || "#222a3a";
+  ctx.beginPath();
+  ctx.moveTo(plotW + 0.5, pad);
+  ctx.lineTo(plotW + 0.5, pad + plotH);
+  ctx.stroke();
+
+  // Candles: slots for MAX_BARS minutes ending at the newest bar, so gaps in time show.
+  const newest = shown[shown.length - 1].t;
+  const slot = plotW / MAX_BARS;
+  const body = Math.max(1, Math.floor(slot * 0.7));
+  const up = cssVar("--up") || "#22c55e", down = cssVar("--down") || "#f04f5a";
+  ctx.textAlign = "center";
+  for (const b of shown) {
+    const idx = MAX_BARS - 1 - Math.round((newest - b.t) / BAR_MS);
+    if (idx < 0) continue;
+    const cx = Math.round(idx * slot + slot / 2) + 0.5;
+    const color = b.c >= b.o ? up : down;
+    ctx.strokeStyle = ctx.fillStyle = color;
+    ctx.globalAlpha = b === chart.live ? 0.5 : 1;
+    ctx.beginPath();
+    ctx.moveTo(cx, Math.round(y(b.h)));
+    ctx.lineTo(cx, Math.round(y(b.l)));
+    ctx.stroke();
+    const top = Math.round(y(Math.max(b.o, b.c)));
+    const bottom = Math.max(top + 1, Math.round(y(Math.min(b.o, b.c))));
+    ctx.fillRect(Math.round(cx - body / 2), top, body, bottom - top);
+    ctx.globalAlpha = 1;
+    const d = new Date(b.t);
+    if (d.getMinutes() % 10 === 0) {
+      ctx.fillStyle = dim;
+      ctx.fillText(`${String(d.getHours()).padStart(2, "0")}:${String(d.getMinutes()).padStart(2, "0")}`, cx, pad + plotH + timeH / 2 + 2);
+    }
+  }
+
+  // The last traded price.
+  if (lastPx != null) {
+    const yy = Math.round(y(lastPx)) + 0.5;
+    ctx.strokeStyle = ctx.fillStyle = cssVar("--accent") || "#4da3ff";
+    ctx.setLineDash([3, 3]);
+    ctx.beginPath();
+    ctx.moveTo(0, yy);
+    ctx.lineTo(plotW, yy);
+    ctx.stroke();
+    ctx.setLineDash([]);
+    ctx.fillRect(plotW + 1, yy - 8, axisW - 1, 16);
+    ctx.fillStyle = "#fff";
+    ctx.textAlign = "left";
+    ctx.fillText(lastPx.toFixed(digits), plotW + 6, yy);
+  }
 }
 
 // --- connection state ---------------------------------------------------------------------
@@ -301,6 +556,13 @@ function start() {
   }, 1000);
 
   for (const symbol of symbols) subscribeSymbol(symbol);
+  $("quotes").tBodies[0].addEventListener("click", (e) => {
+    const tr = e.target.closest("tr[data-symbol]");
+    if (tr) selectSymbol(tr.dataset.symbol);
+  });
+  if (typeof ResizeObserver === "function") new ResizeObserver(markChart).observe($("chart"));
+  else window.addEventListener("resize", markChart);
+  selectSymbol(symbols[0]);
   client.connect();
 }
 
@@ -314,6 +576,8 @@ window.fanoutDemo = {
   counters: client.counters,
   frames: () => frame,
   received: () => Object.fromEntries(received),
+  chart: () => ({ symbol: chart.symbol, bars: chart.bars.slice(), live: chart.live && { ...chart.live } }),
+  select: (symbol) => selectSymbol(symbol),
 };
 
 if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);

@@ -104,6 +104,8 @@ export interface MessageMeta {
   epoch: string;
   /** The snapshot key of a keyed channel's message (depth: "bid:21000.25"); "" otherwise. */
   key: string;
+  /** The publication removed `key` from the channel's snapshot (a closed position, say). */
+  deleted: boolean;
 }
 
 export interface ResyncInfo {

@@ -130,6 +130,7 @@ export class FanoutClient {
   /** Close for good (until the next connect()). Subscriptions and positions are kept. */
   close() {
     this._wanted = false;
+    this._savePositions(); // where a later page (or connect()) recovers from
     this._clearTimer("reconnect");
     if (this._ws) this._drop(1000, "client closed");
     else if (this.state !== "closed") this._setState("closed", { code: 1000, reason: "client closed" });
@@ -524,7 +525,13 @@ export class FanoutClient {
     this.counters.messages += 1;
     this._positionsChanged();
     if (sub.onMessage) {
-      const meta = { channel: sub.channel, offset: msg.offset, epoch: sub.epoch, key: msg.key ?? "" };
+      const meta = {
+        channel: sub.channel,
+        offset: msg.offset,
+        epoch: sub.epoch,
+        key: msg.key ?? "",
+        deleted: msg.deleted === true, // the publication removed its key from the snapshot
+      };
       this._safely(sub.onMessage, msg.data, meta);
     }
   }

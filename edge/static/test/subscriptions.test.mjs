@@ -71,12 +71,14 @@ describe("subscribe and offsets", () => {
     const h = live(t);
     h.ws.frame(pub(CH, 11, { a: 1 }));
     h.ws.frame(pub(CH, 12, { a: 2 }, { key: "k" }));
+    h.ws.frame(pub(CH, 13, { a: 0 }, { key: "k", deleted: true }));
     assert.deepEqual(h.rec.messages, [
-      { data: { a: 1 }, channel: CH, offset: 11, epoch: "e1", key: "" },
-      { data: { a: 2 }, channel: CH, offset: 12, epoch: "e1", key: "k" },
+      { data: { a: 1 }, channel: CH, offset: 11, epoch: "e1", key: "", deleted: false },
+      { data: { a: 2 }, channel: CH, offset: 12, epoch: "e1", key: "k", deleted: false },
+      { data: { a: 0 }, channel: CH, offset: 13, epoch: "e1", key: "k", deleted: true },
     ]);
-    assert.deepEqual(h.handle.position(), { offset: 12, epoch: "e1" });
-    assert.equal(h.client.counters.messages, 2);
+    assert.deepEqual(h.handle.position(), { offset: 13, epoch: "e1" });
+    assert.equal(h.client.counters.messages, 3);
   });
 
   test("duplicates (offset <= position) are dropped and counted", (t) => {
@@ -215,7 +217,7 @@ describe("recovery after a reconnect", () => {
     assert.deepEqual(h.rec.resyncs, [{ snapshot: { "": 9 }, channel: CH, epoch: "e2", offset: 3, reason: "resync" }]);
     assert.deepEqual(h.handle.position(), { offset: 3, epoch: "e2" });
     h.ws.frame(pub(CH, 4));
-    assert.deepEqual(h.rec.messages.at(-1), { data: { v: 4 }, channel: CH, offset: 4, epoch: "e2", key: "" });
+    assert.deepEqual(h.rec.messages.at(-1), { data: { v: 4 }, channel: CH, offset: 4, epoch: "e2", key: "", deleted: false });
     assert.equal(h.client.counters.resynced, 1);
   });
 
