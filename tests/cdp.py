@@ -35,7 +35,10 @@ class Browser:
     def __init__(self, executable: str) -> None:
         self.executable = executable
         self.port = free_port()
-        self.profile = tempfile.TemporaryDirectory(prefix="fanout-chromium-", ignore_cleanup_errors=True)
+        # Chromium may still write into its profile as it is killed.
+        self.profile = tempfile.TemporaryDirectory(
+            prefix="fanout-chromium-", ignore_cleanup_errors=True
+        )
         self.proc: subprocess.Popen[bytes] | None = None
         self.ws: Any = None
         self.ids = itertools.count(1)

@@ -161,8 +161,8 @@ async def test_reload_recovers_from_session_storage(
         assert stored[f"trades.{symbol}"]["offset"] == seen[-1]
         await browser.reload()
         await browser.wait_for(
-            "window.fanout && window.fanout.state === 'open' && window.fanout.counters.recovered >= 2",
-            15)
+            "window.fanout && window.fanout.state === 'open'"
+            " && window.fanout.counters.recovered >= 2", 15)
         await browser.wait_for(
             f"(window.fanoutDemo.received()['trades.{symbol}'] || []).length > 5", 15)
         after = (await browser.js("window.fanoutDemo.received()"))[f"trades.{symbol}"]
