@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from common.backoff import Backoff
 from common.config import IngestConfig
 from common.errors import ConfigError
-from ingest.backoff import Backoff
 from ingest.upstream import Upstream
 
 STATES = ("connecting", "live", "backing_off", "stopped")

@@ -72,9 +72,9 @@ from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from typing import Any
 
+from common.backoff import Backoff
 from common.channels import parse_channel, validate_key
 from common.errors import BadChannel
-from ingest.backoff import Backoff
 from ingest.bars import Bar, BarBuilder
 from ingest.signalr import HubConnection, HubState
 from ingest.upstream import UpstreamMessage

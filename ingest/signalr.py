@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
-from ingest.backoff import Backoff
+from common.backoff import Backoff
 
 RECORD_SEPARATOR = "\x1e"
 MAX_NEGOTIATE_REDIRECTS = 10  # the protocol allows redirects (Azure SignalR); bound them

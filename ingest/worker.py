@@ -29,9 +29,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common.aio import raise_if_cancelling, stop_tasks
+from common.backoff import Backoff
 from common.config import IngestConfig, redact_url
 from common.keys import Keys
-from ingest.backoff import Backoff
 from ingest.feeds import make_upstream, state_metric
 from ingest.leader import Leader, LeaderMetrics, NotLeader, Term
 from ingest.publisher import Fence, FencedOut, InvalidMessage, Publisher, PublishResult

@@ -9,7 +9,7 @@ skipped; one that matches but cannot be mapped (a field missing, a bad channel) 
 and skipped with a warning, at most one per reason every `SKIP_LOG_INTERVAL` seconds: a
 malformed feed must not drown the log, nor stop the rest of the feed.
 
-The connection is the adapter's: it reconnects with `ingest.backoff.Backoff` (reset once
+The connection is the adapter's: it reconnects with `common.backoff.Backoff` (reset once
 a connection delivers its first mapped message), treats `idle_timeout` seconds without a
 frame as a dead upstream, sends the subscribe messages again after every connect, and
 reports its state (connecting, live, backing_off) through `state` and an `on_state`
@@ -41,9 +41,9 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from common.backoff import Backoff
 from common.channels import parse_channel, validate_key
 from common.errors import BadChannel
-from ingest.backoff import Backoff
 from ingest.upstream import UpstreamMessage
 
 Sleep = Callable[[float], Awaitable[object]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from ingest.backoff import Backoff
+from common.backoff import Backoff
 
 
 def test_ceilings_double_up_to_the_cap() -> None:

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from common.backoff import Backoff
 from common.channels import parse_channel
-from ingest.backoff import Backoff
 from ingest.projectx import (
     DomType,
     ProjectXFeed,

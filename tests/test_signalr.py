@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ingest.backoff import Backoff
+from common.backoff import Backoff
 from ingest.signalr import (
     RECORD_SEPARATOR,
     Close,

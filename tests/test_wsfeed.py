@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from ingest.backoff import Backoff
+from common.backoff import Backoff
 from ingest.publisher import Publisher
 from ingest.upstream import Upstream, UpstreamMessage
 from ingest.wsfeed import (
