@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import random
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -59,6 +60,15 @@ CLOSE_CLIENT = 1000
 HEARTBEAT_GRACE = 1.0  # s on top of ping_interval + pong_timeout before a server is dead
 CONNECT_TIMEOUT = 10.0  # s for the TCP/WebSocket handshake and for the connected reply
 RETRYABLE_CODES = frozenset({"unavailable", "internal"})
+
+
+_ADVISED = re.compile(r"(?:^|\s)retry_after_ms=(\d{1,7})(?:\s|$)")
+
+
+def advised_delay(reason: str) -> float:
+    """The reconnect delay (s) a server advises in its close reason, or 0."""
+    m = _ADVISED.search(reason or "")
+    return int(m.group(1)) / 1000 if m else 0.0
 
 
 class ClientState:
@@ -378,12 +388,15 @@ class FanoutClient:
 
     async def _run(self) -> None:
         first = True
+        advised = 0.0
         try:
             while True:
                 if not first:
                     self.counters.reconnects += 1
                     self._set_state(ClientState.RECONNECTING)
                     delay = self.backoff.next_delay()
+                    if advised:  # at least what the server advised, plus up to half again
+                        delay = max(delay, advised + self._rand(0.0, advised / 2))
                     self.log.info("reconnect_wait delay=%.3f attempt=%d", delay,
                                   self.backoff.attempt)
                     await asyncio.sleep(delay)
@@ -391,6 +404,7 @@ class FanoutClient:
                 url = self.urls[self._url_index % len(self.urls)]
                 self._url_index += 1
                 code, reason = await self._session(url)
+                advised = advised_delay(reason)
                 if code is not None and 3500 <= code <= 3999:
                     self._stop_fatal(code, reason)
                     return

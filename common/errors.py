@@ -115,9 +115,14 @@ class CloseCode(IntEnum):
 
 
 class Disconnect(FanoutError):
-    """End the connection with `code`; `reason` is sent to the client (<= 123 bytes)."""
+    """End the connection with `code`; `reason` is sent to the client (<= 123 bytes).
 
-    def __init__(self, code: CloseCode, reason: str) -> None:
+    `retry_after` (seconds) advises a reconnecting client to wait at least that long; it
+    travels at the end of the reason as ``retry_after_ms=<n>`` (docs/protocol.md)."""
+
+    def __init__(self, code: CloseCode, reason: str, retry_after: float | None = None) -> None:
+        if retry_after is not None:
+            reason = f"{reason[:90]} retry_after_ms={round(retry_after * 1000)}"
         super().__init__(f"{int(code)} {reason}")
         self.code = code
         # A close reason is at most 123 bytes of UTF-8; cut on a character boundary.

@@ -49,6 +49,9 @@ _CLOSE_REASONS = {
 
 
 CLOSE_TIMEOUT = 10.0  # s a close frame may wait for a full socket to drain
+# A slow consumer is told to wait this long before reconnecting: coming back at once into
+# the same burst would only overflow again.
+SLOW_RETRY_AFTER = 1.0
 
 # Closes fanout does not choose itself: uvicorn's (1009 oversized frame, 1012 shutdown).
 _PEER_CLOSE_REASONS = {1009: "message_too_big", 1012: "shutdown"}
@@ -126,7 +129,7 @@ class Session:
             if outcome is Outcome.DROPPED:
                 self.stats.count_dropped(sub.namespace, count)
             elif outcome is Outcome.OVERFLOW:
-                self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer"))
+                self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer", SLOW_RETRY_AFTER))
                 return
         self._wakeup.set()
 
@@ -142,7 +145,7 @@ class Session:
         elif outcome is Outcome.DROPPED:
             self.stats.count_dropped(sub.namespace)
         else:
-            self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer"))
+            self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer", SLOW_RETRY_AFTER))
             return
         self._wakeup.set()
 

@@ -667,3 +667,15 @@ def test_disconnect_truncates_a_multibyte_reason_within_123_bytes(char: str) -> 
     encoded = exc.reason.encode("utf-8")
     assert len(encoded) <= 123
     assert exc.reason == char * len(exc.reason)  # cut at a character boundary
+
+
+def test_disconnect_advises_a_reconnect_delay_in_the_reason() -> None:
+    from common.client import advised_delay
+
+    exc = Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer", retry_after=1.5)
+    assert exc.reason == "slow consumer retry_after_ms=1500"
+    assert advised_delay(exc.reason) == 1.5
+    long = Disconnect(CloseCode.SLOW_CONSUMER, "x" * 200, retry_after=2)
+    assert len(long.reason.encode()) <= 123 and advised_delay(long.reason) == 2.0
+    assert advised_delay("slow consumer") == 0.0
+    assert advised_delay("retry_after_ms=12x") == 0.0

@@ -44,6 +44,12 @@ function defaultUrl() {
   return (loc.protocol === "https:" ? "wss://" : "ws://") + loc.host + "/ws";
 }
 
+/** The reconnect delay (ms) a server advises in a close reason, or 0. */
+export function advisedDelay(reason) {
+  const m = /(?:^|\s)retry_after_ms=(\d{1,7})(?:\s|$)/.exec(reason || "");
+  return m ? Number(m[1]) : 0;
+}
+
 /** `persist`: true = sessionStorage, or any object with getItem/setItem; else none. */
 function resolveStorage(persist) {
   if (!persist) return null;
@@ -374,7 +380,13 @@ export class FanoutClient {
       this._setState("closed", { code, reason, final: true });
     } else {
       this._attempt += 1;
-      this._reconnect(jitter(this._attempt, this.backoff.min, this.backoff.max), { code, reason });
+      const delay = jitter(this._attempt, this.backoff.min, this.backoff.max);
+      // The server may advise a delay in its close reason ("... retry_after_ms=1500"): wait at
+      // least that long, plus up to half of it again so that its clients do not come back
+      // all at once.
+      const advised = advisedDelay(reason);
+      this._reconnect(advised ? Math.max(delay, advised + Math.round(Math.random() * advised / 2)) : delay,
+        { code, reason, advised });
     }
   }
 

@@ -1,0 +1,36 @@
+// A delay the server advises in its close reason ("... retry_after_ms=N") is honoured.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { advisedDelay } from "../fanout.js";
+import { handshake, makeClient } from "./harness.mjs";
+
+test("advisedDelay reads the token, and only a well-formed one", () => {
+  assert.equal(advisedDelay("slow consumer retry_after_ms=1500"), 1500);
+  assert.equal(advisedDelay("retry_after_ms=20"), 20);
+  assert.equal(advisedDelay("slow consumer"), 0);
+  assert.equal(advisedDelay("retry_after_ms=15x"), 0);
+  assert.equal(advisedDelay(undefined), 0);
+});
+
+test("a close with an advised delay waits at least that long, plus up to half again", (t) => {
+  t.mock.method(Math, "random", () => 0.5);
+  const h = makeClient("ws://edge/ws", { backoff: { min: 100, max: 1000 } });
+  h.client.connect();
+  handshake(h.last());
+  h.last().serverClose(3001, "slow consumer retry_after_ms=4000");
+  const r = h.states.filter((s) => s.state === "reconnecting").at(-1);
+  assert.equal(r.advised, 4000);
+  assert.equal(r.delay, 5000); // 4000 + 0.5 * 2000; the backoff alone would be 50
+  h.client.close();
+});
+
+test("without advice the backoff alone decides", (t) => {
+  t.mock.method(Math, "random", () => 0.5);
+  const h = makeClient("ws://edge/ws", { backoff: { min: 100, max: 1000 } });
+  h.client.connect();
+  handshake(h.last());
+  h.last().serverClose(3001, "slow consumer");
+  const r = h.states.filter((s) => s.state === "reconnecting").at(-1);
+  assert.equal(r.delay, 50);
+  h.client.close();
+});
