@@ -84,7 +84,6 @@ class EdgeServer:
         self.port: int = self.sock.getsockname()[1]
         self.config = replace(config, port=self.port)
         self.server = uvicorn.Server(uvicorn_config(self.config))
-        self.server.config.install_signal_handlers = False  # type: ignore[attr-defined]
         self.task: asyncio.Task[None] | None = None
 
     @property

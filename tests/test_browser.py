@@ -116,7 +116,6 @@ async def test_edge_killed_under_the_page_loses_nothing(
             "window.fanout.counters.reconnects >= 1 && window.fanout.state === 'open'", 30)
         await browser.wait_for(
             "window.fanout.counters.recovered >= 1", 10)
-        await asyncio.sleep(0)  # let the publisher run on after the reconnect
         before = dict(last)
         await browser.wait_for(
             " && ".join(f"(window.fanout.positions()['{ch}']?.offset || 0) > {off}"
