@@ -154,6 +154,7 @@ class EdgeConfig:
     write_delay: float = 0.0  # s the writer waits to gather more messages into a frame
     recovery_limit: int = 10_000  # most messages one subscribe may replay
     compression: bool = False  # permessage-deflate: ~5x the CPU in fan-out, off by default
+    direct_write: bool = True  # write finished frames to the transport (edge/wire.py)
     node_id: str = ""  # defaults to a random id
     log_level: str = "info"
 
@@ -366,6 +367,9 @@ EDGE_SETTINGS = (
             "seconds a writer waits to batch more messages into a frame (default 0)"),
     Setting("compression", "--compression", "FANOUT_WS_COMPRESSION", _bool,
             "permessage-deflate (true/false)"),
+    Setting("direct_write", "--direct-write", "FANOUT_DIRECT_WRITE", _bool,
+            "write finished frames straight to the socket, shared by all clients of a "
+            "batch (true/false; default true)"),
     Setting("node_id", "--node-id", "FANOUT_NODE_ID", _prefix, "this edge's id (default random)"),
     Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level, "log level"),
 )

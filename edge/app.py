@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from redis.asyncio import Redis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -25,6 +26,7 @@ from common.protocol import SUBPROTOCOLS, Codec
 from edge.hub import Hub
 from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
+from edge.wire import RawSendMiddleware
 
 STATIC = Path(__file__).parent / "static"
 
@@ -134,6 +136,7 @@ def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Star
             WebSocketRoute("/ws", edge.websocket),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
+        middleware=[Middleware(RawSendMiddleware)],
         lifespan=lifespan,
     )
     app.state.edge = edge

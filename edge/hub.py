@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -36,8 +36,9 @@ from common.errors import CloseCode, Disconnect, Unavailable
 from common.keys import Keys
 from common.protocol import Codec, Frame, Position
 from common.scripts import register
-from edge.sendqueue import Policy
+from edge.sendqueue import Policy, coalesce
 from edge.stats import EdgeStats
+from edge.wire import encode_frame
 
 
 class Subscriber(Protocol):
@@ -99,13 +100,28 @@ class Batch:
     once: the join of their encodings is made once per codec, so a client's cost is per
     batch, not per message. Split in chunks of at most `max_bytes` (a frame's size)."""
 
-    __slots__ = ("_chunks", "max_bytes", "max_messages", "pubs")
+    __slots__ = ("_chunks", "_wire", "max_bytes", "max_messages", "pubs")
 
     def __init__(self, pubs: list[Publication], max_bytes: int, max_messages: int = 1000) -> None:
         self.pubs = pubs
         self.max_bytes = max_bytes
         self.max_messages = max_messages
         self._chunks: dict[Codec, list[tuple[Frame, int, int, int]]] = {}
+        self._wire: dict[Codec, Wire] = {}
+
+    def wire(self, codec: Codec) -> Wire:
+        """All the batch's messages as finished WebSocket frames (one per chunk), for
+        clients that take the whole batch: the same bytes for every such client."""
+        wire = self._wire.get(codec)
+        if wire is None:
+            chunks = self.chunks(codec)
+            frames = [coalesce([part], codec, count) for part, count, _, _ in chunks]
+            wire = Wire(
+                b"".join(encode_frame(f) for f in frames), len(frames),
+                sum(count for _, count, _, _ in chunks), sum(len(f) for f in frames),
+            )
+            self._wire[codec] = wire
+        return wire
 
     def chunks(self, codec: Codec, start: int = 0) -> list[tuple[Frame, int, int, int]]:
         """(part, count, first offset, last offset) for the messages from index `start`."""
@@ -134,6 +150,16 @@ class Batch:
         if start == 0:
             self._chunks[codec] = out
         return out
+
+
+class Wire(NamedTuple):
+    """Finished frames, ready to write: `data` holds `frames` frames carrying `messages`
+    messages, `payload` bytes of them (frame headers not counted)."""
+
+    data: bytes
+    frames: int
+    messages: int
+    payload: int
 
 
 def _join(frames: list[Frame], codec: Codec) -> Frame:

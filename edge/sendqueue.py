@@ -98,6 +98,11 @@ class SendQueue:
         return self._bytes
 
     @property
+    def busy(self) -> bool:
+        """Something to send: a queued message or a gap not yet announced."""
+        return self._alive > 0 or bool(self._gaps)
+
+    @property
     def pending_gaps(self) -> bool:
         return bool(self._gaps)
 

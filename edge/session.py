@@ -33,6 +33,7 @@ from common.protocol import Codec, Frame
 from edge.hub import Batch, Hub, Publication, Subscription
 from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
 from edge.stats import EdgeStats
+from edge.wire import RawWebSocket, encode_frame
 
 _CLOSE_REASONS = {
     CloseCode.SHUTDOWN: "shutdown",
@@ -87,6 +88,10 @@ class Session:
         self._awaiting_pong = False
         self._peer_close_code = 1005
         self._loop = asyncio.get_running_loop()
+        # Direct writes to the transport (edge/wire.py), when the server allows them...
+        self._raw = RawWebSocket.attach(ws.scope) if config.direct_write else None
+        # ... and past the queue when it is empty, unless the writer is to wait and gather.
+        self._direct = self._raw if not config.write_delay else None
 
     # --- called by the hub (synchronous, never blocks) -----------------------------------
 
@@ -97,9 +102,25 @@ class Session:
     def enqueue(self, frame: Frame) -> None:
         """Queue a control frame: a reply, a ping, a resync, a recovered message. Each is
         bounded by something else (a request, the ping interval, the recovery limit)."""
-        if self._close is None:
-            self.queue.push_control(frame)
-            self._wakeup.set()
+        if self._close is not None:
+            return
+        raw = self._direct
+        if raw is not None and not self.queue.busy and raw.ready:
+            self._write_now(raw, encode_frame(frame), 1, 1, len(frame))
+            return
+        self.queue.push_control(frame)
+        self._wakeup.set()
+
+    def _write_now(self, raw: RawWebSocket, data: bytes, frames: int, messages: int,
+                   payload: int) -> None:
+        """Straight to the socket: nothing is queued before it and the transport takes it
+        without blocking, so no writer task needs to wake up."""
+        raw.write(data)
+        stats = self.stats
+        stats.frames_sent += frames
+        stats.frames_direct += frames
+        stats.messages_sent += messages
+        stats.bytes_sent += payload
 
     def resynced(self, sub: Subscription, frame: Frame) -> None:
         self.queue.forget(sub.channel)
@@ -113,6 +134,12 @@ class Session:
         rate-limited client, or a conflating one that is behind, is served message by
         message."""
         if self._close is not None:
+            return
+        raw = self._direct
+        if (start == 0 and raw is not None and sub.max_rate is None and not self.queue.busy
+                and raw.ready):
+            # Keeping up: the batch's finished frames, shared with every such client.
+            self._write_now(raw, *batch.wire(self.codec))
             return
         if sub.max_rate is not None:
             for pub in batch.pubs[start:]:
@@ -365,27 +392,44 @@ class Session:
     async def _write_loop(self) -> None:
         """Drain the queue, everything pending coalesced into one frame (up to the frame
         bounds): a frame costs about the same CPU whatever it holds, so a client that
-        falls behind costs less per message, not more. `send` waits while the socket's
-        write buffer is over its high-water mark; meanwhile the queue's policy applies."""
+        falls behind costs less per message, not more. Writes wait while the socket's
+        write buffer is over its high-water mark; meanwhile the queue's policy applies.
+
+        With direct writes, parts are popped only when the transport takes them at once,
+        so an empty queue means nothing is in flight and the hub may write past the queue
+        (`deliver`) without reordering anything."""
         queue = self.queue
         stats = self.stats
-        send = self.ws.send
         codec = self.codec
         max_messages = self.config.max_frame_messages
         max_bytes = self.config.max_frame_bytes
         delay = self.config.write_delay
+        raw = self._raw
+        send = self.ws.send
         kind = "text" if codec is Codec.JSON else "bytes"
         while True:
             await self._wakeup.wait()
             if delay:
                 await asyncio.sleep(delay)
             self._wakeup.clear()
-            while True:
-                parts, count = queue.pop_parts(max_messages, max_bytes)
-                if not parts:
-                    break
-                frame = coalesce(parts, codec, count)
-                await send({"type": "websocket.send", kind: frame})
+            while queue.busy:
+                if raw is not None:
+                    if not raw.ready:
+                        if raw.closed:
+                            raise WebSocketDisconnect(1006)
+                        await raw.wait_writable()
+                        continue
+                    parts, count = queue.pop_parts(max_messages, max_bytes)
+                    if not parts:
+                        break
+                    frame = coalesce(parts, codec, count)
+                    raw.write(encode_frame(frame))
+                else:
+                    parts, count = queue.pop_parts(max_messages, max_bytes)
+                    if not parts:
+                        break
+                    frame = coalesce(parts, codec, count)
+                    await send({"type": "websocket.send", kind: frame})
                 stats.frames_sent += 1
                 stats.messages_sent += count
                 stats.bytes_sent += len(frame)

@@ -21,6 +21,7 @@ class EdgeStats:
     subscriptions: int = 0
     channels: int = 0
     frames_sent: int = 0
+    frames_direct: int = 0  # of frames_sent, written past the queue (edge/wire.py)
     messages_sent: int = 0
     bytes_sent: int = 0
     frames_received: int = 0
@@ -71,6 +72,8 @@ class EdgeCollector(Collector):
         yield gauge("subscriptions", "Active client subscriptions.", s.subscriptions)
         yield gauge("channels", "Channels this node is subscribed to in Redis.", s.channels)
         yield counter("frames_sent", "WebSocket frames sent to clients.", s.frames_sent)
+        yield counter("frames_direct", "Frames written straight to the socket, past the "
+                      "send queue.", s.frames_direct)
         yield counter("messages_sent", "Messages sent to clients.", s.messages_sent)
         yield counter("bytes_sent", "Payload bytes sent to clients.", s.bytes_sent)
         yield counter("frames_received", "Frames received from clients.", s.frames_received)
