@@ -42,7 +42,7 @@ DEFAULT_PUBLISH_TIMEOUT = 10.0  # s for the Redis round trip before answering 50
 MAX_MESSAGE_ID_LENGTH = 256  # the publisher's limit
 RETRY_AFTER = "1"  # s, on a 503
 
-MESSAGE_FIELDS = frozenset({"channel", "data", "key", "id", "delete"})
+MESSAGE_FIELDS = frozenset({"channel", "data", "key", "id", "delete", "if_changed"})
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -201,7 +201,7 @@ def parse_message(item: object, index: int | None = None) -> UpstreamMessage:
         _bad(
             "bad_request",
             f"{where}unknown field(s) {', '.join(map(repr, unknown))}: expected "
-            "channel, data, key, id, delete",
+            "channel, data, key, id, delete, if_changed",
             index,
         )
     if "channel" not in item:
@@ -228,7 +228,10 @@ def parse_message(item: object, index: int | None = None) -> UpstreamMessage:
     delete = item.get("delete", False)
     if not isinstance(delete, bool):
         _bad("bad_request", f"{where}'delete' must be true or false", index)
-    return UpstreamMessage(channel, item["data"], key, msg_id, delete)
+    if_changed = item.get("if_changed", False)
+    if not isinstance(if_changed, bool):
+        _bad("bad_request", f"{where}'if_changed' must be true or false", index)
+    return UpstreamMessage(channel, item["data"], key, msg_id, delete, if_changed)
 
 
 def parse_batch(body: object, max_batch: int) -> list[UpstreamMessage]:
@@ -253,6 +256,7 @@ def result_dict(result: PublishResult) -> dict[str, Any]:
         "offset": result.offset,
         "epoch": result.epoch,
         "duplicate": result.duplicate,
+        "unchanged": result.unchanged,
     }
 
 
@@ -329,9 +333,10 @@ class PublishApi:
                 headers={"Retry-After": RETRY_AFTER},
             ) from None
         duplicates = sum(r.duplicate for r in results)
+        unchanged = sum(r.unchanged for r in results)
         self.log.debug(
-            "api published path=%s key=%d messages=%d duplicates=%d",
-            request.url.path, key_number, len(results), duplicates,
+            "api published path=%s key=%d messages=%d duplicates=%d unchanged=%d",
+            request.url.path, key_number, len(results), duplicates, unchanged,
         )
         return results
 
@@ -446,7 +451,9 @@ def openapi_document(max_body: int, max_batch: int) -> dict[str, Any]:
                 "Publish messages to fanout channels. Offsets are assigned per channel, in "
                 "order, gapless. A message with an `id` is published once per channel (within "
                 "the idempotency TTL): sending it again answers with its first offset and "
-                "`duplicate: true`, which makes retries safe. A 4xx publishes nothing."
+                "`duplicate: true`, which makes retries safe. A message with `if_changed` "
+                "is published only if it changes the channel's snapshot (else `unchanged: "
+                "true`). A 4xx publishes nothing."
             ),
         },
         "paths": {
@@ -463,7 +470,7 @@ def openapi_document(max_body: int, max_batch: int) -> dict[str, Any]:
                     },
                     "responses": {
                         "200": {
-                            "description": "Published (or a duplicate of a known id).",
+                            "description": "Published, a duplicate of a known id, or unchanged.",
                             "content": {
                                 json_body: {
                                     "schema": {"$ref": "#/components/schemas/PublishResult"}
@@ -587,6 +594,16 @@ def openapi_document(max_body: int, max_batch: int) -> dict[str, Any]:
                             "default": False,
                             "description": "Remove `key` from a keyed channel's snapshot.",
                         },
+                        "if_changed": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": (
+                                "A state, not an event: publish only if it changes the "
+                                "channel's snapshot (a new value for `key`, a delete of a "
+                                "`key` that is there, a merge that changes a field); else "
+                                "nothing is published and the result says `unchanged`."
+                            ),
+                        },
                     },
                 },
                 "BatchRequest": {
@@ -604,21 +621,34 @@ def openapi_document(max_body: int, max_batch: int) -> dict[str, Any]:
                 },
                 "PublishResult": {
                     "type": "object",
-                    "required": ["channel", "offset", "epoch", "duplicate"],
+                    "required": ["channel", "offset", "epoch", "duplicate", "unchanged"],
                     "properties": {
                         "channel": {"type": "string"},
                         "offset": {
                             "type": "integer",
-                            "minimum": 1,
-                            "description": "The message's offset in its channel.",
+                            "minimum": 0,
+                            "description": (
+                                "The message's offset in its channel; for an unchanged "
+                                "message, the channel's last offset (0 if it has none)."
+                            ),
                         },
                         "epoch": {
                             "type": "string",
-                            "description": "The channel's epoch: offsets count within it.",
+                            "description": (
+                                "The channel's epoch: offsets count within it (\"\" for an "
+                                "unchanged message on a channel that has none yet)."
+                            ),
                         },
                         "duplicate": {
                             "type": "boolean",
                             "description": "The id was already published: offset is its first.",
+                        },
+                        "unchanged": {
+                            "type": "boolean",
+                            "description": (
+                                "Sent with if_changed and equal to the snapshot's state: not "
+                                "published."
+                            ),
                         },
                     },
                 },

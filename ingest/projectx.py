@@ -23,9 +23,11 @@ Market hub (``/hubs/market``), per contract id: ``SubscribeContractQuotes``,
   Unknown are not book levels and are skipped (trades come from GatewayTrade). The
   documentation does not say how ``volume`` ("total volume at this price level")
   differs from ``currentVolume``: ``volume`` is the level's size, as other clients read
-  it, and ``currentVolume`` is passed along as ``current_volume``. After a reconnect the
-  known levels are deleted before resubscribing, so no level outlives the connection
-  that reported it (`reset_depth_on_reconnect`).
+  it, and ``currentVolume`` is passed along as ``current_volume``. No level outlives the
+  connection that reported it (`reset_depth_on_reconnect`): after a (re)connect, a level
+  known from before that the gateway does not report again within `depth_settle` seconds
+  is deleted. "Known" includes what an earlier leader published: the worker hands the
+  feed the depth snapshot when it becomes leader (`resume`).
 
 User hub (``/hubs/user``): ``SubscribeAccounts``, and per account ``SubscribeOrders``,
 ``SubscribePositions``, ``SubscribeTrades``. Events carry one payload, a list of them,
@@ -40,19 +42,46 @@ or ``{action, data}`` wrappers (all seen in the wild): all are accepted.
 
 Events for accounts not configured are dropped.
 
-Idempotency (``msg_id``; the publisher keeps one entry per id and channel):
+Idempotency. A gateway re-sends its current state when a connection subscribes (the quote,
+the book, positions, the balance, recent trades), so after a reconnect, or when a standby
+takes over from a dead leader, much of what arrives was published already. Nothing of it
+may be published twice, and nothing new may be taken for old:
 
-- user trades: ``t:<trade id>`` (``:voided`` added when voided): the gateway's own id;
-- orders: ``o:<order id>:<updateTimestamp>:<digest>``: the id and update time, plus a
-  digest of the payload for two changes in one timestamp;
-- quotes with a gateway timestamp: ``q:<timestamp>:<digest>`` of the merged quote (a
-  version of ours instead if it returns to a value it had under the same timestamp);
-- bars: ``b:<start>``: one bar per interval start, whoever builds it;
-- everything without upstream ids (market trades, depth levels, positions, balances,
-  quotes without a timestamp): ``<run_id>:<n>``, a version unique to this process. Those
-  never collide across a failover (never dropped wrongly) but are not deduplicated
-  across it either; within a process, positions and balances are published only when
-  their value changed.
+- **Events with ids** carry them as ``msg_id`` (the publisher keeps one entry per id and
+  channel): user trades ``t:<trade id>`` (``:voided`` added when voided); orders
+  ``o:<order id>:<updateTimestamp>:<digest>`` (the update time, plus a digest of the
+  payload for two changes in one timestamp); bars ``b:<start>`` (one bar per interval
+  start, whoever builds it).
+- **States** (quotes, depth levels, positions, balances) are published with
+  ``if_changed``: the publish script skips one that leaves the channel's snapshot as it is
+  (the same value for its key, the delete of a key that is not there, a merge that changes
+  no field). The snapshot holds the latest version of every key, whoever published it, so
+  a re-sent state is skipped in any process, and a real change (A, B, A) is always
+  published. Their ``msg_id`` is ``<run_id>:<n>``, unique to this process: it makes a
+  retried publish batch exact (A, B sent twice must not become A, B, A, B). Content ids
+  (``q:<timestamp>:<digest>``) would be wrong for states: after A, B under one timestamp,
+  a new leader seeing A, then B again would take its B for the old one and drop a real
+  change. Within a session, an unchanged quote, position or balance is not even sent.
+- **Market trades** have no gateway id: ``mt:<gateway timestamp>:<digest>:<k>``, where
+  ``<digest>`` is the published payload's and ``k`` counts the equal trades (same
+  timestamp, same digest) seen before *on this connection* (counters reset on every
+  connect; kept for the latest `TRADE_STAMPS_KEPT` timestamps per contract). Every
+  process computes the same ids for the same sequence, so trades re-sent after a
+  (re)connect are duplicates, and two equal trades in one timestamp stay two messages.
+  A trade without a gateway timestamp, or older than the counters kept, gets a
+  ``<run_id>:<n>`` id: never dropped wrongly, but repeated if the gateway re-sends it.
+  **Residual risk:** an equal trade that is genuinely new (same price, size, side and
+  timestamp) and arrives on the new connection without the old one being re-sent first is
+  taken for the old one and dropped; so is the second of two equal trades when the
+  re-sent window starts between them. Both need two equal trades within one gateway
+  timestamp (100 ns) straddling the reconnect.
+
+What is not covered: the gateway's re-sent state is compared as it is, timestamps
+included, so a gateway that re-stamps an unchanged level or position on subscribe gets it
+published again (never wrong, only repeated). A position or an order that closed while no
+leader was connected, and that the gateway does not re-send, stays in its snapshot until
+its next update (the gateway's state after a subscribe is not known to be complete, so
+nothing is swept there, unlike depth).
 """
 
 from __future__ import annotations
@@ -77,7 +106,7 @@ from common.channels import parse_channel, validate_key
 from common.errors import BadChannel
 from ingest.bars import Bar, BarBuilder
 from ingest.signalr import HubConnection, HubState
-from ingest.upstream import UpstreamMessage
+from ingest.upstream import SnapshotReader, UpstreamMessage
 
 Clock = Callable[[], float]
 BAR_INTERVALS = (1, 60)  # seconds: bars.1s and bars.1m
@@ -121,6 +150,8 @@ QUOTE_FIELDS = {
     "symbolName": "symbol_name",
 }
 QUOTE_TIMES = ("timestamp", "lastUpdated")  # -> ts (ms), the first one present
+TRADE_STAMPS_KEPT = 1024  # distinct trade timestamps per contract whose counters are kept
+MAX_STAMP_LENGTH = 64  # a longer raw timestamp goes into a trade id as its digest
 
 
 # --- helpers (pure) ------------------------------------------------------------------------
@@ -200,8 +231,15 @@ class _Market:
     merged: dict[str, Any] = field(default_factory=dict)  # gateway fields, merged
     last_quote: dict[str, Any] | None = None
     book: dict[str, tuple[str, float]] = field(default_factory=dict)  # key -> side, price
-    stamp: object = None  # the gateway timestamp of the last quote published
-    stamp_digests: set[str] = field(default_factory=set)  # quotes published under it
+    stale: set[str] = field(default_factory=set)  # book keys not reported since the connect
+    # Market trade ids: per raw gateway timestamp, per payload digest, trades seen on this
+    # connection; and the latest timestamp whose counters were pruned (seconds).
+    trade_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    trade_floor: float | None = None
+
+    def forget_trades(self) -> None:
+        self.trade_counts.clear()
+        self.trade_floor = None
 
 
 # --- the mapping (pure, synchronous) -------------------------------------------------------
@@ -306,23 +344,7 @@ class ProjectXMapper:
         if full == market.last_quote:
             return []
         market.last_quote = full
-        msg_id = self._quote_id(market, ts_raw if ts is not None else None, full)
-        return [UpstreamMessage(market.quotes, full, msg_id=msg_id)]
-
-    def _quote_id(self, market: _Market, stamp: object, full: dict[str, Any]) -> str:
-        """``q:<timestamp>:<digest>``, the same in every process; a version of ours when there
-        is no timestamp, or when the quote went back to a value it had under the same one
-        (A, B, A: the second A must not be taken for a duplicate of the first)."""
-        if stamp is None:
-            return self._next_id()
-        if stamp != market.stamp:
-            market.stamp = stamp
-            market.stamp_digests.clear()
-        content = digest(full)
-        if content in market.stamp_digests:
-            return self._next_id()
-        market.stamp_digests.add(content)
-        return f"q:{stamp}:{content}"
+        return [UpstreamMessage(market.quotes, full, msg_id=self._next_id(), if_changed=True)]
 
     def trades(self, contract: object, data: object) -> list[UpstreamMessage]:
         """Trades, each preceded by the bars it closed."""
@@ -348,8 +370,38 @@ class ProjectXMapper:
                 "side": _trade_side(trade.get("type")),
                 "ts": round(at * 1000),
             }
-            out.append(UpstreamMessage(market.trades, payload, msg_id=self._next_id()))
+            msg_id = self._trade_id(market, trade.get("timestamp"), ts, payload)
+            out.append(UpstreamMessage(market.trades, payload, msg_id=msg_id))
         return out
+
+    def _trade_id(
+        self, market: _Market, stamp: object, ts: float | None, payload: dict[str, Any]
+    ) -> str:
+        """``mt:<gateway timestamp>:<digest>:<k>``, the same in every process that sees the
+        same trades on its connection: k counts the equal trades (same timestamp and
+        digest) seen before on this connection, so two equal trades stay two messages and a
+        re-sent one is known. A version of ours without a timestamp, or for a trade older
+        than the counters kept (pruned: its k is unknown, and a wrong k could drop it)."""
+        if ts is None or not isinstance(stamp, str):
+            return self._next_id()
+        counts = market.trade_counts.get(stamp)
+        if counts is None:
+            if market.trade_floor is not None and ts <= market.trade_floor:
+                return self._next_id()
+            counts = market.trade_counts[stamp] = {}
+            if len(market.trade_counts) > TRADE_STAMPS_KEPT:
+                oldest = next(iter(market.trade_counts))  # trades come in time order, mostly
+                del market.trade_counts[oldest]
+                pruned = parse_ts(oldest)
+                assert pruned is not None  # only parsed timestamps are kept
+                floor = market.trade_floor
+                market.trade_floor = pruned if floor is None else max(floor, pruned)
+        content = digest(payload)
+        seen = counts.get(content, 0)
+        counts[content] = seen + 1
+        if len(stamp) > MAX_STAMP_LENGTH:
+            stamp = digest(stamp)
+        return f"mt:{stamp}:{content}:{seen}"
 
     def depth(self, contract: object, data: object) -> list[UpstreamMessage]:
         """Depth entries as keyed level updates; Reset deletes the contract's levels."""
@@ -387,9 +439,10 @@ class ProjectXMapper:
                 market.book[key] = (side, price)
             else:
                 market.book.pop(key, None)
-            out.append(
-                UpstreamMessage(market.depth, payload, key, self._next_id(), delete=not size)
-            )
+            market.stale.discard(key)
+            out.append(UpstreamMessage(
+                market.depth, payload, key, self._next_id(), delete=not size, if_changed=True
+            ))
         return out
 
     def reset_depth(self) -> list[UpstreamMessage]:
@@ -399,19 +452,78 @@ class ProjectXMapper:
             out.extend(self._clear_book(market))
         return out
 
+    def mark_depth_stale(self) -> None:
+        """A (re)connect: every known level is stale until the gateway reports it again."""
+        for market in self.markets.values():
+            market.stale = set(market.book)
+
+    def sweep_depth(self) -> list[UpstreamMessage]:
+        """Deletes for the levels still stale: the gateway's book no longer has them."""
+        out: list[UpstreamMessage] = []
+        for market in self.markets.values():
+            gone = {key: market.book.pop(key) for key in sorted(market.stale & set(market.book))}
+            out.extend(self._level_deletes(market, gone))
+            market.stale.clear()
+        return out
+
+    def seed_depth(self, contract: str, snapshot: Mapping[str, Any]) -> int:
+        """Take `snapshot` (the depth channel's, from Redis: key -> level) as the book of
+        `contract`: a new leader then deletes the levels the old one left behind once the
+        gateway no longer reports them. Levels it cannot read are left out. How many."""
+        market = self.markets[contract]
+        book: dict[str, tuple[str, float]] = {}
+        for key, level in snapshot.items():
+            side, _, price_text = key.partition(":")
+            price = _number(level.get("price")) if isinstance(level, dict) else None
+            if price is None:
+                try:
+                    price = float(price_text)
+                except ValueError:
+                    continue
+            if side in ("bid", "ask") and math.isfinite(price):
+                book[key] = (side, price)
+        market.book = book
+        market.stale.clear()
+        return len(book)
+
     def _clear_book(self, market: _Market) -> list[UpstreamMessage]:
-        out = [
+        out = self._level_deletes(market, market.book)
+        market.book = {}
+        market.stale.clear()
+        return out
+
+    def _level_deletes(
+        self, market: _Market, levels: Mapping[str, tuple[str, float]]
+    ) -> list[UpstreamMessage]:
+        return [
             UpstreamMessage(
                 market.depth,
                 {"side": side, "price": price, "size": 0},
                 key,
                 self._next_id(),
                 delete=True,
+                if_changed=True,
             )
-            for key, (side, price) in sorted(market.book.items())
+            for key, (side, price) in sorted(levels.items())
         ]
-        market.book.clear()
-        return out
+
+    def market_connected(self) -> None:
+        """A new market hub connection: trade ids count equal trades per connection."""
+        for market in self.markets.values():
+            market.forget_trades()
+
+    def new_session(self) -> None:
+        """A new upstream session (a leadership term): forget what this process published
+        before. Another process may have published since, so only the snapshot (the
+        publish script's `if_changed`) says what is news now. The book stays: `resume` or
+        the sweep after the connect takes care of it."""
+        self._last_account.clear()
+        self._last_position.clear()
+        for market in self.markets.values():
+            market.merged.clear()
+            market.last_quote = None
+            market.forget_trades()
+            market.stale.clear()
 
     def flush_bars(self, now: float) -> list[UpstreamMessage]:
         """Bars whose interval ended by `now` (seconds since the epoch)."""
@@ -467,7 +579,7 @@ class ProjectXMapper:
             if self._last_account.get(name) == item:
                 continue
             self._last_account[name] = item
-            out.append(UpstreamMessage(channel, item, msg_id=self._next_id()))
+            out.append(UpstreamMessage(channel, item, msg_id=self._next_id(), if_changed=True))
         return out
 
     def order(self, *args: object) -> list[UpstreamMessage]:
@@ -508,7 +620,9 @@ class ProjectXMapper:
             if self._last_position.get(last_key) == item:
                 continue
             self._last_position[last_key] = item
-            out.append(UpstreamMessage(channel, item, key, self._next_id(), delete=size == 0))
+            out.append(UpstreamMessage(
+                channel, item, key, self._next_id(), delete=size == 0, if_changed=True
+            ))
         return out
 
     def user_trade(self, *args: object) -> list[UpstreamMessage]:
@@ -539,6 +653,12 @@ class ProjectXFeed:
     (default: the contract id itself, ``CON.F.US.MNQ.Z25``, valid in the grammar).
     `on_state(hub, state)` reports each hub's state for a metric; `states` holds them.
     One consumer of `messages` at a time.
+
+    With `reset_depth_on_reconnect`, the levels known at a (re)connect (the previous
+    connection's, or those `resume` read from the depth snapshot) that the gateway has not
+    reported again `depth_settle` seconds after the market hub is live are deleted; 0
+    deletes them all before resubscribing instead (the book then flashes empty and every
+    level is published again).
     """
 
     name = "projectx"
@@ -561,6 +681,7 @@ class ProjectXFeed:
         bar_intervals: Sequence[int] = BAR_INTERVALS,
         bar_grace: float = 0.25,
         reset_depth_on_reconnect: bool = True,
+        depth_settle: float = 1.0,
         delete_closed_orders: bool = True,
         queue_size: int = 10_000,
         clock: Clock = time.time,
@@ -573,6 +694,7 @@ class ProjectXFeed:
         self.log = logger
         self.bar_grace = bar_grace
         self.reset_depth_on_reconnect = reset_depth_on_reconnect
+        self.depth_settle = depth_settle
         self.mapper = ProjectXMapper(
             contracts,
             accounts,
@@ -587,6 +709,8 @@ class ProjectXFeed:
         self._on_state = on_state
         self._queue: asyncio.Queue[UpstreamMessage] = asyncio.Queue(queue_size)
         self._bar_opened = asyncio.Event()
+        self._sweep_at: float | None = None  # loop time of the next depth sweep
+        self._sweep_changed = asyncio.Event()
         self._running = False
         self.states: dict[str, HubState] = {}
         self.hubs: dict[str, HubConnection] = {}
@@ -637,11 +761,21 @@ class ProjectXFeed:
         order = (HubState.STOPPED, HubState.BACKING_OFF, HubState.CONNECTING, HubState.LIVE)
         return min(self.states.values(), key=order.index)
 
+    async def resume(self, snapshot: SnapshotReader) -> None:
+        """Take the depth snapshots as the books (the worker calls this when it becomes
+        leader): levels an earlier leader published are then ours to delete when the
+        gateway no longer reports them (see `depth_settle`)."""
+        for contract, market in self.mapper.markets.items():
+            levels = self.mapper.seed_depth(contract, await snapshot(market.depth))
+            self.log.info("projectx depth resumed channel=%s levels=%d", market.depth, levels)
+
     async def messages(self) -> AsyncIterator[UpstreamMessage]:
         """Gateway messages in arrival order, forever; raises if a hub gives up."""
         if self._running:
             raise RuntimeError("ProjectXFeed.messages has one consumer at a time")
         self._running = True
+        self.mapper.new_session()
+        self._sweep_at = None
         loop = asyncio.get_running_loop()
         failed: asyncio.Future[None] = loop.create_future()
         closing = False
@@ -657,6 +791,7 @@ class ProjectXFeed:
             for name, hub in self.hubs.items()
         ]
         tasks.append(asyncio.create_task(self._bar_timer(), name="projectx-bars"))
+        tasks.append(asyncio.create_task(self._depth_sweeper(), name="projectx-depth"))
         for task in tasks:
             task.add_done_callback(ended)
         try:
@@ -691,6 +826,13 @@ class ProjectXFeed:
 
     def _state_changed(self, hub: str, state: HubState) -> None:
         self.states[hub] = state
+        if hub == "market" and self.reset_depth_on_reconnect and self.depth_settle > 0:
+            # Live: the subscriptions are done, the gateway's book is on its way. Not live
+            # (lost before the sweep): the next connect marks the levels again.
+            live = state is HubState.LIVE
+            loop = asyncio.get_running_loop()
+            self._sweep_at = loop.time() + self.depth_settle if live else None
+            self._sweep_changed.set()
         if self._on_state is not None:
             self._on_state(hub, state)
 
@@ -699,7 +841,12 @@ class ProjectXFeed:
             await self._queue.put(message)
 
     async def _market_opened(self) -> None:
-        if self.reset_depth_on_reconnect:
+        self.mapper.market_connected()
+        if not self.reset_depth_on_reconnect:
+            return
+        if self.depth_settle > 0:
+            self.mapper.mark_depth_stale()
+        else:
             await self._put(self.mapper.reset_depth())
 
     async def _on_quote(self, *args: object) -> None:
@@ -732,6 +879,26 @@ class ProjectXFeed:
 
     async def _on_user_trade(self, *args: object) -> None:
         await self._put(self.mapper.user_trade(*args))
+
+    async def _depth_sweeper(self) -> None:
+        """Delete the levels still stale `depth_settle` s after the market hub went live."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._sweep_changed.clear()
+            due = self._sweep_at
+            if due is None:
+                await self._sweep_changed.wait()
+                continue
+            delay = due - loop.time()
+            if delay > 0:
+                # Not wait_for: on 3.11 it loses a cancel that comes as the event is set
+                # (the hub stopping sets it), and this task would never end.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._sweep_changed.wait()
+                continue
+            self._sweep_at = None
+            await self._put(self.mapper.sweep_depth())
 
     async def _bar_timer(self) -> None:
         """Close bars on time when trading is quiet: `bar_grace` s after their end."""

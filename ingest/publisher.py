@@ -9,6 +9,11 @@ ingest/leader.py): the script then writes nothing for a token lower than the hig
 that already published to the channel, or once the server's clock is past the deadline, and
 the publisher raises `FencedOut`. Without a fence (the HTTP API, tests) publishing is
 unfenced.
+
+A message marked `if_changed` (a state: a depth level, a position, a balance, a quote) is
+published only if it changes its channel's snapshot; otherwise the script writes nothing and
+the result says `unchanged`. That is how a new leader's upstream, which re-sends the current
+state on subscribe, does not repeat what the old leader already published.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -43,10 +49,20 @@ class Fence:
 
 @dataclass(frozen=True, slots=True)
 class PublishResult:
+    """What the script did with one message. `duplicate`: its id was published before, at
+    `offset`. `unchanged`: an `if_changed` message equal to the snapshot's state, not
+    published; `offset` is the channel's top (0, and `epoch` "", if it has no epoch yet).
+    Otherwise the message was published at `offset`."""
+
     channel: str
     offset: int
     epoch: str
     duplicate: bool
+    unchanged: bool = False
+
+    @property
+    def published(self) -> bool:
+        return not (self.duplicate or self.unchanged)
 
 
 class FencedOut(Exception):
@@ -111,8 +127,21 @@ class Publisher:
             self.keys.live(name), epoch, "1" if msg.delete else "0",
             "" if fence is None else fence.token,
             "" if fence is None or fence.deadline_ms is None else fence.deadline_ms,
+            "1" if msg.if_changed else "0",
         ]
         return keys, args
+
+    async def snapshot(self, channel: str) -> dict[str, Any]:
+        """A channel's snapshot: key -> latest value (values that are not JSON are left out).
+        For upstream adapters resuming what an earlier leader published."""
+        raw = await self.redis.hgetall(self.keys.snapshot(channel))
+        out: dict[str, Any] = {}
+        for key, value in raw.items():
+            try:
+                out[_text(key)] = json.loads(value)
+            except ValueError:
+                continue
+        return out
 
     async def publish(self, msg: UpstreamMessage, fence: Fence | None = None) -> PublishResult:
         return (await self.publish_batch([msg], fence))[0]
@@ -133,8 +162,9 @@ class Publisher:
         refused: tuple[str, int, str] | None = None
         for msg, r in zip(messages, raw, strict=True):
             status = int(r[2])
-            if status <= 1:
-                results.append(PublishResult(msg.channel, int(r[0]), _text(r[1]), bool(status)))
+            if status in (0, 1, 4):
+                results.append(PublishResult(msg.channel, int(r[0]), _text(r[1]),
+                                             duplicate=status == 1, unchanged=status == 4))
             elif refused is None:
                 if status == 2:
                     refused = (msg.channel, int(_text(r[1])), "token")

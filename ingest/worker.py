@@ -11,7 +11,8 @@ feed's lease, holds the upstream only while it leads (connect on election, disco
 the term ends) and publishes with the term's fence. A term ends when the lease is lost or
 expires by the local clock, or when a publish is fenced out (a newer leader wrote first):
 the worker then drops what it had not published (the next leader's upstream replays it),
-and campaigns again.
+and campaigns again. Before it connects, a `Resumable` upstream is handed the channels'
+snapshots: what the previous leader published is the new one's starting point.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from common.keys import Keys
 from ingest.feeds import make_upstream, state_metric
 from ingest.leader import Leader, LeaderMetrics, NotLeader, Term
 from ingest.publisher import Fence, FencedOut, InvalidMessage, Publisher, PublishResult
-from ingest.upstream import Upstream, UpstreamMessage
+from ingest.upstream import Resumable, Upstream, UpstreamMessage
 
 IN_FLIGHT_GRACE = 5.0  # s a publish round trip already sent may take to complete after a term
 
@@ -48,6 +49,10 @@ class IngestMetrics:
         self.duplicates = Counter(
             "fanout_ingest_duplicates", "Publishes answered as duplicates (idempotency).",
             registry=registry,
+        )
+        self.unchanged = Counter(
+            "fanout_ingest_unchanged", "State messages not published: they did not change the "
+            "channel's snapshot (if_changed).", registry=registry,
         )
         self.rejected = Counter(
             "fanout_ingest_rejected", "Upstream messages rejected as invalid.", registry=registry
@@ -164,8 +169,20 @@ class Worker:
                           "upstream ended" if upstream_ended else term.reason)
         return upstream_ended
 
+    async def _resume(self) -> None:
+        """Hand a `Resumable` upstream the published state before it connects. Best effort:
+        without it the upstream only knows less (a depth level the old leader left may
+        linger), so a Redis failure here is logged, not fatal."""
+        if not isinstance(self.upstream, Resumable):
+            return
+        try:
+            await self.upstream.resume(self.publisher.snapshot)
+        except (OSError, RedisError, TimeoutError) as exc:
+            self.log.warning("upstream resume failed feed=%s error=%r", self.upstream.name, exc)
+
     async def _read(self) -> None:
         queue = self.queue
+        await self._resume()
         messages = self.upstream.messages()
         try:
             async for msg in messages:
@@ -243,9 +260,12 @@ class Worker:
 
     def _count(self, results: list[PublishResult]) -> None:
         dups = sum(r.duplicate for r in results)
-        self.metrics.published.inc(len(results) - dups)
+        unchanged = sum(r.unchanged for r in results)
+        self.metrics.published.inc(len(results) - dups - unchanged)
         if dups:
             self.metrics.duplicates.inc(dups)
+        if unchanged:
+            self.metrics.unchanged.inc(unchanged)
 
 
 async def serve(

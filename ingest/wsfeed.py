@@ -4,10 +4,14 @@ Configured by data rather than code: a URL, the messages to send after each conn
 (authentication, subscriptions), and `FieldMapping`s that say how a message becomes an
 `UpstreamMessage`, e.g. ``{"match": {"type": "quote"}, "channel": "quotes.{symbol}",
 "id": "seq", "payload": "data"}``. A frame holding a JSON array is taken as several
-messages. A message no mapping matches (a heartbeat, a subscription ack) is counted and
-skipped; one that matches but cannot be mapped (a field missing, a bad channel) is counted
-and skipped with a warning, at most one per reason every `SKIP_LOG_INTERVAL` seconds: a
-malformed feed must not drown the log, nor stop the rest of the feed.
+messages. A mapping may declare its messages states (``"if_changed": true``): then one
+that would not change the channel's snapshot is not published, which is how a feed without
+message ids avoids repeating its current state after a reconnect or a failover (the upstream
+sends it again on subscribe). A message no mapping matches (a heartbeat, a subscription
+ack) is counted and skipped; one that matches but cannot be mapped (a field missing, a bad
+channel) is counted and skipped with a warning, at most one per reason every
+`SKIP_LOG_INTERVAL` seconds: a malformed feed must not drown the log, nor stop the rest of
+the feed.
 
 The connection is the adapter's: it reconnects with `common.backoff.Backoff` (reset once
 a connection delivers its first mapped message), treats `idle_timeout` seconds without a
@@ -50,7 +54,7 @@ Sleep = Callable[[float], Awaitable[object]]
 
 MAX_MESSAGE_ID_LENGTH = 256  # the publisher's limit
 SKIP_LOG_INTERVAL = 10.0  # s between two warnings of one skip reason
-MAPPING_FIELDS = frozenset({"channel", "key", "id", "payload", "delete", "match"})
+MAPPING_FIELDS = frozenset({"channel", "key", "id", "payload", "delete", "match", "if_changed"})
 
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 _MISSING = object()
@@ -116,6 +120,13 @@ class FieldMapping:
     published (default: the whole message) and a boolean that makes the message a delete
     (missing: false). `match` maps field paths to the values a message must have for this
     mapping to apply (empty: every message).
+
+    `if_changed` (a flag, not a path) declares the messages states rather than events: each
+    is published only if it changes the channel's snapshot (see `UpstreamMessage`). Use it
+    for quotes, book levels, positions and balances when the upstream has no id field (or
+    beside one): a reconnect, or a new leader after a failover, gets the upstream's current
+    state again, and what is already in the snapshot is not published twice. Never for
+    trades or other events, where two equal messages are two messages.
     """
 
     channel: str
@@ -124,6 +135,7 @@ class FieldMapping:
     payload: str | None = None
     delete: str | None = None
     match: Mapping[str, Any] = field(default_factory=dict)
+    if_changed: bool = False
 
     def compile(self) -> _Rule:
         """Check the mapping (ValueError says what is wrong) and prepare it for use."""
@@ -156,7 +168,7 @@ class FieldMapping:
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> FieldMapping:
         """From configuration: ``{"channel", "key"?, "id"?, "payload"?, "delete"?,
-        "match"?}``; the result is checked (ValueError)."""
+        "match"?, "if_changed"?}``; the result is checked (ValueError)."""
         unknown = sorted(set(spec) - MAPPING_FIELDS)
         if unknown:
             expected = ", ".join(sorted(MAPPING_FIELDS))
@@ -173,8 +185,12 @@ class FieldMapping:
         match = spec.get("match", {})
         if not isinstance(match, dict):
             raise ValueError("'match' must be an object of field path -> value")
+        if_changed = spec.get("if_changed", False)
+        if not isinstance(if_changed, bool):
+            raise ValueError("'if_changed' must be true or false")
         mapping = cls(
-            channel, paths["key"], paths["id"], paths["payload"], paths["delete"], dict(match)
+            channel, paths["key"], paths["id"], paths["payload"], paths["delete"], dict(match),
+            if_changed,
         )
         mapping.compile()
         return mapping
@@ -236,7 +252,7 @@ class _Rule:
                         f"{what}: field {'.'.join(self.delete)!r} is not true or false"
                     )
                 delete = flag
-        return UpstreamMessage(channel, data, key, msg_id, delete)
+        return UpstreamMessage(channel, data, key, msg_id, delete, self.spec.if_changed)
 
 
 def parse_mappings(text: str) -> tuple[FieldMapping, ...]:

@@ -4,8 +4,11 @@ It speaks the real protocol, written apart from the client in `ingest.signalr` s
 two check each other: negotiate (POST .../negotiate, answered by `process_request`), the
 handshake and its response, invocations answered with completions (results or errors),
 pings every `ping_interval`, Close messages, and server-to-client invocations (the
-gateway's events) sent on demand with `emit`. `kill` drops every connection without a
-word and stops listening, as a crashed server does; `start` again listens on the same port.
+gateway's events) sent on demand with `emit` (every client) or `send_to` (one connection).
+`after_call` runs after each invocation is answered, with the connection it came on: a
+gateway sends its current state there when a client subscribes (tests/gateway_sim.py).
+`kill` drops every connection without a word and stops listening, as a crashed server does;
+`start` again listens on the same port.
 """
 
 from __future__ import annotations
@@ -77,6 +80,9 @@ class HubServer:
     muted: bool = False  # send nothing on our own: no pings, no completions
     handshake_error: str | None = None  # answer handshakes with this error
     hang: set[str] = field(default_factory=lambda: {"Hang"})  # never completed
+    # Called after an invocation was answered (unless muted); its sends to that connection
+    # come after the completion and before anything the connection sends next is read.
+    after_call: Callable[[Call], Awaitable[None]] | None = None
 
     def __post_init__(self) -> None:
         self.connections: dict[int, _Conn] = {}
@@ -140,6 +146,17 @@ class HubServer:
             with contextlib.suppress(ConnectionClosed):
                 await conn.ws.send(record)
         return len(conns)
+
+    async def send_to(self, connection: int, target: str, *args: Any) -> bool:
+        """Invoke `target(*args)` on one connection; False if it is gone."""
+        conn = self.connections.get(connection)
+        if conn is None:
+            return False
+        try:
+            await conn.ws.send(_record({"type": 1, "target": target, "arguments": list(args)}))
+        except ConnectionClosed:
+            return False
+        return True
 
     async def invoke_client(self, target: str, *args: Any, hub: str | None = None) -> str:
         """Invoke with an invocationId (a client result); the answer lands in
@@ -261,20 +278,12 @@ class HubServer:
                 conn.number,
             )
             self.calls.append(call)
-            if call.invocation_id is None or self.muted or call.target in self.hang:
+            if self.muted:
                 return
-            reply: dict[str, Any] = {"type": 3, "invocationId": call.invocation_id}
-            method = self.methods.get(call.target)
-            try:
-                result = method(*call.arguments) if method is not None else None
-                if isinstance(result, Awaitable):
-                    result = await result
-            except HubFault as exc:
-                reply["error"] = str(exc)
-            else:
-                if result is not None:
-                    reply["result"] = result
-            await conn.ws.send(_record(reply))
+            if call.invocation_id is not None and call.target not in self.hang:
+                await self._complete(conn, call)
+            if self.after_call is not None:
+                await self.after_call(call)
         elif kind == 3:
             self.client_completions.append(body)
         elif kind == 6:
@@ -282,6 +291,20 @@ class HubServer:
         elif kind == 7:
             self.client_closes.append(body)
             await conn.ws.close()
+
+    async def _complete(self, conn: _Conn, call: Call) -> None:
+        reply: dict[str, Any] = {"type": 3, "invocationId": call.invocation_id}
+        method = self.methods.get(call.target)
+        try:
+            result = method(*call.arguments) if method is not None else None
+            if isinstance(result, Awaitable):
+                result = await result
+        except HubFault as exc:
+            reply["error"] = str(exc)
+        else:
+            if result is not None:
+                reply["result"] = result
+        await conn.ws.send(_record(reply))
 
     async def _ping(self, conn: _Conn) -> None:
         with contextlib.suppress(ConnectionClosed):

@@ -5,7 +5,11 @@
   TTL, and the consumer sees contiguous offsets and every upstream message exactly once;
 - a leader paused (SIGSTOP) past its TTL, then resumed: it publishes nothing more (its own
   clock ends its term; a write it had already started is refused by the fence) and
-  becomes a standby.
+  becomes a standby;
+- kill -9 of a `fanout ingest` leader on the ProjectX feed, against a gateway
+  (tests/gateway_sim.py) that sends every subscriber its current state and recent trades:
+  the new leader publishes no state that is already the snapshot's and no trade twice,
+  and the snapshots end up as the gateway's state (levels gone meanwhile deleted).
 
 Run `pytest -s tests/test_failover.py` to see the measured failover times.
 """
@@ -13,6 +17,7 @@ Run `pytest -s tests/test_failover.py` to see the measured failover times.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -21,15 +26,20 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from common.embedded import free_port
 from common.keys import Keys
+from ingest.projectx import parse_ts
+from tests.gateway_sim import GatewaySim
 from tests.seqfeed import Rows, channel_of, check_clean, published
+from tests.signalr_server import HubServer
 from tests.wsclient import ProtoClient
 
 pytestmark = [
@@ -47,9 +57,13 @@ FEED_ID = "seq"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+SEQ_WORKER = ("-m", "tests.failover_worker")  # `fanout ingest`'s worker on SequenceFeed
+FANOUT_INGEST = ("-m", "common.cli", "ingest")  # `fanout ingest` itself
+
+
 class WorkerProcess:
     def __init__(self, name: str, redis_url: str, prefix: str, tmp_path: Path,
-                 **extra: str) -> None:
+                 command: Sequence[str] = SEQ_WORKER, **extra: str) -> None:
         self.name = name
         self.log_path = tmp_path / f"worker-{name}.log"
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "FANOUT_REDIS_URL")}
@@ -65,7 +79,7 @@ class WorkerProcess:
         })
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.failover_worker"], cwd=ROOT, env=env,
+                [sys.executable, *command], cwd=ROOT, env=env,
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
 
@@ -98,8 +112,9 @@ async def workers(redis_server: object, key_prefix: str,
                   tmp_path: Path) -> AsyncIterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(name: str, **extra: str) -> WorkerProcess:
-        w = WorkerProcess(name, redis_server.url, key_prefix, tmp_path, **extra)  # type: ignore[attr-defined]
+    def start(name: str, command: Sequence[str] = SEQ_WORKER, **extra: str) -> WorkerProcess:
+        w = WorkerProcess(name, redis_server.url, key_prefix, tmp_path, command,  # type: ignore[attr-defined]
+                          **extra)
         started.append(w)
         return w
 
@@ -121,8 +136,8 @@ async def until(cond: Callable[[], object], timeout: float, what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-async def lease_token(redis: Redis, keys: Keys) -> int:
-    value = await redis.get(keys.lease(FEED_ID))
+async def lease_token(redis: Redis, keys: Keys, feed: str = FEED_ID) -> int:
+    value = await redis.get(keys.lease(feed))
     return int(value.split(":", 1)[0]) if value else 0
 
 
@@ -305,3 +320,151 @@ async def _more(value: object, n: int) -> bool:
 
 async def _eq(value: object, n: int) -> bool:
     return bool(await value == n)  # type: ignore[misc]
+
+
+# --- the ProjectX feed: messages without upstream ids -------------------------------------
+
+PX_CONTRACT = "CON.F.US.MNQ.Z25"
+PX_ACCOUNT = 123
+PX_FEED = "px"
+PX_STATES = {  # state channels and their snapshot modes
+    f"quotes.{PX_CONTRACT}": "merge",
+    f"depth.{PX_CONTRACT}": "keyed",
+    f"account.{PX_ACCOUNT}.balance": "merge",
+    f"account.{PX_ACCOUNT}.positions": "keyed",
+}
+PX_TRADES = f"trades.{PX_CONTRACT}"
+PX_CHANNELS = [*PX_STATES, PX_TRADES, f"bars.1s.{PX_CONTRACT}", f"bars.1m.{PX_CONTRACT}"]
+
+Entry = tuple[int, str, bool, Any]  # offset, key, deleted, data
+
+
+async def entries(redis: Redis, keys: Keys, channel: str) -> list[Entry]:
+    return [
+        (int(entry_id.split("-")[0]), f["k"], f["x"] == "1", json.loads(f["d"]))
+        for entry_id, f in await redis.xrange(keys.stream(channel))
+    ]
+
+
+def repeats(stream: list[Entry], mode: str) -> list[int]:
+    """Offsets of the entries that left their key's state as it was: republished states."""
+    state: dict[str, Any] = {}
+    out = []
+    for offset, key, deleted, data in stream:
+        old = state.get(key)
+        if mode == "keyed" and deleted:
+            same = key not in state
+            state.pop(key, None)
+        else:
+            new = {**old, **data} if mode == "merge" and isinstance(old, dict) and isinstance(
+                data, dict) else data
+            same = key in state and new == old
+            state[key] = new
+        if same:
+            out.append(offset)
+    return out
+
+
+async def snapshot(redis: Redis, keys: Keys, channel: str) -> dict[str, Any]:
+    raw = await redis.hgetall(keys.snapshot(channel))
+    return {k: json.loads(v) for k, v in raw.items()}
+
+
+async def px_converged(redis: Redis, keys: Keys, sim: GatewaySim) -> bool:
+    """The snapshots say what the gateway says, and its last trade is published."""
+    depth = await snapshot(redis, keys, f"depth.{PX_CONTRACT}")
+    quote = (await snapshot(redis, keys, f"quotes.{PX_CONTRACT}")).get("", {})
+    last_trades = await redis.xrevrange(keys.stream(PX_TRADES), count=1)
+    trade = sim.recent[-1][-1] if sim.recent else None
+    return (
+        {k: v["size"] for k, v in depth.items()} == sim.expected_depth()
+        and {k: quote.get(k) for k in sim.expected_quote()} == sim.expected_quote()
+        and await snapshot(redis, keys, f"account.{PX_ACCOUNT}.positions")
+        == {PX_CONTRACT: sim.position}
+        and await snapshot(redis, keys, f"account.{PX_ACCOUNT}.balance") == {"": sim.account}
+        and trade is not None and bool(last_trades)
+        and json.loads(last_trades[0][1]["d"])["price"] == trade["price"]
+        and json.loads(last_trades[0][1]["d"])["ts"] == round(
+            (parse_ts(trade["timestamp"]) or 0) * 1000)
+    )
+
+
+def metric(port: int, name: str) -> float:
+    body = _OPENER.open(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    found = re.search(rf"^{name} (\S+)$", body, re.MULTILINE)
+    assert found, name
+    return float(found.group(1))
+
+
+async def test_projectx_failover_publishes_no_state_or_trade_twice(
+    redis: Redis, key_prefix: str, workers: Callable[..., WorkerProcess]
+) -> None:
+    keys = Keys(key_prefix)
+    seed = random.randrange(1 << 30)
+    server = HubServer(token="jwt-px")
+    sim = GatewaySim(server, PX_CONTRACT, PX_ACCOUNT, seed=seed)
+    await server.start()
+    market = asyncio.create_task(sim.run(rate=50))
+    env = {
+        "FANOUT_FEED": "projectx", "FANOUT_FEED_ID": PX_FEED,
+        "FANOUT_PROJECTX_URL": server.base_url, "FANOUT_PROJECTX_TOKEN": "jwt-px",
+        "FANOUT_PROJECTX_CONTRACTS": PX_CONTRACT, "FANOUT_PROJECTX_ACCOUNTS": str(PX_ACCOUNT),
+        "FANOUT_RECONNECT_BASE": "0.05", "FANOUT_RECONNECT_CAP": "0.5",
+    }
+    metrics_port = free_port()
+
+    async def published(minimum: int) -> bool:
+        counts = [await redis.xlen(keys.stream(ch)) for ch in [*PX_STATES, PX_TRADES]]
+        return min(counts) >= minimum
+
+    try:
+        a = workers("a", FANOUT_INGEST, **env)
+        await until(lambda: "leader elected" in a.log(), 30, "a leads")
+        b = workers("b", FANOUT_INGEST, FANOUT_INGEST_METRICS_PORT=str(metrics_port), **env)
+        await until(lambda: "standby" in b.log(), 30, "b is a standby")
+        await until(lambda: published(5), 20, "a publishes every kind of message")
+
+        await asyncio.sleep(random.uniform(0, TTL / 3))  # anywhere in the renewal cycle
+        a.signal(signal.SIGKILL)
+        await until(lambda: not server.live(), 10, "a's connections closed")
+        # The market goes quiet but for a few changes nobody hears: what b is re-sent on
+        # subscribe is then mostly what a published, which b must not publish again.
+        sim.paused = True
+        removed = await sim.change_unheard()
+        await until(lambda: _eq(lease_token(redis, keys, PX_FEED), 2), TTL + 5,
+                    "b takes the lease")
+        await until(lambda: px_converged(redis, keys, sim), 20, f"b catches up (seed {seed})")
+        assert removed not in await snapshot(redis, keys, f"depth.{PX_CONTRACT}")
+        # b was re-sent states a had published (skipped) and trades a had published
+        # (duplicates): the test exercised both.
+        assert metric(metrics_port, "fanout_ingest_unchanged_total") >= 3
+        assert metric(metrics_port, "fanout_ingest_duplicates_total") >= 1
+
+        sim.paused = False
+        count = await redis.xlen(keys.stream(PX_TRADES))
+        await until(lambda: _more(redis.xlen(keys.stream(PX_TRADES)), count + 20), 15,
+                    "b publishes steadily")
+        sim.paused = True
+        await until(lambda: px_converged(redis, keys, sim), 10, f"b is done (seed {seed})")
+        assert b.stop() == 0
+    finally:
+        market.cancel()
+        await asyncio.gather(market, return_exceptions=True)
+        await server.kill()
+
+    subscribed = {c for c, target in sim.snapshots_sent
+                  if target == "SubscribeContractMarketDepth"}
+    assert len(subscribed) >= 2  # a's connection and b's, each sent the book
+    for channel in PX_CHANNELS:
+        stream = await entries(redis, keys, channel)
+        assert [e[0] for e in stream] == list(range(1, len(stream) + 1)), channel
+    for channel, mode in PX_STATES.items():
+        stream = await entries(redis, keys, channel)
+        assert len(stream) >= 5, channel
+        assert repeats(stream, mode) == [], f"{channel}: republished states (seed {seed})"
+    trades = Counter(
+        (d["price"], d["size"], d["side"], d["ts"]) for _, _, _, d in
+        await entries(redis, keys, PX_TRADES)
+    )
+    assert sum(trades.values()) > 25  # a's before the kill, b's 20 after
+    assert trades - sim.trades == Counter(), f"trades published twice (seed {seed})"

@@ -102,7 +102,7 @@ async def test_publish_one_returns_offset_and_epoch_and_is_idempotent(
     assert first.status_code == 200, first.text
     body = first.json()
     assert body == {"channel": "account.42.orders", "offset": 1, "epoch": body["epoch"],
-                    "duplicate": False}
+                    "duplicate": False, "unchanged": False}
     assert re.fullmatch(r"[0-9a-f]{12}", body["epoch"])
 
     second = await post(api, "/api/publish", {**fill, "id": "fill-2", "data": {"order": "o1"}})
@@ -146,6 +146,37 @@ async def test_delete_removes_the_key_from_the_snapshot(
     r = await post(api, "/api/publish", {**base, "data": None, "delete": True})
     assert r.status_code == 200 and r.json()["offset"] == 2
     assert await redis.hget(snap, "MNQ") is None
+
+
+@integration
+async def test_if_changed_publishes_only_what_changes_the_snapshot(
+    api: httpx.AsyncClient, redis: Redis, key_prefix: str
+) -> None:
+    position = {"channel": "account.7.positions", "key": "MNQ", "data": {"qty": 2},
+                "if_changed": True}
+    flat = {**position, "data": {"qty": 0}, "delete": True}
+    r = await post(api, "/api/publish/batch", {"messages": [
+        {**flat, "key": "ES"},  # a delete of a key the new channel does not have
+        position, position, flat, flat, position,
+    ]})
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    epoch = results[1]["epoch"]
+    assert [(x["offset"], x["epoch"], x["duplicate"], x["unchanged"]) for x in results] == [
+        (0, "", False, True),  # no epoch yet: offset 0
+        (1, epoch, False, False),
+        (1, epoch, False, True),  # the same state: not published, the channel's top
+        (2, epoch, False, False),
+        (2, epoch, False, True),
+        (3, epoch, False, False),
+    ]
+    assert await stream_len(redis, key_prefix, "account.7.positions") == 3
+    one = await post(api, "/api/publish", position)
+    assert one.json() == {"channel": "account.7.positions", "offset": 3, "epoch": epoch,
+                          "duplicate": False, "unchanged": True}
+    # Without the flag, the same state is published again.
+    again = await post(api, "/api/publish", {**position, "if_changed": False})
+    assert (again.json()["offset"], again.json()["unchanged"]) == (4, False)
 
 
 @integration
@@ -273,12 +304,14 @@ def test_key_ring() -> None:
         (b'{"channel": "trades.ES", "data": 1, "id": 5}', "bad_request"),
         (b'{"channel": "trades.ES", "data": 1, "id": "' + b"x" * 257 + b'"}', "bad_request"),
         (b'{"channel": "trades.ES", "data": 1, "delete": "yes"}', "bad_request"),
+        (b'{"channel": "trades.ES", "data": 1, "if_changed": 1}', "bad_request"),
+        (b'{"channel": "trades.ES", "data": 1, "if_changed": null}', "bad_request"),
         (b'{"channel": "trades.ES", "data": 1, "key": "a\\nb"}', "bad_key"),
         (b'{"channel": "trades.ES", "data": 1, "key": 7}', "bad_key"),
     ],
     ids=["truncated", "empty", "nan", "not-utf8", "deep", "array", "no-data", "no-channel",
          "unknown-field", "id-not-string", "id-too-long", "delete-not-bool",
-         "key-control-char", "key-not-string"],
+         "if-changed-not-bool", "if-changed-null", "key-control-char", "key-not-string"],
 )
 async def test_malformed_or_misshapen_body_is_400(
     api: httpx.AsyncClient, redis: Redis, key_prefix: str, content: bytes, code: str
@@ -524,7 +557,11 @@ async def test_openapi_document_describes_the_routes() -> None:
     batch = doc["components"]["schemas"]["BatchRequest"]["properties"]["messages"]
     assert batch["maxItems"] == MAX_BATCH
     assert set(doc["components"]["schemas"]["Message"]["properties"]) == {
-        "channel", "data", "key", "id", "delete"
+        "channel", "data", "key", "id", "delete", "if_changed"
+    }
+    result = doc["components"]["schemas"]["PublishResult"]
+    assert set(result["required"]) == set(result["properties"]) == {
+        "channel", "offset", "epoch", "duplicate", "unchanged"
     }
     codes = doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
     assert {"bad_channel", "unauthorized", "body_too_large", "unavailable"} <= set(codes["enum"])

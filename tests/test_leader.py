@@ -17,7 +17,7 @@ from common.keys import Keys
 from common.scripts import register
 from ingest.leader import Leader, LeaderMetrics, NotLeader
 from ingest.publisher import Fence, FencedOut, Publisher
-from ingest.upstream import UpstreamMessage
+from ingest.upstream import Resumable, SnapshotReader, UpstreamMessage
 from ingest.worker import IngestMetrics, Worker
 from tests.seqfeed import SequenceFeed, check_clean, published
 
@@ -367,3 +367,42 @@ async def test_worker_leads_hands_over_and_steps_down_when_fenced(
     streams = await published(redis, keys)
     assert check_clean(streams) > 1500
     assert {w for rows in streams.values() for _, _, w in rows} == {"a", "b"}
+
+
+class ResumingFeed:
+    """Two depth levels; `resume` reads the depth snapshot first (or fails, as Redis may)."""
+
+    name = "resuming"
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.resumed: list[dict[str, Any]] = []
+
+    async def resume(self, snapshot: SnapshotReader) -> None:
+        if self.fail:
+            raise RedisConnectionError("Redis is down")
+        self.resumed.append(await snapshot("depth.ES"))
+
+    async def messages(self) -> AsyncIterator[UpstreamMessage]:
+        for price, size in ((1, 1), (2, 2)):
+            yield UpstreamMessage("depth.ES", {"size": size}, f"bid:{price}", if_changed=True)
+
+
+async def test_worker_resumes_the_upstream_and_counts_unchanged_states(
+    redis: Redis, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher = Publisher(redis, Keys(key_prefix))
+    await publisher.publish(UpstreamMessage("depth.ES", {"size": 1}, "bid:1"))
+    counts = []
+    for fail in (False, True):
+        feed = ResumingFeed(fail)
+        metrics = IngestMetrics(CollectorRegistry())
+        await Worker(feed, publisher, LOG, metrics).run()  # no leader: until the feed ends
+        assert isinstance(feed, Resumable)
+        counts.append((feed.resumed, metrics.published._value.get(),
+                       metrics.unchanged._value.get()))
+    assert counts == [
+        ([{"bid:1": {"size": 1}}], 1, 1),  # bid:1 was in the snapshot already
+        ([], 0, 2),  # resume failed (logged, not fatal); both levels are there now
+    ]
+    assert "upstream resume failed feed=resuming" in caplog.text

@@ -24,8 +24,8 @@ from ingest.projectx import (
     user_items,
 )
 from ingest.signalr import HubState
-from ingest.upstream import UpstreamMessage
-from tests.signalr_server import HubServer, wait_for
+from ingest.upstream import Resumable, UpstreamMessage
+from tests.signalr_server import Call, HubServer, wait_for
 
 LOG = logging.getLogger("tests.projectx")
 MNQ = "CON.F.US.MNQ.Z25"
@@ -119,25 +119,25 @@ def test_partial_quotes_merge_into_the_full_quote() -> None:
     assert other.channel == f"quotes.{ES}" and other.data == {
         "symbol": ES, "contract": ES, "ask": 6000.5,
     }
-    assert other.msg_id == "run:1"  # no gateway timestamp: a version of this process
+    # States: deduplicated by the snapshot (if_changed); ids only make retries exact.
+    assert other.msg_id == "run:4"
+    assert all(q.if_changed for q in (first, second, third, other))
     assert m.quote("CON.F.US.NOPE.Z25", full) == [] and m.quote(MNQ, "junk") == []
     assert m.malformed == 1
 
 
-def test_quote_ids_come_from_the_gateway_timestamp_and_content() -> None:
+def test_quotes_are_states_published_if_changed() -> None:
     a, b = mapper(run_id="a"), mapper(run_id="b")
     update = {"bestBid": 1.0, "bestAsk": 2.0, "timestamp": iso(T0)}
     (qa,), (qb,) = a.quote(MNQ, update), b.quote(MNQ, update)
-    # Two processes (a failover) name the same quote alike: published once.
-    assert qa.msg_id == qb.msg_id == f"q:{iso(T0)}:{digest(qa.data)}"
-    # A -> B -> A again: a later timestamp, so a new id (not dropped as a duplicate).
-    a.quote(MNQ, {"bestBid": 1.5, "timestamp": iso(T0 + 1)})
-    (back,) = a.quote(MNQ, {"bestBid": 1.0, "timestamp": iso(T0 + 2)})
-    assert back.msg_id != qa.msg_id
-    # Partials without a timestamp keep the merged one: A -> B -> A under one timestamp
-    # must still be three messages, the third not a duplicate of the first.
-    ids = [x.msg_id for p in (1.5, 1.0) for x in a.quote(MNQ, {"bestBid": p})]
-    assert ids[0] != back.msg_id and ids[1] == "a:1"
+    # Two processes (a failover) publish the same state: the snapshot, not the id, makes the
+    # second one a no-op. The ids are the process's own, for exact retries.
+    assert qa.data == qb.data and qa.if_changed and qb.if_changed
+    assert (qa.msg_id, qb.msg_id) == ("a:1", "b:1")
+    # A -> B -> A under one timestamp: three messages, none taken for another.
+    out = [x for p in (1.5, 1.0) for x in a.quote(MNQ, {"bestBid": p})]
+    assert [x.data["bid"] for x in out] == [1.5, 1.0]
+    assert [x.msg_id for x in out] == ["a:2", "a:3"] and all(x.if_changed for x in out)
 
 
 def test_trades_feed_the_trade_channel_and_one_second_and_one_minute_bars() -> None:
@@ -155,7 +155,11 @@ def test_trades_feed_the_trade_channel_and_one_second_and_one_minute_bars() -> N
         (f"trades.{MNQ}", {"symbol": MNQ, "contract": MNQ, "price": 101.0, "size": 3,
                           "side": "sell", "ts": round((T0 + 0.7) * 1000)}),
     ]
-    assert [x.msg_id for x in out] == ["run:1", "run:2"]
+    assert [x.msg_id for x in out] == [
+        f"mt:{iso(T0 + 0.2)}:{digest(out[0].data)}:0",
+        f"mt:{iso(T0 + 0.7)}:{digest(out[1].data)}:0",
+    ]
+    assert not any(x.if_changed for x in out)  # events: two equal trades are two trades
     assert m.next_bar_close() == T0 + 1
     # A trade in the next second closes the first 1 s bar, which comes before it.
     out = m.trades(MNQ, {"price": 99.0, "timestamp": iso(T0 + 1.1), "type": 0, "volume": 1.0})
@@ -179,8 +183,62 @@ def test_trades_feed_the_trade_channel_and_one_second_and_one_minute_bars() -> N
     # Without a timestamp a trade is counted at the local clock.
     (trade,) = m.trades(ES, {"price": 6000.0, "volume": 1, "type": 0})
     assert trade.data["ts"] == round(clock.t * 1000)
+    assert trade.msg_id == "run:1"  # and no id but one of this process
     assert m.trades(ES, [{"price": "x", "volume": 1}, {"volume": 1}, 7]) == []
     assert m.trades(ES, []) == [] and m.malformed == 3
+
+
+def trade(ts: float, price: float = 100.0, volume: int = 1, kind: int = 0) -> dict[str, Any]:
+    return {"symbolId": "F.US.MNQ", "price": price, "timestamp": iso(ts), "type": kind,
+            "volume": volume}
+
+
+def trade_ids(m: ProjectXMapper, *events: list[dict[str, Any]]) -> list[str]:
+    return [x.msg_id for e in events for x in m.trades(MNQ, e) if x.channel.startswith("trades")]
+
+
+def test_trade_ids_are_the_same_in_every_process_and_count_equal_trades() -> None:
+    events = [
+        [trade(T0 + 0.1), trade(T0 + 0.1)],  # two equal trades in one timestamp
+        [trade(T0 + 0.1)],  # and a third, in a later event
+        [trade(T0 + 0.1, price=101.0), trade(T0 + 0.2)],
+    ]
+    a, b = mapper(run_id="a"), mapper(run_id="b")
+    ids = trade_ids(a, *events)
+    assert ids == trade_ids(b, *events)  # another run id, the same ids: a failover dedups
+    at = parse_ts(iso(T0 + 0.1))
+    assert at is not None
+    equal = digest({"symbol": MNQ, "contract": MNQ, "price": 100.0, "size": 1, "side": "buy",
+                    "ts": round(at * 1000)})
+    assert ids[:3] == [f"mt:{iso(T0 + 0.1)}:{equal}:{k}" for k in range(3)]
+    assert len(set(ids)) == 5 and all(i.startswith("mt:") for i in ids)
+
+    # A reconnect: the gateway re-sends recent trades; counted afresh, they get their ids
+    # again (duplicates), and a new equal trade after them is a new one.
+    a.market_connected()
+    assert trade_ids(a, events[0], events[1]) == ids[:3]
+    assert trade_ids(a, [trade(T0 + 0.1)]) == [f"mt:{iso(T0 + 0.1)}:{equal}:3"]
+    # So does a new session (a new term).
+    a.new_session()
+    assert trade_ids(a, *events) == ids
+
+
+def test_trade_counters_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ingest.projectx.TRADE_STAMPS_KEPT", 3)
+    m = mapper()
+    first = trade_ids(m, [trade(T0 + i) for i in range(5)])
+    assert len(m.markets[MNQ].trade_counts) == 3  # T0 + 2 .. T0 + 4
+    # A late trade whose counters are gone: its k is unknown, so an id of this process
+    # (never dropped as a duplicate of the first); a still-counted one counts on.
+    assert trade_ids(m, [trade(T0 + 1)]) == ["run:1"]
+    assert trade_ids(m, [trade(T0 + 3)]) == [first[3][:-1] + "1"]
+    # A later timestamp is counted as usual, and pushes the oldest out.
+    assert trade_ids(m, [trade(T0 + 9)])[0].endswith(":0")
+    assert trade_ids(m, [trade(T0 + 2)]) == ["run:2"]
+    # A long timestamp goes in as its digest: the id stays within the publisher's limit.
+    long_stamp = iso(T0 + 10)[:-6] + "0" * 300 + "+00:00"
+    (long_id,) = trade_ids(m, [{**trade(T0 + 10), "timestamp": long_stamp}])
+    assert long_id.startswith(f"mt:{digest(long_stamp)}:") and len(long_id) < 64
 
 
 def test_depth_entries_are_keyed_levels_with_deletes() -> None:
@@ -234,6 +292,53 @@ def test_depth_entries_are_keyed_levels_with_deletes() -> None:
     assert m.malformed == 2
     ids = [x.msg_id for x in out + reset]
     assert len(ids) == len(set(ids)) and all(i.startswith("run:") for i in ids)
+    assert all(x.if_changed for x in out + reset + [gone])  # levels are states
+
+
+def test_depth_levels_not_reported_again_after_a_connect_are_swept() -> None:
+    m = mapper()
+    m.depth(MNQ, [{"type": DomType.BID, "price": p, "volume": 1} for p in (1.0, 2.0, 3.0)])
+    m.depth(ES, {"type": DomType.ASK, "price": 6000.0, "volume": 1})
+    m.mark_depth_stale()
+    # The gateway's book after the connect: 1.0 again (unchanged: the script will skip
+    # it), 2.0 deleted, 4.0 new; 3.0 and ES's level are not reported.
+    again = m.depth(MNQ, [
+        {"type": DomType.BID, "price": 1.0, "volume": 1},
+        {"type": DomType.BID, "price": 2.0, "volume": 0},
+        {"type": DomType.BID, "price": 4.0, "volume": 2},
+    ])
+    assert [(x.key, x.delete, x.if_changed) for x in again] == [
+        ("bid:1", False, True), ("bid:2", True, True), ("bid:4", False, True),
+    ]
+    swept = m.sweep_depth()
+    assert [(x.channel, x.key, x.delete, x.if_changed, x.data) for x in swept] == [
+        (f"depth.{MNQ}", "bid:3", True, True, {"side": "bid", "price": 3.0, "size": 0}),
+        (f"depth.{ES}", "ask:6000", True, True, {"side": "ask", "price": 6000.0, "size": 0}),
+    ]
+    assert set(m.markets[MNQ].book) == {"bid:1", "bid:4"} and m.sweep_depth() == []
+    # A Reset during the window clears the stale marks with the book.
+    m.mark_depth_stale()
+    m.depth(MNQ, {"type": DomType.RESET})
+    assert m.sweep_depth() == []
+
+
+def test_a_new_leader_takes_the_book_from_the_depth_snapshot() -> None:
+    m = mapper()
+    m.depth(MNQ, {"type": DomType.BID, "price": 9.0, "volume": 1})  # from an earlier term
+    seeded = m.seed_depth(MNQ, {
+        "bid:21000": {"side": "bid", "price": 21000.0, "size": 3},
+        "ask:21000.25": {"side": "ask", "price": 21000.25, "size": 1, "ts": 1},
+        "ask:21000.5": "not a level",  # the key still says which level it is
+        "bid:junk": {"side": "bid"}, "what:1": {"price": 1.0},
+    })
+    assert seeded == 3
+    assert m.markets[MNQ].book == {
+        "bid:21000": ("bid", 21000.0), "ask:21000.25": ("ask", 21000.25),
+        "ask:21000.5": ("ask", 21000.5),
+    }
+    m.mark_depth_stale()
+    m.depth(MNQ, {"type": DomType.BID, "price": 21000.0, "volume": 3})
+    assert [x.key for x in m.sweep_depth()] == ["ask:21000.25", "ask:21000.5"]
 
 
 # --- user hub mapping ----------------------------------------------------------------------
@@ -276,11 +381,20 @@ def test_user_events_go_to_the_account_channels() -> None:
     assert m.position(POSITION) == []  # unchanged
     (flat,) = m.position({**POSITION, "size": 0})
     assert (flat.key, flat.delete) == (ES, True)
+    # Balances and positions are states; orders and trades are events with ids.
+    assert balance.if_changed and changed.if_changed and pos.if_changed and flat.if_changed
+    assert not order.if_changed and not done.if_changed
+    # A new session (a new term) forgets what this process published: another may have
+    # published since, so the snapshot decides.
+    m.new_session()
+    assert m.position({**POSITION, "size": 0})[0].if_changed
+    assert m.account({**ACCOUNT, "balance": 9990.0})[0].if_changed
 
     (trade,) = m.user_trade(TRADE)
     assert (trade.channel, trade.msg_id, trade.data) == ("account.123.trades", "t:101112", TRADE)
     (void,) = m.user_trade({**TRADE, "voided": True})
     assert void.msg_id == "t:101112:voided"
+    assert not trade.if_changed and not void.if_changed
 
     # Another account's events are not ours; malformed ones are dropped.
     assert m.account({**ACCOUNT, "id": 999}) == []
@@ -439,10 +553,18 @@ async def test_feed_subscribes_and_maps_gateway_events(server: HubServer) -> Non
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("settle", [1.0, 0.0])
 async def test_feed_reconnects_and_resubscribes_after_a_server_restart(
-    server: HubServer,
+    server: HubServer, settle: float
 ) -> None:
-    feed = make_feed(server)
+    resend: list[dict[str, Any]] = []
+
+    async def gateway(call: Call) -> None:  # the book, as a gateway sends it on subscribe
+        if call.target == "SubscribeContractMarketDepth" and call.arguments == [ES] and resend:
+            await server.send_to(call.connection, "GatewayDepth", ES, resend)
+
+    server.after_call = gateway
+    feed = make_feed(server, depth_settle=settle)
     consumer = Consumer(feed)
     try:
         await wait_for(lambda: feed.state is HubState.LIVE, what="both hubs live")
@@ -455,18 +577,62 @@ async def test_feed_reconnects_and_resubscribes_after_a_server_restart(
 
         await server.kill()
         await wait_for(lambda: feed.state is not HubState.LIVE, what="the loss")
+        resend.append({"type": DomType.BID, "price": 6000.0, "volume": 4})  # ask 6000.5 gone
         await server.start()  # the same port
         await wait_for(lambda: feed.state is HubState.LIVE, what="both hubs live again")
         second = {c.number for c in server.live()}
         assert first.isdisjoint(second)
         assert subscriptions(server, second) == EXPECTED_SUBSCRIPTIONS
-        # The levels of the lost connection were deleted before resubscribing.
+        expect = 4 if settle else 5
+        await wait_for(lambda: len(consumer.on(f"depth.{ES}")) == expect, timeout=settle + 5,
+                       what="the book again")
         depth = consumer.on(f"depth.{ES}")
-        assert [(d.key, d.delete) for d in depth[2:]] == [
-            ("ask:6000.5", True), ("bid:6000", True),
-        ]
+        if settle:
+            # The level the gateway reports again is sent as it is (the publish script skips
+            # it: unchanged); the one it no longer has is deleted once the book settled.
+            assert [(d.key, d.delete) for d in depth[2:]] == [
+                ("bid:6000", False), ("ask:6000.5", True),
+            ]
+        else:
+            # The levels of the lost connection are deleted before resubscribing.
+            assert [(d.key, d.delete) for d in depth[2:]] == [
+                ("ask:6000.5", True), ("bid:6000", True), ("bid:6000", False),
+            ]
+        assert all(d.if_changed for d in depth)
         await server.emit("GatewayUserTrade", TRADE, hub="/hubs/user")
         await wait_for(lambda: consumer.on("account.123.trades"), what="events flow again")
+    finally:
+        await consumer.close()
+
+
+@pytest.mark.integration
+async def test_feed_resumes_the_book_an_earlier_leader_published(server: HubServer) -> None:
+    async def gateway(call: Call) -> None:
+        if call.target == "SubscribeContractMarketDepth" and call.arguments == [MNQ]:
+            await server.send_to(call.connection, "GatewayDepth", MNQ, [
+                {"type": DomType.BID, "price": 1.0, "volume": 5},
+            ])
+
+    server.after_call = gateway
+    feed = make_feed(server, depth_settle=0.2)
+    read: list[str] = []
+
+    async def snapshot(channel: str) -> dict[str, Any]:
+        read.append(channel)
+        if channel != f"depth.{MNQ}":
+            return {}
+        return {"bid:1": {"side": "bid", "price": 1.0, "size": 5},
+                "ask:2": {"side": "ask", "price": 2.0, "size": 1}}
+
+    assert isinstance(feed, Resumable)
+    await feed.resume(snapshot)
+    assert sorted(read) == sorted([f"depth.{MNQ}", f"depth.{ES}"])
+    consumer = Consumer(feed)
+    try:
+        await wait_for(lambda: len(consumer.on(f"depth.{MNQ}")) == 2, what="the sweep")
+        assert [(d.key, d.delete) for d in consumer.on(f"depth.{MNQ}")] == [
+            ("bid:1", False), ("ask:2", True),
+        ]
     finally:
         await consumer.close()
 

@@ -141,6 +141,7 @@ def test_field_paths_index_arrays() -> None:
         ('{"key": "k"}', "channel"),
         ('{"channel": "quotes.MNQ", "key": 5}', "field path"),
         ('{"channel": "quotes.MNQ", "match": []}', "match"),
+        ('{"channel": "quotes.MNQ", "if_changed": "yes"}', "if_changed"),
         ("[]", "array"),
         ("[1]", "JSON object"),
         ("{", "JSON"),
@@ -171,6 +172,18 @@ def test_configuration_parsers() -> None:
     assert safe_url("wss://u:pw@feed.example:8443/v1/ws?token=abc#x") == (
         "wss://feed.example:8443/v1/ws"
     )
+
+
+def test_a_mapping_may_declare_its_messages_states() -> None:
+    (levels,) = parse_mappings(
+        '{"channel": "depth.{s}", "key": "px", "payload": "l", "if_changed": true}'
+    )
+    assert levels == FieldMapping("depth.{s}", key="px", payload="l", if_changed=True)
+    feed = WebSocketFeed("ws://127.0.0.1:1/", [], [levels], logger=LOG)
+    assert feed.map({"s": "ES", "px": "6000.25", "l": {"size": 3}}) == UpstreamMessage(
+        "depth.ES", {"size": 3}, "6000.25", if_changed=True
+    )
+    assert parse_mappings('{"channel": "trades.ES"}')[0].if_changed is False
 
 
 def test_is_an_upstream() -> None:
@@ -433,3 +446,29 @@ async def test_replayed_upstream_messages_are_published_once(
     assert [(r.offset, r.duplicate) for r in second] == [
         (1, True), (2, True), (3, True), (4, False), (5, False)
     ]
+
+
+@integration
+async def test_states_resent_after_a_reconnect_are_published_once(
+    feed_server: FeedServer, publisher: Publisher
+) -> None:
+    """An upstream without ids that sends its current state on every subscribe: with
+    ``if_changed`` the state already in the snapshot is not published again, a change is."""
+    mapping = FieldMapping("depth.{s}", key="px", payload="l", if_changed=True)
+    feed = WebSocketFeed(feed_server.url, SUBSCRIBE, [mapping], logger=LOG,
+                         backoff=fast_backoff())
+    book = [{"s": "ES", "px": str(px), "l": {"size": px % 7}} for px in range(1, 4)]
+    async with consuming(feed) as out:
+        conn = await feed_server.next_connection()
+        await conn.subscribed()
+        await conn.send(*book)
+        first = await publisher.publish_batch(await take(out, 3))
+        await feed_server.kill()
+        await feed_server.start()
+        conn = await feed_server.next_connection()
+        await conn.subscribed()
+        book[1] = {**book[1], "l": {"size": 0}}  # one level changed while we were away
+        await conn.send(*book)
+        second = await publisher.publish_batch(await take(out, 3))
+    assert [(r.offset, r.unchanged) for r in first] == [(1, False), (2, False), (3, False)]
+    assert [(r.offset, r.unchanged) for r in second] == [(3, True), (4, False), (4, True)]

@@ -11,10 +11,15 @@
 -- ARGV[11] "1" = delete the key from a keyed snapshot (the message says so to clients), else "0"
 -- ARGV[12] fencing token of the publishing leader ("" or absent = unfenced)
 -- ARGV[13] the leader's lease deadline, server clock in ms ("" or absent = none)
+-- ARGV[14] "1" = publish only if the message changes the channel's snapshot (a state, such
+--          as a depth level or a position: repeating the current state is not news), else
+--          "0" ("" or absent = "0")
 -- Returns {offset, epoch, status}: status 0 = published, 1 = duplicate (the offset and epoch
 -- the message id was published at), 2 = fenced (a higher token has published to the
 -- channel: nothing written; offset 0, epoch = the channel's fence), 3 = expired (the server
--- clock is past ARGV[13]: nothing written; offset 0, epoch "").
+-- clock is past ARGV[13]: nothing written; offset 0, epoch ""), 4 = unchanged (ARGV[14] and
+-- the snapshot already holds this state: nothing published; the channel's top offset and
+-- epoch, or 0 and "" for a channel that has no epoch yet).
 
 local meta, stream, snap, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local data, key, msgid, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -22,6 +27,52 @@ local maxlen, maxage = tonumber(ARGV[5]), tonumber(ARGV[6])
 local meta_ttl, idem_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
 
 local token, deadline = ARGV[12] or '', ARGV[13] or ''
+local if_changed = ARGV[14] == '1'
+local delete = ARGV[11] == '1'
+
+-- JSON equality of two decoded values (key order does not matter; cjson.null is a value).
+local function same(a, b)
+  if type(a) ~= 'table' or type(b) ~= 'table' then
+    return a == b
+  end
+  for k, v in pairs(a) do
+    if not same(v, b[k]) then return false end
+  end
+  for k in pairs(b) do
+    if a[k] == nil then return false end
+  end
+  return true
+end
+
+-- Whether publishing `data` leaves the snapshot entry `field` as it is.
+local function unchanged(field)
+  if mode == 'keyed' and delete then
+    return redis.call('HEXISTS', snap, field) == 0
+  end
+  local old = redis.call('HGET', snap, field)
+  if not old then
+    return false
+  end
+  if old == data then
+    return true
+  end
+  if mode ~= 'merge' then
+    return false
+  end
+  -- merge: unchanged iff every top-level field of data already has that value (merged as
+  -- the snapshot update below does: objects only, not arrays; otherwise data replaces the
+  -- value, and the text comparison above decided).
+  local ok_old, prev = pcall(cjson.decode, old)
+  local ok_new, cur = pcall(cjson.decode, data)
+  if not (ok_old and ok_new and type(prev) == 'table' and type(cur) == 'table'
+      and next(cur) ~= 1 and next(prev) ~= 1) then
+    return false
+  end
+  for k, v in pairs(cur) do
+    if not same(prev[k], v) then return false end
+  end
+  return true
+end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -51,6 +102,27 @@ if msgid ~= '' and epoch then
       end
       return {tonumber(o), epoch, 1}
     end
+  end
+end
+
+if if_changed then
+  -- A channel without an epoch has an empty snapshot (creating the epoch empties it): only
+  -- a keyed delete leaves it unchanged. Checked after fencing and idempotency: a deposed
+  -- leader is refused, and a known id is a duplicate, whatever the state.
+  local same_state
+  if epoch then
+    same_state = unchanged(key)
+  else
+    same_state = mode == 'keyed' and delete
+  end
+  if same_state then
+    if not epoch then
+      return {0, '', 4}
+    end
+    if fence and token > fence then
+      redis.call('HSET', meta, 'fence', token)  -- as for a duplicate: the state is current
+    end
+    return {tonumber(redis.call('HGET', meta, 'top') or '0'), epoch, 4}
   end
 end
 
@@ -92,7 +164,7 @@ redis.call('PEXPIRE', stream, maxage)
 
 local field = key
 if mode == 'keyed' then
-  if ARGV[11] == '1' then
+  if delete then
     redis.call('HDEL', snap, field)
   else
     redis.call('HSET', snap, field, data)
