@@ -1,9 +1,9 @@
 """Fan-out throughput and latency of one edge process.
 
 One edge (`python -m common.cli edge`, a subprocess pinned to CPU 0) serves `--clients`
-WebSocket clients that all subscribe to ONE channel. This process (pinned to CPU 1, with the
-embedded Valkey) runs the clients and a publisher that publishes to that channel through the
-real Lua publish script at each of the `--rates` in turn. Each message carries `ts`
+WebSocket clients that all subscribe to ONE channel. CPU 1 holds everything else: the clients,
+this process (a publisher that publishes to that channel through the real Lua publish script
+at each of the `--rates` in turn) and the embedded Valkey. Each message carries `ts`
 (time.time() at publish); clients take now - ts on receipt (same machine clock).
 
 Per rate: `--warmup` s of publishing, then `--duration` s measured, then a drain (until every
@@ -11,15 +11,23 @@ client has the last offset, at most `--drain` s). Per client the offsets must be
 gaps and duplicates are counted. The rates stop rising when delivered < 90 % of expected or
 p99 > 1 s.
 
-The clients are deliberately lean, because one Python process has to receive
-clients x rate frames/s: `raw` (default) does the opening handshake with websockets' sans-I/O
-`ClientProtocol` (request, Sec-WebSocket-Accept and subprotocol checks) and sends through it
-(masking), but parses incoming frames itself over an `asyncio.Protocol` and reads a
-publication's offset and ts with one regex instead of json.loads (other frames: json.loads);
-`sansio` feeds every incoming byte to `ClientProtocol` instead (for comparison). Both accept
+The clients must receive clients x rate messages/s on one core without becoming what limits
+the measurement. `c` (default) is bench/wsload.c, built on first use with
+`cc -O2 -o <cache dir>/wsload bench/wsload.c` (cache dir: $XDG_CACHE_HOME or ~/.cache, then
+fanout-bench; rebuilt when the source is newer): one single-threaded epoll process, pinned to
+the bench CPU, that opens every connection (handshake, Sec-WebSocket-Accept and subprotocol
+checked), sends connect + subscribe, answers pings, checks offsets and keeps a latency
+histogram; this process drives it over its stdin/stdout (`window`, `until`, `stats`, `quit`)
+and measures its CPU apart (`clients` column). It takes over 5M msgs/s on one core here, so
+the edge's ceiling can be measured. No C compiler: use `raw`, the Python client (400-800k
+msgs/s at most here): an asyncio.Protocol per connection in this process that does the opening
+handshake with websockets' sans-I/O `ClientProtocol` (request, Sec-WebSocket-Accept and
+subprotocol checks) and sends through it (masking), but parses incoming frames itself and reads
+a publication's offset and ts with one regex instead of json.loads (other frames: json.loads);
+`sansio` feeds every incoming byte to `ClientProtocol` instead (for comparison). All accept
 the edge's coalesced frames (a JSON array of messages) and its `gap` notices.
 
-    .venv/bin/python bench/fanout.py [--clients 500] [--rates 50,100,200,400,800]
+    .venv/bin/python bench/fanout.py [--clients 500] [--rates 50,100,200,400,800] [--client c]
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import math
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +49,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from _common import (
@@ -74,7 +85,9 @@ HOST = "127.0.0.1"
 MAX_PUBLISH_BATCH = 200  # messages per publish round trip when the publisher catches up
 STOP_DELIVERED = 0.9  # stop rising when delivered < 90 % of expected
 STOP_P99 = 1.0  # s
-CLIENT_BOUND = 85.0  # % of its CPU: above it, the client side may be what limits a row
+CLIENT_BOUND = 85.0  # % of a core used by the client side: above it, it may limit a row
+CPU_BOUND = 95.0  # % busy of the clients' CPU (everything on it): likewise
+WSLOAD_SRC = Path(__file__).resolve().parent / "wsload.c"
 
 # A publication exactly as `common.protocol.pub_json` builds it, with our data (ts first).
 # Frames it does not match (replies, pings, a changed format) go through json.loads.
@@ -373,6 +386,267 @@ async def connect_clients(
     await asyncio.gather(*(one() for _ in range(n)))
 
 
+# --- the client side, as the phases see it -------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """The clients' counters at one moment (all clients together)."""
+
+    mono: float  # time.perf_counter() (CLOCK_MONOTONIC) when they were read
+    pubs: int
+    frames: int
+    gaps: int
+    dups: int
+    announced: int
+    resyncs: int
+    errors: int
+    disconnects: int
+    open: int  # connections still open
+    min_last: int | None  # lowest last offset over the open clients; None if none is open
+    close_codes: dict[int, int] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)
+    samples: int = 0  # latency samples in the window
+    p50: float = math.nan  # s
+    p99: float = math.nan
+    max: float = math.nan
+
+
+class ClientSide:
+    """What a phase needs from the clients: open them, measure a latency window, read the
+    counters, close them. `pid` is a process of their own whose CPU is measured apart, or
+    None when they run inside this process."""
+
+    pid: int | None = None
+    description = ""
+
+    async def connect(self) -> None:
+        raise NotImplementedError
+
+    async def window(self, lo: float, hi: float) -> None:
+        """From now on, take the latency of publications with lo <= ts < hi (clears)."""
+        raise NotImplementedError
+
+    async def until(self, hi: float) -> None:
+        """Move the window's upper bound, keeping its samples."""
+        raise NotImplementedError
+
+    async def snapshot(self, latency: bool = False) -> Snapshot:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class PyClients(ClientSide):
+    """`--client raw` / `sansio`: BenchClients in this process's event loop."""
+
+    def __init__(self, args: argparse.Namespace, port: int, channel: str) -> None:
+        self.args = args
+        self.port = port
+        self.channel = channel
+        self.totals = Totals()
+        self.clients: list[BenchClient] = []
+        self.description = (
+            "raw: websockets sans-I/O ClientProtocol handshake + own frame parser, regex for "
+            "pub offset/ts, in this process" if args.client == "raw" else
+            "sansio: every byte through websockets' ClientProtocol, in this process"
+        )
+
+    async def connect(self) -> None:
+        await connect_clients(self.clients, self.args.clients, self.port, self.channel,
+                              self.args.client == "raw", self.totals,
+                              self.args.connect_concurrency)
+
+    async def window(self, lo: float, hi: float) -> None:
+        self.totals.lat, self.totals.lat_lo, self.totals.lat_hi = [], lo, hi
+
+    async def until(self, hi: float) -> None:
+        self.totals.lat_hi = hi
+
+    async def snapshot(self, latency: bool = False) -> Snapshot:
+        t = self.totals
+        lasts = [c.last for c in self.clients if not c.closed]
+        snap = Snapshot(
+            mono=time.perf_counter(), pubs=t.pubs, frames=t.frames, gaps=t.gaps, dups=t.dups,
+            announced=t.announced, resyncs=t.resyncs, errors=t.errors,
+            disconnects=t.disconnects, open=len(lasts), min_last=min(lasts, default=None),
+            close_codes=dict(t.close_codes), error_samples=list(t.error_samples),
+        )
+        if latency:
+            lat = sorted(t.lat)
+            snap.samples = len(lat)
+            snap.p50, snap.p99 = quantile(lat, 0.50), quantile(lat, 0.99)
+            snap.max = lat[-1] if lat else math.nan
+        return snap
+
+    async def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        await asyncio.sleep(0.2)  # let the transports close
+
+
+class SetupError(Exception):
+    """The benchmark cannot start (e.g. no C compiler); the message says what to do."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fanout-bench"
+
+
+def build_wsload() -> Path:
+    """`cc -O2 -o <cache dir>/wsload bench/wsload.c`, unless the binary is newer than the
+    source. Built under a temporary name and renamed: concurrent runs never see half a
+    binary."""
+    binary = cache_dir() / "wsload"
+    with contextlib.suppress(OSError):
+        if binary.stat().st_mtime >= WSLOAD_SRC.stat().st_mtime and os.access(binary, os.X_OK):
+            return binary
+    cc = shutil.which("cc")
+    if cc is None:
+        raise SetupError("--client c needs a C compiler: `cc` is not on PATH (install one, "
+                         "e.g. `apt-get install gcc`), or run with --client raw (the Python "
+                         "client, limited to ~500k msgs/s)")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    tmp = binary.with_name(f"wsload.{os.getpid()}.tmp")
+    try:
+        done = subprocess.run([cc, "-O2", "-o", str(tmp), str(WSLOAD_SRC)],
+                              capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            raise SetupError(f"`cc -O2 -o {tmp} {WSLOAD_SRC}` failed (exit "
+                             f"{done.returncode}); use --client raw meanwhile:\n"
+                             f"{(done.stdout + done.stderr).strip()[-3_000:]}")
+        os.replace(tmp, binary)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return binary
+
+
+class CClients(ClientSide):
+    """`--client c`: bench/wsload.c, a child process pinned to the bench CPU that runs every
+    client in one epoll loop, driven over its stdin/stdout one line at a time (commands:
+    window, until, stats, quit; see the top of wsload.c). It gets SIGKILL if we die
+    (PR_SET_PDEATHSIG, like the edge) and exits when its stdin closes; `stop()` (async) and
+    `kill()` (sync, the last resort) end it on every other path."""
+
+    REPLY_TIMEOUT = 10.0  # s for one command's answer
+
+    def __init__(self, binary: Path, args: argparse.Namespace, port: int, channel: str,
+                 cpu: int | None) -> None:
+        self.cmd = [
+            str(binary), "--port", str(port), "--path", "/ws", "--channel", channel,
+            "--clients", str(args.clients), "--concurrency", str(args.connect_concurrency),
+            "--timeout", "30", "--name", "bench",
+        ]
+        self.cpu = cpu
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: IO[bytes] = tempfile.TemporaryFile(prefix="bench-wsload-")  # noqa: SIM115
+        self.description = (f"c: bench/wsload.c ({binary}), every client in one epoll loop "
+                            "in a process of its own")
+
+    async def start(self) -> None:
+        death = parent_death_hook()
+        cpu = self.cpu
+
+        def preexec() -> None:
+            death()
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
+
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=self.log, preexec_fn=preexec, start_new_session=True,
+        )
+        self.pid = self.proc.pid
+
+    async def connect(self) -> None:
+        if self.proc is None:
+            await self.start()
+        line = await self._line(None)  # wsload gives up on a client after 30 s itself
+        if not line.startswith("ready "):
+            raise RuntimeError(f"wsload: {line}")
+
+    async def _line(self, timeout: float | None) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"wsload did not answer within {timeout:g} s") from None
+        if not raw:
+            code = await self.proc.wait()
+            raise RuntimeError(f"wsload exited with code {code}: {self.output()}")
+        return raw.decode(errors="replace").strip()
+
+    async def command(self, text: str) -> str:
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(text.encode() + b"\n")
+            await self.proc.stdin.drain()
+        except ConnectionError:
+            code = await self.proc.wait()
+            raise RuntimeError(f"wsload exited with code {code}: {self.output()}") from None
+        line = await self._line(self.REPLY_TIMEOUT)
+        if line.startswith("error"):
+            raise RuntimeError(f"wsload: {text!r}: {line}")
+        return line
+
+    async def window(self, lo: float, hi: float) -> None:
+        await self.command(f"window {lo!r} {hi!r}")
+
+    async def until(self, hi: float) -> None:
+        await self.command(f"until {hi!r}")
+
+    async def snapshot(self, latency: bool = False) -> Snapshot:
+        d = json.loads(await self.command("stats"))
+        lat = d["lat"]
+        return Snapshot(
+            mono=d["mono"], pubs=d["pubs"], frames=d["frames"], gaps=d["gaps"],
+            dups=d["dups"], announced=d["announced"], resyncs=d["resyncs"],
+            errors=d["errors"], disconnects=d["disconnects"], open=d["open"],
+            min_last=d["min_last"],
+            close_codes={int(k): v for k, v in d["close_codes"].items()},
+            error_samples=d["error_samples"], samples=lat["n"],
+            p50=_seconds(lat["p50"]), p99=_seconds(lat["p99"]), max=_seconds(lat["max"]),
+        )
+
+    async def close(self) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """`quit` (every client sends a close frame), then the process ends; killed if it
+        does not within 5 s."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            assert proc.stdin is not None
+            proc.stdin.write(b"quit\n")
+            await asyncio.wait_for(proc.stdin.drain(), 2.0)
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            self.kill()
+            await proc.wait()
+
+    def kill(self) -> None:
+        """Synchronous last resort (e.g. the event loop is gone)."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+
+    def output(self, limit: int = 2_000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-limit:].strip() or "(no output)"
+
+
+def _seconds(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
 # --- the edge ------------------------------------------------------------------------------
 
 
@@ -481,8 +755,9 @@ class Phase:
     clients: int  # open at the start
     open_after: int
     published: int
-    window_s: float
+    window_s: float  # the publisher's window
     window_published: int
+    client_window_s: float  # between the clients' two counter readings
     window_pubs: int
     received: int  # publications of this phase received, all clients, after the drain
     window_frames: int
@@ -491,19 +766,22 @@ class Phase:
     dups: int
     p50: float
     p99: float
+    max: float
     samples: int
     edge_cpu: float
+    clients_cpu: float | None  # the C client's process; None: the clients run in this one
     bench_cpu: float
     valkey_cpu: float | None
     edge_cpu_busy: float  # the whole CPU the edge is pinned to (or the machine)
     bench_cpu_busy: float  # likewise for this process's CPU
+    pinned: bool  # the busy columns are one CPU each (else the machine's, 100 % per CPU)
     steal: float  # machine-wide, % of one CPU
     drain_s: float
     drained: bool
 
     @property
     def delivered(self) -> float:
-        return self.window_pubs / self.window_s
+        return self.window_pubs / self.client_window_s
 
     @property
     def expected(self) -> float:
@@ -515,7 +793,17 @@ class Phase:
 
     @property
     def frames(self) -> float:
-        return self.window_frames / self.window_s
+        return self.window_frames / self.client_window_s
+
+    @property
+    def client_side_cpu(self) -> float:
+        """% of a core used by the clients and the publisher (Valkey apart)."""
+        return self.bench_cpu + (self.clients_cpu or 0.0)
+
+    @property
+    def client_bound(self) -> bool:
+        full = self.pinned and self.bench_cpu_busy >= CPU_BOUND
+        return self.client_side_cpu >= CLIENT_BOUND or full
 
     def cells(self) -> list[object]:
         clients = (str(self.clients) if self.open_after == self.clients
@@ -526,25 +814,27 @@ class Phase:
             lost = f"{self.lost:,} ({self.announced:,} announced)"
         return [
             round(self.rate), clients, round(self.delivered), round(self.expected), lost,
-            f"{self.gaps}/{self.dups}", ms(self.p50), ms(self.p99), round(self.edge_cpu), drain,
+            f"{self.gaps}/{self.dups}", ms(self.p50), ms(self.p99), ms(self.max),
+            round(self.edge_cpu), drain,
         ]
 
     def cpu_cells(self) -> list[object]:
         valkey = "n/a" if self.valkey_cpu is None else round(self.valkey_cpu)
+        clients = "-" if self.clients_cpu is None else round(self.clients_cpu)
         return [
             round(self.rate), round(self.frames), round(self.delivered / max(self.frames, 1), 1),
-            round(self.edge_cpu), round(self.edge_cpu_busy),
+            round(self.edge_cpu), round(self.edge_cpu_busy), clients,
             round(self.bench_cpu), valkey, round(self.bench_cpu_busy), round(self.steal, 1),
         ]
 
 
 HEADERS = [
     "publish rate/s", "clients", "delivered msgs/s", "expected msgs/s", "lost", "gaps/dups",
-    "p50 ms", "p99 ms", "edge CPU %", "drain s",
+    "p50 ms", "p99 ms", "max ms", "edge CPU %", "drain s",
 ]
 CPU_HEADERS = [
     "publish rate/s", "frames/s", "msgs/frame", "edge CPU %", "edge's CPU busy %",
-    "bench CPU %", "valkey CPU %", "bench's CPU busy %", "steal %",
+    "clients CPU %", "bench CPU %", "valkey CPU %", "bench's CPU busy %", "steal %",
 ]
 
 
@@ -563,8 +853,7 @@ class Context:
     args: argparse.Namespace
     publisher: Publisher
     channel: str
-    clients: list[BenchClient]
-    totals: Totals
+    clients: ClientSide
     edge_pid: int
     valkey_pid: int | None
     edge_cpu: int | None  # pinned to, or None (then "busy" is the machine's)
@@ -572,20 +861,21 @@ class Context:
 
 
 def message(channel: str, ts: float, seq: int) -> UpstreamMessage:
-    # A trade-sized message; ts first so that the clients' regex finds it.
+    # A trade-sized message; ts first: the raw client's regex and the C client's fast path
+    # expect it there (both fall back to a full JSON parse otherwise).
     data = {"ts": ts, "symbol": "BENCH", "price": 21_000.25 + (seq % 40) * 0.25,
             "size": 1 + seq % 7, "side": "buy" if seq % 2 else "sell"}
     return UpstreamMessage(channel, data)
 
 
 async def run_phase(ctx: Context, rate: float) -> Phase:
-    args, totals = ctx.args, ctx.totals
-    live = [c for c in ctx.clients if not c.closed]
-    totals.lat, totals.lat_lo, totals.lat_hi = [], math.inf, math.inf
-    pubs_start, gaps_start, dups_start = totals.pubs, totals.gaps, totals.dups
-    announced_start = totals.announced
+    args, side = ctx.args, ctx.clients
+    first = await side.snapshot()
+    await side.window(math.inf, math.inf)  # no samples before the measured window
     edge_meter, bench_meter = CpuMeter(ctx.edge_pid), CpuMeter(os.getpid())
+    clients_meter = CpuMeter(side.pid) if side.pid else None
     valkey_meter = CpuMeter(ctx.valkey_pid) if ctx.valkey_pid else None
+    meters = (edge_meter, bench_meter, clients_meter, valkey_meter)
     edge_busy, bench_busy = CpuBusy(ctx.edge_cpu), CpuBusy(ctx.bench_cpu)
     steal_meter = CpuBusy()
     warmup, end = args.warmup, args.warmup + args.duration
@@ -594,8 +884,10 @@ async def run_phase(ctx: Context, rate: float) -> Phase:
     last_offset = -1
     in_window = False
     t0 = t1 = 0.0
-    pubs0 = pubs1 = sent0 = sent1 = frames0 = frames1 = 0
+    sent0 = sent1 = 0
+    snap0 = snap1 = first
     edge_cpu = bench_cpu = edge_cpu_busy = bench_cpu_busy = steal = 0.0
+    clients_cpu: float | None = None
     valkey_cpu: float | None = None
     start = time.perf_counter()
     while True:
@@ -603,16 +895,18 @@ async def run_phase(ctx: Context, rate: float) -> Phase:
         elapsed = now - start
         if not in_window and elapsed >= warmup:
             in_window = True
-            t0, pubs0, sent0, frames0 = now, totals.pubs, sent, totals.frames
-            totals.lat_lo = time.time()
-            for meter in (edge_meter, bench_meter, valkey_meter, edge_busy, bench_busy,
-                          steal_meter):
+            t0, sent0 = now, sent
+            await side.window(time.time(), math.inf)
+            snap0 = await side.snapshot()
+            for meter in (*meters, edge_busy, bench_busy, steal_meter):
                 if meter is not None:
                     meter.start()
         if in_window and elapsed >= end:
-            t1, pubs1, sent1, frames1 = now, totals.pubs, sent, totals.frames
-            totals.lat_hi = time.time()
+            t1, sent1 = now, sent
+            await side.until(time.time())
+            snap1 = await side.snapshot()
             edge_cpu, bench_cpu = edge_meter.percent(), bench_meter.percent()
+            clients_cpu = clients_meter.percent() if clients_meter else None
             valkey_cpu = valkey_meter.percent() if valkey_meter else None
             edge_cpu_busy, bench_cpu_busy = edge_busy.percent()[0], bench_busy.percent()[0]
             steal = steal_meter.percent()[1]
@@ -634,23 +928,24 @@ async def run_phase(ctx: Context, rate: float) -> Phase:
     drain_start = time.perf_counter()
     deadline = drain_start + args.drain
     drained = False
-    while time.perf_counter() < deadline:
-        if all(c.closed or c.last >= last_offset for c in live):
+    while time.perf_counter() < deadline:  # until every open client has the last offset
+        snap = await side.snapshot()
+        if snap.min_last is None or snap.min_last >= last_offset:
             drained = True
             break
         await asyncio.sleep(0.02)
     drain_s = time.perf_counter() - drain_start
-    lat = sorted(totals.lat)
-    totals.lat = []
+    final = await side.snapshot(latency=True)
     return Phase(
-        rate=rate, clients=len(live), open_after=sum(not c.closed for c in live),
+        rate=rate, clients=first.open, open_after=final.open,
         published=sent, window_s=t1 - t0, window_published=sent1 - sent0,
-        window_pubs=pubs1 - pubs0, received=totals.pubs - pubs_start,
-        window_frames=frames1 - frames0, gaps=totals.gaps - gaps_start,
-        announced=totals.announced - announced_start, dups=totals.dups - dups_start,
-        p50=quantile(lat, 0.50), p99=quantile(lat, 0.99), samples=len(lat),
-        edge_cpu=edge_cpu, bench_cpu=bench_cpu, valkey_cpu=valkey_cpu,
-        edge_cpu_busy=edge_cpu_busy, bench_cpu_busy=bench_cpu_busy, steal=steal,
+        client_window_s=snap1.mono - snap0.mono, window_pubs=snap1.pubs - snap0.pubs,
+        received=final.pubs - first.pubs, window_frames=snap1.frames - snap0.frames,
+        gaps=final.gaps - first.gaps, announced=final.announced - first.announced,
+        dups=final.dups - first.dups, p50=final.p50, p99=final.p99, max=final.max,
+        samples=final.samples, edge_cpu=edge_cpu, clients_cpu=clients_cpu,
+        bench_cpu=bench_cpu, valkey_cpu=valkey_cpu, edge_cpu_busy=edge_cpu_busy,
+        bench_cpu_busy=bench_cpu_busy, pinned=ctx.bench_cpu is not None, steal=steal,
         drain_s=drain_s, drained=drained,
     )
 
@@ -670,12 +965,12 @@ def stop_reason(phase: Phase) -> str | None:
 
 
 async def run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProcess,
-              valkey_pid: int | None) -> list[str]:
+              side: ClientSide, valkey_pid: int | None) -> list[str]:
     """The whole benchmark; returns the report's lines."""
     out: list[str] = []
     try:
         async with asyncio.timeout(args.timeout) as limit:
-            await _run(args, url, prefix, edge, valkey_pid, out)
+            await _run(args, url, prefix, edge, side, valkey_pid, out)
     except TimeoutError:
         if limit.expired():
             raise BenchTimeout(
@@ -690,25 +985,23 @@ class BenchTimeout(Exception):
 
 
 async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProcess,
-               valkey_pid: int | None, out: list[str]) -> None:
+               side: ClientSide, valkey_pid: int | None, out: list[str]) -> None:
     redis = Redis.from_url(url, decode_responses=True, socket_timeout=10.0,
                            socket_connect_timeout=5.0)
-    clients: list[BenchClient] = []
     try:
         publisher = Publisher(redis, Keys(prefix))
         channel = args.channel
         await publisher.publish(message(channel, time.time(), 0))  # the channel exists
         await wait_ready(edge)
-        totals = Totals()
         progress(f"connecting {args.clients} clients ...")
         started = time.perf_counter()
-        await connect_clients(clients, args.clients, edge.port, channel,
-                              args.client == "raw", totals, args.connect_concurrency)
-        progress(f"  {len(clients)} connected and subscribed in "
+        await side.connect()
+        snap = await side.snapshot()
+        progress(f"  {snap.open} connected and subscribed in "
                  f"{time.perf_counter() - started:.1f} s")
         bench_cpu = args.bench_cpu if edge.cpu is not None else None
-        ctx = Context(args, publisher, channel, clients, totals, edge.pid, valkey_pid,
-                      edge.cpu, bench_cpu)
+        ctx = Context(args, publisher, channel, side, edge.pid, valkey_pid, edge.cpu,
+                      bench_cpu)
         phases: list[Phase] = []
         why: str | None = None
         for rate in args.rates:
@@ -724,23 +1017,35 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
         out.append("")
         out.append("CPU during each measured window (100 % = one core). 'busy' is the whole "
                    "CPU: every process on it plus interrupts (loopback TCP is mostly softirq "
-                   "time, charged to no process); steal is machine-wide.")
+                   "time, charged to no process); steal is machine-wide. 'clients' is the C "
+                   "client's process ('-': the clients run inside this process, in 'bench').")
         out.append("")
         out.append(table(CPU_HEADERS, [p.cpu_cells() for p in phases]))
         out.append("")
         samples = ", ".join(f"{p.samples:,}" for p in phases)
         out.append(f"latency samples per row: {samples}")
+        if side.pid is not None:
+            costs = ", ".join(
+                f"{p.rate:g}/s: {cost:,.0f} ms" for p in phases
+                if (cost := clients_cost(p)) is not None
+            )
+            out.append(f"C client CPU per million publications received: {costs}")
+        cpu = "the machine" if ctx.bench_cpu is None else f"CPU {ctx.bench_cpu}"
         for p in phases:
             achieved = p.window_published / p.window_s
             if achieved < 0.95 * p.rate:
                 out.append(f"note: at {p.rate:g}/s the publisher reached only {achieved:,.0f} "
                            "msgs/s (expected msgs/s uses what it reached)")
-            if p.bench_cpu >= CLIENT_BOUND:
+            if p.client_bound:
+                valkey = "" if p.valkey_cpu is None else f", Valkey {p.valkey_cpu:.0f} %"
+                who = (f"C clients {p.clients_cpu:.0f} %, publisher {p.bench_cpu:.0f} %"
+                       if p.clients_cpu is not None else
+                       f"clients + publisher (this process) {p.bench_cpu:.0f} %")
                 out.append(
-                    f"note: at {p.rate:g}/s this process (clients + publisher) used "
-                    f"{p.bench_cpu:.0f} % of its CPU ({p.bench_cpu_busy:.0f} % busy in all) and "
-                    f"the edge {p.edge_cpu:.0f} %: the client side is near saturation, so "
-                    "delivery and latency there may be limited by it, not by the edge"
+                    f"note: at {p.rate:g}/s {cpu} was {p.bench_cpu_busy:.0f} % "
+                    f"busy ({who}{valkey}) and the edge used {p.edge_cpu:.0f} %: the client "
+                    "side is near saturation, so delivery and latency there may be limited "
+                    "by it, not by the edge"
                 )
         if why:
             out.append(f"stopped rising at {phases[-1].rate:g}/s: {why}")
@@ -757,22 +1062,29 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
                 out.append(f"  {sample} {value:,.0f}")
             if not found:
                 out.append(f"  {name}: no samples (none counted)")
-        out.append(f"clients received {totals.frames:,} frames in all, holding "
-                   f"{totals.pubs:,} publications (plus replies and pings); "
-                   f"disconnected by the edge: {totals.disconnects}; "
-                   f"close codes: {totals.close_codes or 'none'}; resyncs: "
-                   f"{totals.resyncs}; unannounced gaps {totals.gaps}, duplicates "
-                   f"{totals.dups}, announced drops {totals.announced}; "
-                   f"client errors: {totals.errors}")
-        for sample in totals.error_samples:
+        t = await side.snapshot()
+        out.append(f"clients received {t.frames:,} frames in all, holding "
+                   f"{t.pubs:,} publications (plus replies and pings); "
+                   f"disconnected by the edge: {t.disconnects}; "
+                   f"close codes: {t.close_codes or 'none'}; resyncs: "
+                   f"{t.resyncs}; unannounced gaps {t.gaps}, duplicates "
+                   f"{t.dups}, announced drops {t.announced}; "
+                   f"client errors: {t.errors}")
+        for sample in t.error_samples:
             out.append(f"  client error: {sample}")
     finally:
-        for client in clients:
-            client.close()
+        with contextlib.suppress(Exception):
+            await side.close()
         with contextlib.suppress(Exception):
             await delete_prefix(redis, prefix)
         await redis.aclose()
-        await asyncio.sleep(0.2)  # let the transports close
+
+
+def clients_cost(p: Phase) -> float | None:
+    """ms of the C client's CPU per million publications it received in the window."""
+    if p.clients_cpu is None or p.window_pubs <= 0:
+        return None
+    return p.clients_cpu / 100 * p.client_window_s / p.window_pubs * 1e9
 
 
 def progress(text: str) -> None:
@@ -808,8 +1120,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=number(0), default=1.0, help="s per rate before measuring")
     p.add_argument("--drain", type=number(0), default=10.0,
                    help="most s to wait after a rate for every client to catch up")
-    p.add_argument("--client", choices=("raw", "sansio"), default="raw",
-                   help="client receive path (see the module doc)")
+    p.add_argument("--client", choices=("c", "raw", "sansio"), default="c",
+                   help="the clients: c (bench/wsload.c, built with cc), raw or sansio "
+                        "(Python, in this process); see the module doc")
     p.add_argument("--channel", default="trades.BENCH")
     p.add_argument("--connect-concurrency", type=number(1, int), default=50)
     p.add_argument("--edge-cpu", type=int, default=0, help="CPU to pin the edge to")
@@ -833,16 +1146,25 @@ def main() -> int:
     sigterm_as_interrupt()
     print(f"fanout benchmark: {environment()}", flush=True)
     print(source_state(), flush=True)
+    wsload: Path | None = None
+    if args.client == "c":
+        try:
+            wsload = build_wsload()
+        except SetupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     edge_cpu: int | None = None
     notes: list[str] = []
     can_pin = len(os.sched_getaffinity(0)) >= 2 and args.edge_cpu != args.bench_cpu
+    who = "the C clients, this process (publisher)" if wsload else "this process (clients + " \
+        "publisher)"
     if not args.no_pin and can_pin and pin(0, args.bench_cpu):
         edge_cpu = args.edge_cpu
-        notes.append(f"edge pinned to CPU {args.edge_cpu}; this process (clients + "
-                     f"publisher) pinned to CPU {args.bench_cpu}")
+        notes.append(f"edge pinned to CPU {args.edge_cpu}; {who} pinned to CPU {args.bench_cpu}")
     if edge_cpu is None:
         notes.append("nothing pinned (fewer than 2 usable CPUs, or --no-pin)")
     status = 0
+    side: ClientSide | None = None
     try:
         with redis_server(args.redis_url) as server:
             if server.embedded is not None and server.pid and edge_cpu is not None:
@@ -852,18 +1174,20 @@ def main() -> int:
                 notes.append("Redis: --redis-url (not pinned, CPU not measured)")
             prefix = bench_prefix("fanout")
             edge = EdgeProcess(server.url, prefix, edge_cpu, shlex.split(args.edge_args))
+            if wsload is not None:
+                side = CClients(wsload, args, edge.port, args.channel,
+                                args.bench_cpu if edge_cpu is not None else None)
+            else:
+                side = PyClients(args, edge.port, args.channel)
             try:
                 edge.start()
-                client = ("raw: websockets sans-I/O ClientProtocol handshake + own frame "
-                          "parser, regex for pub offset/ts" if args.client == "raw" else
-                          "sansio: every byte through websockets' ClientProtocol")
                 print("; ".join(notes), flush=True)
                 if args.edge_args:
                     print(f"edge flags: {args.edge_args}", flush=True)
-                print(f"client: {client}; {args.clients} clients on one channel "
+                print(f"client: {side.description}; {args.clients} clients on one channel "
                       f"({args.channel}), JSON subprotocol, no compression; "
                       f"{args.warmup:g} s warm-up + {args.duration:g} s per rate", flush=True)
-                lines = run_async(run(args, server.url, prefix, edge, server.pid))
+                lines = run_async(run(args, server.url, prefix, edge, side, server.pid))
                 log = edge.output().strip()
                 if log:
                     lines += ["", "edge log (warnings and errors; tail):", log[-3_000:]]
@@ -875,8 +1199,12 @@ def main() -> int:
                 tail = edge.output() if edge.proc is not None else ""
                 if tail:
                     print(f"edge output (tail):\n{tail}", file=sys.stderr)
+                if isinstance(side, CClients) and side.proc is not None:
+                    print(f"wsload output (tail):\n{side.output()}", file=sys.stderr)
                 raise
             finally:
+                if isinstance(side, CClients):
+                    side.kill()  # normally gone already: `quit` in _run's finally
                 edge.stop()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
