@@ -28,6 +28,7 @@ from common.client import (
 )
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.wsclient import wait_until
 
 log = logging.getLogger("test.client")
 
@@ -59,12 +60,7 @@ class Collector:
         return [e for e in self.events if isinstance(e, Publication)]
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not cond():
-                self.changed.clear()
-                if cond():
-                    return
-                await self.changed.wait()
+        await wait_until(self.changed, cond, timeout)
 
     async def stop(self) -> None:
         self.task.cancel()

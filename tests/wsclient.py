@@ -16,6 +16,18 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 
 
+async def wait_until(changed: asyncio.Event, cond: Callable[[], bool],
+                     timeout: float = 10.0) -> None:
+    """Until `cond()` holds, re-checked whenever `changed` is set (by whoever changes what
+    `cond` looks at); TimeoutError after `timeout` s."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            changed.clear()
+            if cond():
+                return
+            await changed.wait()
+
+
 class ProtoClient:
     def __init__(self, ws: ClientConnection, binary: bool = False) -> None:
         self.ws = ws
@@ -115,12 +127,7 @@ class ProtoClient:
         self.changed.set()
 
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not cond():
-                self.changed.clear()
-                if cond():
-                    return
-                await self.changed.wait()
+        await wait_until(self.changed, cond, timeout)
 
     async def watch_heartbeat(self, interval: float, timeout: float) -> float:
         """Return the moment (monotonic) the server is found silent: no ping within
