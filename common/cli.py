@@ -1,4 +1,4 @@
-"""The `fanout` command: `fanout ingest`, `fanout edge`, `fanout dev`."""
+"""The `fanout` command: `fanout ingest`, `fanout edge`, `fanout dev`, `fanout token`."""
 
 from __future__ import annotations
 
@@ -56,7 +56,55 @@ def _parser() -> argparse.ArgumentParser:
     from common import dev as dev_module
 
     dev_module.add_arguments(dev)
+
+    token = sub.add_parser(
+        "token",
+        help="print a signed connection token (for development and scripts)",
+        description="Print a JWT for `connect`, signed with FANOUT_AUTH_SECRET (read from the "
+        "environment only, never a flag, so it stays out of shell history and ps). "
+        "Backends mint their own tokens the same way (docs/protocol.md, Authentication).",
+    )
+    token.add_argument("--sub", required=True, help="who the client is (the sub claim)")
+    token.add_argument("--ttl", type=float, default=3600.0,
+                       help="seconds until it expires (default 3600)")
+    token.add_argument("--channels", default=None,
+                       help="comma-separated channel patterns (default: the edge's "
+                       "FANOUT_AUTH_CHANNELS)")
+    token.add_argument("--accounts", default="",
+                       help="comma-separated account ids whose account.<id>.* it may read")
+    token.add_argument("--issuer", default="", help="iss claim")
+    token.add_argument("--audience", default="", help="aud claim")
     return parser
+
+
+def _token(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from common.auth import check_patterns, sign_token
+
+    secret = os.environ.get("FANOUT_AUTH_SECRET", "")
+    if not secret:
+        raise ConfigError("FANOUT_AUTH_SECRET", "must be set in the environment")
+    if not args.ttl > 0:
+        raise ConfigError("--ttl", "must be > 0")
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": args.sub, "iat": now, "exp": now + round(args.ttl)}
+    if args.channels is not None:
+        try:
+            claims["channels"] = list(check_patterns(c.strip() for c in
+                                                     args.channels.split(",") if c.strip()))
+        except ValueError as exc:
+            raise ConfigError("--channels", str(exc)) from None
+    accounts = [a.strip() for a in args.accounts.split(",") if a.strip()]
+    if accounts:
+        claims["accounts"] = accounts
+    if args.issuer:
+        claims["iss"] = args.issuer
+    if args.audience:
+        claims["aud"] = args.audience
+    print(sign_token(claims, secret.encode()))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from edge.server import run_edge
 
             return run_edge(edge_config)
+        if args.command == "token":
+            return _token(args)
         from common import dev as dev_module
 
         return dev_module.run(args)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import itertools
 import json
 import logging
 import random
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,7 +244,7 @@ class FanoutClient:
         self,
         urls: str | Sequence[str],
         *,
-        token: str | None = None,
+        token: str | Callable[[], str | Awaitable[str]] | None = None,
         name: str | None = None,
         binary: bool = False,
         backoff: Backoff | None = None,
@@ -456,10 +457,20 @@ class FanoutClient:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(CLOSE_NO_PING, "client reconnecting"), 1.0)
 
+    async def _token(self) -> str | None:
+        """The token for this connection: a function is called at every connect, so a
+        reconnect (after a 3006 "token expired" close, say) carries a fresh one."""
+        token = self.token
+        if not callable(token):
+            return token  # as given: the edge judges it
+        value = token()
+        return await value if inspect.isawaitable(value) else value
+
     async def _handshake(self, ws: ClientConnection) -> float:
         """Send connect, wait for connected; return the heartbeat deadline (loop time)."""
         rid = next(self._ids)
-        await self._send({"type": "connect", "id": rid, "token": self.token, "name": self.name})
+        await self._send({"type": "connect", "id": rid, "token": await self._token(),
+                          "name": self.name})
         async with asyncio.timeout(CONNECT_TIMEOUT):
             while True:
                 for msg in self._decode(await ws.recv()):

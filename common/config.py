@@ -155,6 +155,11 @@ class EdgeConfig:
     recovery_limit: int = 10_000  # most messages one subscribe may replay
     compression: bool = False  # permessage-deflate: ~5x the CPU in fan-out, off by default
     direct_write: bool = True  # write finished frames to the transport (edge/wire.py)
+    # Connection tokens (common/auth.py); no secret = no authentication (development).
+    auth_secret: str = field(default="", repr=False)
+    auth_channels: tuple[str, ...] = ("quotes.*", "trades.*", "depth.*", "bars.*")
+    auth_issuer: str = ""
+    auth_audience: str = ""
     node_id: str = ""  # defaults to a random id
     log_level: str = "info"
 
@@ -288,6 +293,23 @@ def _csv(setting: str, text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def _auth_secret(setting: str, text: str) -> str:
+    from common.auth import MIN_SECRET
+
+    if len(text.encode()) < MIN_SECRET:
+        raise ConfigError(setting, f"must be at least {MIN_SECRET} bytes long")
+    return text
+
+
+def _patterns(setting: str, text: str) -> tuple[str, ...]:
+    from common.auth import check_patterns
+
+    try:
+        return check_patterns(_csv(setting, text))
+    except ValueError as exc:
+        raise ConfigError(setting, str(exc)) from None
+
+
 def _ints(setting: str, text: str) -> tuple[int, ...]:
     try:
         return tuple(int(item) for item in _csv(setting, text))
@@ -370,6 +392,16 @@ EDGE_SETTINGS = (
     Setting("direct_write", "--direct-write", "FANOUT_DIRECT_WRITE", _bool,
             "write finished frames straight to the socket, shared by all clients of a "
             "batch (true/false; default true)"),
+    Setting("auth_secret", "--auth-secret", "FANOUT_AUTH_SECRET", _auth_secret,
+            "HMAC secret of connection tokens (JWT HS256/384/512), at least 32 bytes "
+            "(secret); unset = no authentication"),
+    Setting("auth_channels", "--auth-channels", "FANOUT_AUTH_CHANNELS", _patterns,
+            "channel patterns a token without a channels claim may subscribe to "
+            "(default quotes.*,trades.*,depth.*,bars.*)"),
+    Setting("auth_issuer", "--auth-issuer", "FANOUT_AUTH_ISSUER", _nonempty,
+            "required iss claim of tokens (default: not checked)"),
+    Setting("auth_audience", "--auth-audience", "FANOUT_AUTH_AUDIENCE", _nonempty,
+            "required aud claim of tokens (default: not checked)"),
     Setting("node_id", "--node-id", "FANOUT_NODE_ID", _prefix, "this edge's id (default random)"),
     Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level, "log level"),
 )

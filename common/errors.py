@@ -103,6 +103,7 @@ class CloseCode(IntEnum):
     NO_PONG = 3003
     SERVER_ERROR = 3004
     CONNECT_TIMEOUT = 3005
+    TOKEN_EXPIRED = 3006  # reconnect with a fresh token
     # 3500-3999: do not reconnect
     BAD_REQUEST = 3500
     UNAUTHORIZED = 3501

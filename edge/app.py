@@ -48,6 +48,9 @@ class Edge:
     async def start(self) -> None:
         url = self.config.redis.url
         self.log.info("edge starting node=%s redis=%s", self.node_id, redact_url(url))
+        if not self.config.auth_secret:
+            self.log.warning("authentication is off (no FANOUT_AUTH_SECRET): any client may "
+                             "subscribe to any channel, account channels included")
         self.redis = Redis.from_url(
             url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0,
             health_check_interval=0,

@@ -11,11 +11,13 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import protocol
+from common.auth import LEEWAY, Claims, TokenError, verify_token
 from common.config import EdgeConfig
 from common.errors import (
     AlreadySubscribed,
@@ -25,6 +27,7 @@ from common.errors import (
     HistoryUnavailable,
     InternalError,
     NotSubscribed,
+    PermissionDenied,
     RequestError,
     TooManySubscriptions,
     Unavailable,
@@ -42,6 +45,7 @@ _CLOSE_REASONS = {
     CloseCode.NO_PONG: "no_pong",
     CloseCode.SERVER_ERROR: "server_error",
     CloseCode.CONNECT_TIMEOUT: "connect_timeout",
+    CloseCode.TOKEN_EXPIRED: "token_expired",
     CloseCode.BAD_REQUEST: "bad_request",
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.FORBIDDEN: "forbidden",
@@ -88,6 +92,8 @@ class Session:
         self._awaiting_pong = False
         self._peer_close_code = 1005
         self._loop = asyncio.get_running_loop()
+        self.claims: Claims | None = None  # None: authentication is off
+        self._expiry: asyncio.TimerHandle | None = None
         # Direct writes to the transport (edge/wire.py), when the server allows them...
         self._raw = RawWebSocket.attach(ws.scope) if config.direct_write else None
         # ... and past the queue when it is empty, unless the writer is to wait and gather.
@@ -234,6 +240,8 @@ class Session:
                                    exc_info=exc)
                     self.fail(Disconnect(CloseCode.SERVER_ERROR, "internal error"))
         finally:
+            if self._expiry is not None:
+                self._expiry.cancel()
             tasks += self._subscribing.values()
             for task in tasks:
                 task.cancel()
@@ -288,6 +296,7 @@ class Session:
             raise Disconnect(CloseCode.BAD_REQUEST, f"bad connect: {exc.message}") from None
         if not isinstance(command, protocol.Connect):
             raise Disconnect(CloseCode.BAD_REQUEST, "first message must be connect")
+        self._authenticate(command.token)
         self.enqueue(protocol.encode(protocol.connected(
             command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout
         ), self.codec))
@@ -300,6 +309,32 @@ class Session:
                 await self._handle(protocol.decode_frame(frame, self.codec))
         finally:
             pinger.cancel()
+
+    def _authenticate(self, token: str | None) -> None:
+        """Without a secret configured every client may read every channel (development);
+        with one, the token's claims decide, and the connection ends when it expires."""
+        secret = self.config.auth_secret
+        if not secret:
+            return
+        try:
+            claims = verify_token(
+                token, secret.encode(), now=time.time(),
+                default_channels=self.config.auth_channels, issuer=self.config.auth_issuer,
+                audience=self.config.auth_audience,
+            )
+        except TokenError as exc:
+            self.log.info("unauthorized client=%s error=%s", self.client_id, exc)
+            raise Disconnect(CloseCode.UNAUTHORIZED, exc.reason) from None
+        self.claims = claims
+        self.log.debug("authenticated client=%s sub=%s", self.client_id, claims.subject)
+        left = claims.expires + LEEWAY - time.time()  # as long as verify_token accepts it
+        self._expiry = self._loop.call_later(
+            max(left, 0.0), self.fail, Disconnect(CloseCode.TOKEN_EXPIRED, "token expired")
+        )
+
+    def _check_allowed(self, channel: str) -> None:
+        if self.claims is not None and not self.claims.allows(channel):
+            raise PermissionDenied(f"not allowed to read {channel}")
 
     async def _handle(self, obj: dict[str, Any]) -> None:
         try:
@@ -322,6 +357,7 @@ class Session:
 
     def _start_subscribe(self, command: protocol.Subscribe) -> None:
         name = command.channel.name
+        self._check_allowed(name)
         if name in self.subscriptions or name in self._subscribing:
             raise AlreadySubscribed(f"already subscribed to {name}")
         if len(self.subscriptions) + len(self._subscribing) >= self.config.max_subscriptions:
@@ -379,6 +415,7 @@ class Session:
         if command.last - command.first + 1 > self.config.recovery_limit:
             raise BadRequest(f"at most {self.config.recovery_limit} publications per request")
         name = command.channel.name
+        self._check_allowed(name)
         try:
             result = await self.hub.read_history(name, command.first - 1, "0", command.epoch)
         except Exception as exc:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import websockets
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 
+from common.auth import sign_token
 from common.backoff import Backoff
 from common.client import (
     ClientState,
@@ -354,3 +356,37 @@ async def test_not_recovered_after_history_lost_while_away(
     assert client.counters.resynced == 1 and client.counters.recovered == 0
     await col2.stop()
     await client.close()
+
+
+@pytest.mark.integration
+async def test_token_function_gives_each_connection_a_fresh_token(
+    edge_factory, publisher: Publisher
+) -> None:
+    """The first token expires about a second after connecting (its exp is within the
+    edge's 30 s leeway): the edge closes with 3006, the client reconnects with a new token
+    from the function and recovers the channel without a gap."""
+    secret = "k" * 32
+    edge = await edge_factory(auth_secret=secret)
+    issued: list[float] = []
+
+    async def token() -> str:
+        exp = time.time() + (60 if issued else -29)
+        issued.append(exp)
+        return sign_token({"sub": "t", "exp": exp, "accounts": ["A9"]}, secret.encode())
+
+    async with FanoutClient(edge.url, token=token, logger=log, backoff=fast_backoff()) as client:
+        col = Collector(client.subscribe("account.A9.orders"))
+        await client_subscribed(client, "account.A9.orders")
+        sent = 0
+        async with asyncio.timeout(10):
+            while len(issued) < 2 or client.state != ClientState.OPEN:
+                await publisher.publish(UpstreamMessage("account.A9.orders", {"n": sent}, "o"))
+                sent += 1
+                await asyncio.sleep(0.05)
+        for _ in range(3):
+            await publisher.publish(UpstreamMessage("account.A9.orders", {"n": sent}, "o"))
+            sent += 1
+        await col.wait_for(lambda: len(col.pubs()) == sent)
+        assert [p.offset for p in col.pubs()] == list(range(1, sent + 1))
+        assert len(issued) == 2 and client.counters.reconnects >= 1
+        await col.stop()
