@@ -14,6 +14,17 @@ import logging
 from collections.abc import Iterable
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for `event` at most `timeout` s; whether it was set. With `asyncio.timeout`, not
+    `wait_for`, so that a cancel is never swallowed (see the module doc)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return event.is_set()
+    return True
+
+
 def raise_if_cancelling() -> None:
     """Re-raise a cancellation of the current task that a callee swallowed."""
     task = asyncio.current_task()

@@ -31,6 +31,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from common import protocol
+from common.aio import wait_event
 from common.channels import Channel, SnapshotMode
 from common.errors import CloseCode, Disconnect, Unavailable
 from common.keys import Keys
@@ -668,7 +669,8 @@ class Hub:
             self._probe_seen.clear()
             try:
                 await self.redis.publish(self._probe_channel, str(time.time()))
-                await asyncio.wait_for(self._probe_seen.wait(), self.probe_timeout)
+                if not await wait_event(self._probe_seen, self.probe_timeout):
+                    raise TimeoutError("probe message not seen")
                 self.live_ok = True
             except Exception as exc:
                 self.live_ok = False

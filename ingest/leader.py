@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from common.aio import raise_if_cancelling
+from common.aio import raise_if_cancelling, wait_event
 from common.keys import Keys
 from common.scripts import register
 from ingest.publisher import Fence
@@ -245,8 +245,7 @@ class Leader:
                 return
             wait = min(next_renewal, term.valid_until) - now
             if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(term.ended.wait(), wait)
+                await wait_event(term.ended, wait)
                 continue
             sent = self.clock()
             try:

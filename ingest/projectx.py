@@ -101,6 +101,7 @@ from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from typing import Any
 
+from common.aio import wait_event
 from common.backoff import Backoff
 from common.channels import parse_channel, validate_key
 from common.errors import BadChannel
@@ -912,7 +913,6 @@ class ProjectXFeed:
             delay = close + self.bar_grace - now
             if delay > 0:
                 self._bar_opened.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._bar_opened.wait(), delay)
+                await wait_event(self._bar_opened, delay)
                 continue  # a new bar may close sooner; or it is time
             await self._put(self.mapper.flush_bars(now))

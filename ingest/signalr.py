@@ -23,7 +23,6 @@ and the ProjectX gateway use) and as a Bearer header of the negotiate request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import itertools
 import json
@@ -39,6 +38,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
+from common.aio import wait_event
 from common.backoff import Backoff
 
 RECORD_SEPARATOR = "\x1e"
@@ -476,8 +476,7 @@ class HubConnection:
                     "signalr backing off hub=%s attempt=%d delay=%.3f",
                     self.name, self.backoff.attempt, delay,
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                await wait_event(self._stop, delay)
         finally:
             self._running = False
             self._set_state(HubState.STOPPED)

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from common.aio import raise_if_cancelling, stop_tasks
+from common.aio import raise_if_cancelling, stop_tasks, wait_event
 from common.backoff import Backoff
 from common.config import IngestConfig, redact_url
 from common.keys import Keys
@@ -148,8 +148,7 @@ class Worker:
                 # may complete (its outcome, fenced or not, is counted and logged), and
                 # nothing more is sent: every attempt checks the term first.
                 reader.cancel()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), IN_FLIGHT_GRACE)
+                await wait_event(self._idle, IN_FLIGHT_GRACE)
         finally:
             # An upstream adapter disconnects as its generator closes.
             await stop_tasks([reader, publisher, ended], self.log)
