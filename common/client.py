@@ -134,6 +134,10 @@ class Counters:
 # --- errors ----------------------------------------------------------------------------
 
 
+class TokenUnavailable(Exception):
+    """The token function failed at connect: this attempt fails, the next one retries."""
+
+
 class FanoutClosed(Exception):
     """The client stopped for good: a 3500-3999 close (reconnecting would fail again)."""
 
@@ -227,7 +231,7 @@ class Subscription:
 
 @dataclass
 class _Pending:
-    kind: str  # subscribe | unsubscribe | history | ping
+    kind: str  # subscribe | unsubscribe | history | ping | refresh
     channel: str | None
     recover: Position | None
     future: asyncio.Future[dict[str, Any]] | None
@@ -417,6 +421,7 @@ class FanoutClient:
         self.url = url
         self._generation += 1
         ws: ClientConnection | None = None
+        refresher: asyncio.Task[None] | None = None
         try:
             ws = await ws_connect(
                 url,
@@ -433,6 +438,9 @@ class FanoutClient:
             for sub in list(self._subs.values()):
                 sub.phase = "idle"
                 await self._send_subscribe(sub)
+            expires_in = (self.session or {}).get("expires_in")
+            if callable(self.token) and isinstance(expires_in, int | float):
+                refresher = asyncio.create_task(self._refresh_loop(float(expires_in)))
             await self._read(ws, deadline)
             return None, ""  # not reached: _read returns by raising
         except ConnectionClosed as exc:
@@ -444,10 +452,12 @@ class FanoutClient:
         except TimeoutError:
             self.log.warning("connection_dead url=%s", url)
             return CLOSE_NO_PING, "no ping"
-        except (OSError, InvalidHandshake, InvalidURI, ValueError) as exc:
+        except (OSError, InvalidHandshake, InvalidURI, ValueError, TokenUnavailable) as exc:
             self.log.warning("connect_failed url=%s error=%r", url, exc)
             return CLOSE_CONNECT_FAILED, str(exc)
         finally:
+            if refresher is not None:
+                refresher.cancel()
             self._ws = None
             self.session = None
             self._fail_pending()
@@ -456,6 +466,35 @@ class FanoutClient:
             if ws is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(ws.close(CLOSE_NO_PING, "client reconnecting"), 1.0)
+
+    async def _refresh_loop(self, expires_in: float) -> None:
+        """Send a fresh token before the connection's runs out (a minute before, or half
+        way for short ones), so that it is not closed with 3006 and reconnected. A failed
+        refresh is retried; if none succeeds in time, the 3006 reconnect is the fallback."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + expires_in
+        delay = max(expires_in - 60.0, expires_in / 2)
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                token = await self._token()
+                rid, fut = self._register(_Pending("refresh", None, None, self._future()))
+                await self._send({"type": "refresh", "id": rid, "token": token})
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    reply = await fut
+            except Exception as exc:  # any failure (the token function too): retry
+                reply = {"type": "error", "code": "client", "message": repr(exc)}
+            if reply.get("type") == "refreshed" and isinstance(
+                reply.get("expires_in"), int | float
+            ):
+                expires_in = float(reply["expires_in"])
+                end = loop.time() + expires_in
+                delay = max(expires_in - 60.0, expires_in / 2)
+                self.log.info("token_refreshed expires_in=%.1f", expires_in)
+                continue
+            self.log.warning("token_refresh_failed code=%s message=%r", reply.get("code"),
+                             reply.get("message"))
+            delay = min(5.0, max((end - loop.time()) / 2, 0.1))
 
     async def _token(self) -> str | None:
         """The token for this connection: a function is called at every connect, so a
@@ -468,9 +507,12 @@ class FanoutClient:
 
     async def _handshake(self, ws: ClientConnection) -> float:
         """Send connect, wait for connected; return the heartbeat deadline (loop time)."""
+        try:
+            token = await self._token()
+        except Exception as exc:  # the application's function: any failure is a failed connect
+            raise TokenUnavailable(f"token function failed: {exc!r}") from exc
         rid = next(self._ids)
-        await self._send({"type": "connect", "id": rid, "token": await self._token(),
-                          "name": self.name})
+        await self._send({"type": "connect", "id": rid, "token": token, "name": self.name})
         async with asyncio.timeout(CONNECT_TIMEOUT):
             while True:
                 for msg in self._decode(await ws.recv()):
@@ -525,7 +567,7 @@ class FanoutClient:
             sub = self._subs.get(str(msg.get("channel")))
             if sub is not None and sub.phase == "live":
                 await self._resync(sub, msg)
-        elif kind in ("subscribed", "unsubscribed", "history", "error", "pong"):
+        elif kind in ("subscribed", "unsubscribed", "history", "error", "pong", "refreshed"):
             rid = msg.get("id")
             pending = self._pending.pop(rid, None) if isinstance(rid, int) else None
             if pending is None:

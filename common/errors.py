@@ -71,6 +71,12 @@ class PermissionDenied(RequestError):
     code = "permission_denied"
 
 
+class Unauthorized(RequestError):
+    """A `refresh` token that does not authenticate (or names another subject)."""
+
+    code = "unauthorized"
+
+
 class HistoryUnavailable(RequestError):
     """The asked-for publications are no longer retained (or the epoch changed)."""
 

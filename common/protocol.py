@@ -101,9 +101,17 @@ class History:
     last: int
 
 
-Command = Connect | Subscribe | Unsubscribe | History | Ping | Pong
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """A fresh token for this connection, before the current one expires."""
 
-_COMMAND_TYPES = ("connect", "subscribe", "unsubscribe", "history", "ping", "pong")
+    id: int | None
+    token: str
+
+
+Command = Connect | Subscribe | Unsubscribe | History | Ping | Pong | Refresh
+
+_COMMAND_TYPES = ("connect", "subscribe", "unsubscribe", "history", "ping", "pong", "refresh")
 MAX_RATE = 1000.0
 
 
@@ -196,6 +204,11 @@ def parse_command(obj: dict[str, Any]) -> Command:
         if name is not None and (not isinstance(name, str) or len(name) > 64):
             raise BadRequest("name must be a string of at most 64 characters")
         return Connect(rid, token, name)
+    if kind == "refresh":
+        token = obj.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
+            raise BadRequest(f"token must be a string of 1 to {MAX_TOKEN_LENGTH} characters")
+        return Refresh(rid, token)
     raise UnknownType(f"unknown type {kind[:32]!r}: expected one of {', '.join(_COMMAND_TYPES)}")
 
 
@@ -216,9 +229,11 @@ def _position(raw: object) -> Position | None:
 
 
 def connected(
-    rid: int | None, client_id: str, ping_interval: float, pong_timeout: float
+    rid: int | None, client_id: str, ping_interval: float, pong_timeout: float,
+    expires_in: float | None = None,
 ) -> dict[str, Any]:
-    return {
+    """`expires_in`: seconds until the connection's token expires (authentication on)."""
+    reply: dict[str, Any] = {
         "type": "connected",
         "id": rid,
         "client": client_id,
@@ -226,6 +241,13 @@ def connected(
         "ping_interval": ping_interval,
         "pong_timeout": pong_timeout,
     }
+    if expires_in is not None:
+        reply["expires_in"] = round(expires_in, 3)
+    return reply
+
+
+def refreshed(rid: int | None, expires_in: float) -> dict[str, Any]:
+    return {"type": "refreshed", "id": rid, "expires_in": round(expires_in, 3)}
 
 
 def subscribed(

@@ -30,6 +30,7 @@ from common.errors import (
     PermissionDenied,
     RequestError,
     TooManySubscriptions,
+    Unauthorized,
     Unavailable,
 )
 from common.protocol import Codec, Frame
@@ -298,7 +299,8 @@ class Session:
             raise Disconnect(CloseCode.BAD_REQUEST, "first message must be connect")
         self._authenticate(command.token)
         self.enqueue(protocol.encode(protocol.connected(
-            command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout
+            command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout,
+            self._expires_in(),
         ), self.codec))
         pinger = asyncio.create_task(self._ping_loop())
         try:
@@ -310,27 +312,59 @@ class Session:
         finally:
             pinger.cancel()
 
+    def _verify(self, token: str | None) -> Claims:
+        return verify_token(
+            token, self.config.auth_secret.encode(), now=time.time(),
+            default_channels=self.config.auth_channels, issuer=self.config.auth_issuer,
+            audience=self.config.auth_audience,
+        )
+
     def _authenticate(self, token: str | None) -> None:
         """Without a secret configured every client may read every channel (development);
         with one, the token's claims decide, and the connection ends when it expires."""
-        secret = self.config.auth_secret
-        if not secret:
+        if not self.config.auth_secret:
             return
         try:
-            claims = verify_token(
-                token, secret.encode(), now=time.time(),
-                default_channels=self.config.auth_channels, issuer=self.config.auth_issuer,
-                audience=self.config.auth_audience,
-            )
+            claims = self._verify(token)
         except TokenError as exc:
             self.log.info("unauthorized client=%s error=%s", self.client_id, exc)
             raise Disconnect(CloseCode.UNAUTHORIZED, exc.reason) from None
-        self.claims = claims
         self.log.debug("authenticated client=%s sub=%s", self.client_id, claims.subject)
-        left = claims.expires + LEEWAY - time.time()  # as long as verify_token accepts it
+        self._set_claims(claims)
+
+    def _set_claims(self, claims: Claims) -> None:
+        self.claims = claims
+        if self._expiry is not None:
+            self._expiry.cancel()
         self._expiry = self._loop.call_later(
-            max(left, 0.0), self.fail, Disconnect(CloseCode.TOKEN_EXPIRED, "token expired")
+            max(self._expires_in() or 0.0, 0.0), self.fail,
+            Disconnect(CloseCode.TOKEN_EXPIRED, "token expired"),
         )
+
+    def _expires_in(self) -> float | None:
+        """Seconds this connection may live on its token (as long as verify_token accepts
+        it); None without authentication."""
+        if self.claims is None:
+            return None
+        return max(self.claims.expires + LEEWAY - time.time(), 0.0)
+
+    def _refresh(self, command: protocol.Refresh) -> dict[str, Any]:
+        """A new token for the same subject; it must allow every channel subscribed now
+        (unsubscribe first), so that a refresh never silently ends a subscription."""
+        if self.claims is None:
+            raise BadRequest("authentication is off: nothing to refresh")
+        try:
+            claims = self._verify(command.token)
+        except TokenError as exc:
+            self.log.info("refresh refused client=%s error=%s", self.client_id, exc)
+            raise Unauthorized(exc.reason) from None
+        if claims.subject != self.claims.subject:
+            raise Unauthorized("token is for another subject")
+        for name in sorted(self.subscriptions | set(self._subscribing)):
+            if not claims.allows(name):
+                raise PermissionDenied(f"the new token does not allow {name}: unsubscribe first")
+        self._set_claims(claims)
+        return protocol.refreshed(command.id, self._expires_in() or 0.0)
 
     def _check_allowed(self, channel: str) -> None:
         if self.claims is not None and not self.claims.allows(channel):
@@ -388,6 +422,8 @@ class Session:
             return None
         if isinstance(command, protocol.Ping):
             return protocol.pong(command.id)
+        if isinstance(command, protocol.Refresh):
+            return self._refresh(command)
         if isinstance(command, protocol.Connect):
             raise BadRequest("already connected")
         raise InternalError("unhandled command")

@@ -264,3 +264,51 @@ async def test_without_a_secret_everyone_reads_everything(edge) -> None:
     assert reply is not None and reply["type"] == "connected"
     assert (await client.subscribe("account.7.orders"))["type"] == "subscribed"
     await client.close()
+
+
+@pytest.mark.integration
+async def test_refresh_extends_the_connection_for_the_same_subject(edge_factory) -> None:
+    edge = await edge_factory(auth_secret=SECRET.decode())
+    now = time.time()
+    # Accepted thanks to the leeway, with about a second to live.
+    client, reply = await _connect(edge, sign_token({"sub": "a", "exp": now - 29}, SECRET))
+    assert reply is not None and 0 < reply["expires_in"] <= 1.5
+    fresh = sign_token({"sub": "a", "exp": now + 60}, SECRET)
+    answer = await client.request({"type": "refresh", "token": fresh})
+    assert answer["type"] == "refreshed" and 85 < answer["expires_in"] <= 90
+    await asyncio.sleep(2)  # past the first token's end: still open, still served
+    assert not client.closed.done()
+    assert (await client.request({"type": "ping"}))["type"] == "pong"
+    await client.close()
+
+
+@pytest.mark.integration
+async def test_refresh_refusals_keep_the_connection_and_its_token(edge_factory) -> None:
+    edge = await edge_factory(auth_secret=SECRET.decode())
+    now = time.time()
+    client, reply = await _connect(edge, sign_token(
+        {"sub": "a", "exp": now + 60, "accounts": [1]}, SECRET))
+    assert reply is not None
+    assert (await client.subscribe("account.1.orders"))["type"] == "subscribed"
+    cases = [
+        (sign_token({"sub": "b", "exp": now + 60, "accounts": [1]}, SECRET), "unauthorized"),
+        (sign_token({"sub": "a", "exp": now - 60}, SECRET), "unauthorized"),
+        (sign_token({"sub": "a", "exp": now + 60}, b"y" * 32), "unauthorized"),
+        # Valid, but it would not allow the subscription the connection holds.
+        (sign_token({"sub": "a", "exp": now + 60}, SECRET), "permission_denied"),
+        (123, "bad_request"),
+    ]
+    for tok, code in cases:
+        answer = await client.request({"type": "refresh", "token": tok})
+        assert answer["type"] == "error" and answer["code"] == code, (tok, answer)
+    assert not client.closed.done()
+    await client.close()
+
+
+@pytest.mark.integration
+async def test_refresh_without_authentication_is_a_bad_request(edge) -> None:
+    client, reply = await _connect(edge, None)
+    assert reply is not None and "expires_in" not in reply
+    answer = await client.request({"type": "refresh", "token": "x.y.z"})
+    assert answer["code"] == "bad_request"
+    await client.close()

@@ -359,12 +359,12 @@ async def test_not_recovered_after_history_lost_while_away(
 
 
 @pytest.mark.integration
-async def test_token_function_gives_each_connection_a_fresh_token(
+async def test_token_function_refreshes_the_token_before_it_expires(
     edge_factory, publisher: Publisher
 ) -> None:
-    """The first token expires about a second after connecting (its exp is within the
-    edge's 30 s leeway): the edge closes with 3006, the client reconnects with a new token
-    from the function and recovers the channel without a gap."""
+    """The first token has about a second left (its exp is within the edge's 30 s leeway):
+    the client asks the function for a new one half way and sends `refresh`; the
+    connection outlives the first token, with no reconnect."""
     secret = "k" * 32
     edge = await edge_factory(auth_secret=secret)
     issued: list[float] = []
@@ -378,8 +378,43 @@ async def test_token_function_gives_each_connection_a_fresh_token(
         col = Collector(client.subscribe("account.A9.orders"))
         await client_subscribed(client, "account.A9.orders")
         sent = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0:  # past the first token's end
+            await publisher.publish(UpstreamMessage("account.A9.orders", {"n": sent}, "o"))
+            sent += 1
+            await asyncio.sleep(0.05)
+        await col.wait_for(lambda: len(col.pubs()) == sent)
+        assert [p.offset for p in col.pubs()] == list(range(1, sent + 1))
+        assert len(issued) == 2 and client.counters.reconnects == 0
+        assert client.state == ClientState.OPEN
+        await col.stop()
+
+
+@pytest.mark.integration
+async def test_without_a_fresh_token_the_client_reconnects_after_3006(
+    edge_factory, publisher: Publisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token function fails for 1.5 s after its first call: the refreshes fail, the
+    edge closes with 3006 at the first token's end, connect attempts fail until the
+    function works again; then the client connects and recovers without a gap."""
+    secret = "k" * 32
+    edge = await edge_factory(auth_secret=secret)
+    calls: list[float] = []
+
+    def token() -> str:
+        now = time.time()
+        calls.append(now)
+        if len(calls) > 1 and now - calls[0] < 1.5:
+            raise RuntimeError("auth service down")
+        exp = now + (60 if len(calls) > 1 else -29)
+        return sign_token({"sub": "t", "exp": exp, "accounts": ["A9"]}, secret.encode())
+
+    async with FanoutClient(edge.url, token=token, logger=log, backoff=fast_backoff()) as client:
+        col = Collector(client.subscribe("account.A9.orders"))
+        await client_subscribed(client, "account.A9.orders")
+        sent = 0
         async with asyncio.timeout(10):
-            while len(issued) < 2 or client.state != ClientState.OPEN:
+            while client.counters.reconnects == 0 or client.state != ClientState.OPEN:
                 await publisher.publish(UpstreamMessage("account.A9.orders", {"n": sent}, "o"))
                 sent += 1
                 await asyncio.sleep(0.05)
@@ -388,5 +423,8 @@ async def test_token_function_gives_each_connection_a_fresh_token(
             sent += 1
         await col.wait_for(lambda: len(col.pubs()) == sent)
         assert [p.offset for p in col.pubs()] == list(range(1, sent + 1))
-        assert len(issued) == 2 and client.counters.reconnects >= 1
+        assert len(calls) >= 3  # connect, failed refresh(es) or connects, the good one
+        closes = [r.getMessage() for r in caplog.records
+                  if r.getMessage().startswith("connection_closed")]
+        assert closes and "code=3006" in closes[0], closes
         await col.stop()

@@ -32,6 +32,7 @@ from common.protocol import (
     Ping,
     Pong,
     Position,
+    Refresh,
     Subscribe,
     Unsubscribe,
     decode_frame,
@@ -321,7 +322,7 @@ def test_unknown_type(kind: str) -> None:
     assert info.value.code == "unknown_type"
     assert info.value.message == (
         f"unknown type {kind!r}: expected one of "
-        "connect, subscribe, unsubscribe, history, ping, pong"
+        "connect, subscribe, unsubscribe, history, ping, pong, refresh"
     )
 
 
@@ -679,3 +680,13 @@ def test_disconnect_advises_a_reconnect_delay_in_the_reason() -> None:
     assert len(long.reason.encode()) <= 123 and advised_delay(long.reason) == 2.0
     assert advised_delay("slow consumer") == 0.0
     assert advised_delay("retry_after_ms=12x") == 0.0
+
+
+def test_refresh_carries_a_token() -> None:
+    assert parse_command({"type": "refresh", "id": 3, "token": "a.b.c"}) == Refresh(3, "a.b.c")
+
+
+@pytest.mark.parametrize("token", [None, "", 1, ["a"], "x" * (MAX_TOKEN_LENGTH + 1)])
+def test_refresh_without_a_usable_token_is_bad_request(token: object) -> None:
+    with pytest.raises(BadRequest, match="token must be a string"):
+        parse_command({"type": "refresh", "id": 3, "token": token})

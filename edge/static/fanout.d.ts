@@ -78,7 +78,11 @@ export interface Backoff {
 }
 
 export interface FanoutOptions {
-  /** Sent in the connect frame; a function is called before each connection. */
+  /**
+   * Sent in the connect frame; a function is called before each connection, and again
+   * before the token expires (a `refresh` request: a minute before the end, half way for
+   * short tokens) when the server says when it does (authentication on).
+   */
   token?: string | null | (() => string | null | Promise<string | null>);
   /** A name for this client, sent in the connect frame (at most 64 characters). */
   name?: string | null;

@@ -326,10 +326,47 @@ export class FanoutClient {
       pongTimeout: reply.pong_timeout,
     };
     this._armHeartbeat();
+    this._scheduleRefresh(reply.expires_in);
     // Subscribe (again) before telling anyone, so that a listener's own subscribe() is not doubled.
     for (const sub of this._subs.values()) if (sub.phase === "idle") this._sendSubscribe(sub);
     this._setState("open", { url: this.url, client: reply.client });
     this._emit("connected", reply);
+  }
+
+  /**
+   * With authentication on, `connected` and `refreshed` say how long the token still lasts
+   * (`expires_in`, s). With a token function, a fresh token goes out a minute before the end
+   * (half way for short tokens), so the server does not close with 3006; a failed refresh is
+   * retried, and if none succeeds in time the 3006 close and reconnect are the fallback.
+   */
+  _scheduleRefresh(expiresIn, retry = false) {
+    if (typeof this.options.token !== "function" || !(expiresIn > 0)) return;
+    const seconds = retry ? Math.min(5, expiresIn / 2) : Math.max(expiresIn - 60, expiresIn / 2);
+    const end = Date.now() + expiresIn * 1000;
+    this._setTimer("refresh", Math.round(seconds * 1000), () => this._refresh(end));
+  }
+
+  async _refresh(end) {
+    const ws = this._ws;
+    const left = () => Math.max((end - Date.now()) / 1000, 0.1);
+    let token;
+    try {
+      token = await this.options.token();
+    } catch (err) {
+      this._log("token function failed", err);
+      if (ws === this._ws) this._scheduleRefresh(left(), true);
+      return;
+    }
+    if (ws !== this._ws) return;
+    this._request({ type: "refresh", token }, (reply) => {
+      if (!reply) return; // the connection went; the next one starts over
+      if (reply.type === "refreshed") {
+        this._scheduleRefresh(reply.expires_in);
+      } else {
+        this._emit("error", reply);
+        this._scheduleRefresh(left(), true);
+      }
+    });
   }
 
   _armHeartbeat() {
@@ -363,6 +400,7 @@ export class FanoutClient {
     this.session = null;
     this._clearTimer("connect");
     this._clearTimer("heartbeat");
+    this._clearTimer("refresh");
     const pending = Array.from(this._pending.values());
     this._pending.clear();
     for (const sub of this._subs.values()) sub.phase = "idle";
