@@ -1,5 +1,6 @@
 """The demo dashboard in a real headless Chromium, through a real HAProxy in front of two
-edges: live quotes within seconds, and an edge killed under the page without a gap.
+edges: live quotes within seconds, and an edge killed under the page without a gap; and
+fanout.js with a token function against an edge with authentication.
 
 Chromium and HAProxy come from Debian's packages (`.ci/run` installs them). Without them
 these tests are skipped locally, and fail under CI=true, where they must run."""
@@ -7,15 +8,18 @@ these tests are skipped locally, and fail under CI=true, where they must run."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from common.auth import sign_token
 from common.embedded import free_port
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
@@ -172,3 +176,48 @@ async def test_reload_recovers_from_session_storage(
     finally:
         stop.set()
         await pub
+
+
+async def test_page_with_a_token_function_reads_its_account_and_refreshes(
+    edge_factory, publisher: Publisher, browser: Browser
+) -> None:
+    """fanout.js in Chromium against an edge with authentication: the page's token function
+    is called at connect and again to refresh the first token (which has about a second
+    left), with no reconnect; its own account's channel streams, another account's is
+    refused with permission_denied."""
+    secret = os.urandom(24).hex()
+    edge = await edge_factory(auth_secret=secret)
+    now = time.time()
+    tokens = [sign_token({"sub": "page", "exp": exp, "accounts": ["42"]}, secret.encode())
+              for exp in (now - 29, now + 600)]
+    await browser.goto(f"{edge.http}/healthz")  # any page of the edge's origin
+    await browser.wait_for("document.readyState === 'complete'")
+    await browser.js(f"""
+        import('/static/fanout.js').then(({{ FanoutClient }}) => {{
+          window.tokens = {json.dumps(tokens)};
+          window.got = [];
+          window.errors = [];
+          const client = new FanoutClient('ws://' + location.host + '/ws', {{
+            token: async () => window.tokens.shift() ?? null,
+          }});
+          client.subscribe('account.42.orders', {{
+            onMessage: (data, meta) => window.got.push(meta.offset),
+          }});
+          client.subscribe('account.7.orders', {{ onError: (e) => window.errors.push(e.code) }});
+          client.connect();
+          window.client = client;
+          return true;
+        }})""")
+    await browser.wait_for("window.client.state === 'open' && window.errors.length === 1", 15)
+    assert await browser.js("window.errors") == ["permission_denied"]
+    last = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:  # past the first token's end
+        last = (await publisher.publish(
+            UpstreamMessage("account.42.orders", {"n": last}, "o"))).offset
+        await asyncio.sleep(0.05)
+    await browser.wait_for(f"window.got.at(-1) === {last}", 10)
+    assert await browser.js("window.got") == list(range(1, last + 1))
+    assert await browser.js("window.tokens.length") == 0  # connect + refresh
+    assert await browser.js("window.client.counters.reconnects") == 0
+    assert await browser.js("window.client.state") == "open"
