@@ -146,6 +146,8 @@ class EdgeConfig:
     connect_timeout: float = 10.0  # s for a new connection to send `connect`
     max_message_size: int = 65_536  # largest client frame, bytes; larger -> close 1009
     max_subscriptions: int = 1_000  # per connection
+    request_rate: float = 100.0  # requests per second a connection may sustain ...
+    request_burst: int = 1_000  # ... and how many it may send at once (3007 beyond)
     queue_max_messages: int = 10_000  # per client send queue
     queue_max_bytes: int = 1024 * 1024  # per client send queue
     overflow: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OVERFLOW))
@@ -372,6 +374,10 @@ EDGE_SETTINGS = (
             "largest client frame in bytes"),
     Setting("max_subscriptions", "--max-subscriptions", "FANOUT_MAX_SUBSCRIPTIONS", _int(1),
             "most subscriptions per connection"),
+    Setting("request_rate", "--request-rate", "FANOUT_REQUEST_RATE", _float(0),
+            "requests per second a connection may sustain (more: close 3007)"),
+    Setting("request_burst", "--request-burst", "FANOUT_REQUEST_BURST", _int(1),
+            "requests a connection may send at once above the rate"),
     Setting("queue_max_messages", "--queue-max-messages", "FANOUT_QUEUE_MAX_MESSAGES",
             _int(1), "most messages in a client's send queue"),
     Setting("queue_max_bytes", "--queue-max-bytes", "FANOUT_QUEUE_MAX_BYTES", _int(1024),

@@ -110,6 +110,7 @@ class CloseCode(IntEnum):
     SERVER_ERROR = 3004
     CONNECT_TIMEOUT = 3005
     TOKEN_EXPIRED = 3006  # reconnect with a fresh token
+    TOO_MANY_REQUESTS = 3007  # over the connection's request rate: reconnect after a delay
     # 3500-3999: do not reconnect
     BAD_REQUEST = 3500
     UNAUTHORIZED = 3501

@@ -35,6 +35,7 @@ from common.errors import (
 )
 from common.protocol import Codec, Frame
 from edge.hub import Batch, Hub, Publication, Subscription
+from edge.limits import TokenBucket
 from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
 from edge.stats import EdgeStats
 from edge.wire import RawWebSocket, encode_frame
@@ -47,6 +48,7 @@ _CLOSE_REASONS = {
     CloseCode.SERVER_ERROR: "server_error",
     CloseCode.CONNECT_TIMEOUT: "connect_timeout",
     CloseCode.TOKEN_EXPIRED: "token_expired",
+    CloseCode.TOO_MANY_REQUESTS: "too_many_requests",
     CloseCode.BAD_REQUEST: "bad_request",
     CloseCode.UNAUTHORIZED: "unauthorized",
     CloseCode.FORBIDDEN: "forbidden",
@@ -58,6 +60,9 @@ CLOSE_TIMEOUT = 10.0  # s a close frame may wait for a full socket to drain
 # A slow consumer is told to wait this long before reconnecting: coming back at once into
 # the same burst would only overflow again.
 SLOW_RETRY_AFTER = 1.0
+
+# A client closed for too many requests is told to wait this long before reconnecting.
+TOO_MANY_RETRY_AFTER = 5.0
 
 # Closes fanout does not choose itself: uvicorn's (1009 oversized frame, 1012 shutdown).
 _PEER_CLOSE_REASONS = {1009: "message_too_big", 1012: "shutdown"}
@@ -303,11 +308,16 @@ class Session:
             self._expires_in(),
         ), self.codec))
         pinger = asyncio.create_task(self._ping_loop())
+        bucket = TokenBucket(self.config.request_rate, self.config.request_burst,
+                             self._loop.time())
         try:
             while True:
                 frame = await self._receive()
                 if frame is None:
                     return
+                if not bucket.take(self._loop.time()):
+                    raise Disconnect(CloseCode.TOO_MANY_REQUESTS, "too many requests",
+                                     TOO_MANY_RETRY_AFTER)
                 await self._handle(protocol.decode_frame(frame, self.codec))
         finally:
             pinger.cancel()
