@@ -104,6 +104,7 @@ class Session:
         self._raw = RawWebSocket.attach(ws.scope) if config.direct_write else None
         # ... and past the queue when it is empty, unless the writer is to wait and gather.
         self._direct = self._raw if not config.write_delay else None
+        self._out: list[bytes] | None = None  # direct writes held back during a hub flush
 
     # --- called by the hub (synchronous, never blocks) -----------------------------------
 
@@ -126,9 +127,15 @@ class Session:
     def _write_now(self, raw: RawWebSocket, data: bytes, frames: int, messages: int,
                    payload: int) -> None:
         """Straight to the socket: nothing is queued before it and the transport takes it
-        without blocking, so no writer task needs to wake up."""
-        raw.write(data)
+        without blocking, so no writer task needs to wake up. During the hub's flush the
+        bytes are held back and written together when it ends (`flush_out`)."""
+        out = self._out
         stats = self.stats
+        if out is not None:
+            out.append(data)
+        else:
+            raw.write(data)
+            stats.writes += 1
         stats.frames_sent += frames
         stats.frames_direct += frames
         stats.messages_sent += messages
@@ -151,6 +158,11 @@ class Session:
         if (start == 0 and raw is not None and sub.max_rate is None and not self.queue.busy
                 and raw.ready):
             # Keeping up: the batch's finished frames, shared with every such client.
+            if self._out is None:
+                deferred = self.hub.deferred
+                if deferred is not None:
+                    self._out = []
+                    deferred.append(self)
             self._write_now(raw, *batch.wire(self.codec))
             return
         if sub.max_rate is not None:
@@ -171,6 +183,12 @@ class Session:
                 self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer", SLOW_RETRY_AFTER))
                 return
         self._wakeup.set()
+
+    def flush_out(self) -> None:
+        out, self._out = self._out, None
+        if out and self._direct is not None and not self._direct.closed:
+            self._direct.write(out[0] if len(out) == 1 else b"".join(out))
+            self.stats.writes += 1
 
     def _push(self, sub: Subscription, pub: Publication) -> None:
         outcome = self.queue.push(
@@ -507,12 +525,14 @@ class Session:
                         break
                     frame = coalesce(parts, codec, count)
                     raw.write(encode_frame(frame))
+                    stats.writes += 1
                 else:
                     parts, count = queue.pop_parts(max_messages, max_bytes)
                     if not parts:
                         break
                     frame = coalesce(parts, codec, count)
                     await send({"type": "websocket.send", kind: frame})
+                    stats.writes += 1
                 stats.frames_sent += 1
                 stats.messages_sent += count
                 stats.bytes_sent += len(frame)

@@ -22,6 +22,7 @@ class EdgeStats:
     channels: int = 0
     frames_sent: int = 0
     frames_direct: int = 0  # of frames_sent, written past the queue (edge/wire.py)
+    writes: int = 0  # socket writes of frames (direct and from the writer)
     messages_sent: int = 0
     bytes_sent: int = 0
     frames_received: int = 0
@@ -74,6 +75,8 @@ class EdgeCollector(Collector):
         yield counter("frames_sent", "WebSocket frames sent to clients.", s.frames_sent)
         yield counter("frames_direct", "Frames written straight to the socket, past the "
                       "send queue.", s.frames_direct)
+        yield counter("writes", "Socket writes to clients (one may carry several frames).",
+                      s.writes)
         yield counter("messages_sent", "Messages sent to clients.", s.messages_sent)
         yield counter("bytes_sent", "Payload bytes sent to clients.", s.bytes_sent)
         yield counter("frames_received", "Frames received from clients.", s.frames_received)

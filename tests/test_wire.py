@@ -108,3 +108,35 @@ async def test_queue_path_when_direct_writes_are_off_or_compressing(
     assert sent >= 2 * 30 and direct == 0
     for client in clients:
         await client.close()
+
+
+@pytest.mark.integration
+async def test_a_clients_channels_of_one_turn_go_out_in_one_write(
+    edge, publisher: Publisher
+) -> None:
+    """A watchlist: one client on 6 channels, each publish round touching all 6 in one
+    pipelined batch (so the edge gets them in one read, one flush). Every channel's frames
+    arrive, in order, in fewer socket writes than frames."""
+    channels = [f"quotes.W{i}" for i in range(6)]
+    client = await ProtoClient.open(edge.url)
+    for ch in channels:
+        await client.subscribe(ch)
+    before = await _counters(edge)
+    rounds = 20
+    for i in range(rounds):
+        await publisher.publish_batch([UpstreamMessage(ch, {"i": i}) for ch in channels])
+    for ch in channels:
+        await client.wait_for(lambda ch=ch: len(client.offsets[ch]) == rounds, 10)
+        assert client.offsets[ch] == list(range(1, rounds + 1))
+    after = await _counters(edge)
+    frames = after["frames_sent"] - before["frames_sent"]
+    writes = after["writes"] - before["writes"]
+    assert frames >= rounds * len(channels) / 2  # a frame per channel batch, about
+    assert writes <= frames / 2, (writes, frames)
+    await client.close()
+
+
+async def _counters(edge: object) -> dict[str, float]:
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{edge.http}/metrics")).text  # type: ignore[attr-defined]
+    return {name: _metric(text, f"fanout_edge_{name}_total") for name in ("frames_sent", "writes")}
