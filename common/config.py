@@ -128,11 +128,14 @@ class RedisSettings:
     # (which refreshes them on publish) and edges (which create a channel's epoch when a
     # client subscribes before its first publish).
     meta_ttl: int = 30 * 86_400
+    # Connections of a process's command client (pub/sub has its own); requests beyond
+    # wait for a free one (common/redisclient.py).
+    max_connections: int = 64
 
     def __repr__(self) -> str:
         return (
             f"RedisSettings(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r}, "
-            f"meta_ttl={self.meta_ttl})"
+            f"meta_ttl={self.meta_ttl}, max_connections={self.max_connections})"
         )
 
 
@@ -357,6 +360,10 @@ REDIS_SETTINGS = (
     Setting(
         "redis.meta_ttl", "--meta-ttl", "FANOUT_META_TTL", _int(60),
         "seconds an idle channel's epoch, offset and snapshot live",
+    ),
+    Setting(
+        "redis.max_connections", "--redis-max-connections", "FANOUT_REDIS_MAX_CONNECTIONS",
+        _int(1), "most Redis connections of the command client; more requests wait",
     ),
 )
 

@@ -23,6 +23,7 @@ from common.config import EdgeConfig, redact_url
 from common.errors import CloseCode, Disconnect
 from common.keys import Keys
 from common.protocol import SUBPROTOCOLS, Codec
+from common.redisclient import redis_client
 from edge.hub import Hub
 from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
@@ -51,9 +52,9 @@ class Edge:
         if not self.config.auth_secret:
             self.log.warning("authentication is off (no FANOUT_AUTH_SECRET): any client may "
                              "subscribe to any channel, account channels included")
-        self.redis = Redis.from_url(
-            url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=5.0,
-            health_check_interval=0,
+        self.redis = redis_client(
+            self.config.redis, decode_responses=True, socket_timeout=5.0,
+            socket_connect_timeout=5.0, health_check_interval=0,
         )
         # Pub/sub gets a connection of its own, with no read timeout of its own: it blocks
         # in reads by design (get_message passes its own timeout).

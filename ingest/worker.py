@@ -26,13 +26,13 @@ from collections.abc import Generator
 
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from common.aio import raise_if_cancelling, stop_tasks, wait_event
 from common.backoff import Backoff
 from common.config import IngestConfig, redact_url
 from common.keys import Keys
+from common.redisclient import redis_client
 from ingest.feeds import make_upstream, state_metric
 from ingest.leader import Leader, LeaderMetrics, NotLeader, Term
 from ingest.publisher import Fence, FencedOut, InvalidMessage, Publisher, PublishResult
@@ -272,8 +272,8 @@ async def serve(
 ) -> None:
     """Run one ingest worker for `config` (and `upstream`, default: the configured feed)
     until cancelled: standby, or leader of `config.feed_id`."""
-    redis = Redis.from_url(config.redis.url, decode_responses=True, socket_timeout=10.0,
-                           socket_connect_timeout=5.0)
+    redis = redis_client(config.redis, decode_responses=True, socket_timeout=10.0,
+                         socket_connect_timeout=5.0)
     registry = CollectorRegistry()
     metrics = IngestMetrics(registry)
     if config.metrics_port:

@@ -470,7 +470,8 @@ def test_redis_settings_repr_hides_the_password() -> None:
     settings = RedisSettings(url="redis://u:secret@h:1/0")
     assert "secret" not in repr(settings)
     assert repr(settings) == (
-        "RedisSettings(url='redis://u:***@h:1/0', key_prefix='fanout', meta_ttl=2592000)"
+        "RedisSettings(url='redis://u:***@h:1/0', key_prefix='fanout', meta_ttl=2592000, "
+        "max_connections=64)"
     )
 
 

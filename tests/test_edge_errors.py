@@ -159,3 +159,19 @@ async def test_health_ready_and_metrics(edge, publisher: Publisher) -> None:
     assert "fanout_edge_messages_sent_total" in text
     assert "quotes.M2K" not in text  # no channel names as labels
     await client.close()
+
+
+async def test_a_burst_of_subscribes_waits_for_redis_connections_instead_of_failing(
+    edge,
+) -> None:
+    """300 subscribes at once (a reconnect storm, or watchlists subscribing together): each
+    reads history from Redis; more than the connection pool holds must wait their turn,
+    not fail with `unavailable`."""
+    client = await ProtoClient.open(edge.url)
+    replies = await asyncio.gather(*(
+        client.request({"type": "subscribe", "channel": f"trades.BURST{i}"}, timeout=30)
+        for i in range(300)
+    ))
+    failed = [r for r in replies if r["type"] != "subscribed"]
+    assert failed == []
+    await client.close()
