@@ -1,15 +1,17 @@
 """Fan-out throughput and latency of one edge process.
 
 One edge (`python -m common.cli edge`, a subprocess pinned to CPU 0) serves `--clients`
-WebSocket clients that all subscribe to ONE channel. CPU 1 holds everything else: the clients,
-this process (a publisher that publishes to that channel through the real Lua publish script
-at each of the `--rates` in turn) and the embedded Valkey. Each message carries `ts`
-(time.time() at publish); clients take now - ts on receipt (same machine clock).
+WebSocket clients that all subscribe to the same channel: `--channel`, or with `--channels K`
+(a watchlist) the K channels `<channel>0` ... `<channel>K-1`. CPU 1 holds everything else: the
+clients, this process (a publisher that publishes through the real Lua publish script at each
+of the `--rates` in turn, round-robin over the channels) and the embedded Valkey. Each
+message carries `ts` (time.time() at publish); clients take now - ts on receipt (same machine
+clock).
 
 Per rate: `--warmup` s of publishing, then `--duration` s measured, then a drain (until every
-client has the last offset, at most `--drain` s). Per client the offsets must be contiguous;
-gaps and duplicates are counted. The rates stop rising when delivered < 90 % of expected or
-p99 > 1 s.
+client has every channel's last offset, at most `--drain` s). Per client and channel the
+offsets must be contiguous; gaps and duplicates are counted. The rates stop rising when
+delivered < 90 % of expected or p99 > 1 s.
 
 The clients must receive clients x rate messages/s on one core without becoming what limits
 the measurement. `c` (default) is bench/wsload.c, built on first use with
@@ -28,6 +30,7 @@ a publication's offset and ts with one regex instead of json.loads (other frames
 the edge's coalesced frames (a JSON array of messages) and its `gap` notices.
 
     .venv/bin/python bench/fanout.py [--clients 500] [--rates 50,100,200,400,800] [--client c]
+                                     [--channels 1]
 """
 
 from __future__ import annotations
@@ -75,7 +78,9 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from common.channels import parse_channel
 from common.embedded import free_port
+from common.errors import BadChannel
 from common.keys import Keys
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
@@ -85,13 +90,16 @@ HOST = "127.0.0.1"
 MAX_PUBLISH_BATCH = 200  # messages per publish round trip when the publisher catches up
 STOP_DELIVERED = 0.9  # stop rising when delivered < 90 % of expected
 STOP_P99 = 1.0  # s
+MAX_CHANNELS = 1000  # --channels: the edge refuses more subscriptions per connection by default
 CLIENT_BOUND = 85.0  # % of a core used by the client side: above it, it may limit a row
 CPU_BOUND = 95.0  # % busy of the clients' CPU (everything on it): likewise
 WSLOAD_SRC = Path(__file__).resolve().parent / "wsload.c"
 
 # A publication exactly as `common.protocol.pub_json` builds it, with our data (ts first).
 # Frames it does not match (replies, pings, a changed format) go through json.loads.
-PUB_RE = re.compile(rb'\{"type":"pub","channel":"[^"]*","offset":(\d+),"data":\{"ts":([0-9.]+)[,}]')
+PUB_RE = re.compile(
+    rb'\{"type":"pub","channel":"([^"]*)","offset":(\d+),"data":\{"ts":([0-9.]+)[,}]'
+)
 PUB_MATCH = PUB_RE.match
 PUB_FINDITER = PUB_RE.finditer
 MESSAGE_START = b'{"type":'
@@ -120,11 +128,11 @@ class Totals:
 
 
 class BenchClient(asyncio.Protocol):
-    """One WebSocket client: connect, subscribe to one channel, count what arrives."""
+    """One WebSocket client: connect, subscribe to the channels, count what arrives."""
 
-    def __init__(self, totals: Totals, uri: str, channel: str, raw: bool) -> None:
+    def __init__(self, totals: Totals, uri: str, channels: list[str], raw: bool) -> None:
         self.totals = totals
-        self.channel = channel
+        self.channels = channels
         self.raw = raw
         self.proto = ClientProtocol(
             parse_uri(uri), subprotocols=[Subprotocol("fanout.json")], max_size=None
@@ -133,8 +141,9 @@ class BenchClient(asyncio.Protocol):
         self.is_open = False  # handshake done
         self.handshake = b""
         self.buf = b""
-        self.last = -2  # highest offset received; -2 until subscribed
-        self.received = 0
+        # per channel (its name as bytes): the highest offset received; -2 until subscribed
+        self.lasts = dict.fromkeys((c.encode() for c in channels), -2)
+        self.pending = len(channels)  # subscribed replies still to come
         self.closed = False
         self.closing = False  # we are closing: not a disconnect
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -250,16 +259,16 @@ class BenchClient(asyncio.Protocol):
                 totals.frames += 1
                 m = PUB_MATCH(buf, start, end)
                 if m is not None:
-                    offset = int(m[1])
-                    if offset == self.last + 1:
-                        self.last = offset
-                        self.received += 1
+                    channel = m[1]
+                    offset = int(m[2])
+                    if offset == self.lasts.get(channel, -3) + 1:  # subscribed, in order
+                        self.lasts[channel] = offset
                         totals.pubs += 1
-                        ts = float(m[2])
+                        ts = float(m[3])
                         if totals.lat_lo <= ts < totals.lat_hi:
                             totals.lat.append(now - ts)
                     else:
-                        self._pub(offset, float(m[2]), now)
+                        self._pub(channel, offset, float(m[3]), now)
                 else:
                     self._text(buf, start, end, now)
             else:
@@ -280,7 +289,7 @@ class BenchClient(asyncio.Protocol):
                 payload = bytes(frame.data)
                 m = PUB_MATCH(payload)
                 if m is not None:
-                    self._pub(int(m[1]), float(m[2]), now)
+                    self._pub(m[1], int(m[2]), float(m[3]), now)
                 else:
                     self._text(payload, 0, len(payload), now)
             elif frame.opcode is Opcode.CLOSE:
@@ -298,54 +307,75 @@ class BenchClient(asyncio.Protocol):
             matches = list(PUB_FINDITER(buf, start, end))
             if len(matches) == buf.count(MESSAGE_START, start, end):  # all publications
                 for m in matches:
-                    self._pub(int(m[1]), float(m[2]), now)
+                    self._pub(m[1], int(m[2]), float(m[3]), now)
                 return
             for obj in json.loads(buf[start:end]):
                 self._message(obj, now)
             return
         self._message(json.loads(buf[start:end]), now)
 
-    def _pub(self, offset: int, ts: float | None, now: float) -> None:
+    def _pub(self, channel: bytes, offset: int, ts: float | None, now: float) -> None:
         totals = self.totals
-        if self.last < -1:
+        last = self.lasts.get(channel)
+        if last is None:  # not one of ours (the C client counts these apart; never seen)
+            return
+        if last < -1:
             totals.errors += 1  # a publication before the subscribe reply
             return
-        if offset <= self.last:
+        if offset <= last:
             totals.dups += 1
             return
-        if offset != self.last + 1:
-            totals.gaps += offset - self.last - 1
-        self.last = offset
-        self.received += 1
+        if offset != last + 1:
+            totals.gaps += offset - last - 1
+        self.lasts[channel] = offset
         totals.pubs += 1
         if ts is not None and totals.lat_lo <= ts < totals.lat_hi:
             totals.lat.append(now - ts)
 
     def _message(self, obj: dict[str, Any], now: float) -> None:
         kind = obj.get("type")
+        channel = str(obj.get("channel")).encode()
         if kind == "pub":
             data = obj.get("data")
             ts = data.get("ts") if isinstance(data, dict) else None
-            self._pub(int(obj["offset"]), float(ts) if ts is not None else None, now)
+            self._pub(channel, int(obj["offset"]), float(ts) if ts is not None else None, now)
         elif kind == "ping":
             self.send({"type": "pong"})
         elif kind == "connected":
-            self.send({"type": "subscribe", "id": 2, "channel": self.channel})
+            self._subscribe(0)
         elif kind == "subscribed":
-            self.last = int(obj["offset"])
-            if not self.ready.done():
+            if self.lasts.get(channel, 0) != -2:
+                self.fail(f"unexpected subscribed reply: {obj}")
+                return
+            self.lasts[channel] = int(obj["offset"])
+            self.pending -= 1
+            if self.pending:
+                self._subscribe(len(self.channels) - self.pending)
+            elif not self.ready.done():
                 self.ready.set_result(None)
-        elif kind == "resync":
-            self.totals.resyncs += 1
-            self.last = int(obj["offset"])
-        elif kind == "gap":  # the edge dropped offsets from..to for us (drop policy)
-            first, last = int(obj["from"]), int(obj["to"])
-            if first > self.last + 1:
-                self.totals.gaps += first - self.last - 1
-            self.totals.announced += max(0, last - max(first, self.last + 1) + 1)
-            self.last = max(self.last, last)
+        elif kind in ("resync", "gap"):
+            last = self.lasts.get(channel)
+            if last is None:
+                return
+            if last < -1:
+                self.fail(f"{kind} before subscribed: {obj}")
+            elif kind == "resync":
+                self.totals.resyncs += 1
+                self.lasts[channel] = int(obj["offset"])
+            else:  # the edge dropped offsets from..to for us (drop policy)
+                first, to = int(obj["from"]), int(obj["to"])
+                if first > last + 1:
+                    self.totals.gaps += first - last - 1
+                self.totals.announced += max(0, to - max(first, last + 1) + 1)
+                self.lasts[channel] = max(last, to)
         elif kind == "error":
             self.fail(f"error reply: {obj}")
+
+    def _subscribe(self, i: int) -> None:
+        """One subscribe at a time (the next on the previous reply), like wsload: the
+        subscribes in flight stay at most --connect-concurrency (an edge answers
+        `unavailable` when ~100 are in flight, its Redis pool's limit)."""
+        self.send({"type": "subscribe", "id": 2 + i, "channel": self.channels[i]})
 
     def _control(self, first: int, payload: bytes) -> None:
         opcode = first & 0x0F
@@ -367,7 +397,8 @@ class BenchClient(asyncio.Protocol):
 
 
 async def connect_clients(
-    clients: list[BenchClient], n: int, port: int, channel: str, raw: bool, totals: Totals,
+    clients: list[BenchClient], n: int, port: int, channels: list[str], raw: bool,
+    totals: Totals,
     concurrency: int,
 ) -> None:
     """Open `n` clients into `clients` (so that the caller closes even a partial set)."""
@@ -378,7 +409,7 @@ async def connect_clients(
     async def one() -> None:
         async with gate:
             _, client = await loop.create_connection(
-                lambda: BenchClient(totals, uri, channel, raw), HOST, port
+                lambda: BenchClient(totals, uri, channels, raw), HOST, port
             )
             clients.append(client)
             await asyncio.wait_for(client.ready, 30.0)
@@ -403,7 +434,8 @@ class Snapshot:
     errors: int
     disconnects: int
     open: int  # connections still open
-    min_last: int | None  # lowest last offset over the open clients; None if none is open
+    # per channel, the lowest last offset over the open clients; None if none is open
+    min_lasts: list[int] | None
     close_codes: dict[int, int] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
     samples: int = 0  # latency samples in the window
@@ -441,10 +473,10 @@ class ClientSide:
 class PyClients(ClientSide):
     """`--client raw` / `sansio`: BenchClients in this process's event loop."""
 
-    def __init__(self, args: argparse.Namespace, port: int, channel: str) -> None:
+    def __init__(self, args: argparse.Namespace, port: int, channels: list[str]) -> None:
         self.args = args
         self.port = port
-        self.channel = channel
+        self.channels = channels
         self.totals = Totals()
         self.clients: list[BenchClient] = []
         self.description = (
@@ -454,7 +486,7 @@ class PyClients(ClientSide):
         )
 
     async def connect(self) -> None:
-        await connect_clients(self.clients, self.args.clients, self.port, self.channel,
+        await connect_clients(self.clients, self.args.clients, self.port, self.channels,
                               self.args.client == "raw", self.totals,
                               self.args.connect_concurrency)
 
@@ -466,11 +498,13 @@ class PyClients(ClientSide):
 
     async def snapshot(self, latency: bool = False) -> Snapshot:
         t = self.totals
-        lasts = [c.last for c in self.clients if not c.closed]
+        mono = time.perf_counter()
+        lasts = [c.lasts for c in self.clients if not c.closed]
+        min_lasts = [min(d[k] for d in lasts) for k in lasts[0]] if lasts else None
         snap = Snapshot(
-            mono=time.perf_counter(), pubs=t.pubs, frames=t.frames, gaps=t.gaps, dups=t.dups,
+            mono=mono, pubs=t.pubs, frames=t.frames, gaps=t.gaps, dups=t.dups,
             announced=t.announced, resyncs=t.resyncs, errors=t.errors,
-            disconnects=t.disconnects, open=len(lasts), min_last=min(lasts, default=None),
+            disconnects=t.disconnects, open=len(lasts), min_lasts=min_lasts,
             close_codes=dict(t.close_codes), error_samples=list(t.error_samples),
         )
         if latency:
@@ -533,12 +567,12 @@ class CClients(ClientSide):
 
     REPLY_TIMEOUT = 10.0  # s for one command's answer
 
-    def __init__(self, binary: Path, args: argparse.Namespace, port: int, channel: str,
-                 cpu: int | None) -> None:
+    def __init__(self, binary: Path, args: argparse.Namespace, port: int, cpu: int | None) -> None:
+        # --channels 1: the channel is --channel; K > 1: --channel followed by 0 ... K-1
         self.cmd = [
-            str(binary), "--port", str(port), "--path", "/ws", "--channel", channel,
-            "--clients", str(args.clients), "--concurrency", str(args.connect_concurrency),
-            "--timeout", "30", "--name", "bench",
+            str(binary), "--port", str(port), "--path", "/ws", "--channel", args.channel,
+            "--channels", str(args.channels), "--clients", str(args.clients),
+            "--concurrency", str(args.connect_concurrency), "--timeout", "30", "--name", "bench",
         ]
         self.cpu = cpu
         self.proc: asyncio.subprocess.Process | None = None
@@ -605,7 +639,7 @@ class CClients(ClientSide):
             mono=d["mono"], pubs=d["pubs"], frames=d["frames"], gaps=d["gaps"],
             dups=d["dups"], announced=d["announced"], resyncs=d["resyncs"],
             errors=d["errors"], disconnects=d["disconnects"], open=d["open"],
-            min_last=d["min_last"],
+            min_lasts=d["min_lasts"],
             close_codes={int(k): v for k, v in d["close_codes"].items()},
             error_samples=d["error_samples"], samples=lat["n"],
             p50=_seconds(lat["p50"]), p99=_seconds(lat["p99"]), max=_seconds(lat["max"]),
@@ -752,6 +786,7 @@ def parse_metrics(text: str, name: str) -> list[tuple[str, float]]:
 @dataclass
 class Phase:
     rate: float
+    channels: int  # each client subscribed to all of them
     clients: int  # open at the start
     open_after: int
     published: int
@@ -808,6 +843,8 @@ class Phase:
     def cells(self) -> list[object]:
         clients = (str(self.clients) if self.open_after == self.clients
                    else f"{self.clients} ({self.clients - self.open_after} disconnected)")
+        if self.channels > 1:
+            clients = clients.replace(str(self.clients), f"{self.clients} x {self.channels}", 1)
         drain = f"{self.drain_s:.2f}" + ("" if self.drained else " (timeout)")
         lost: object = self.lost
         if self.announced:
@@ -838,6 +875,12 @@ CPU_HEADERS = [
 ]
 
 
+def headers(channels: int) -> list[str]:
+    if channels == 1:
+        return HEADERS
+    return [("clients x channels" if h == "clients" else h) for h in HEADERS]
+
+
 def ms(seconds: float) -> object:
     return "n/a" if math.isnan(seconds) else round(seconds * 1000, 1)
 
@@ -852,12 +895,25 @@ def quantile(sorted_values: list[float], q: float) -> float:
 class Context:
     args: argparse.Namespace
     publisher: Publisher
-    channel: str
+    channels: list[str]  # every client is subscribed to all; published round-robin
+    last_offsets: list[int]  # per channel, the last offset published
     clients: ClientSide
     edge_pid: int
     valkey_pid: int | None
     edge_cpu: int | None  # pinned to, or None (then "busy" is the machine's)
     bench_cpu: int | None
+    seq: int = 0  # messages published so far: message seq goes to channels[seq % len]
+
+    async def publish(self, ts: float, count: int) -> None:
+        """`count` messages, round-robin over the channels, in one round trip."""
+        channels, n, seq = self.channels, len(self.channels), self.seq
+        targets = [(seq + i) % n for i in range(count)]
+        results = await self.publisher.publish_batch(
+            [message(channels[j], ts, seq + i) for i, j in enumerate(targets)]
+        )
+        for j, result in zip(targets, results, strict=True):
+            self.last_offsets[j] = result.offset
+        self.seq = seq + count
 
 
 def message(channel: str, ts: float, seq: int) -> UpstreamMessage:
@@ -881,7 +937,6 @@ async def run_phase(ctx: Context, rate: float) -> Phase:
     warmup, end = args.warmup, args.warmup + args.duration
 
     sent = 0
-    last_offset = -1
     in_window = False
     t0 = t1 = 0.0
     sent0 = sent1 = 0
@@ -914,12 +969,8 @@ async def run_phase(ctx: Context, rate: float) -> Phase:
         due = int(elapsed * rate) + 1  # message i is due at i / rate
         if due > sent:
             count = min(due - sent, MAX_PUBLISH_BATCH)
-            ts = time.time()
-            results = await ctx.publisher.publish_batch(
-                [message(ctx.channel, ts, sent + i) for i in range(count)]
-            )
+            await ctx.publish(time.time(), count)
             sent += count
-            last_offset = results[-1].offset
         else:
             next_due = start + sent / rate
             boundary = start + (warmup if not in_window else end)
@@ -928,16 +979,18 @@ async def run_phase(ctx: Context, rate: float) -> Phase:
     drain_start = time.perf_counter()
     deadline = drain_start + args.drain
     drained = False
-    while time.perf_counter() < deadline:  # until every open client has the last offset
-        snap = await side.snapshot()
-        if snap.min_last is None or snap.min_last >= last_offset:
+    while time.perf_counter() < deadline:  # until every open client has every channel's
+        snap = await side.snapshot()  # last offset
+        if snap.min_lasts is None or all(
+            got >= want for got, want in zip(snap.min_lasts, ctx.last_offsets, strict=True)
+        ):
             drained = True
             break
         await asyncio.sleep(0.02)
     drain_s = time.perf_counter() - drain_start
     final = await side.snapshot(latency=True)
     return Phase(
-        rate=rate, clients=first.open, open_after=final.open,
+        rate=rate, channels=len(ctx.channels), clients=first.open, open_after=final.open,
         published=sent, window_s=t1 - t0, window_published=sent1 - sent0,
         client_window_s=snap1.mono - snap0.mono, window_pubs=snap1.pubs - snap0.pubs,
         received=final.pubs - first.pubs, window_frames=snap1.frames - snap0.frames,
@@ -990,8 +1043,10 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
                            socket_connect_timeout=5.0)
     try:
         publisher = Publisher(redis, Keys(prefix))
-        channel = args.channel
-        await publisher.publish(message(channel, time.time(), 0))  # the channel exists
+        channels = channel_names(args)
+        results = await publisher.publish_batch(  # the channels exist
+            [message(channel, time.time(), 0) for channel in channels]
+        )
         await wait_ready(edge)
         progress(f"connecting {args.clients} clients ...")
         started = time.perf_counter()
@@ -1000,8 +1055,8 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
         progress(f"  {snap.open} connected and subscribed in "
                  f"{time.perf_counter() - started:.1f} s")
         bench_cpu = args.bench_cpu if edge.cpu is not None else None
-        ctx = Context(args, publisher, channel, side, edge.pid, valkey_pid, edge.cpu,
-                      bench_cpu)
+        ctx = Context(args, publisher, channels, [r.offset for r in results], side, edge.pid,
+                      valkey_pid, edge.cpu, bench_cpu)
         phases: list[Phase] = []
         why: str | None = None
         for rate in args.rates:
@@ -1013,7 +1068,7 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
             why = stop_reason(phase)
             if why:
                 break
-        out.append(table(HEADERS, [p.cells() for p in phases]))
+        out.append(table(headers(len(channels)), [p.cells() for p in phases]))
         out.append("")
         out.append("CPU during each measured window (100 % = one core). 'busy' is the whole "
                    "CPU: every process on it plus interrupts (loopback TCP is mostly softirq "
@@ -1030,6 +1085,11 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
                 if (cost := clients_cost(p)) is not None
             )
             out.append(f"C client CPU per million publications received: {costs}")
+        if len(channels) > 1:
+            per = ", ".join(f"{p.rate / len(channels):g}" for p in phases)
+            out.append(f"channels: every client subscribed to all {len(channels)} "
+                       f"({channels[0]} ... {channels[-1]}); each rate published round-robin "
+                       f"over them: {per} msgs/s per channel")
         cpu = "the machine" if ctx.bench_cpu is None else f"CPU {ctx.bench_cpu}"
         for p in phases:
             achieved = p.window_published / p.window_s
@@ -1054,8 +1114,10 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
         status, text = await asyncio.to_thread(http_get, edge.url("/metrics"))
         out.append("")
         out.append(f"edge /metrics at the end (HTTP {status}), before the clients closed:")
-        names = ("fanout_edge_messages_sent_total", "fanout_edge_frames_sent_total",
-                 "fanout_edge_disconnects_total")
+        names: tuple[str, ...] = ("fanout_edge_messages_sent_total",
+                                  "fanout_edge_frames_sent_total", "fanout_edge_disconnects_total")
+        if len(channels) > 1:  # a client's frames of one turn (a frame per channel): one write
+            names += ("fanout_edge_writes_total",)
         for name in names:
             found = parse_metrics(text, name)
             for sample, value in found:
@@ -1111,6 +1173,13 @@ def number(lo: float, cast: Callable[[str], Any] = float) -> Callable[[str], Any
     return parse
 
 
+def channel_names(args: argparse.Namespace) -> list[str]:
+    """--channel itself, or --channel followed by 0 ... --channels - 1."""
+    if args.channels == 1:
+        return [args.channel]
+    return [f"{args.channel}{i}" for i in range(args.channels)]
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--clients", type=number(1, int), default=500)
@@ -1123,7 +1192,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--client", choices=("c", "raw", "sansio"), default="c",
                    help="the clients: c (bench/wsload.c, built with cc), raw or sansio "
                         "(Python, in this process); see the module doc")
-    p.add_argument("--channel", default="trades.BENCH")
+    p.add_argument("--channel", default="trades.BENCH",
+                   help="the channel; with --channels K > 1 the prefix of K channels")
+    p.add_argument("--channels", type=number(1, int), default=1,
+                   help="channels per client (a watchlist), at most 1000: <channel>0 ... "
+                        "<channel>K-1, every client subscribed to all; the rate is spread "
+                        "round-robin over them (default 1: <channel> itself)")
     p.add_argument("--connect-concurrency", type=number(1, int), default=50)
     p.add_argument("--edge-cpu", type=int, default=0, help="CPU to pin the edge to")
     p.add_argument("--bench-cpu", type=int, default=1,
@@ -1136,6 +1210,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--timeout", type=number(10), default=None,
                    help="abort after this many s (default: from the other settings)")
     args = p.parse_args()
+    if args.channels > MAX_CHANNELS:
+        p.error(f"--channels: at most {MAX_CHANNELS} (the edge's max_subscriptions default)")
+    for name in {channel_names(args)[0], channel_names(args)[-1]}:
+        try:
+            parse_channel(name)
+        except BadChannel as exc:
+            p.error(f"--channel {args.channel!r} with --channels {args.channels}: {exc}")
     if args.timeout is None:
         args.timeout = 90 + len(args.rates) * (args.warmup + args.duration + args.drain + 5)
     return args
@@ -1175,18 +1256,22 @@ def main() -> int:
             prefix = bench_prefix("fanout")
             edge = EdgeProcess(server.url, prefix, edge_cpu, shlex.split(args.edge_args))
             if wsload is not None:
-                side = CClients(wsload, args, edge.port, args.channel,
+                side = CClients(wsload, args, edge.port,
                                 args.bench_cpu if edge_cpu is not None else None)
             else:
-                side = PyClients(args, edge.port, args.channel)
+                side = PyClients(args, edge.port, channel_names(args))
             try:
                 edge.start()
                 print("; ".join(notes), flush=True)
                 if args.edge_args:
                     print(f"edge flags: {args.edge_args}", flush=True)
-                print(f"client: {side.description}; {args.clients} clients on one channel "
-                      f"({args.channel}), JSON subprotocol, no compression; "
-                      f"{args.warmup:g} s warm-up + {args.duration:g} s per rate", flush=True)
+                names = channel_names(args)
+                on = (f"on one channel ({args.channel})" if len(names) == 1 else
+                      f"each on {len(names)} channels ({names[0]} ... {names[-1]}, the rate "
+                      "published round-robin over them)")
+                print(f"client: {side.description}; {args.clients} clients {on}, JSON "
+                      f"subprotocol, no compression; {args.warmup:g} s warm-up + "
+                      f"{args.duration:g} s per rate", flush=True)
                 lines = run_async(run(args, server.url, prefix, edge, side, server.pid))
                 log = edge.output().strip()
                 if log:

@@ -1,34 +1,42 @@
 /*
  * wsload: the C load client of bench/fanout.py (`--client c`).
  *
- * N WebSocket clients in one single-threaded epoll loop (one core), all on one channel of a
- * fanout edge, counting what arrives. C11, libc and Linux epoll only; bench/fanout.py
- * builds it with `cc -O2 -o <cache dir>/wsload bench/wsload.c`.
+ * N WebSocket clients in one single-threaded epoll loop (one core), all on the same channels
+ * of a fanout edge (one, or K), counting what arrives. C11, libc and Linux epoll only;
+ * bench/fanout.py builds it with `cc -O2 -o <cache dir>/wsload bench/wsload.c`.
  *
- *   wsload --port P --channel C --clients N [--host 127.0.0.1] [--path /ws]
+ *   wsload --port P --channel C --clients N [--channels K] [--host 127.0.0.1] [--path /ws]
  *          [--concurrency 50] [--timeout 30] [--name bench]
+ *
+ * --channels 1 (the default): every client subscribes to C. --channels K > 1: to C0 ... C{K-1}
+ * (C followed by the decimal index), K subscribe requests after `connect`. A message's
+ * channel is mapped to its index by the fixed prefix C and the number after it (no table
+ * search); every count below is per client and per channel, summed.
  *
  * Each client: a non-blocking TCP connect (at most --concurrency clients between connect
  * and their `subscribed` reply at once), the HTTP/1.1 upgrade offering the `fanout.json`
  * subprotocol (the 101 status, Upgrade, Connection, Sec-WebSocket-Accept and the accepted
  * subprotocol are checked), then, masked as a client must, {"type":"connect","id":1,
- * "name":"bench"} and, on `connected`, {"type":"subscribe","id":2,"channel":C}, as
- * docs/protocol.md specifies and bench/fanout.py's Python clients send.
+ * "name":"bench"} and, on `connected`, {"type":"subscribe","id":2+j,"channel":<channel j>}
+ * for every channel j, one at a time (the next on the previous `subscribed`), as
+ * docs/protocol.md specifies and bench/fanout.py's Python clients send; a client is
+ * subscribed when every channel's `subscribed` reply came.
  *
  * Server frames: unmasked, 7/16/64-bit lengths, split across reads or several per read.
  * Text frames hold one message object or an array of them; every message is scanned as
  * JSON (any key order, any whitespace): its "type", "channel", "offset", "from", "to" and
  * data's top-level "ts". A frame that does not scan is counted as an error (the client
  * stays). Protocol pings get a pong, {"type":"ping"} gets {"type":"pong"}, a close frame's
- * code is recorded (and the close echoed). Per client the `pub` offsets of the channel must
- * be contiguous from the `subscribed` reply's offset: skips are gaps, repeats or going back
+ * code is recorded (and the close echoed). Per client and channel the `pub` offsets must
+ * be contiguous from that `subscribed` reply's offset: skips are gaps, repeats or going back
  * are dups, ranges named by `gap` notices are announced (the Python clients' Totals, same
  * semantics). Latency = CLOCK_REALTIME at the read - data.ts (seconds, the publisher's
  * time.time()) of every pub whose ts is in the window, into a log-linear histogram
  * (128 sub-buckets per power of two of microseconds: < 0.4 % error at the bucket middle).
  *
  * stdin/stdout, one line each way; every command gets exactly one line back:
- *   (at start)          -> `ready <n>` once all N are subscribed, or `error <text>`
+ *   (at start)          -> `ready <n>` once all N are subscribed to every channel, or
+ *                          `error <text>`
  *   window <lo> <hi>    -> `ok`: clear the histogram; measure pubs with lo <= ts < hi
  *                          (seconds since the epoch; `inf`/`-inf` allowed)
  *   until <hi>          -> `ok`: set hi, keep the samples
@@ -209,8 +217,9 @@ typedef struct {
     int fd;
     enum state state;
     bool want_out;         /* EPOLLOUT registered */
-    bool subscribed_once;  /* got its `subscribed` */
-    int64_t last;          /* last offset; -2 until subscribed */
+    bool subscribed_once;  /* got the `subscribed` of every channel */
+    int nsubs;             /* channels whose `subscribed` came */
+    int64_t *last;         /* per channel: last offset; -2 until subscribed (in `lasts`) */
     int64_t deadline;      /* monotonic ns: subscribed by then */
     char accept[32];       /* the expected Sec-WebSocket-Accept */
     uint8_t *in;           /* bytes of an incomplete response or frame */
@@ -221,13 +230,16 @@ typedef struct {
 
 static struct {
     const char *host, *path, *channel, *name;
-    int port, clients, concurrency;
+    int port, clients, concurrency, channels;
     double timeout;
-} opt = {"127.0.0.1", "/ws", NULL, "bench", 0, 0, 50, 30.0};
+} opt = {"127.0.0.1", "/ws", NULL, "bench", 0, 0, 50, 1, 30.0};
+
+#define MAX_CHANNELS 10000
 
 static client *cl;
+static int64_t *lasts; /* clients x channels, client-major */
 static int ep;
-static size_t channel_len;
+static size_t channel_len; /* of --channel: the whole name (1 channel) or the prefix */
 static struct sockaddr_in addr;
 
 /* totals over all clients */
@@ -472,6 +484,7 @@ typedef struct {
     const uint8_t *start, *end, *type, *channel; /* the message is [start, end) */
     size_t type_len, channel_len;
     int64_t offset, from, to, ts;
+    int chan; /* index of "channel" among ours; -1: absent or not one of ours */
     bool has_offset, has_from, has_to, has_ts;
 } msg;
 
@@ -508,27 +521,55 @@ static const uint8_t *scan_data(const uint8_t *p, const uint8_t *e, msg *m) {
     return NULL;
 }
 
-static char pub_prefix[300]; /* {"type":"pub","channel":"<channel>","offset": */
+/* The channel index in the name's suffix after --channel, p at the suffix: with one channel
+ * nothing (index 0), else the decimal index (no sign, no leading zero) below --channels.
+ * Returns the position after the digits (at the closing quote), or NULL. */
+static inline const uint8_t *channel_suffix(const uint8_t *p, const uint8_t *e, int *index) {
+    if (opt.channels == 1) return *index = 0, p;
+    const uint8_t *d = p;
+    int v = 0;
+    while (p < e && (unsigned)(*p - '0') < 10 && p - d < 6) v = v * 10 + (*p++ - '0');
+    if (p == d || (*d == '0' && p - d > 1) || v >= opt.channels) return NULL;
+    *index = v;
+    return p;
+}
+
+/* The index of a channel name among ours, or -1. */
+static int channel_index(const uint8_t *name, size_t len) {
+    int index;
+    if (len < channel_len || memcmp(name, opt.channel, channel_len) != 0) return -1;
+    const uint8_t *e = name + len, *p = channel_suffix(name + channel_len, e, &index);
+    return p == e ? index : -1;
+}
+
+static char pub_prefix[300]; /* {"type":"pub","channel":"<--channel> */
 static size_t pub_prefix_len;
+#define OFFSET_KEY "\",\"offset\":"
 #define DATA_TS ",\"data\":{\"ts\":"
 
 /* A pub exactly as the edge writes it (common.protocol.pub_json, compact, with the
- * publisher's data starting with "ts"); NULL for anything else, which then takes the
- * general path. */
+ * publisher's data starting with "ts") on one of our channels; NULL for anything else,
+ * which then takes the general path. */
 static const uint8_t *scan_pub_fast(const uint8_t *p, const uint8_t *e, msg *m) {
     if ((size_t)(e - p) < pub_prefix_len + 40 || memcmp(p, pub_prefix, pub_prefix_len) != 0)
         return NULL;
-    const uint8_t *q = parse_int(p + pub_prefix_len, e, &m->offset);
+    const uint8_t *q = channel_suffix(p + pub_prefix_len, e, &m->chan);
+    if (!q || (size_t)(e - q) < sizeof OFFSET_KEY ||
+        memcmp(q, OFFSET_KEY, sizeof OFFSET_KEY - 1) != 0)
+        return NULL;
+    m->channel = p + 25, m->channel_len = (size_t)(q - m->channel);
+    q = parse_int(q + sizeof OFFSET_KEY - 1, e, &m->offset);
     if (!q || (size_t)(e - q) < sizeof DATA_TS || memcmp(q, DATA_TS, sizeof DATA_TS - 1) != 0)
         return NULL;
     q = parse_seconds(q + sizeof DATA_TS - 1, e, &m->ts);
     if (!q || !(q = close_container(q, e, 1))) return NULL;
     if (q >= e || *q != '}') return NULL; /* anything after data: the general path */
     m->type = p + 9, m->type_len = 3;
-    m->channel = p + 25, m->channel_len = channel_len;
     m->has_offset = m->has_ts = true;
     return q + 1;
 }
+
+static const uint8_t *scan_object(const uint8_t *p, const uint8_t *e, msg *m);
 
 /* One message object at p ('{'). */
 static const uint8_t *scan_message(const uint8_t *p, const uint8_t *e, msg *m) {
@@ -538,6 +579,13 @@ static const uint8_t *scan_message(const uint8_t *p, const uint8_t *e, msg *m) {
     if (fast) return fast;
     memset(m, 0, sizeof *m);
     m->start = p;
+    const uint8_t *r = scan_object(p, e, m);
+    m->chan = m->channel ? channel_index(m->channel, m->channel_len) : -1;
+    return r;
+}
+
+/* The general path: any well-formed message object at p. */
+static const uint8_t *scan_object(const uint8_t *p, const uint8_t *e, msg *m) {
     if (p >= e || *p != '{') return NULL;
     p = ws(p + 1, e);
     if (p < e && *p == '}') return p + 1;
@@ -584,10 +632,6 @@ static const uint8_t *scan_message(const uint8_t *p, const uint8_t *e, msg *m) {
 
 #define IS(field, s) (m->field##_len == sizeof(s) - 1 && memcmp(m->field, s, sizeof(s) - 1) == 0)
 
-static bool our_channel(const msg *m) {
-    return m->channel_len == channel_len && memcmp(m->channel, opt.channel, channel_len) == 0;
-}
-
 static void subscribed(client *c) {
     if (c->subscribed_once) return;
     c->subscribed_once = true;
@@ -595,10 +639,24 @@ static void subscribed(client *c) {
     n_inflight--;
 }
 
+/* Subscribe to channel j. One at a time per client (the next on the previous reply): the
+ * subscribes in flight stay at most --concurrency, whatever --channels (an edge refuses
+ * subscribes with `unavailable` when ~100 are in flight: its Redis pool's limit). */
+static void send_subscribe(client *c, int j) {
+    char buf[400];
+    if (opt.channels == 1)
+        snprintf(buf, sizeof buf, "{\"type\":\"subscribe\",\"id\":2,\"channel\":\"%s\"}",
+                 opt.channel);
+    else
+        snprintf(buf, sizeof buf, "{\"type\":\"subscribe\",\"id\":%d,\"channel\":\"%s%d\"}",
+                 2 + j, opt.channel, j);
+    send_text(c, buf);
+}
+
 /* One message; false if the client is gone. */
 static bool on_message(client *c, const msg *m, int64_t now) {
     if (IS(type, "pub")) {
-        if (!our_channel(m)) {
+        if (m->chan < 0) {
             t_other_channel++;
             return true;
         }
@@ -607,53 +665,68 @@ static bool on_message(client *c, const msg *m, int64_t now) {
             sample("client %d: pub without an offset", (int)(c - cl));
             return true;
         }
-        if (c->last < -1) {
+        int64_t *last = &c->last[m->chan];
+        if (*last < -1) {
             t_errors++; /* before the subscribe reply */
-            sample("client %d: pub before subscribed", (int)(c - cl));
+            sample("client %d: pub before subscribed (channel %d)", (int)(c - cl), m->chan);
             return true;
         }
         int64_t off = m->offset;
-        if (off <= c->last) {
+        if (off <= *last) {
             t_dups++;
             return true;
         }
-        if (off != c->last + 1) t_gaps += (uint64_t)(off - c->last - 1);
-        c->last = off;
+        if (off != *last + 1) t_gaps += (uint64_t)(off - *last - 1);
+        *last = off;
         t_pubs++;
         if (m->has_ts && m->ts >= win_lo && m->ts < win_hi) record_latency(now - m->ts);
     } else if (IS(type, "ping")) {
         t_pings++;
         send_text(c, "{\"type\":\"pong\"}");
     } else if (IS(type, "connected")) {
-        char buf[400];
-        snprintf(buf, sizeof buf, "{\"type\":\"subscribe\",\"id\":2,\"channel\":\"%s\"}",
-                 opt.channel);
-        send_text(c, buf);
+        send_subscribe(c, 0);
     } else if (IS(type, "subscribed")) {
-        if (!our_channel(m) || !m->has_offset) {
+        if (m->chan < 0 || !m->has_offset) {
             fail(c, "bad subscribed reply");
             return false;
         }
-        c->last = m->offset;
-        c->state = SUBSCRIBED;
-        subscribed(c);
-    } else if (IS(type, "resync")) {
-        if (our_channel(m) && m->has_offset) {
-            t_resyncs++;
-            c->last = m->offset;
+        if (c->last[m->chan] >= -1) {
+            fail(c, "a second subscribed reply for channel %d", m->chan);
+            return false;
         }
-    } else if (IS(type, "gap")) {
-        if (!our_channel(m)) return true;
+        c->last[m->chan] = m->offset;
+        if (++c->nsubs == opt.channels) {
+            c->state = SUBSCRIBED;
+            subscribed(c);
+        } else {
+            send_subscribe(c, c->nsubs);
+        }
+    } else if (IS(type, "resync") || IS(type, "gap")) {
+        if (m->chan < 0) return true;
+        int64_t *last = &c->last[m->chan];
+        if (*last < -1) {
+            t_errors++;
+            sample("client %d: %.*s before subscribed", (int)(c - cl), (int)m->type_len,
+                   (const char *)m->type);
+            return true;
+        }
+        if (m->type_len == 6) { /* resync */
+            if (m->has_offset) {
+                t_resyncs++;
+                *last = m->offset;
+            }
+            return true;
+        }
         if (!m->has_from || !m->has_to) {
             t_errors++;
             sample("client %d: gap without from/to", (int)(c - cl));
             return true;
         }
-        int64_t first = m->from, last = m->to;
-        if (first > c->last + 1) t_gaps += (uint64_t)(first - c->last - 1);
-        int64_t lo = first > c->last + 1 ? first : c->last + 1;
-        if (last >= lo) t_announced += (uint64_t)(last - lo + 1);
-        if (last > c->last) c->last = last;
+        int64_t first = m->from, to = m->to;
+        if (first > *last + 1) t_gaps += (uint64_t)(first - *last - 1);
+        int64_t lo = first > *last + 1 ? first : *last + 1;
+        if (to >= lo) t_announced += (uint64_t)(to - lo + 1);
+        if (to > *last) *last = to;
     } else if (IS(type, "error")) {
         int len = m->end - m->start > 200 ? 200 : (int)(m->end - m->start);
         fail(c, "error reply: %.*s", len, (const char *)m->start);
@@ -879,7 +952,8 @@ static void start_client(client *c) {
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->fd = fd;
     c->state = CONNECTING;
-    c->last = -2;
+    c->nsubs = 0;
+    for (int j = 0; j < opt.channels; j++) c->last[j] = -2;
     c->deadline = clock_ns(CLOCK_MONOTONIC) + (int64_t)(opt.timeout * 1e9);
     n_open++;
     struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)(c - cl)};
@@ -955,18 +1029,32 @@ static void json_string(char *out, size_t cap, const char *s) {
     out[o] = 0;
 }
 
+/* `min_lasts`: per channel, the lowest last offset over the open clients (the orchestrator
+ * compares each with the last offset it published there: the drain check); `min_last`: the
+ * lowest of them (with one channel, the same number). */
 static void cmd_stats(void) {
-    static char buf[8192];
+    static char *buf;
+    static size_t cap;
+    static int64_t *min_lasts;
+    if (!buf) {
+        cap = 8192 + 24 * (size_t)opt.channels;
+        buf = xrealloc(NULL, cap);
+        min_lasts = xrealloc(NULL, sizeof *min_lasts * (size_t)opt.channels);
+    }
     size_t o = 0;
-#define PUT(...) o += (size_t)snprintf(buf + o, sizeof buf - o, __VA_ARGS__)
+#define PUT(...) o += (size_t)snprintf(buf + o, cap - o, __VA_ARGS__)
     int64_t min_last = INT64_MAX;
     int open = 0;
+    for (int j = 0; j < opt.channels; j++) min_lasts[j] = INT64_MAX;
     for (int i = 0; i < opt.clients; i++) {
         client *c = &cl[i];
         if (c->state == CLOSED || c->state == IDLE) continue;
         open++;
-        if (c->last < min_last) min_last = c->last;
+        for (int j = 0; j < opt.channels; j++)
+            if (c->last[j] < min_lasts[j]) min_lasts[j] = c->last[j];
     }
+    for (int j = 0; j < opt.channels; j++)
+        if (min_lasts[j] < min_last) min_last = min_lasts[j];
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     PUT("{\"mono\":%.6f,\"pubs\":%llu,\"frames\":%llu,\"bytes\":%llu,\"gaps\":%llu,"
@@ -978,9 +1066,15 @@ static void cmd_stats(void) {
         (unsigned long long)t_resyncs, (unsigned long long)t_errors,
         (unsigned long long)t_disconnects, (unsigned long long)t_pings,
         (unsigned long long)t_other_channel);
-    PUT("\"open\":%d,\"subscribed\":%d,\"failed\":%d,", open, n_subscribed, n_failed);
-    if (open) PUT("\"min_last\":%lld,", (long long)min_last);
-    else PUT("\"min_last\":null,");
+    PUT("\"open\":%d,\"subscribed\":%d,\"failed\":%d,\"channels\":%d,", open, n_subscribed,
+        n_failed, opt.channels);
+    if (open) {
+        PUT("\"min_last\":%lld,\"min_lasts\":[", (long long)min_last);
+        for (int j = 0; j < opt.channels; j++) PUT("%s%lld", j ? "," : "", (long long)min_lasts[j]);
+        PUT("],");
+    } else {
+        PUT("\"min_last\":null,\"min_lasts\":null,");
+    }
     PUT("\"close_codes\":{");
     for (int i = 0; i < n_codes; i++)
         PUT("%s\"%d\":%llu", i ? "," : "", codes[i].code, (unsigned long long)codes[i].count);
@@ -1077,8 +1171,8 @@ static void on_stdin(void) {
 /* --- main ------------------------------------------------------------------------------- */
 
 static void usage(void) {
-    fputs("usage: wsload --port P --channel C --clients N [--host 127.0.0.1] [--path /ws]\n"
-          "              [--concurrency 50] [--timeout 30] [--name bench]\n"
+    fputs("usage: wsload --port P --channel C --clients N [--channels 1] [--host 127.0.0.1]\n"
+          "              [--path /ws] [--concurrency 50] [--timeout 30] [--name bench]\n"
           "stdin commands: window <lo> <hi> | until <hi> | stats | quit\n",
           stderr);
     exit(2);
@@ -1088,7 +1182,8 @@ int main(int argc, char **argv) {
     static const struct option longs[] = {
         {"host", 1, 0, 'h'},        {"port", 1, 0, 'p'},    {"path", 1, 0, 'P'},
         {"channel", 1, 0, 'c'},     {"clients", 1, 0, 'n'}, {"concurrency", 1, 0, 'k'},
-        {"timeout", 1, 0, 't'},     {"name", 1, 0, 'N'},    {0, 0, 0, 0},
+        {"timeout", 1, 0, 't'},     {"name", 1, 0, 'N'},    {"channels", 1, 0, 'C'},
+        {0, 0, 0, 0},
     };
     for (int ch; (ch = getopt_long(argc, argv, "", longs, NULL)) != -1;) {
         switch (ch) {
@@ -1100,12 +1195,14 @@ int main(int argc, char **argv) {
         case 'k': opt.concurrency = atoi(optarg); break;
         case 't': opt.timeout = atof(optarg); break;
         case 'N': opt.name = optarg; break;
+        case 'C': opt.channels = atoi(optarg); break;
         default: usage();
         }
     }
     if (!opt.channel || opt.port <= 0 || opt.port > 65535 || opt.clients <= 0 ||
-        opt.concurrency <= 0 || opt.timeout <= 0)
+        opt.concurrency <= 0 || opt.timeout <= 0 || opt.channels <= 0)
         usage();
+    if (opt.channels > MAX_CHANNELS) die("--channels: at most %d", MAX_CHANNELS);
     for (const char *s = opt.channel; *s; s++)
         if (*s == '"' || *s == '\\' || (unsigned char)*s < 32) die("a channel name needs no escaping");
     for (const char *s = opt.name; *s; s++)
@@ -1114,7 +1211,7 @@ int main(int argc, char **argv) {
         die("--channel, --name or --path too long");
     channel_len = strlen(opt.channel);
     pub_prefix_len = (size_t)snprintf(pub_prefix, sizeof pub_prefix,
-                                      "{\"type\":\"pub\",\"channel\":\"%s\",\"offset\":", opt.channel);
+                                      "{\"type\":\"pub\",\"channel\":\"%s", opt.channel);
     for (const char *t = "\"{}[]"; *t; t++) structural[(uint8_t)*t] = 1;
     memset(&addr, 0, sizeof addr);
     addr.sin_family = AF_INET;
@@ -1131,7 +1228,13 @@ int main(int argc, char **argv) {
     rng_state = (uint64_t)clock_ns(CLOCK_REALTIME) ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
     cl = calloc((size_t)opt.clients, sizeof *cl);
     if (!cl) die("out of memory");
-    for (int i = 0; i < opt.clients; i++) cl[i].fd = -1, cl[i].last = -2;
+    lasts = calloc((size_t)opt.clients * (size_t)opt.channels, sizeof *lasts);
+    if (!lasts) die("out of memory");
+    for (int i = 0; i < opt.clients; i++) {
+        cl[i].fd = -1;
+        cl[i].last = lasts + (size_t)i * (size_t)opt.channels;
+        for (int j = 0; j < opt.channels; j++) cl[i].last[j] = -2;
+    }
     rcap = 256 * 1024;
     rbuf = xrealloc(NULL, rcap);
 
