@@ -154,11 +154,23 @@ class Session:
         message."""
         if self._close is not None:
             return
+        out = self._out
+        if out is not None and start == 0 and sub.max_rate is None and not self.queue.busy:
+            # Another channel of this turn for a client already taking it directly (the
+            # hot path of a watchlist): the transport's state cannot have changed since.
+            data, frames, messages, payload = batch.wire(self.codec)
+            out.append(data)
+            stats = self.stats
+            stats.frames_sent += frames
+            stats.frames_direct += frames
+            stats.messages_sent += messages
+            stats.bytes_sent += payload
+            return
         raw = self._direct
         if (start == 0 and raw is not None and sub.max_rate is None and not self.queue.busy
                 and raw.ready):
             # Keeping up: the batch's finished frames, shared with every such client.
-            if self._out is None:
+            if out is None:
                 deferred = self.hub.deferred
                 if deferred is not None:
                     self._out = []
