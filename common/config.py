@@ -160,6 +160,8 @@ class EdgeConfig:
     recovery_limit: int = 10_000  # most messages one subscribe may replay
     compression: bool = False  # permessage-deflate: ~5x the CPU in fan-out, off by default
     direct_write: bool = True  # write finished frames to the transport (edge/wire.py)
+    # The cyclic garbage collector's thresholds (gc.set_threshold); None = Python's own.
+    gc_thresholds: tuple[int, int, int] | None = (50_000, 50, 100)
     # Connection tokens (common/auth.py); no secret = no authentication (development).
     auth_secret: str = field(default="", repr=False)
     auth_channels: tuple[str, ...] = ("quotes.*", "trades.*", "depth.*", "bars.*")
@@ -298,6 +300,18 @@ def _csv(setting: str, text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def _gc_thresholds(setting: str, text: str) -> tuple[int, int, int] | None:
+    if text.strip().lower() == "python":
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(v >= 1 for v in values):
+        raise ConfigError(setting, f"must be three positive integers or 'python', got {text!r}")
+    return values[0], values[1], values[2]
+
+
 def _auth_secret(setting: str, text: str) -> str:
     from common.auth import MIN_SECRET
 
@@ -405,6 +419,9 @@ EDGE_SETTINGS = (
     Setting("direct_write", "--direct-write", "FANOUT_DIRECT_WRITE", _bool,
             "write finished frames straight to the socket, shared by all clients of a "
             "batch (true/false; default true)"),
+    Setting("gc_thresholds", "--gc-thresholds", "FANOUT_GC_THRESHOLDS", _gc_thresholds,
+            "garbage collector thresholds gen0,gen1,gen2 (default 50000,50,100; 'python' "
+            "keeps Python's 700,10,10)"),
     Setting("auth_secret", "--auth-secret", "FANOUT_AUTH_SECRET", _auth_secret,
             "HMAC secret of connection tokens (JWT HS256/384/512), at least 32 bytes "
             "(secret); unset = no authentication"),

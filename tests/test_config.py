@@ -503,3 +503,31 @@ def test_config_error_from_a_bad_url_does_not_echo_it() -> None:
 def test_configs_are_frozen(obj: object, attr: str, value: object) -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(obj, attr, value)
+
+
+def test_gc_thresholds_setting() -> None:
+    assert EdgeConfig().gc_thresholds == (50_000, 50, 100)
+    env = {"FANOUT_GC_THRESHOLDS": "1000,20,30"}
+    assert build(EdgeConfig, EDGE_SETTINGS, env=env).gc_thresholds == (1000, 20, 30)
+    env = {"FANOUT_GC_THRESHOLDS": "python"}
+    assert build(EdgeConfig, EDGE_SETTINGS, env=env).gc_thresholds is None
+    for bad in ("1,2", "1,2,0", "a,b,c", "1,2,3,4"):
+        with pytest.raises(ConfigError, match="FANOUT_GC_THRESHOLDS: must be three"):
+            build(EdgeConfig, EDGE_SETTINGS, env={"FANOUT_GC_THRESHOLDS": bad})
+
+
+def test_tune_gc_sets_the_thresholds_or_leaves_pythons() -> None:
+    import gc
+
+    from edge.server import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(None)
+        assert gc.get_threshold() == before
+        tune_gc((1234, 5, 6))
+        assert gc.get_threshold() == (1234, 5, 6)
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
