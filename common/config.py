@@ -149,6 +149,7 @@ class EdgeConfig:
     connect_timeout: float = 10.0  # s for a new connection to send `connect`
     max_message_size: int = 65_536  # largest client frame, bytes; larger -> close 1009
     max_subscriptions: int = 1_000  # per connection
+    unpublished_ttl: int = 3_600  # s a channel created by a subscribe lives unpublished
     request_rate: float = 100.0  # requests per second a connection may sustain ...
     request_burst: int = 1_000  # ... and how many it may send at once (3007 beyond)
     queue_max_messages: int = 10_000  # per client send queue
@@ -395,6 +396,8 @@ EDGE_SETTINGS = (
             "largest client frame in bytes"),
     Setting("max_subscriptions", "--max-subscriptions", "FANOUT_MAX_SUBSCRIPTIONS", _int(1),
             "most subscriptions per connection"),
+    Setting("unpublished_ttl", "--unpublished-ttl", "FANOUT_UNPUBLISHED_TTL", _int(60),
+            "seconds a channel's epoch created by a subscribe lives until its first publish"),
     Setting("request_rate", "--request-rate", "FANOUT_REQUEST_RATE", _float(0),
             "requests per second a connection may sustain (more: close 3007)"),
     Setting("request_burst", "--request-burst", "FANOUT_REQUEST_BURST", _int(1),

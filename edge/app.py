@@ -65,7 +65,9 @@ class Edge:
         self.hub = Hub(
             self.redis, pubsub_client.pubsub, Keys(self.config.redis.key_prefix), self.stats,
             self.log.getChild("hub"), node_id=self.node_id,
-            recovery_limit=self.config.recovery_limit, meta_ttl=self.config.redis.meta_ttl,
+            recovery_limit=self.config.recovery_limit,
+            # What a subscribe creates lives this long until a publish refreshes it.
+            meta_ttl=min(self.config.redis.meta_ttl, self.config.unpublished_ttl),
             max_frame_bytes=self.config.max_frame_bytes,
             max_frame_messages=self.config.max_frame_messages,
         )

@@ -319,3 +319,19 @@ async def test_if_changed_keeps_fencing_first_and_ids_their_meaning(
     changed = await publisher.publish(UpstreamMessage(ch, {"balance": 9}, msg_id="v2",
                                                       if_changed=True), Fence(3))
     assert (changed.offset, changed.duplicate, changed.unchanged) == (2, False, False)
+
+
+async def test_a_channel_created_by_a_subscribe_lives_an_hour_until_published(
+    edge, publisher: Publisher, redis: Redis, key_prefix: str
+) -> None:
+    """Any valid name a client subscribes to creates the channel's meta; names nobody
+    publishes to expire after FANOUT_UNPUBLISHED_TTL (1 h), not meta_ttl (30 d). The first
+    publish keeps the subscriber's epoch and sets meta_ttl."""
+    meta = Keys(key_prefix).meta("trades.NOPUB")
+    client = await ProtoClient.open(edge.url)
+    reply = await client.subscribe("trades.NOPUB")
+    assert 3_500 < await redis.ttl(meta) <= 3_600
+    r = await publisher.publish(UpstreamMessage("trades.NOPUB", {"p": 1}))
+    assert r.epoch == reply["epoch"]
+    assert await redis.ttl(meta) > 29 * 86_400
+    await client.close()
