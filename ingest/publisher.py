@@ -19,8 +19,9 @@ state on subscribe, does not repeat what the old leader already published.
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,8 @@ from common.errors import BadChannel
 from common.keys import Keys
 from common.scripts import register
 from ingest.upstream import UpstreamMessage
+
+MAX_TRACKED_CHANNELS = 100_000  # channels whose last offset a publisher remembers
 
 
 class InvalidMessage(ValueError):
@@ -93,13 +96,21 @@ class Publisher:
         history: Mapping[str, HistoryPolicy] | None = None,
         meta_ttl: int = 30 * 86_400,
         idempotency_ttl: int = 3_600,
+        logger: logging.Logger | None = None,
+        on_rebase: Callable[[], None] | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys or Keys()
         self.history = dict(history or DEFAULT_HISTORY)
         self.meta_ttl = meta_ttl
         self.idempotency_ttl = idempotency_ttl
+        self.log = logger or logging.getLogger("fanout.publisher")
         self._script = register(redis, "publish")
+        self._rebase_script = register(redis, "rebase")
+        # channel -> (epoch, highest offset this publisher got): how a loss is noticed.
+        self._seen: dict[str, tuple[str, int]] = {}
+        self.rebased = 0  # channels given a new epoch because their offsets went back
+        self._on_rebase = on_rebase  # for a metric
 
     def _call_args(
         self, msg: UpstreamMessage, epoch: str, fence: Fence | None = None
@@ -154,6 +165,9 @@ class Publisher:
         With a `fence`, raises FencedOut if the script refused any message of the batch."""
         epoch = os.urandom(6).hex()  # used only by a channel that has no epoch yet
         calls = [self._call_args(msg, epoch, fence) for msg in messages]
+        # What this publisher had got before sending: whatever Redis answers now comes
+        # after it, while batches sent concurrently may complete in any order.
+        before = {msg.channel: self._seen.get(msg.channel) for msg in messages}
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args in calls:
                 await self._script(keys=keys, args=args, client=pipe)
@@ -174,7 +188,73 @@ class Publisher:
             assert fence is not None
             channel, channel_fence, reason = refused
             raise FencedOut(channel, fence.token, channel_fence, reason, results)
+        regressed = self._went_back(results, before)
+        if regressed:
+            await self._rebase(messages, results, regressed, fence)
         return results
+
+    def _went_back(
+        self, results: list[PublishResult], before: Mapping[str, tuple[str, int] | None]
+    ) -> list[int]:
+        """Indexes of results whose channel's offset went back within its epoch: at or
+        below one this publisher had got before sending them (`before`), which Redis
+        cannot answer unless it lost acknowledged writes. Remembers the highest offsets."""
+        seen = self._seen
+        if len(seen) > MAX_TRACKED_CHANNELS:
+            seen.clear()  # bounded memory; detection resumes from the next publishes
+        regressed = []
+        for i, r in enumerate(results):
+            if r.duplicate:
+                continue  # the offset a known id was published at: old by design
+            prev = before.get(r.channel)
+            if prev is not None and prev[0] == r.epoch and (
+                r.offset <= prev[1] if r.published else r.offset < prev[1]
+            ):
+                regressed.append(i)
+                continue
+            cur = seen.get(r.channel)
+            if cur is None or cur[0] != r.epoch or r.offset > cur[1]:
+                seen[r.channel] = (r.epoch, r.offset)
+        return regressed
+
+    async def _rebase(
+        self, messages: Sequence[UpstreamMessage], results: list[PublishResult],
+        regressed: list[int], fence: Fence | None,
+    ) -> None:
+        """Give each channel whose offsets went back a new epoch (its clients resync from
+        the snapshot), then publish again, in the new epoch, the messages that got reused
+        offsets: their results are replaced."""
+        done: dict[str, str] = {}
+        for i in regressed:
+            r = results[i]
+            if r.channel in done:
+                continue
+            new_epoch = os.urandom(6).hex()
+            raw = await self._rebase_script(
+                keys=[self.keys.meta(r.channel), self.keys.stream(r.channel)],
+                args=[r.epoch, new_epoch, "" if fence is None else fence.token,
+                      self.meta_ttl],
+            )
+            epoch, status = _text(raw[0]), int(raw[1])
+            if status == 2:
+                assert fence is not None
+                raise FencedOut(r.channel, fence.token, 0, "token", results)
+            done[r.channel] = epoch
+            if status == 0:
+                self.rebased += 1
+                if self._on_rebase is not None:
+                    self._on_rebase()
+            _, seen = self._seen.pop(r.channel, (r.epoch, 0))
+            self.log.error(
+                "offsets went back: Redis lost acknowledged writes channel=%s epoch=%s "
+                "offset=%d seen=%d new_epoch=%s rebased=%s", r.channel, r.epoch, r.offset,
+                seen, epoch, status == 0,
+            )
+        again = [i for i in regressed if results[i].published]
+        if again:
+            republished = await self.publish_batch([messages[i] for i in again], fence)
+            for i, r in zip(again, republished, strict=True):
+                results[i] = r
 
 
 def _text(value: str | bytes) -> str:

@@ -54,6 +54,10 @@ class IngestMetrics:
             "fanout_ingest_unchanged", "State messages not published: they did not change the "
             "channel's snapshot (if_changed).", registry=registry,
         )
+        self.rebased = Counter(
+            "fanout_ingest_rebased", "Channels given a new epoch because their offsets went "
+            "back (Redis lost acknowledged writes).", registry=registry,
+        )
         self.rejected = Counter(
             "fanout_ingest_rejected", "Upstream messages rejected as invalid.", registry=registry
         )
@@ -280,7 +284,8 @@ async def serve(
         start_http_server(config.metrics_port, registry=registry)
     publisher = Publisher(
         redis, Keys(config.redis.key_prefix), config.history, config.redis.meta_ttl,
-        config.idempotency_ttl,
+        config.idempotency_ttl, logger=logger.getChild("publisher"),
+        on_rebase=metrics.rebased.inc,
     )
     if upstream is None:
         upstream = make_upstream(config, logger, state_metric(registry))
