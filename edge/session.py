@@ -34,7 +34,7 @@ from common.errors import (
     Unavailable,
 )
 from common.protocol import Codec, Frame
-from edge.hub import Batch, Hub, Publication, Subscription
+from edge.hub import Batch, Hub, Publication, Subscription, Wire
 from edge.limits import TokenBucket
 from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
 from edge.stats import EdgeStats
@@ -104,7 +104,9 @@ class Session:
         self._raw = RawWebSocket.attach(ws.scope) if config.direct_write else None
         # ... and past the queue when it is empty, unless the writer is to wait and gather.
         self._direct = self._raw if not config.write_delay else None
-        self._out: list[bytes] | None = None  # direct writes held back during a hub flush
+        # This turn's batches (and replies) for a client writing directly, held back during
+        # the hub's flush and written together when it ends (`flush_out`).
+        self._out: list[Batch | Frame] | None = None
 
     # --- called by the hub (synchronous, never blocks) -----------------------------------
 
@@ -118,24 +120,24 @@ class Session:
         if self._close is not None:
             return
         raw = self._direct
-        if raw is not None and not self.queue.busy and raw.ready:
-            self._write_now(raw, encode_frame(frame), 1, 1, len(frame))
-            return
+        if raw is not None and not self.queue.busy:
+            out = self._out
+            if out is not None:  # during the hub's flush, after this turn's batches
+                out.append(frame)
+                return
+            if raw.ready:
+                self._write_now(raw, encode_frame(frame), 1, 1, len(frame))
+                return
         self.queue.push_control(frame)
         self._wakeup.set()
 
     def _write_now(self, raw: RawWebSocket, data: bytes, frames: int, messages: int,
                    payload: int) -> None:
         """Straight to the socket: nothing is queued before it and the transport takes it
-        without blocking, so no writer task needs to wake up. During the hub's flush the
-        bytes are held back and written together when it ends (`flush_out`)."""
-        out = self._out
+        without blocking, so no writer task needs to wake up."""
+        raw.write(data)
         stats = self.stats
-        if out is not None:
-            out.append(data)
-        else:
-            raw.write(data)
-            stats.writes += 1
+        stats.writes += 1
         stats.frames_sent += frames
         stats.frames_direct += frames
         stats.messages_sent += messages
@@ -158,24 +160,17 @@ class Session:
         if out is not None and start == 0 and sub.max_rate is None and not self.queue.busy:
             # Another channel of this turn for a client already taking it directly (the
             # hot path of a watchlist): the transport's state cannot have changed since.
-            data, frames, messages, payload = batch.wire(self.codec)
-            out.append(data)
-            stats = self.stats
-            stats.frames_sent += frames
-            stats.frames_direct += frames
-            stats.messages_sent += messages
-            stats.bytes_sent += payload
+            out.append(batch)
             return
         raw = self._direct
         if (start == 0 and raw is not None and sub.max_rate is None and not self.queue.busy
                 and raw.ready):
-            # Keeping up: the batch's finished frames, shared with every such client.
-            if out is None:
-                deferred = self.hub.deferred
-                if deferred is not None:
-                    self._out = []
-                    deferred.append(self)
-            self._write_now(raw, *batch.wire(self.codec))
+            deferred = self.hub.deferred
+            if deferred is not None:  # the hub's flush: written when every channel is done
+                self._out = [batch]
+                deferred.append(self)
+            else:  # keeping up: the batch's finished frames, shared with every such client
+                self._write_now(raw, *batch.wire(self.codec))
             return
         if sub.max_rate is not None:
             for pub in batch.pubs[start:]:
@@ -197,10 +192,55 @@ class Session:
         self._wakeup.set()
 
     def flush_out(self) -> None:
+        """The end of the hub's flush: what this client got this turn, in one write. One
+        batch (one channel) goes as the batch's shared frames; several channels' batches
+        (and replies queued meanwhile) are coalesced into as few frames as the frame bounds
+        allow, so a watchlist client gets one frame per turn, not one per channel."""
         out, self._out = self._out, None
-        if out and self._direct is not None and not self._direct.closed:
-            self._direct.write(out[0] if len(out) == 1 else b"".join(out))
-            self.stats.writes += 1
+        raw = self._direct
+        if not out or raw is None or raw.closed:
+            return
+        if len(out) == 1 and isinstance(out[0], Batch):
+            self._write_now(raw, *out[0].wire(self.codec))
+        else:
+            self._write_now(raw, *self._combine(out))
+
+    def _combine(self, items: list[Batch | Frame]) -> Wire:
+        """Batches and control frames, in order, as finished frames within the bounds."""
+        codec = self.codec
+        parts: list[Frame] = []
+        counts: list[int] = []
+        for item in items:
+            if isinstance(item, Batch):
+                for part, n, _, _ in item.chunks(codec):
+                    parts.append(part)
+                    counts.append(n)
+            else:
+                parts.append(item)
+                counts.append(1)
+        messages = sum(counts)
+        max_messages = self.config.max_frame_messages
+        max_bytes = self.config.max_frame_bytes
+        if messages <= max_messages and sum(map(len, parts)) + len(parts) <= max_bytes:
+            frame = coalesce(parts, codec, messages)  # the usual case: one frame
+            return Wire(encode_frame(frame), 1, messages, len(frame))
+        frames: list[bytes] = []
+        payload = 0
+        group: list[Frame] = []
+        count = size = 0
+        for part, n in zip(parts, counts, strict=True):
+            if group and (size + len(part) > max_bytes or count + n > max_messages):
+                frame = coalesce(group, codec, count)
+                frames.append(encode_frame(frame))
+                payload += len(frame)
+                group, count, size = [], 0, 0
+            group.append(part)
+            count += n
+            size += len(part) + 1
+        frame = coalesce(group, codec, count)
+        frames.append(encode_frame(frame))
+        payload += len(frame)
+        return Wire(b"".join(frames), len(frames), messages, payload)
 
     def _push(self, sub: Subscription, pub: Publication) -> None:
         outcome = self.queue.push(
