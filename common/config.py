@@ -161,6 +161,7 @@ class EdgeConfig:
     recovery_limit: int = 10_000  # most messages one subscribe may replay
     compression: bool = False  # permessage-deflate: ~5x the CPU in fan-out, off by default
     direct_write: bool = True  # write finished frames to the transport (edge/wire.py)
+    drain_seconds: float = 10.0  # on SIGTERM/SIGINT, close connections spread over this long
     # The cyclic garbage collector's thresholds (gc.set_threshold); None = Python's own.
     gc_thresholds: tuple[int, int, int] | None = (50_000, 50, 100)
     # Connection tokens (common/auth.py); no secret = no authentication (development).
@@ -422,6 +423,10 @@ EDGE_SETTINGS = (
     Setting("direct_write", "--direct-write", "FANOUT_DIRECT_WRITE", _bool,
             "write finished frames straight to the socket, shared by all clients of a "
             "batch (true/false; default true)"),
+    Setting("drain_seconds", "--drain-seconds", "FANOUT_DRAIN_SECONDS",
+            _float(0, strict=False),
+            "on SIGTERM/SIGINT: not ready at once, connections closed (3000) spread over this "
+            "many seconds, then exit; 0 = close all at once (default 10)"),
     Setting("gc_thresholds", "--gc-thresholds", "FANOUT_GC_THRESHOLDS", _gc_thresholds,
             "garbage collector thresholds gen0,gen1,gen2 (default 50000,50,100; 'python' "
             "keeps Python's 700,10,10)"),

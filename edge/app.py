@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class Edge:
         self.redis: Redis | None = None
         self.hub: Hub | None = None
         self.sessions: dict[Session, asyncio.Task[object]] = {}
+        self.draining = False  # shutting down: not ready, new connections closed at once
 
     async def start(self) -> None:
         url = self.config.redis.url
@@ -73,6 +75,25 @@ class Edge:
         )
         await self.hub.start()
 
+    async def drain(self, seconds: float) -> None:
+        """Close every connection (3000, reconnect), spread evenly over up to `seconds` (at
+        least one per 50 ms), in random order: the clients reconnect to the other edges a
+        few at a time, not all in the same instant (each reconnect reads history for each of
+        its channels). /readyz answers 503 from the start, so the load balancer sends no new
+        ones here."""
+        self.draining = True
+        self.log.info("draining connections=%d seconds=%.1f", len(self.sessions), seconds)
+        sessions = list(self.sessions)
+        random.shuffle(sessions)
+        tick = 0.05
+        ticks = max(int(seconds / tick), 1)
+        per_tick = max(-(-len(sessions) // ticks), 1)  # at least one per tick
+        for i in range(0, len(sessions), per_tick):
+            for session in sessions[i:i + per_tick]:
+                session.fail(Disconnect(CloseCode.SHUTDOWN, "server shutting down"))
+            await asyncio.sleep(tick)
+        self.log.info("drained")
+
     async def stop(self) -> None:
         for session in list(self.sessions):
             session.fail(Disconnect(CloseCode.SHUTDOWN, "server shutting down"))
@@ -91,6 +112,9 @@ class Edge:
         offered = list(ws.scope.get("subprotocols") or [])
         codec, subprotocol = Codec.for_subprotocols(offered)
         await ws.accept(subprotocol=subprotocol)
+        if self.draining:  # the load balancer has not noticed yet: try another edge
+            await ws.close(int(CloseCode.SHUTDOWN), "server shutting down")
+            return
         session = Session(
             ws, self.hub, self.config, self.stats, self.log.getChild("session"), codec,
             f"{self.node_id}-{os.urandom(6).hex()}",
@@ -112,8 +136,10 @@ class Edge:
             with contextlib.suppress(Exception):
                 redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 1.0))
         live_ok = self.hub is not None and self.hub.ready
-        body = {"redis": redis_ok, "pubsub": live_ok, "node": self.node_id}
-        return JSONResponse(body, status_code=200 if redis_ok and live_ok else 503)
+        body = {"redis": redis_ok, "pubsub": live_ok, "draining": self.draining,
+                "node": self.node_id}
+        ok = redis_ok and live_ok and not self.draining
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import socket
+from types import FrameType
 
 import uvicorn
 
@@ -43,9 +46,49 @@ def tune_gc(thresholds: tuple[int, int, int] | None) -> None:
     gc.set_threshold(*thresholds)
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains the edge (`Edge.drain`) before the
+    usual shutdown: a rolling restart moves clients to the other edges gradually. A second
+    signal during the drain exits at once, as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.drain_seconds = drain_seconds
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task[None] | None = None
+        self._drain_started = False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        loop = self._loop
+        if self.drain_seconds <= 0 or loop is None or self.should_exit or self._drain_started:
+            super().handle_exit(sig, frame)
+            return
+        self._captured_signals.append(sig)  # re-raised after the shutdown, as uvicorn does
+        self._drain_started = True
+        loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            app = self.config.loaded_app
+            while app is not None and not hasattr(app, "state"):
+                app = getattr(app, "app", None)
+            edge = getattr(getattr(app, "state", None), "edge", None)
+            if edge is not None:
+                await edge.drain(self.drain_seconds)
+        finally:
+            self.should_exit = True
+
+
 def run_edge(config: EdgeConfig) -> int:
     tune_gc(config.gc_thresholds)
-    server = uvicorn.Server(uvicorn_config(config))
+    server = DrainingServer(uvicorn_config(config), config.drain_seconds)
     # uvicorn re-raises the signal after its graceful shutdown.
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
