@@ -107,6 +107,18 @@ def parent_death_hook() -> Callable[[], None]:
     return hook
 
 
+def child_preexec(cpu: int | None) -> Callable[[], None]:
+    """A preexec_fn for a child of a benchmark: dies with us, pinned to `cpu` if given."""
+    death = parent_death_hook()
+
+    def preexec() -> None:
+        death()
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
+    return preexec
+
+
 def pin(pid: int, cpu: int) -> bool:
     """Pin `pid` (0 = this process) to one CPU; False if that CPU is not ours to use."""
     if cpu not in os.sched_getaffinity(0):

@@ -60,9 +60,9 @@ from _common import (
     CpuBusy,
     CpuMeter,
     bench_prefix,
+    child_preexec,
     delete_prefix,
     environment,
-    parent_death_hook,
     pin,
     redis_server,
     run_async,
@@ -581,14 +581,7 @@ class CClients(ClientSide):
                             "in a process of its own")
 
     async def start(self) -> None:
-        death = parent_death_hook()
-        cpu = self.cpu
-
-        def preexec() -> None:
-            death()
-            if cpu is not None:
-                os.sched_setaffinity(0, {cpu})
-
+        preexec = child_preexec(self.cpu)
         self.proc = await asyncio.create_subprocess_exec(
             *self.cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=self.log, preexec_fn=preexec, start_new_session=True,
@@ -704,14 +697,7 @@ class EdgeProcess:
         return self.proc.pid
 
     def start(self) -> None:
-        death = parent_death_hook()
-        cpu = self.cpu
-
-        def preexec() -> None:
-            death()
-            if cpu is not None:
-                os.sched_setaffinity(0, {cpu})
-
+        preexec = child_preexec(self.cpu)
         cmd = [
             sys.executable, "-m", "common.cli", "edge",
             "--host", HOST, "--port", str(self.port),

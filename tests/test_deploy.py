@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from common.embedded import free_port, stop_process
+from tests.httpwait import wait_http_ok
 from tests.test_browser import need
 from tests.wsclient import ProtoClient
 
@@ -50,14 +51,7 @@ async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{www}", timeout=5) as http:
-            async with asyncio.timeout(20):  # until the health check lets the edge in
-                while True:
-                    try:
-                        if (await http.get("/healthz")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    await asyncio.sleep(0.1)
+            await wait_http_ok(http, "/healthz")  # until the health check lets the edge in
             assert (await http.get("/metrics")).status_code == 404
             assert (await http.get("/metrics/")).status_code == 404
             direct = await http.get(f"{edge.http}/metrics")  # the inside: Prometheus

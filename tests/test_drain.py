@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from common.embedded import free_port, stop_process
+from tests.httpwait import wait_http_ok
 from tests.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
@@ -30,15 +31,7 @@ async def test_sigterm_drains_connections_gradually_then_exits(
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=base, timeout=2) as http:
-            async with asyncio.timeout(20):
-                while True:
-                    assert proc.poll() is None, "edge exited"
-                    try:
-                        if (await http.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    await asyncio.sleep(0.05)
+            await wait_http_ok(http, "/readyz", proc=proc)
             clients = [await ProtoClient.open(f"ws://127.0.0.1:{port}/ws") for _ in range(60)]
             closed_at: list[float] = []
             for c in clients:

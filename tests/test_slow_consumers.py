@@ -21,6 +21,7 @@ import pytest
 from common.embedded import free_port, stop_process
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.httpwait import wait_http_ok
 from tests.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
@@ -63,15 +64,8 @@ async def edge_process(redis_server, key_prefix: str) -> AsyncIterator[EdgeProce
         os.sched_setaffinity(0, set(cpus[1:]))
     edge = EdgeProcess(proc, port)
     try:
-        async with asyncio.timeout(20), httpx.AsyncClient(timeout=2) as http:
-            while True:
-                assert proc.poll() is None, "edge exited"
-                try:
-                    if (await http.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(timeout=2) as http:
+            await wait_http_ok(http, f"http://127.0.0.1:{port}/readyz", proc=proc)
         yield edge
     finally:
         os.sched_setaffinity(0, set(cpus))
