@@ -93,7 +93,9 @@ class Session:
         )
         self._policies = {ns: Policy(p) for ns, p in config.overflow.items()}
         self._wakeup = asyncio.Event()
-        self._done = asyncio.Event()
+        # Set by `fail`: a plain future, not a task waiting on an event (one task less per
+        # connection; `asyncio.wait` takes futures).
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close: Disconnect | None = None
         self._awaiting_pong = False
         self._peer_close_code = 1005
@@ -293,17 +295,18 @@ class Session:
         """End the session with `exc`'s close code (from any task)."""
         if self._close is None:
             self._close = exc
-            self._done.set()
+            if not self._done.done():
+                self._done.set_result(None)
 
     # --- the connection's life -----------------------------------------------------------
 
     async def run(self) -> None:
         self.stats.connections += 1
         self.stats.connections_total += 1
-        tasks = [
+        tasks: list[asyncio.Future[Any]] = [
             asyncio.create_task(self._read_loop()),
             asyncio.create_task(self._write_loop()),
-            asyncio.create_task(self._done.wait()),
+            self._done,
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
