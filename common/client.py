@@ -472,8 +472,12 @@ class FanoutClient:
         way for short ones), so that it is not closed with 3006 and reconnected. A failed
         refresh is retried; if none succeeds in time, the 3006 reconnect is the fallback."""
         loop = asyncio.get_running_loop()
-        end = loop.time() + expires_in
-        delay = max(expires_in - 60.0, expires_in / 2)
+
+        def due(expires_in: float) -> tuple[float, float]:
+            """(when the token ends, how long until refreshing it), loop time."""
+            return loop.time() + expires_in, max(expires_in - 60.0, expires_in / 2)
+
+        end, delay = due(expires_in)
         while True:
             await asyncio.sleep(delay)
             try:
@@ -487,10 +491,8 @@ class FanoutClient:
             if reply.get("type") == "refreshed" and isinstance(
                 reply.get("expires_in"), int | float
             ):
-                expires_in = float(reply["expires_in"])
-                end = loop.time() + expires_in
-                delay = max(expires_in - 60.0, expires_in / 2)
-                self.log.info("token_refreshed expires_in=%.1f", expires_in)
+                end, delay = due(float(reply["expires_in"]))
+                self.log.info("token_refreshed expires_in=%.1f", float(reply["expires_in"]))
                 continue
             self.log.warning("token_refresh_failed code=%s message=%r", reply.get("code"),
                              reply.get("message"))

@@ -580,14 +580,13 @@ class Session:
                         break
                     frame = coalesce(parts, codec, count)
                     raw.write(encode_frame(frame))
-                    stats.writes += 1
                 else:
                     parts, count = queue.pop_parts(max_messages, max_bytes)
                     if not parts:
                         break
                     frame = coalesce(parts, codec, count)
                     await send({"type": "websocket.send", kind: frame})
-                    stats.writes += 1
+                stats.writes += 1
                 stats.frames_sent += 1
                 stats.messages_sent += count
                 stats.bytes_sent += len(frame)

@@ -95,13 +95,7 @@ class RawWebSocket:
     def ready(self) -> bool:
         """A write goes out now: open, not closing, and under the write buffer's high-water
         mark (above it the transport paused us; the session's queue takes over)."""
-        proto = self._proto
-        return (
-            self._writable.is_set()
-            and not proto.close_sent
-            and not proto.disconnected
-            and not self._transport.is_closing()
-        )
+        return self._writable.is_set() and not self.closed
 
     @property
     def closed(self) -> bool:

@@ -50,12 +50,17 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-async def _frames(edge: object) -> tuple[float, float]:
-    """(frames sent, of them written directly)."""
+async def _counters(edge: object, *names: str) -> dict[str, float]:
+    """The edge's `fanout_edge_<name>_total` counters, from its real /metrics."""
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"{edge.http}/metrics")).text  # type: ignore[attr-defined]
-    return (_metric(text, "fanout_edge_frames_sent_total"),
-            _metric(text, "fanout_edge_frames_direct_total"))
+    return {name: _metric(text, f"fanout_edge_{name}_total") for name in names}
+
+
+async def _frames(edge: object) -> tuple[float, float]:
+    """(frames sent, of them written directly)."""
+    c = await _counters(edge, "frames_sent", "frames_direct")
+    return c["frames_sent"], c["frames_direct"]
 
 
 async def _publish_and_collect(
@@ -125,14 +130,14 @@ async def test_a_clients_channels_of_one_turn_go_out_in_one_frame(
     client = await ProtoClient.open(edge.url, binary=binary)
     for ch in channels:
         await client.subscribe(ch)
-    before = await _counters(edge)
+    before = await _counters(edge, "frames_sent", "writes")
     rounds = 20
     for i in range(rounds):
         await publisher.publish_batch([UpstreamMessage(ch, {"i": i}) for ch in channels])
     for ch in channels:
         await client.wait_for(lambda ch=ch: len(client.offsets[ch]) == rounds, 10)
         assert client.offsets[ch] == list(range(1, rounds + 1))
-    after = await _counters(edge)
+    after = await _counters(edge, "frames_sent", "writes")
     frames = after["frames_sent"] - before["frames_sent"]
     writes = after["writes"] - before["writes"]
     assert writes <= rounds * 1.5, (writes, frames)  # about one write per round
@@ -142,8 +147,3 @@ async def test_a_clients_channels_of_one_turn_go_out_in_one_frame(
         assert frames >= rounds * len(channels) / max_frame_messages, (writes, frames)
     await client.close()
 
-
-async def _counters(edge: object) -> dict[str, float]:
-    async with httpx.AsyncClient() as http:
-        text = (await http.get(f"{edge.http}/metrics")).text  # type: ignore[attr-defined]
-    return {name: _metric(text, f"fanout_edge_{name}_total") for name in ("frames_sent", "writes")}
