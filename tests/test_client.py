@@ -44,6 +44,7 @@ class Collector:
 
     def __init__(self, sub: Subscription) -> None:
         self.events: list[Event] = []
+        self.times: list[float] = []  # time.monotonic() of each event's arrival
         self.error: BaseException | None = None
         self.changed = asyncio.Event()
         self.task = asyncio.create_task(self._run(sub))
@@ -52,6 +53,7 @@ class Collector:
         try:
             async for event in sub:
                 self.events.append(event)
+                self.times.append(time.monotonic())
                 self.changed.set()
         except Exception as exc:
             self.error = exc

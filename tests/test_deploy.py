@@ -6,41 +6,57 @@ on Docker's network) and the listening ports."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from common.client import FanoutClient, Publication
 from common.embedded import free_port, stop_process
+from ingest.publisher import Publisher
+from ingest.upstream import UpstreamMessage
 from tests.httpwait import wait_http_ok
 from tests.test_browser import need
+from tests.test_client import Collector, client_subscribed
 from tests.wsclient import ProtoClient
+
+log = logging.getLogger("test.deploy")
 
 pytestmark = pytest.mark.integration
 
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "haproxy.cfg"
 
 
-def local_config(edge_port: int, www_port: int, stats_port: int) -> str:
+def local_config(edge_ports: list[int], www_port: int, stats_port: int) -> str:
+    """The shipped config with edge-1.. at `edge_ports` (the rest disabled)."""
     text = CONFIG.read_text()
     text = text.replace("bind :8080", f"bind 127.0.0.1:{www_port}")
     text = text.replace("bind :8404", f"bind 127.0.0.1:{stats_port}")
     text = re.sub(r"(?m)^resolvers docker\n(?:    .*\n)+", "", text)
     text = text.replace(" resolvers docker init-addr last,libc,none", "")
-    text = re.sub(r"(?m)^    server edge-(\d) edge-\d:8000$",
-                  lambda m: f"    server edge-{m.group(1)} 127.0.0.1:{edge_port}"
-                  + ("" if m.group(1) == "1" else " disabled"), text)
-    return text
+
+    def server(m: re.Match[str]) -> str:
+        i = int(m.group(1)) - 1
+        if i < len(edge_ports):
+            return f"    server edge-{i + 1} 127.0.0.1:{edge_ports[i]}"
+        return f"    server edge-{i + 1} 127.0.0.1:{edge_ports[0]} disabled"
+
+    return re.sub(r"(?m)^    server edge-(\d) edge-\d:8000$", server, text)
 
 
-async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
+async def start_haproxy(edge_ports: list[int]) -> tuple[subprocess.Popen[bytes], int]:
+    """A real HAProxy running the shipped config (checked with -c first); its www port."""
     www, stats = free_port(), free_port()
     path = Path(tempfile.mkdtemp(prefix="fanout-deploy-")) / "haproxy.cfg"
-    path.write_text(local_config(edge.port, www, stats))
+    path.write_text(local_config(edge_ports, www, stats))
     binary = need(shutil.which("haproxy"), "haproxy")
     check = await asyncio.create_subprocess_exec(
         binary, "-c", "-f", str(path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -49,6 +65,11 @@ async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
     assert check.returncode == 0, output.decode()
     proc = subprocess.Popen([binary, "-db", "-f", str(path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, www
+
+
+async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
+    proc, www = await start_haproxy([edge.port])
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{www}", timeout=5) as http:
             await wait_http_ok(http, "/healthz")  # until the health check lets the edge in
@@ -61,3 +82,107 @@ async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
         await client.close()
     finally:
         stop_process(proc)
+
+
+def spawn_edge(redis_url: str, key_prefix: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {**os.environ, "FANOUT_REDIS_URL": redis_url, "FANOUT_KEY_PREFIX": key_prefix,
+           "FANOUT_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "edge", "--port", str(port)],
+                            env=env)
+    return proc, port
+
+
+async def test_edge_killed_behind_haproxy_every_client_resumes_on_its_first_attempt(
+    redis_server, key_prefix: str, publisher: Publisher
+) -> None:
+    """kill -9 of one of two edges behind the shipped config: HAProxy sends every reconnect
+    to the live edge (retries + redispatch) although its checks still see the dead one up,
+    so no client gets a 503 and waits out a backoff. Every client's offsets stay contiguous.
+    The time each one took to resume is printed (run with -s), not asserted."""
+    edges = [spawn_edge(redis_server.url, key_prefix) for _ in range(2)]
+    proxy: subprocess.Popen[bytes] | None = None
+    clients: list[FanoutClient] = []
+    readers: list[Collector] = []
+    stop = asyncio.Event()
+    pub: asyncio.Task[None] | None = None
+    try:
+        async with httpx.AsyncClient(timeout=2) as http:
+            for proc, port in edges:
+                await wait_http_ok(http, f"http://127.0.0.1:{port}/readyz", proc=proc)
+            proxy, www = await start_haproxy([port for _, port in edges])
+            await wait_http_ok(http, f"http://127.0.0.1:{www}/readyz", proc=proxy)
+        channels = [f"account.K{i}.orders" for i in range(10)]
+        for i in range(100):
+            client = FanoutClient(f"ws://127.0.0.1:{www}/ws", logger=log)
+            await client.connect()
+            clients.append(client)
+            readers.append(Collector(client.subscribe(channels[i % len(channels)])))
+        for i, client in enumerate(clients):
+            await client_subscribed(client, channels[i % len(channels)], 30)
+
+        published: dict[str, int] = {}
+        killed_at = 0.0
+        first_after: dict[str, int] = {}  # channel -> first offset published after the kill
+
+        async def publish() -> None:
+            while not stop.is_set():
+                for ch in channels:
+                    result = await publisher.publish(UpstreamMessage(ch, {"n": 1}))
+                    published[ch] = result.offset
+                    if killed_at and ch not in first_after:
+                        first_after[ch] = result.offset
+                await asyncio.sleep(0.005)  # pacing, not waiting for anything
+
+        pub = asyncio.create_task(publish())
+        for reader in readers:
+            await reader.wait_for(lambda r=reader: len(r.pubs()) >= 5, 30)
+
+        victim = edges[0][0]
+        killed_at = time.monotonic()
+        victim.kill()
+        victim.wait(10)
+
+        def resumed(i: int) -> bool:
+            ch = channels[i % len(channels)]
+            return ch in first_after and any(
+                p.offset >= first_after[ch] for p in readers[i].pubs())
+
+        for i, reader in enumerate(readers):
+            await reader.wait_for(lambda i=i: resumed(i), 30)
+        stop.set()
+        await pub
+        for i, reader in enumerate(readers):
+            last = published[channels[i % len(channels)]]
+            await reader.wait_for(lambda r=reader, n=last: bool(r.pubs())
+                                  and r.pubs()[-1].offset >= n, 30)
+
+        moved = [i for i, c in enumerate(clients) if c.counters.reconnects]
+        assert moved, "no client was on the killed edge"
+        for i, client in enumerate(clients):
+            offsets = [p.offset for p in readers[i].pubs()]
+            assert offsets == list(range(offsets[0], offsets[0] + len(offsets))), i
+            # One reconnect, and it worked: HAProxy never handed it the dead edge.
+            assert client.counters.reconnects <= 1, (i, client.counters)
+            assert client.counters.resynced == 0 and client.counters.gaps == 0
+            assert client.url is not None and client.state == "open"
+        assert all(clients[i].counters.recovered >= 1 for i in moved)
+        waits = sorted(
+            next(t for t, e in zip(readers[i].times, readers[i].events, strict=True)
+                 if isinstance(e, Publication)
+                 and e.offset >= first_after[channels[i % len(channels)]]) - killed_at
+            for i in moved)
+        print(f"\nedge kill -9: {len(moved)} of {len(clients)} clients moved; resumed after"
+              f" p50 {waits[len(waits) // 2]:.3f} s, max {waits[-1]:.3f} s")
+    finally:
+        stop.set()
+        if pub is not None and not pub.done():
+            await pub
+        for reader in readers:
+            await reader.stop()
+        for client in clients:
+            await client.close()
+        if proxy is not None:
+            stop_process(proxy)
+        for proc, _ in edges:
+            stop_process(proc)
