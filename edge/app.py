@@ -42,11 +42,14 @@ class Edge:
         self.node_id = config.node_id or os.urandom(4).hex()
         self.stats = EdgeStats()
         self.registry = CollectorRegistry()
-        self.registry.register(EdgeCollector(self.stats))
         self.redis: Redis | None = None
         self.hub: Hub | None = None
         self.sessions: dict[Session, asyncio.Task[object]] = {}
         self.draining = False  # shutting down: not ready, new connections closed at once
+        self.registry.register(EdgeCollector(
+            self.stats,
+            ready=lambda: self.hub is not None and self.hub.ready and not self.draining,
+        ))
 
     async def start(self) -> None:
         url = self.config.redis.url

@@ -7,7 +7,7 @@ collector reads them when /metrics is scraped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -55,8 +55,9 @@ class EdgeStats:
 
 
 class EdgeCollector(Collector):
-    def __init__(self, stats: EdgeStats) -> None:
+    def __init__(self, stats: EdgeStats, ready: Callable[[], bool] = lambda: True) -> None:
         self.stats = stats
+        self.ready = ready  # what /readyz says, short of its Redis PING (for alerts)
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
@@ -67,6 +68,9 @@ class EdgeCollector(Collector):
         def counter(name: str, doc: str, value: float) -> Metric:
             return CounterMetricFamily(f"fanout_edge_{name}", doc, value=value)
 
+        yield gauge("ready", "1 while the pub/sub connection is up and probed and the edge "
+                    "is not draining (what /readyz checks, but its Redis PING).",
+                    1 if self.ready() else 0)
         yield gauge("connections", "Open client connections.", s.connections)
         yield counter("connections_accepted", "Client connections accepted.",
                       s.connections_total)

@@ -52,7 +52,7 @@ def test_edge_defaults() -> None:
     assert config.host == "127.0.0.1"
     assert config.port == 8000
     assert config.redis == RedisSettings("redis://127.0.0.1:6379/0", "fanout")
-    assert config.ping_interval == 25.0
+    assert (config.ping_interval, config.pong_timeout) == (5.0, 5.0)
     assert config.max_message_size == 65_536
     assert config.compression is False
     assert config.log_level == "info"
