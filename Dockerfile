@@ -21,8 +21,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    # In a container the edge must listen beyond loopback.
-    FANOUT_EDGE_HOST=0.0.0.0
+    # In a container the edge and the ingest's metrics/health port listen beyond loopback.
+    FANOUT_EDGE_HOST=0.0.0.0 \
+    FANOUT_INGEST_METRICS_HOST=0.0.0.0
 RUN --mount=type=bind,from=build,source=/src/requirements,target=/requirements \
     --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --require-hashes -r /requirements/runtime.txt \
@@ -31,5 +32,9 @@ RUN --mount=type=bind,from=build,source=/src/requirements,target=/requirements \
 USER fanout
 WORKDIR /tmp
 EXPOSE 8000 9100
+# Liveness for both roles: an ingest worker (FANOUT_INGEST_METRICS_PORT set) answers
+# /healthz on that port from its own event loop, an edge on FANOUT_EDGE_PORT.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 CMD ["python", "-c", \
+    "import os, urllib.request; port = os.environ.get('FANOUT_INGEST_METRICS_PORT') or os.environ.get('FANOUT_EDGE_PORT', '8000'); urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 ENTRYPOINT ["fanout"]
 CMD ["edge"]

@@ -186,7 +186,8 @@ class IngestConfig:
     batch_size: int = 500  # most publishes per pipelined round trip
     history: Mapping[str, HistoryPolicy] = field(default_factory=lambda: dict(DEFAULT_HISTORY))
     idempotency_ttl: int = 3_600  # s a published upstream message id is remembered
-    metrics_port: int = 0  # 0 = no metrics endpoint
+    metrics_port: int = 0  # 0 = no /metrics, /healthz, /readyz
+    metrics_host: str = "127.0.0.1"
     feed_id: str = ""  # the feed's name in its lease: workers with one id elect one leader
     lease_ttl: float = 5.0  # s the leader's lease lasts without a renewal
     reconnect_base: float = 0.5  # s: ceiling of the first reconnect delay (full jitter)
@@ -462,7 +463,9 @@ INGEST_SETTINGS = (
     Setting("idempotency_ttl", "--idempotency-ttl", "FANOUT_IDEMPOTENCY_TTL", _int(1),
             "seconds a published upstream message id is remembered"),
     Setting("metrics_port", "--metrics-port", "FANOUT_INGEST_METRICS_PORT", _int(0, 65535),
-            "port of the ingest's /metrics (0 = none)"),
+            "port of the ingest's /metrics, /healthz and /readyz (0 = none)"),
+    Setting("metrics_host", "--metrics-host", "FANOUT_INGEST_METRICS_HOST", _nonempty,
+            "address of the ingest's metrics and health port"),
     Setting("feed_id", "--feed-id", "FANOUT_FEED_ID", _prefix,
             "the feed's id in leader election: one leader per id (default: the feed name)"),
     Setting("lease_ttl", "--lease-ttl", "FANOUT_LEASE_TTL", _float(0.5, strict=False),

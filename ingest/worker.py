@@ -25,8 +25,9 @@ import time
 from collections.abc import Generator
 
 import uvicorn
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.exceptions import RedisError
+from starlette.types import ASGIApp
 
 from common.aio import raise_if_cancelling, stop_tasks, wait_event
 from common.backoff import Backoff
@@ -34,6 +35,7 @@ from common.config import IngestConfig, redact_url
 from common.keys import Keys
 from common.redisclient import redis_client
 from ingest.feeds import make_upstream, state_metric
+from ingest.health import UpstreamStates, create_ops_app
 from ingest.leader import Leader, LeaderMetrics, NotLeader, Term
 from ingest.publisher import Fence, FencedOut, InvalidMessage, Publisher, PublishResult
 from ingest.upstream import Resumable, Upstream, UpstreamMessage
@@ -280,15 +282,14 @@ async def serve(
                          socket_connect_timeout=5.0)
     registry = CollectorRegistry()
     metrics = IngestMetrics(registry)
-    if config.metrics_port:
-        start_http_server(config.metrics_port, registry=registry)
     publisher = Publisher(
         redis, Keys(config.redis.key_prefix), config.history, config.redis.meta_ttl,
         config.idempotency_ttl, logger=logger.getChild("publisher"),
         on_rebase=metrics.rebased.inc,
     )
+    states = UpstreamStates(state_metric(registry))
     if upstream is None:
-        upstream = make_upstream(config, logger, state_metric(registry))
+        upstream = make_upstream(config, logger, states)
     feed_id = config.feed_id or config.feed
     leader = Leader(redis, Keys(config.redis.key_prefix), feed_id, logger,
                     LeaderMetrics(registry), ttl=config.lease_ttl)
@@ -297,15 +298,27 @@ async def serve(
         upstream.name, feed_id, leader.owner, config.lease_ttl, redact_url(config.redis.url),
     )
     worker = Worker(upstream, publisher, logger, metrics, config.batch_size, leader=leader)
-    api = _api_server(config, publisher, logger) if config.api_port else None
-    api_task = asyncio.create_task(api.serve(), name="ingest-api") if api else None
+    servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+    if config.metrics_port:
+        ops = create_ops_app(registry, redis, leader, feed_id, lambda: dict(states.states))
+        logger.info("ops endpoints host=%s port=%d paths=/metrics,/healthz,/readyz",
+                    config.metrics_host, config.metrics_port)
+        servers.append(_embedded(ops, config.metrics_host, config.metrics_port, "ingest-ops"))
+    if config.api_port:
+        from ingest.http_api import create_api_app
+
+        # The publish API publishes unfenced (backend services publish to their own
+        # channels, not the feed's), so it serves on standbys too.
+        api = create_api_app(publisher, config.api_keys, logger=logger.getChild("api"))
+        logger.info("publish api host=%s port=%d", config.api_host, config.api_port)
+        servers.append(_embedded(api, config.api_host, config.api_port, "ingest-api"))
     try:
         await worker.run()
     finally:
-        if api is not None and api_task is not None:
-            api.should_exit = True
+        for server, task in servers:
+            server.should_exit = True
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(api_task, 10)
+                await asyncio.wait_for(task, 10)
         await redis.aclose()
 
 
@@ -317,19 +330,14 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
-def _api_server(
-    config: IngestConfig, publisher: Publisher, logger: logging.Logger
-) -> uvicorn.Server:
-    """The HTTP publish API beside the worker. It publishes unfenced (backend services
-    publish to their own channels, not the feed's), so it serves on standbys too."""
-    from ingest.http_api import create_api_app
-
-    app = create_api_app(publisher, config.api_keys, logger=logger.getChild("api"))
-    logger.info("publish api host=%s port=%d", config.api_host, config.api_port)
-    return _EmbeddedServer(uvicorn.Config(
-        app, host=config.api_host, port=config.api_port, lifespan="off", log_config=None,
-        access_log=False,
+def _embedded(
+    app: ASGIApp, host: str, port: int, name: str
+) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    """An HTTP server for `app` beside the worker, started as a task of this loop."""
+    server = _EmbeddedServer(uvicorn.Config(
+        app, host=host, port=port, lifespan="off", log_config=None, access_log=False,
     ))
+    return server, asyncio.create_task(server.serve(), name=name)
 
 
 def run_worker(config: IngestConfig, upstream: Upstream | None = None) -> int:
