@@ -4,6 +4,8 @@ ingest worker really export."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import shutil
@@ -69,3 +71,78 @@ async def test_every_metric_the_rules_name_is_exported(edge, redis_server, key_p
     finally:
         stop_process(ingest)
     assert wanted <= names, f"not exported: {sorted(wanted - names)}"
+
+
+DASHBOARD = PROMETHEUS.parent / "grafana" / "dashboards" / "fanout.json"
+
+
+def dashboard_metrics() -> dict[str, set[str]]:
+    """Metric name -> titles of the panels whose queries name it."""
+    found: dict[str, set[str]] = {}
+    for panel in json.loads(DASHBOARD.read_text())["panels"]:
+        for target in panel.get("targets", []):
+            for name in METRIC.findall(target["expr"]):
+                found.setdefault(name, set()).add(panel["title"])
+    return found
+
+
+def test_dashboard_is_importable_anywhere() -> None:
+    """No hard-coded datasource: every panel and query uses the `datasource` variable, so
+    the JSON imports into any Grafana and picks that Grafana's Prometheus."""
+    board = json.loads(DASHBOARD.read_text())
+    (var,) = [v for v in board["templating"]["list"] if v["name"] == "datasource"]
+    assert var["type"] == "datasource" and var["query"] == "prometheus"
+    for panel in board["panels"]:
+        for holder in [panel, *panel.get("targets", [])]:
+            if "datasource" in holder:
+                assert holder["datasource"]["uid"] == "${datasource}", panel["title"]
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+
+
+async def test_every_dashboard_and_alert_metric_reaches_a_real_prometheus(
+    edge, redis_server, key_prefix: str, tmp_path: Path
+) -> None:
+    """A real Prometheus scrapes a running edge and ingest worker; every metric a dashboard
+    panel or an alert queries must be known to it (as a series, or as a metric family
+    announced in the scrape when it has no sample yet, e.g. a counter by reason)."""
+    binary = need(shutil.which("prometheus"), "prometheus (Debian package prometheus)")
+    wanted = dashboard_metrics()
+    for name in METRIC.findall((PROMETHEUS / "rules.yml").read_text()):
+        wanted.setdefault(name, set()).add("rules.yml")
+    ingest_port, prom_port = free_port(), free_port()
+    jobs = {"fanout-edge": edge.port, "fanout-ingest": ingest_port}
+    (tmp_path / "prometheus.yml").write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{p}"]}]}
+                           for job, p in jobs.items()],
+    }))
+    env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
+           "FANOUT_INGEST_METRICS_PORT": str(ingest_port), "FANOUT_LOG_LEVEL": "warning"}
+    ingest = subprocess.Popen([sys.executable, "-m", "common.cli", "ingest"], env=env)
+    prom = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
+         "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    api = f"http://127.0.0.1:{prom_port}/api/v1"
+    try:
+        async with httpx.AsyncClient(timeout=5) as http:
+            await wait_http_ok(http, f"http://127.0.0.1:{prom_port}/-/ready", 60, proc=prom)
+
+            async def known() -> set[str]:
+                names = set((await http.get(f"{api}/label/__name__/values")).json()["data"])
+                families = (await http.get(f"{api}/metadata")).json()["data"]
+                for family in families:  # a counter family is queried as <name>_total
+                    names |= {family, family + "_total", family + "_bucket"}
+                return names
+
+            async with asyncio.timeout(60):  # until both targets are scraped and announced
+                while not {"fanout_edge_connections", "fanout_ingest_leader"} <= await known():
+                    await asyncio.sleep(0.2)
+            missing = {name: sorted(panels) for name, panels in wanted.items()
+                       if name not in await known()}
+    finally:
+        stop_process(prom)
+        stop_process(ingest)
+    assert not missing, f"queried but never exported: {missing}"
