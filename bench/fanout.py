@@ -29,8 +29,18 @@ a publication's offset and ts with one regex instead of json.loads (other frames
 `sansio` feeds every incoming byte to `ClientProtocol` instead (for comparison). All accept
 the edge's coalesced frames (a JSON array of messages) and its `gap` notices.
 
+`--frozen N` measures what clients that stop reading cost the others: each rate runs
+`--frozen-runs` times without and with N frozen clients, interleaved (the order alternating).
+The frozen clients (in this process, SO_RCVBUF 4 KiB, reading paused) subscribe to the
+readers' channels and to `--frozen-channel`; before each run with them, big messages on that
+channel (which only they read) fill their sockets, transports and send queues, so that during
+the run the edge has N stuck clients on the readers' channel (trades.*: policy drop, so they
+stay connected and every message is dropped for them). A table gives the readers' p50/p99
+without and with them, median and range over the runs. The tests check that a frozen client
+delays nobody by the order of events (tests/test_slow_consumers.py); this is the latency.
+
     .venv/bin/python bench/fanout.py [--clients 500] [--rates 50,100,200,400,800] [--client c]
-                                     [--channels 1]
+                                     [--channels 1] [--frozen 0 [--frozen-runs 3]]
 """
 
 from __future__ import annotations
@@ -45,6 +55,8 @@ import re
 import shlex
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,7 +64,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -766,6 +778,176 @@ def parse_metrics(text: str, name: str) -> list[tuple[str, float]]:
     return samples
 
 
+# --- frozen clients (--frozen) ------------------------------------------------------------
+
+FROZEN_PAD = "x" * 2000  # the fill's big messages: a few MB fill a client's socket and queue
+FROZEN_ROUND = 50  # big messages per fill round (~100 KiB)
+FROZEN_RCVBUF = 4096  # a frozen client's SO_RCVBUF: its kernel buffers fill sooner
+FILL_ROUNDS = 2_000  # most fill rounds (~200 MB) before giving up
+
+
+async def edge_metrics(edge: EdgeProcess, *names: str) -> list[float]:
+    """The edge's current value of each metric (its samples summed over labels; 0 if none)."""
+    status, text = await asyncio.to_thread(http_get, edge.url("/metrics"))
+    if status != 200:
+        raise RuntimeError(f"edge /metrics: HTTP {status}")
+    return [sum(v for _, v in parse_metrics(text, name)) for name in names]
+
+
+class FrozenClients:
+    """`--frozen N`: N clients subscribed to the measured channels and to `--frozen-channel`
+    that stop reading (the transport paused, SO_RCVBUF 4 KiB), in this process. `fill()`
+    publishes big messages on the frozen channel, which only they read, until their sockets,
+    transports and send queues are full; from then on the edge has N stuck clients on the
+    readers' channels, whose queue policy applies to every message (`drop` for trades.*:
+    they stay connected, dropping). `close()` aborts them and waits until the edge let go."""
+
+    def __init__(self, args: argparse.Namespace, edge: EdgeProcess, publisher: Publisher,
+                 channels: list[str]) -> None:
+        self.n: int = args.frozen
+        self.channel: str = args.frozen_channel
+        self.edge = edge
+        self.publisher = publisher
+        self.channels = [*channels, self.channel]
+        self.totals = Totals()
+        self.clients: list[BenchClient] = []
+        self.baseline = 0  # the edge's connections before we opened ours
+        self.queued = 0  # bytes in the edge's send queues once filled (all ours)
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        uri = f"ws://{HOST}:{self.edge.port}/ws"
+        [connections] = await edge_metrics(self.edge, "fanout_edge_connections")
+        self.baseline = int(connections)
+        for _ in range(self.n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, FROZEN_RCVBUF)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, (HOST, self.edge.port))
+                _, client = await loop.create_connection(
+                    lambda: BenchClient(self.totals, uri, self.channels, True), sock=sock
+                )
+            except BaseException:
+                sock.close()
+                raise
+            self.clients.append(client)
+            await asyncio.wait_for(client.ready, 30.0)
+            assert client.transport is not None
+            client.transport.pause_reading()  # frozen from here on
+
+    async def fill(self) -> int:
+        """Publish FROZEN_ROUND big messages at a time on the frozen channel until two
+        rounds in a row add nothing to the edge's queues (every frozen client's socket,
+        transport and queue is full: its policy drops the rest). Nothing else is published
+        meanwhile and the readers have drained, so what the edge queues is the frozen
+        clients'. Returns the rounds published."""
+        names = ("fanout_edge_live_messages_total", "fanout_edge_queue_bytes")
+        live, queued = await edge_metrics(self.edge, *names)
+        unchanged = 0
+        for rounds in range(1, FILL_ROUNDS + 1):
+            await self.publisher.publish_batch(
+                [UpstreamMessage(self.channel, {"pad": FROZEN_PAD})] * FROZEN_ROUND
+            )
+            target = live + FROZEN_ROUND
+            deadline = time.monotonic() + 30.0
+            while True:  # until the edge got the round from Redis
+                live, now_queued = await edge_metrics(self.edge, *names)
+                if live >= target:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("frozen fill: the edge did not get the messages")
+                await asyncio.sleep(0.01)
+            unchanged = unchanged + 1 if now_queued == queued and now_queued > 0 else 0
+            queued = now_queued
+            if unchanged >= 2:
+                self.queued = int(queued)
+                return rounds
+        raise RuntimeError(f"frozen fill: the queues still grew after {FILL_ROUNDS} rounds")
+
+    async def connected(self) -> int:
+        """How many of ours the edge still has (its connections beyond the baseline)."""
+        [connections] = await edge_metrics(self.edge, "fanout_edge_connections")
+        return max(0, min(self.n, int(connections) - self.baseline))
+
+    async def close(self) -> None:
+        for client in self.clients:
+            client.closing = True
+            if client.transport is not None:
+                client.transport.abort()
+        self.clients.clear()
+        deadline = time.monotonic() + 30.0
+        while await self.connected() > 0:  # the edge ended their sessions
+            if time.monotonic() > deadline:
+                raise RuntimeError("the edge kept the frozen clients' sessions for 30 s")
+            await asyncio.sleep(0.02)
+
+
+async def frozen_pair(ctx: Context, frozen: FrozenClients, rate: float,
+                      with_first: bool) -> list[Phase]:
+    """One phase without the frozen clients and one with them, in the order given."""
+    phases: list[Phase] = []
+    for stuck in (with_first, not with_first):
+        if not stuck:
+            phases.append(await run_phase(ctx, rate))
+            continue
+        await frozen.open()
+        rounds = await frozen.fill()
+        progress(f"  {frozen.n} frozen clients filled: {rounds} rounds of {FROZEN_ROUND} x "
+                 f"2 KB, {frozen.queued / 1024:,.0f} KiB queued for them")
+        dropped = "fanout_edge_messages_dropped_total"
+        try:
+            [before] = await edge_metrics(frozen.edge, dropped)
+            phase = await run_phase(ctx, rate)
+            open_after = await frozen.connected()
+            [after] = await edge_metrics(frozen.edge, dropped)
+        finally:
+            await frozen.close()
+        phases.append(replace(phase, frozen=frozen.n, frozen_open=open_after,
+                              frozen_dropped=int(after - before)))
+    return phases
+
+
+def frozen_rows(phases: list[Phase]) -> list[list[object]]:
+    """Per rate: the readers' p50 / p99 without and with the frozen clients, the median
+    over the runs and (in brackets) the range; and what the edge dropped for the frozen
+    clients, of what was published to them during the runs (100 %: stuck throughout)."""
+
+    def spread(values: list[float]) -> str:
+        if not values or any(math.isnan(v) for v in values):
+            return "n/a"
+        lo, mid, hi = (round(x * 1000, 1) for x in
+                       (min(values), statistics.median(values), max(values)))
+        return f"{mid:g} ({lo:g}-{hi:g})" if len(values) > 1 else f"{mid:g}"
+
+    rows: list[list[object]] = []
+    for rate in dict.fromkeys(p.rate for p in phases):
+        base = [p for p in phases if p.rate == rate and not p.frozen]
+        stuck = [p for p in phases if p.rate == rate and p.frozen]
+        if not base or not stuck:
+            continue
+        to_frozen = sum(p.published * p.frozen for p in stuck)
+        dropped = sum(p.frozen_dropped for p in stuck) / to_frozen if to_frozen else math.nan
+        rows.append([
+            round(rate), f"{len(base)} + {len(stuck)}",
+            spread([p.p50 for p in base]), spread([p.p50 for p in stuck]),
+            spread([p.p99 for p in base]), spread([p.p99 for p in stuck]),
+            f"{statistics.median(p.edge_cpu for p in base):.0f} / "
+            f"{statistics.median(p.edge_cpu for p in stuck):.0f}",
+            f"{sum(p.lost for p in base):,} / {sum(p.lost for p in stuck):,}",
+            f"{min(p.frozen_open for p in stuck)} of {stuck[0].frozen}",
+            f"{dropped:.0%}",
+        ])
+    return rows
+
+
+FROZEN_HEADERS = [
+    "publish rate/s", "runs", "p50 ms without", "p50 ms with", "p99 ms without",
+    "p99 ms with", "edge CPU % without / with", "lost without / with", "frozen still connected",
+    "dropped for frozen",
+]
+
+
 # --- a rate --------------------------------------------------------------------------------
 
 
@@ -799,6 +981,9 @@ class Phase:
     steal: float  # machine-wide, % of one CPU
     drain_s: float
     drained: bool
+    frozen: int = 0  # frozen clients opened for this phase (--frozen)
+    frozen_open: int = 0  # of them, still connected at the end of the window
+    frozen_dropped: int = 0  # messages the edge dropped for them during the phase
 
     @property
     def delivered(self) -> float:
@@ -826,7 +1011,8 @@ class Phase:
         full = self.pinned and self.bench_cpu_busy >= CPU_BOUND
         return self.client_side_cpu >= CLIENT_BOUND or full
 
-    def cells(self) -> list[object]:
+    def cells(self, frozen_column: bool = False) -> list[object]:
+        """The row of the main table; `frozen_column`: with the --frozen column."""
         clients = (str(self.clients) if self.open_after == self.clients
                    else f"{self.clients} ({self.clients - self.open_after} disconnected)")
         if self.channels > 1:
@@ -835,9 +1021,13 @@ class Phase:
         lost: object = self.lost
         if self.announced:
             lost = f"{self.lost:,} ({self.announced:,} announced)"
+        frozen = []
+        if frozen_column:
+            frozen = [str(self.frozen) if self.frozen_open == self.frozen
+                      else f"{self.frozen} ({self.frozen - self.frozen_open} disconnected)"]
         return [
-            round(self.rate), clients, round(self.delivered), round(self.expected), lost,
-            f"{self.gaps}/{self.dups}", ms(self.p50), ms(self.p99), ms(self.max),
+            round(self.rate), clients, *frozen, round(self.delivered), round(self.expected),
+            lost, f"{self.gaps}/{self.dups}", ms(self.p50), ms(self.p99), ms(self.max),
             round(self.edge_cpu), drain,
         ]
 
@@ -861,10 +1051,13 @@ CPU_HEADERS = [
 ]
 
 
-def headers(channels: int) -> list[str]:
+def headers(channels: int, frozen: bool = False) -> list[str]:
+    out = list(HEADERS)
+    if frozen:
+        out.insert(2, "frozen")
     if channels == 1:
-        return HEADERS
-    return [("clients x channels" if h == "clients" else h) for h in HEADERS]
+        return out
+    return [("clients x channels" if h == "clients" else h) for h in out]
 
 
 def ms(seconds: float) -> object:
@@ -1045,16 +1238,39 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
                       valkey_pid, edge.cpu, bench_cpu)
         phases: list[Phase] = []
         why: str | None = None
+        frozen = (FrozenClients(args, edge, publisher, channels) if args.frozen else None)
         for rate in args.rates:
             progress(f"rate {rate:g}/s: {args.warmup:g} s warm-up + "
                      f"{args.duration:g} s measured ...")
-            phase = await run_phase(ctx, rate)
-            phases.append(phase)
-            progress("  " + " | ".join(str(c) for c in phase.cells()))
-            why = stop_reason(phase)
+            if frozen is None:
+                batch = [await run_phase(ctx, rate)]
+            else:  # interleaved, the order alternating: without/with, with/without, ...
+                batch = []
+                for run in range(args.frozen_runs):
+                    batch += await frozen_pair(ctx, frozen, rate, with_first=run % 2 == 1)
+                    for phase in batch[-2:]:
+                        progress("  " + " | ".join(str(c) for c in phase.cells(True)))
+                    if any(stop_reason(p) for p in batch[-2:]):
+                        break
+            phases += batch
+            if frozen is None:
+                progress("  " + " | ".join(str(c) for c in batch[0].cells()))
+            why = next((r for p in batch if (r := stop_reason(p))), None)
             if why:
                 break
-        out.append(table(headers(len(channels)), [p.cells() for p in phases]))
+        if frozen is not None:
+            out.append(f"readers' latency without and with {args.frozen} frozen clients "
+                       f"(subscribed to the readers' channel and to {args.frozen_channel}, "
+                       "whose big messages filled their sockets and send queues before each "
+                       f"'with' run); {args.frozen_runs} interleaved runs of each per rate, "
+                       "median (min-max) over the runs:")
+            out.append("")
+            out.append(table(FROZEN_HEADERS, frozen_rows(phases)))
+            out.append("")
+            out.append("Every run:")
+            out.append("")
+        out.append(table(headers(len(channels), frozen is not None),
+                         [p.cells(frozen is not None) for p in phases]))
         out.append("")
         out.append("CPU during each measured window (100 % = one core). 'busy' is the whole "
                    "CPU: every process on it plus interrupts (loopback TCP is mostly softirq "
@@ -1185,6 +1401,15 @@ def parse_args() -> argparse.Namespace:
                         "<channel>K-1, every client subscribed to all; the rate is spread "
                         "round-robin over them (default 1: <channel> itself)")
     p.add_argument("--connect-concurrency", type=number(1, int), default=50)
+    p.add_argument("--frozen", type=number(0, int), default=0,
+                   help="also measure each rate with N frozen clients (subscribed to the "
+                        "readers' channels, then stop reading, their sockets and queues "
+                        "filled first), interleaved with runs without them (default 0: off)")
+    p.add_argument("--frozen-runs", type=number(1, int), default=3,
+                   help="with --frozen: runs without and with them per rate (default 3)")
+    p.add_argument("--frozen-channel", default="trades.BENCHFROZEN",
+                   help="with --frozen: the channel only the frozen clients read, whose big "
+                        "messages fill them (its namespace's policy must not be disconnect)")
     p.add_argument("--edge-cpu", type=int, default=0, help="CPU to pin the edge to")
     p.add_argument("--bench-cpu", type=int, default=1,
                    help="CPU to pin this process (and the embedded Valkey) to")
@@ -1198,13 +1423,26 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.channels > MAX_CHANNELS:
         p.error(f"--channels: at most {MAX_CHANNELS} (the edge's max_subscriptions default)")
+    if args.frozen and args.channels + 1 > MAX_CHANNELS:
+        p.error(f"--frozen: the frozen clients take --channels + 1 subscriptions, at most "
+                f"{MAX_CHANNELS}")
+    try:
+        parse_channel(args.frozen_channel)
+    except BadChannel as exc:
+        p.error(f"--frozen-channel: {exc}")
+    if args.frozen_channel in channel_names(args):
+        p.error("--frozen-channel must not be one of the readers' channels")
     for name in {channel_names(args)[0], channel_names(args)[-1]}:
         try:
             parse_channel(name)
         except BadChannel as exc:
             p.error(f"--channel {args.channel!r} with --channels {args.channels}: {exc}")
     if args.timeout is None:
-        args.timeout = 90 + len(args.rates) * (args.warmup + args.duration + args.drain + 5)
+        phases = 2 * args.frozen_runs if args.frozen else 1
+        fill = 60 if args.frozen else 0  # most s to open, fill and close the frozen clients
+        args.timeout = 90 + len(args.rates) * phases * (
+            args.warmup + args.duration + args.drain + 5 + fill
+        )
     return args
 
 
