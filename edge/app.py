@@ -10,7 +10,12 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -42,6 +47,7 @@ class Edge:
         self.node_id = config.node_id or os.urandom(4).hex()
         self.stats = EdgeStats()
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_*: RSS, CPU, open descriptors
         self.redis: Redis | None = None
         self.hub: Hub | None = None
         self.sessions: dict[Session, asyncio.Task[object]] = {}

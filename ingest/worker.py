@@ -25,7 +25,7 @@ import time
 from collections.abc import Generator
 
 import uvicorn
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp
 
@@ -281,6 +281,7 @@ async def serve(
     redis = redis_client(config.redis, decode_responses=True, socket_timeout=10.0,
                          socket_connect_timeout=5.0)
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_*: RSS, CPU, open descriptors
     metrics = IngestMetrics(registry)
     publisher = Publisher(
         redis, Keys(config.redis.key_prefix), config.history, config.redis.meta_ttl,

@@ -140,6 +140,10 @@ async def test_every_dashboard_and_alert_metric_reaches_a_real_prometheus(
             async with asyncio.timeout(60):  # until both targets are scraped and announced
                 while not {"fanout_edge_connections", "fanout_ingest_leader"} <= await known():
                     await asyncio.sleep(0.2)
+            # Both export the process collector's metrics (RSS, CPU, descriptors).
+            rss = (await http.get(f"{api}/query", params={
+                "query": "count by (job) (process_resident_memory_bytes)"})).json()["data"]
+            assert {r["metric"]["job"] for r in rss["result"]} == set(jobs)
             missing = {name: sorted(panels) for name, panels in wanted.items()
                        if name not in await known()}
     finally:
