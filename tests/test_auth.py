@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +31,7 @@ from common.auth import (
     static_keys,
     verify_token,
 )
-from common.config import EDGE_SETTINGS, EdgeConfig, build
+from common.config import EDGE_SETTINGS, EdgeConfig, build, check_edge
 from common.errors import ConfigError
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
@@ -277,9 +278,11 @@ def test_hs256_signed_with_the_public_key_is_refused(keys: dict[str, PrivateKey]
                     KeySet((make_key(rsa_key.key, ["HS256", "RS256"], "r1"),))):
         with pytest.raises(TokenError, match="'HS256' not accepted"):
             verify_token(forged, key_set, now=NOW, default_channels=())
-    # Nor can the public key be used as a secret.
+    # Nor can the public key be configured as the secret.
     with pytest.raises(ValueError, match="asymmetric key"):
         make_key(public_pem)
+    with pytest.raises(ConfigError, match=r"FANOUT_AUTH_SECRET: .*asymmetric key"):
+        build(EdgeConfig, EDGE_SETTINGS, env={"FANOUT_AUTH_SECRET": public_pem.decode()})
 
 
 def jwks_of(keys: dict[str, PrivateKey], **kids: str) -> KeySet:
@@ -364,6 +367,53 @@ def test_jwks_parsing_reads_signature_keys_only(keys: dict[str, PrivateKey]) -> 
     for bad in (b"[]", b"{}", b"not json", b'{"keys": 1}'):
         with pytest.raises(ValueError):
             parse_jwks(bad)
+
+
+def test_public_key_settings(tmp_path: Path, keys: dict[str, PrivateKey]) -> None:
+    public = tmp_path / "public.pem"
+    public.write_bytes(pem(keys["p256"]))
+    private = tmp_path / "private.pem"
+    private.write_bytes(private_pem(keys["p256"]))
+
+    def edge(**env: str) -> EdgeConfig:
+        config = build(EdgeConfig, EDGE_SETTINGS, env=env)
+        check_edge(config)
+        return config
+
+    config = edge(FANOUT_AUTH_PUBLIC_KEY_FILE=str(public), FANOUT_AUTH_ALGORITHMS="ES256")
+    assert config.auth_public_key_file == str(public) and config.auth_algorithms == ("ES256",)
+    url = "https://idp.example/.well-known/jwks.json"
+    assert edge(FANOUT_AUTH_JWKS_URL=url).auth_jwks_url == url
+    assert edge(FANOUT_AUTH_JWKS_URL="http://127.0.0.1:8080/jwks").auth_jwks_refresh == 600
+    assert edge(FANOUT_AUTH_JWKS_URL="http://[::1]:8080/jwks").auth_jwks_min_interval == 30
+    cases = [
+        ({"FANOUT_AUTH_PUBLIC_KEY_FILE": str(tmp_path / "missing.pem")},
+         "FANOUT_AUTH_PUBLIC_KEY_FILE: cannot read"),
+        ({"FANOUT_AUTH_PUBLIC_KEY_FILE": str(private)},
+         "FANOUT_AUTH_PUBLIC_KEY_FILE: .*private key"),
+        ({"FANOUT_AUTH_PUBLIC_KEY_FILE": str(public), "FANOUT_AUTH_ALGORITHMS": "RS256"},
+         "FANOUT_AUTH_PUBLIC_KEY_FILE: .*verifies only ES256"),
+        ({"FANOUT_AUTH_PUBLIC_KEY_FILE": str(public), "FANOUT_AUTH_ALGORITHMS": "HS256"},
+         "FANOUT_AUTH_ALGORITHMS: HS256 need FANOUT_AUTH_SECRET"),
+        ({"FANOUT_AUTH_SECRET": SECRET.decode(), "FANOUT_AUTH_ALGORITHMS": "HS256,RS256"},
+         "FANOUT_AUTH_ALGORITHMS: only HS256"),
+        ({"FANOUT_AUTH_ALGORITHMS": "none"}, "FANOUT_AUTH_ALGORITHMS: unknown or refused"),
+        ({"FANOUT_AUTH_ALGORITHMS": "ES256"}, "FANOUT_AUTH_ALGORITHMS: needs a key"),
+        ({"FANOUT_AUTH_SECRET": SECRET.decode(), "FANOUT_AUTH_JWKS_URL": url},
+         "FANOUT_AUTH_JWKS_URL: set only one of FANOUT_AUTH_SECRET, FANOUT_AUTH_JWKS_URL"),
+        ({"FANOUT_AUTH_JWKS_URL": "http://idp.example/jwks"},
+         "FANOUT_AUTH_JWKS_URL: must be an https:// URL"),
+        ({"FANOUT_AUTH_JWKS_URL": "http://127.evil.example/jwks"},
+         "FANOUT_AUTH_JWKS_URL: must be an https:// URL"),
+        ({"FANOUT_AUTH_JWKS_URL": "file:///etc/jwks.json"},
+         "FANOUT_AUTH_JWKS_URL: must be an https:// URL"),
+        ({"FANOUT_AUTH_JWKS_URL": url, "FANOUT_AUTH_JWKS_REFRESH": "10"},
+         "FANOUT_AUTH_JWKS_MIN_INTERVAL: must not exceed FANOUT_AUTH_JWKS_REFRESH"),
+        ({"FANOUT_AUTH_JWKS_TIMEOUT": "0"}, "FANOUT_AUTH_JWKS_TIMEOUT: must be a finite"),
+    ]
+    for env, error in cases:
+        with pytest.raises(ConfigError, match=error):
+            edge(**env)
 
 
 # --- an edge with a secret -------------------------------------------------------------------
