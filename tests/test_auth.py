@@ -416,6 +416,29 @@ def test_public_key_settings(tmp_path: Path, keys: dict[str, PrivateKey]) -> Non
             edge(**env)
 
 
+def test_fanout_token_signs_with_a_private_key(
+    tmp_path: Path, keys: dict[str, PrivateKey]
+) -> None:
+    private = tmp_path / "signing.pem"
+    private.write_bytes(private_pem(keys["p384"]))
+    env = {k: v for k, v in os.environ.items() if k != "FANOUT_AUTH_SECRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "common.cli", "token", "--sub", "carol", "--ttl", "60",
+         "--private-key-file", str(private), "--kid", "2024-06"],
+        env=env, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.strip()
+    header = json.loads(base64.urlsafe_b64decode(out.split(".")[0] + "=="))
+    assert header == {"alg": "ES384", "typ": "JWT", "kid": "2024-06"}
+    claims = verify_token(out, jwks_of(keys, p384="2024-06"), now=time.time(),
+                          default_channels=())
+    assert claims.subject == "carol"
+    done = subprocess.run(
+        [sys.executable, "-m", "common.cli", "token", "--sub", "carol",
+         "--private-key-file", str(private), "--alg", "RS256"],
+        env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--alg: 'RS256' does not fit this key" in done.stderr
+
+
 # --- an edge with a secret -------------------------------------------------------------------
 
 
