@@ -102,12 +102,12 @@ class Edge:
         self.log.info("drained")
 
     async def stop(self) -> None:
-        if self.verifier is not None:
-            await self.verifier.stop()
         for session in list(self.sessions):
             session.fail(Disconnect(CloseCode.SHUTDOWN, "server shutting down"))
         if self.sessions:
             await asyncio.wait(list(self.sessions.values()), timeout=3.0)
+        if self.verifier is not None:  # after the sessions: one may wait on a JWKS fetch
+            await self.verifier.stop()
         if self.hub is not None:
             await self.hub.close()
         if self.redis is not None:
