@@ -15,6 +15,7 @@ from common.config import (
     IngestConfig,
     add_arguments,
     build,
+    check_edge,
     check_ingest,
 )
 from common.errors import ConfigError
@@ -61,8 +62,10 @@ def _parser() -> argparse.ArgumentParser:
         "token",
         help="print a signed connection token (for development and scripts)",
         description="Print a JWT for `connect`, signed with FANOUT_AUTH_SECRET (read from the "
-        "environment only, never a flag, so it stays out of shell history and ps). "
-        "Backends mint their own tokens the same way (docs/protocol.md, Authentication).",
+        "environment only, never a flag, so it stays out of shell history and ps), or with "
+        "a private key file (RS/PS, ES, EdDSA) for an edge that verifies with the public key "
+        "or a JWKS. Backends and identity providers mint their own tokens the same way "
+        "(docs/protocol.md, Authentication).",
     )
     token.add_argument("--sub", required=True, help="who the client is (the sub claim)")
     token.add_argument("--ttl", type=float, default=3600.0,
@@ -74,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="comma-separated account ids whose account.<id>.* it may read")
     token.add_argument("--issuer", default="", help="iss claim")
     token.add_argument("--audience", default="", help="aud claim")
+    token.add_argument("--private-key-file", default=None,
+                       help="PEM private key (RSA, EC P-256/384/521, Ed25519/Ed448, "
+                       "unencrypted) to sign with instead of FANOUT_AUTH_SECRET")
+    token.add_argument("--alg", default=None,
+                       help="JWT algorithm (default: HS256 with the secret; RS256, the EC "
+                       "curve's ES256/384/512, or EdDSA with a private key)")
+    token.add_argument("--kid", default=None,
+                       help="kid header: the id of the key in the edge's JWKS")
     return parser
 
 
@@ -81,11 +92,26 @@ def _token(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from common.auth import check_patterns, sign_token
+    from common.auth import PrivateKey, check_patterns, key_algorithms, load_private_key, sign_token
 
-    secret = os.environ.get("FANOUT_AUTH_SECRET", "")
-    if not secret:
-        raise ConfigError("FANOUT_AUTH_SECRET", "must be set in the environment")
+    key: bytes | PrivateKey
+    if args.private_key_file:
+        try:
+            with open(args.private_key_file, "rb") as file:
+                key = load_private_key(file.read(1024 * 1024))
+        except OSError as exc:
+            raise ConfigError("--private-key-file", f"cannot read: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ConfigError("--private-key-file", str(exc)) from None
+    else:
+        secret = os.environ.get("FANOUT_AUTH_SECRET", "")
+        if not secret:
+            raise ConfigError("FANOUT_AUTH_SECRET", "must be set in the environment (or "
+                              "sign with --private-key-file)")
+        key = secret.encode()
+    if args.alg is not None and args.alg not in key_algorithms(key):
+        raise ConfigError("--alg", f"{args.alg!r} does not fit this key: it signs "
+                          f"{', '.join(key_algorithms(key))}")
     if not args.ttl > 0:
         raise ConfigError("--ttl", "must be > 0")
     now = int(time.time())
@@ -103,7 +129,7 @@ def _token(args: argparse.Namespace) -> int:
         claims["iss"] = args.issuer
     if args.audience:
         claims["aud"] = args.audience
-    print(sign_token(claims, secret.encode()))
+    print(sign_token(claims, key, args.alg, args.kid))
     return 0
 
 
@@ -120,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_worker(ingest_config)
         if args.command == "edge":
             edge_config = build(EdgeConfig, EDGE_SETTINGS, args=args)
+            check_edge(edge_config)
             _logging(edge_config.log_level)
             from edge.server import run_edge
 

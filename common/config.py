@@ -167,8 +167,16 @@ class EdgeConfig:
     drain_seconds: float = 10.0  # on SIGTERM/SIGINT, close connections spread over this long
     # The cyclic garbage collector's thresholds (gc.set_threshold); None = Python's own.
     gc_thresholds: tuple[int, int, int] | None = (50_000, 50, 100)
-    # Connection tokens (common/auth.py); no secret = no authentication (development).
+    # Connection tokens (common/auth.py), verified with one of: an HMAC secret, a public
+    # key (PEM file) or the keys of a JWKS URL; none of them = no authentication
+    # (development). `check_edge` refuses more than one.
     auth_secret: str = field(default="", repr=False)
+    auth_public_key_file: str = ""
+    auth_jwks_url: str = field(default="", repr=False)  # may carry credentials
+    auth_algorithms: tuple[str, ...] = ()  # () = every algorithm the key's type has
+    auth_jwks_refresh: float = 600.0  # s a fetched key set is used at most (max-age: less)
+    auth_jwks_min_interval: float = 30.0  # s between fetches asked for by unknown kids
+    auth_jwks_timeout: float = 5.0  # s a JWKS fetch may take
     auth_channels: tuple[str, ...] = ("quotes.*", "trades.*", "depth.*", "bars.*")
     auth_issuer: str = ""
     auth_audience: str = ""
@@ -319,11 +327,68 @@ def _gc_thresholds(setting: str, text: str) -> tuple[int, int, int] | None:
 
 
 def _auth_secret(setting: str, text: str) -> str:
-    from common.auth import MIN_SECRET
+    from common.auth import MIN_SECRET, make_key
 
     if len(text.encode()) < MIN_SECRET:
         raise ConfigError(setting, f"must be at least {MIN_SECRET} bytes long")
+    try:
+        make_key(text.encode())  # not a public key used as a secret (algorithm confusion)
+    except ValueError as exc:
+        raise ConfigError(setting, f"{exc} (for public keys: FANOUT_AUTH_PUBLIC_KEY_FILE "
+                          "or FANOUT_AUTH_JWKS_URL)") from None
     return text
+
+
+def _auth_public_key_file(setting: str, text: str) -> str:
+    from common.auth import load_public_key
+
+    try:
+        with open(text, "rb") as file:
+            data = file.read(1024 * 1024)
+    except OSError as exc:
+        raise ConfigError(setting, f"cannot read {text!r}: {exc.strerror}") from None
+    try:
+        load_public_key(data)
+    except ValueError as exc:
+        raise ConfigError(setting, f"{text!r}: {exc}") from None
+    return text
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: not known to be loopback
+
+
+def _jwks_url(setting: str, text: str) -> str:
+    try:
+        parts = urlsplit(text.strip())
+        host = parts.hostname or ""
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigError(setting, f"not a valid URL ({exc})") from None
+    loopback = _is_loopback(host)
+    if not host or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+        # Keys fetched over plain HTTP could be swapped by anyone on the path: whoever
+        # does so mints tokens the edge accepts.
+        raise ConfigError(setting, "must be an https:// URL (http:// only to a loopback "
+                          "address, for development)")
+    return text.strip()
+
+
+def _algorithms(setting: str, text: str) -> tuple[str, ...]:
+    from common.auth import check_algorithms
+
+    names = _csv(setting, text)
+    if not names:
+        raise ConfigError(setting, "must name at least one algorithm")
+    try:
+        return check_algorithms(names)
+    except ValueError as exc:
+        raise ConfigError(setting, str(exc)) from None
 
 
 def _patterns(setting: str, text: str) -> tuple[str, ...]:
@@ -436,7 +501,26 @@ EDGE_SETTINGS = (
             "keeps Python's 700,10,10)"),
     Setting("auth_secret", "--auth-secret", "FANOUT_AUTH_SECRET", _auth_secret,
             "HMAC secret of connection tokens (JWT HS256/384/512), at least 32 bytes "
-            "(secret); unset = no authentication"),
+            "(secret); unset (and no public key or JWKS URL) = no authentication"),
+    Setting("auth_public_key_file", "--auth-public-key-file", "FANOUT_AUTH_PUBLIC_KEY_FILE",
+            _auth_public_key_file,
+            "PEM file of the public key (or certificate) that verifies connection tokens "
+            "(RSA >= 2048 bits, EC P-256/384/521, Ed25519/Ed448)"),
+    Setting("auth_jwks_url", "--auth-jwks-url", "FANOUT_AUTH_JWKS_URL", _jwks_url,
+            "https:// URL of the JWKS whose keys verify connection tokens (chosen by kid; "
+            "fetched at start, refreshed, refetched for an unknown kid)"),
+    Setting("auth_algorithms", "--auth-algorithms", "FANOUT_AUTH_ALGORITHMS", _algorithms,
+            "comma-separated JWT algorithms accepted (default: every one of the key's type: "
+            "HS256,HS384,HS512 with a secret; RS*/PS*, ES* or EdDSA with public keys)"),
+    Setting("auth_jwks_refresh", "--auth-jwks-refresh", "FANOUT_AUTH_JWKS_REFRESH",
+            _float(0), "seconds a fetched JWKS is used before it is fetched again; a "
+            "shorter Cache-Control max-age wins, down to the min interval (default 600)"),
+    Setting("auth_jwks_min_interval", "--auth-jwks-min-interval",
+            "FANOUT_AUTH_JWKS_MIN_INTERVAL", _float(0),
+            "seconds: at most one JWKS fetch per this interval for tokens with an unknown "
+            "kid; also the longest retry delay after a failed fetch (default 30)"),
+    Setting("auth_jwks_timeout", "--auth-jwks-timeout", "FANOUT_AUTH_JWKS_TIMEOUT", _float(0),
+            "seconds a JWKS fetch may take (default 5)"),
     Setting("auth_channels", "--auth-channels", "FANOUT_AUTH_CHANNELS", _patterns,
             "channel patterns a token without a channels claim may subscribe to "
             "(default quotes.*,trades.*,depth.*,bars.*)"),
@@ -519,6 +603,42 @@ def check_ingest(config: IngestConfig) -> None:
         raise ConfigError("FANOUT_RECONNECT_CAP", "must not be below FANOUT_RECONNECT_BASE")
     if config.api_port and not config.api_keys:
         raise ConfigError("FANOUT_API_KEYS", "is required when FANOUT_API_PORT is set")
+
+
+def check_edge(config: EdgeConfig) -> None:
+    """What one setting alone cannot tell: one source of token keys at most, algorithms
+    that fit it, JWKS intervals in order."""
+    from common.auth import HMAC_ALGORITHMS, load_public_key
+
+    sources = [env for env, value in (("FANOUT_AUTH_SECRET", config.auth_secret),
+                                      ("FANOUT_AUTH_PUBLIC_KEY_FILE", config.auth_public_key_file),
+                                      ("FANOUT_AUTH_JWKS_URL", config.auth_jwks_url)) if value]
+    if len(sources) > 1:
+        raise ConfigError(sources[1], f"set only one of {', '.join(sources)}")
+    algorithms = config.auth_algorithms
+    if algorithms:
+        hmac = [a for a in algorithms if a in HMAC_ALGORITHMS]
+        if not sources:
+            raise ConfigError("FANOUT_AUTH_ALGORITHMS", "needs a key: FANOUT_AUTH_SECRET, "
+                              "FANOUT_AUTH_PUBLIC_KEY_FILE or FANOUT_AUTH_JWKS_URL")
+        if config.auth_secret and len(hmac) != len(algorithms):
+            raise ConfigError("FANOUT_AUTH_ALGORITHMS", "only HS256, HS384 and HS512 verify "
+                              "with FANOUT_AUTH_SECRET")
+        if not config.auth_secret and hmac:
+            raise ConfigError("FANOUT_AUTH_ALGORITHMS", f"{', '.join(hmac)} need "
+                              "FANOUT_AUTH_SECRET: a public key is never an HMAC secret")
+    if config.auth_public_key_file:
+        try:
+            with open(config.auth_public_key_file, "rb") as file:
+                load_public_key(file.read(1024 * 1024), algorithms or None)
+        except OSError as exc:
+            raise ConfigError("FANOUT_AUTH_PUBLIC_KEY_FILE", f"cannot read: {exc.strerror}"
+                              ) from None
+        except ValueError as exc:
+            raise ConfigError("FANOUT_AUTH_PUBLIC_KEY_FILE", str(exc)) from None
+    if config.auth_jwks_min_interval > config.auth_jwks_refresh:
+        raise ConfigError("FANOUT_AUTH_JWKS_MIN_INTERVAL",
+                          "must not exceed FANOUT_AUTH_JWKS_REFRESH")
 
 
 def _env_names(setting: Setting) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from common.redisclient import redis_client
 from edge.hub import Hub
 from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
+from edge.tokens import TokenVerifier
 from edge.wire import RawSendMiddleware
 
 STATIC = Path(__file__).parent / "static"
@@ -48,21 +49,24 @@ class Edge:
         self.stats = EdgeStats()
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_*: RSS, CPU, open descriptors
+        # None: no key configured, no authentication. ConfigError for settings that do not
+        # fit together (the command checks them first; this covers an app built directly).
+        self.verifier = TokenVerifier.from_config(config, self.stats, self.log.getChild("jwks"))
         self.redis: Redis | None = None
         self.hub: Hub | None = None
         self.sessions: dict[Session, asyncio.Task[object]] = {}
         self.draining = False  # shutting down: not ready, new connections closed at once
-        self.registry.register(EdgeCollector(
-            self.stats,
-            ready=lambda: self.hub is not None and self.hub.ready and not self.draining,
-        ))
+        self.registry.register(EdgeCollector(self.stats, ready=self.ready))
 
     async def start(self) -> None:
         url = self.config.redis.url
         self.log.info("edge starting node=%s redis=%s", self.node_id, redact_url(url))
-        if not self.config.auth_secret:
-            self.log.warning("authentication is off (no FANOUT_AUTH_SECRET): any client may "
-                             "subscribe to any channel, account channels included")
+        if self.verifier is None:
+            self.log.warning("authentication is off (no FANOUT_AUTH_SECRET, "
+                             "FANOUT_AUTH_PUBLIC_KEY_FILE or FANOUT_AUTH_JWKS_URL): any client "
+                             "may subscribe to any channel, account channels included")
+        else:
+            await self.verifier.start()
         self.redis = redis_client(
             self.config.redis, decode_responses=True, socket_timeout=5.0,
             socket_connect_timeout=5.0, health_check_interval=0,
@@ -108,6 +112,8 @@ class Edge:
             session.fail(Disconnect(CloseCode.SHUTDOWN, "server shutting down"))
         if self.sessions:
             await asyncio.wait(list(self.sessions.values()), timeout=3.0)
+        if self.verifier is not None:  # after the sessions: one may wait on a JWKS fetch
+            await self.verifier.stop()
         if self.hub is not None:
             await self.hub.close()
         if self.redis is not None:
@@ -126,7 +132,7 @@ class Edge:
             return
         session = Session(
             ws, self.hub, self.config, self.stats, self.log.getChild("session"), codec,
-            f"{self.node_id}-{os.urandom(6).hex()}",
+            f"{self.node_id}-{os.urandom(6).hex()}", self.verifier,
         )
         task = asyncio.current_task()
         assert task is not None
@@ -139,15 +145,22 @@ class Edge:
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.node_id})
 
+    def ready(self) -> bool:
+        """What /readyz checks but its Redis PING (the fanout_edge_ready gauge too)."""
+        return (self.hub is not None and self.hub.ready and not self.draining
+                and (self.verifier is None or self.verifier.ready))
+
     async def readyz(self, request: Request) -> Response:
         redis_ok = False
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 1.0))
         live_ok = self.hub is not None and self.hub.ready
-        body = {"redis": redis_ok, "pubsub": live_ok, "draining": self.draining,
-                "node": self.node_id}
-        ok = redis_ok and live_ok and not self.draining
+        # Keys to verify tokens with: false only while a JWKS has not been loaded yet.
+        auth_ok = self.verifier is None or self.verifier.ready
+        body = {"redis": redis_ok, "pubsub": live_ok, "auth": auth_ok,
+                "draining": self.draining, "node": self.node_id}
+        ok = redis_ok and live_ok and auth_ok and not self.draining
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import protocol
-from common.auth import LEEWAY, Claims, TokenError, verify_token
+from common.auth import LEEWAY, Claims, TokenError
 from common.config import EdgeConfig
 from common.errors import (
     AlreadySubscribed,
@@ -38,6 +38,7 @@ from edge.hub import Batch, Hub, Publication, Subscription, Wire
 from edge.limits import TokenBucket
 from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
 from edge.stats import EdgeStats
+from edge.tokens import KeysUnavailable, TokenVerifier
 from edge.wire import RawWebSocket, encode_frame
 
 _CLOSE_REASONS = {
@@ -78,8 +79,10 @@ class Session:
         logger: logging.Logger,
         codec: Codec,
         client_id: str,
+        verifier: TokenVerifier | None = None,
     ) -> None:
         self.ws = ws
+        self.verifier = verifier  # None: authentication is off
         self.hub = hub
         self.config = config
         self.stats = stats
@@ -375,7 +378,7 @@ class Session:
             raise Disconnect(CloseCode.BAD_REQUEST, f"bad connect: {exc.message}") from None
         if not isinstance(command, protocol.Connect):
             raise Disconnect(CloseCode.BAD_REQUEST, "first message must be connect")
-        self._authenticate(command.token)
+        await self._authenticate(command.token)
         self.enqueue(protocol.encode(protocol.connected(
             command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout,
             self._expires_in(),
@@ -395,23 +398,20 @@ class Session:
         finally:
             pinger.cancel()
 
-    def _verify(self, token: str | None) -> Claims:
-        return verify_token(
-            token, self.config.auth_secret.encode(), now=time.time(),
-            default_channels=self.config.auth_channels, issuer=self.config.auth_issuer,
-            audience=self.config.auth_audience,
-        )
-
-    def _authenticate(self, token: str | None) -> None:
-        """Without a secret configured every client may read every channel (development);
-        with one, the token's claims decide, and the connection ends when it expires."""
-        if not self.config.auth_secret:
+    async def _authenticate(self, token: str | None) -> None:
+        """Without keys configured every client may read every channel (development); with
+        them, the token's claims decide, and the connection ends when it expires. An edge
+        that has no keys yet (JWKS not loaded) asks the client to come back: 3004."""
+        if self.verifier is None:
             return
         try:
-            claims = self._verify(token)
+            claims = await self.verifier.verify(token)
         except TokenError as exc:
             self.log.info("unauthorized client=%s error=%s", self.client_id, exc)
             raise Disconnect(CloseCode.UNAUTHORIZED, exc.reason) from None
+        except KeysUnavailable as exc:
+            self.log.warning("cannot authenticate client=%s: %s", self.client_id, exc)
+            raise Disconnect(CloseCode.SERVER_ERROR, "authentication unavailable") from None
         self.log.debug("authenticated client=%s sub=%s", self.client_id, claims.subject)
         self._set_claims(claims)
 
@@ -431,16 +431,19 @@ class Session:
             return None
         return max(self.claims.expires + LEEWAY - time.time(), 0.0)
 
-    def _refresh(self, command: protocol.Refresh) -> dict[str, Any]:
+    async def _refresh(self, command: protocol.Refresh) -> dict[str, Any]:
         """A new token for the same subject; it must allow every channel subscribed now
         (unsubscribe first), so that a refresh never silently ends a subscription."""
-        if self.claims is None:
+        if self.claims is None or self.verifier is None:
             raise BadRequest("authentication is off: nothing to refresh")
         try:
-            claims = self._verify(command.token)
+            claims = await self.verifier.verify(command.token)
         except TokenError as exc:
             self.log.info("refresh refused client=%s error=%s", self.client_id, exc)
             raise Unauthorized(exc.reason) from None
+        except KeysUnavailable as exc:
+            self.log.warning("cannot check refresh client=%s: %s", self.client_id, exc)
+            raise Unavailable("authentication unavailable: retry later") from None
         if claims.subject != self.claims.subject:
             raise Unauthorized("token is for another subject")
         for name in sorted(self.subscriptions | set(self._subscribing)):
@@ -506,7 +509,7 @@ class Session:
         if isinstance(command, protocol.Ping):
             return protocol.pong(command.id)
         if isinstance(command, protocol.Refresh):
-            return self._refresh(command)
+            return await self._refresh(command)
         if isinstance(command, protocol.Connect):
             raise BadRequest("already connected")
         raise InternalError("unhandled command")

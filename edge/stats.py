@@ -40,6 +40,8 @@ class EdgeStats:
     request_errors: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # by namespace
     conflated: dict[str, int] = field(default_factory=dict)  # by namespace
+    jwks_fetches: dict[str, int] = field(default_factory=dict)  # by result: ok, error
+    jwks_keys: int = 0  # keys of the JWKS in use
 
     def count_disconnect(self, reason: str) -> None:
         self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
@@ -52,6 +54,9 @@ class EdgeStats:
 
     def count_conflated(self, namespace: str) -> None:
         self.conflated[namespace] = self.conflated.get(namespace, 0) + 1
+
+    def count_jwks_fetch(self, result: str) -> None:
+        self.jwks_fetches[result] = self.jwks_fetches.get(result, 0) + 1
 
 
 class EdgeCollector(Collector):
@@ -68,8 +73,8 @@ class EdgeCollector(Collector):
         def counter(name: str, doc: str, value: float) -> Metric:
             return CounterMetricFamily(f"fanout_edge_{name}", doc, value=value)
 
-        yield gauge("ready", "1 while the pub/sub connection is up and probed and the edge "
-                    "is not draining (what /readyz checks, but its Redis PING).",
+        yield gauge("ready", "1 while the pub/sub connection is up and probed, token keys are "
+                    "loaded and the edge is not draining (/readyz, but its Redis PING).",
                     1 if self.ready() else 0)
         yield gauge("connections", "Open client connections.", s.connections)
         yield counter("connections_accepted", "Client connections accepted.",
@@ -122,3 +127,12 @@ class EdgeCollector(Collector):
         for code, n in sorted(s.request_errors.items()):
             errs.add_metric([code], n)
         yield errs
+        jwks = CounterMetricFamily(
+            "fanout_edge_jwks_fetches", "JWKS fetches (token keys), by result: ok, error.",
+            labels=["result"],
+        )
+        for result, n in sorted(s.jwks_fetches.items()):
+            jwks.add_metric([result], n)
+        yield jwks
+        yield gauge("jwks_keys", "Keys in the JWKS in use (0 without a JWKS URL, or before "
+                    "its first fetch).", s.jwks_keys)

@@ -5,20 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from common.auth import Claims, TokenError, sign_token, verify_token
-from common.config import EDGE_SETTINGS, EdgeConfig, build
+from common.auth import (
+    Claims,
+    KeySet,
+    PrivateKey,
+    TokenError,
+    UnknownKey,
+    load_public_key,
+    make_key,
+    parse_jwks,
+    sign_token,
+    static_keys,
+    verify_token,
+)
+from common.config import EDGE_SETTINGS, EdgeConfig, build, check_edge
 from common.errors import ConfigError
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.jwtkeys import generate_keys, jwks_document, pem, private_pem
 from tests.wsclient import ProtoClient
 
 SECRET = b"0123456789abcdef0123456789abcdef"
@@ -176,6 +193,250 @@ def test_fanout_token_command_signs_what_the_edge_accepts() -> None:
     done = subprocess.run([sys.executable, "-m", "common.cli", "token", "--sub", "bob"],
                           env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "FANOUT_AUTH_SECRET" in done.stderr
+
+
+# --- public keys (pure) ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def keys() -> dict[str, PrivateKey]:
+    """RSA 2048 (two), EC P-256 and P-384, Ed25519: generated in the test process."""
+    return generate_keys()
+
+
+def claims_now(**extra: Any) -> dict[str, Any]:
+    return {"sub": "alice", "exp": NOW + 60, **extra}
+
+
+@pytest.mark.parametrize(
+    ("alg", "name"),
+    [("RS256", "rsa"), ("RS384", "rsa"), ("RS512", "rsa"), ("PS256", "rsa"), ("PS512", "rsa"),
+     ("ES256", "p256"), ("ES384", "p384"), ("EdDSA", "ed25519")],
+)
+def test_public_key_algorithms_verify_with_the_public_half_only(
+    keys: dict[str, PrivateKey], alg: str, name: str
+) -> None:
+    tok = sign_token(claims_now(accounts=[42]), keys[name], alg, kid="k1")
+    assert json.loads(base64.urlsafe_b64decode(tok.split(".")[0] + "=="))["alg"] == alg
+    public = load_public_key(pem(keys[name]))  # the PEM an edge is given
+    claims = verify_token(tok, public, now=NOW, default_channels=DEFAULTS)
+    assert claims.subject == "alice" and claims.allows("account.42.orders")
+    # The same key type, another key: the signature does not check out.
+    other = "rsa2" if name == "rsa" else name
+    if other != name:
+        with pytest.raises(TokenError, match="bad signature"):
+            verify_token(tok, load_public_key(pem(keys[other])), now=NOW, default_channels=())
+    forged = tok.rsplit(".", 1)[0] + "." + sign_token(claims_now(), keys[name], alg).split(".")[2]
+    with pytest.raises(TokenError, match="bad signature"):
+        verify_token(forged, public, now=NOW, default_channels=())
+
+
+def test_a_key_verifies_only_its_own_family_whatever_is_configured(
+    keys: dict[str, PrivateKey]
+) -> None:
+    rsa_key = load_public_key(pem(keys["rsa"]))
+    assert rsa_key.algorithms == {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
+    assert load_public_key(pem(keys["p256"])).algorithms == {"ES256"}
+    assert load_public_key(pem(keys["p384"])).algorithms == {"ES384"}
+    assert load_public_key(pem(keys["ed25519"])).algorithms == {"EdDSA"}
+    # Configuration narrows; it never widens: HS256 is not granted to an RSA key.
+    assert make_key(rsa_key.key, ["HS256", "RS256"]).algorithms == {"RS256"}
+    with pytest.raises(ValueError, match="none of the accepted"):
+        make_key(rsa_key.key, ["HS256"])
+    with pytest.raises(ValueError, match="none of the accepted"):
+        load_public_key(pem(keys["p256"]), ["ES384"])  # ES384 needs P-384
+    with pytest.raises(ValueError, match="private key"):
+        load_public_key(private_pem(keys["rsa"]))
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    with pytest.raises(ValueError, match="at least 2048"):
+        load_public_key(pem(weak))
+    tok = sign_token(claims_now(), keys["rsa"], "PS256")
+    with pytest.raises(TokenError, match="'PS256' not accepted"):
+        verify_token(tok, make_key(rsa_key.key, ["RS256"]), now=NOW, default_channels=())
+
+
+def test_alg_none_is_refused_with_any_key(keys: dict[str, PrivateKey]) -> None:
+    body = _b64({"sub": "mallory", "exp": NOW + 60, "channels": ["*"]})
+    for header in ({"alg": "none"}, {"alg": "none", "kid": "r1"}, {"alg": "None"}, {}):
+        tok = f"{_b64(header)}.{body}."
+        for key_set in (static_keys(SECRET), static_keys(load_public_key(pem(keys["rsa"]))),
+                        jwks_of(keys, rsa="r1")):
+            with pytest.raises(TokenError, match="not accepted"):
+                verify_token(tok, key_set, now=NOW, default_channels=())
+
+
+def test_hs256_signed_with_the_public_key_is_refused(keys: dict[str, PrivateKey]) -> None:
+    """Algorithm confusion: the attacker knows the RSA public key and uses its PEM as an
+    HMAC secret. No RSA key verifies HS256, whatever the token or the settings say."""
+    public_pem = pem(keys["rsa"])
+    header = _b64({"alg": "HS256", "typ": "JWT", "kid": "r1"})
+    body = _b64({"sub": "mallory", "exp": NOW + 60, "channels": ["*"]})
+    mac = hmac.new(public_pem, f"{header}.{body}".encode(), hashlib.sha256).digest()
+    forged = f"{header}.{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+    rsa_key = load_public_key(pem(keys["rsa"]))
+    for key_set in (static_keys(rsa_key), jwks_of(keys, rsa="r1"),
+                    KeySet((make_key(rsa_key.key, ["HS256", "RS256"], "r1"),))):
+        with pytest.raises(TokenError, match="'HS256' not accepted"):
+            verify_token(forged, key_set, now=NOW, default_channels=())
+    # Nor can the public key be configured as the secret.
+    with pytest.raises(ValueError, match="asymmetric key"):
+        make_key(public_pem)
+    with pytest.raises(ConfigError, match=r"FANOUT_AUTH_SECRET: .*asymmetric key"):
+        build(EdgeConfig, EDGE_SETTINGS, env={"FANOUT_AUTH_SECRET": public_pem.decode()})
+
+
+def jwks_of(keys: dict[str, PrivateKey], **kids: str) -> KeySet:
+    """A JWKS (as an identity provider publishes it) of the named keys, parsed: kid=name."""
+    key_set, skipped = parse_jwks(json.dumps(jwks_document(keys, **kids)))
+    assert skipped == []
+    return key_set
+
+
+def test_jwks_keys_are_chosen_by_kid(keys: dict[str, PrivateKey]) -> None:
+    key_set = jwks_of(keys, rsa="r1", p256="e1", ed25519="d1")
+    for name, alg, kid in (("rsa", "RS256", "r1"), ("p256", "ES256", "e1"),
+                           ("ed25519", "EdDSA", "d1"), ("rsa", "PS256", "r1")):
+        tok = sign_token(claims_now(), keys[name], alg, kid=kid)
+        assert verify_token(tok, key_set, now=NOW, default_channels=()).subject == "alice"
+    # A kid the set does not hold: UnknownKey (the edge's JWKS cache refetches once).
+    with pytest.raises(UnknownKey, match="unknown kid 'r2'"):
+        verify_token(sign_token(claims_now(), keys["rsa2"], "RS256", kid="r2"), key_set,
+                     now=NOW, default_channels=())
+    # A known kid, signed by another key: a bad signature, no refetch.
+    with pytest.raises(TokenError, match="bad signature") as info:
+        verify_token(sign_token(claims_now(), keys["rsa2"], "RS256", kid="r1"), key_set,
+                     now=NOW, default_channels=())
+    assert not isinstance(info.value, UnknownKey)
+    # The kid of an RSA key with an EC algorithm.
+    with pytest.raises(TokenError, match="ES256 not accepted for kid 'r1'"):
+        verify_token(sign_token(claims_now(), keys["p256"], "ES256", kid="r1"), key_set,
+                     now=NOW, default_channels=())
+    # No kid: the keys of the token's algorithm are tried.
+    assert verify_token(sign_token(claims_now(), keys["p256"], "ES256"), key_set, now=NOW,
+                        default_channels=()).subject == "alice"
+    with pytest.raises(UnknownKey, match="no key for algorithm ES384"):
+        verify_token(sign_token(claims_now(), keys["p384"], "ES384"), key_set, now=NOW,
+                     default_channels=())
+    # A configured key ignores the kid: whatever `fanout token --kid` put there.
+    assert verify_token(sign_token(claims_now(), keys["rsa"], "RS256", kid="anything"),
+                        load_public_key(pem(keys["rsa"])), now=NOW,
+                        default_channels=()).subject == "alice"
+
+
+def test_an_expired_public_key_token_is_refused_with_leeway(
+    keys: dict[str, PrivateKey]
+) -> None:
+    key_set = jwks_of(keys, p256="e1")
+    late = sign_token(claims_now(exp=NOW - 31), keys["p256"], kid="e1")
+    with pytest.raises(TokenError, match="expired") as info:
+        verify_token(late, key_set, now=NOW, default_channels=())
+    assert info.value.reason == "token expired"
+    skew = sign_token(claims_now(exp=NOW - 29), keys["p256"], kid="e1")
+    assert verify_token(skew, key_set, now=NOW, default_channels=()).subject == "alice"
+
+
+def test_jwks_parsing_reads_signature_keys_only(keys: dict[str, PrivateKey]) -> None:
+    from jwt.algorithms import RSAAlgorithm
+
+    doc = jwks_document(keys, rsa="r1", p256="e1")
+    private = RSAAlgorithm.to_jwk(keys["rsa2"], as_dict=True)
+    weak = RSAAlgorithm.to_jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024)
+                               .public_key(), as_dict=True)
+    doc["keys"] += [
+        {**doc["keys"][0], "kid": "enc", "use": "enc"},
+        {"kty": "oct", "k": base64.urlsafe_b64encode(SECRET).decode(), "kid": "hmac"},
+        {**private, "kid": "priv"},
+        {**weak, "kid": "weak"},
+        {**doc["keys"][0], "kid": "oaep", "alg": "RSA-OAEP"},
+        {**doc["keys"][0], "kid": "ops", "key_ops": ["encrypt"]},
+        {"kty": "RSA", "kid": "broken", "n": "AQAB"},
+        "not a key",
+        {**doc["keys"][0], "kid": "pinned", "alg": "RS256"},
+    ]
+    key_set, skipped = parse_jwks(json.dumps(doc).encode())
+    assert sorted(str(k.kid) for k in key_set.keys) == ["e1", "pinned", "r1"]
+    assert len(skipped) == 8 and any("oct" in s for s in skipped)
+    assert any("private" in s for s in skipped) and any("2048" in s for s in skipped)
+    # A key's alg is the only one it verifies.
+    ps = sign_token(claims_now(), keys["rsa"], "PS256", kid="pinned")
+    with pytest.raises(TokenError, match="PS256 not accepted for kid 'pinned'"):
+        verify_token(ps, key_set, now=NOW, default_channels=())
+    # The configured algorithms narrow a JWKS too.
+    narrowed, _ = parse_jwks(json.dumps(doc), ["ES256"])
+    assert [k.kid for k in narrowed.keys] == ["e1"]
+    for bad in (b"[]", b"{}", b"not json", b'{"keys": 1}'):
+        with pytest.raises(ValueError):
+            parse_jwks(bad)
+
+
+def test_public_key_settings(tmp_path: Path, keys: dict[str, PrivateKey]) -> None:
+    public = tmp_path / "public.pem"
+    public.write_bytes(pem(keys["p256"]))
+    private = tmp_path / "private.pem"
+    private.write_bytes(private_pem(keys["p256"]))
+
+    def edge(**env: str) -> EdgeConfig:
+        config = build(EdgeConfig, EDGE_SETTINGS, env=env)
+        check_edge(config)
+        return config
+
+    config = edge(FANOUT_AUTH_PUBLIC_KEY_FILE=str(public), FANOUT_AUTH_ALGORITHMS="ES256")
+    assert config.auth_public_key_file == str(public) and config.auth_algorithms == ("ES256",)
+    url = "https://idp.example/.well-known/jwks.json"
+    assert edge(FANOUT_AUTH_JWKS_URL=url).auth_jwks_url == url
+    assert edge(FANOUT_AUTH_JWKS_URL="http://127.0.0.1:8080/jwks").auth_jwks_refresh == 600
+    assert edge(FANOUT_AUTH_JWKS_URL="http://[::1]:8080/jwks").auth_jwks_min_interval == 30
+    cases = [
+        ({"FANOUT_AUTH_PUBLIC_KEY_FILE": str(tmp_path / "missing.pem")},
+         "FANOUT_AUTH_PUBLIC_KEY_FILE: cannot read"),
+        ({"FANOUT_AUTH_PUBLIC_KEY_FILE": str(private)},
+         "FANOUT_AUTH_PUBLIC_KEY_FILE: .*private key"),
+        ({"FANOUT_AUTH_PUBLIC_KEY_FILE": str(public), "FANOUT_AUTH_ALGORITHMS": "RS256"},
+         "FANOUT_AUTH_PUBLIC_KEY_FILE: .*verifies only ES256"),
+        ({"FANOUT_AUTH_PUBLIC_KEY_FILE": str(public), "FANOUT_AUTH_ALGORITHMS": "HS256"},
+         "FANOUT_AUTH_ALGORITHMS: HS256 need FANOUT_AUTH_SECRET"),
+        ({"FANOUT_AUTH_SECRET": SECRET.decode(), "FANOUT_AUTH_ALGORITHMS": "HS256,RS256"},
+         "FANOUT_AUTH_ALGORITHMS: only HS256"),
+        ({"FANOUT_AUTH_ALGORITHMS": "none"}, "FANOUT_AUTH_ALGORITHMS: unknown or refused"),
+        ({"FANOUT_AUTH_ALGORITHMS": "ES256"}, "FANOUT_AUTH_ALGORITHMS: needs a key"),
+        ({"FANOUT_AUTH_SECRET": SECRET.decode(), "FANOUT_AUTH_JWKS_URL": url},
+         "FANOUT_AUTH_JWKS_URL: set only one of FANOUT_AUTH_SECRET, FANOUT_AUTH_JWKS_URL"),
+        ({"FANOUT_AUTH_JWKS_URL": "http://idp.example/jwks"},
+         "FANOUT_AUTH_JWKS_URL: must be an https:// URL"),
+        ({"FANOUT_AUTH_JWKS_URL": "http://127.evil.example/jwks"},
+         "FANOUT_AUTH_JWKS_URL: must be an https:// URL"),
+        ({"FANOUT_AUTH_JWKS_URL": "file:///etc/jwks.json"},
+         "FANOUT_AUTH_JWKS_URL: must be an https:// URL"),
+        ({"FANOUT_AUTH_JWKS_URL": url, "FANOUT_AUTH_JWKS_REFRESH": "10"},
+         "FANOUT_AUTH_JWKS_MIN_INTERVAL: must not exceed FANOUT_AUTH_JWKS_REFRESH"),
+        ({"FANOUT_AUTH_JWKS_TIMEOUT": "0"}, "FANOUT_AUTH_JWKS_TIMEOUT: must be a finite"),
+    ]
+    for env, error in cases:
+        with pytest.raises(ConfigError, match=error):
+            edge(**env)
+
+
+def test_fanout_token_signs_with_a_private_key(
+    tmp_path: Path, keys: dict[str, PrivateKey]
+) -> None:
+    private = tmp_path / "signing.pem"
+    private.write_bytes(private_pem(keys["p384"]))
+    env = {k: v for k, v in os.environ.items() if k != "FANOUT_AUTH_SECRET"}
+    out = subprocess.run(
+        [sys.executable, "-m", "common.cli", "token", "--sub", "carol", "--ttl", "60",
+         "--private-key-file", str(private), "--kid", "2024-06"],
+        env=env, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.strip()
+    header = json.loads(base64.urlsafe_b64decode(out.split(".")[0] + "=="))
+    assert header == {"alg": "ES384", "typ": "JWT", "kid": "2024-06"}
+    claims = verify_token(out, jwks_of(keys, p384="2024-06"), now=time.time(),
+                          default_channels=())
+    assert claims.subject == "carol"
+    done = subprocess.run(
+        [sys.executable, "-m", "common.cli", "token", "--sub", "carol",
+         "--private-key-file", str(private), "--alg", "RS256"],
+        env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--alg: 'RS256' does not fit this key" in done.stderr
 
 
 # --- an edge with a secret -------------------------------------------------------------------
