@@ -25,12 +25,14 @@ from common.errors import CloseCode, Disconnect
 from common.keys import Keys
 from common.protocol import SUBPROTOCOLS, Codec
 from common.redisclient import redis_client
+from edge.admission import Admission
 from edge.hub import Hub
 from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
 from edge.wire import RawSendMiddleware
 
 STATIC = Path(__file__).parent / "static"
+WS_PATH = "/ws"
 
 
 class Edge:
@@ -46,6 +48,7 @@ class Edge:
         self.redis: Redis | None = None
         self.hub: Hub | None = None
         self.sessions: dict[Session, asyncio.Task[object]] = {}
+        self.admission = Admission(config, self.stats, self.log.getChild("admission"))
         self.draining = False  # shutting down: not ready, new connections closed at once
 
     async def start(self) -> None:
@@ -54,6 +57,7 @@ class Edge:
         if not self.config.auth_secret:
             self.log.warning("authentication is off (no FANOUT_AUTH_SECRET): any client may "
                              "subscribe to any channel, account channels included")
+        self.admission.warn_at_start()
         self.redis = redis_client(
             self.config.redis, decode_responses=True, socket_timeout=5.0,
             socket_connect_timeout=5.0, health_check_interval=0,
@@ -108,6 +112,8 @@ class Edge:
     # --- endpoints -----------------------------------------------------------------------
 
     async def websocket(self, ws: WebSocket) -> None:
+        """A connection admitted by the server's protocol (edge/handshake.py: origin and
+        connection limits are decided there, before the upgrade)."""
         assert self.hub is not None
         offered = list(ws.scope.get("subprotocols") or [])
         codec, subprotocol = Codec.for_subprotocols(offered)
@@ -165,7 +171,7 @@ def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Star
             Route("/healthz", edge.healthz),
             Route("/readyz", edge.readyz),
             Route("/metrics", edge.metrics),
-            WebSocketRoute("/ws", edge.websocket),
+            WebSocketRoute(WS_PATH, edge.websocket),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         middleware=[Middleware(RawSendMiddleware)],
