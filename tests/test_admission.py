@@ -347,7 +347,16 @@ async def test_slots_are_given_back_on_every_path(edge_factory, publisher: Publi
         await writer.drain()
         writer.transport.abort()
 
-    kinds = [normal, server_closes, connect_timeout, vanishes, abandons_handshake]
+    async def library_refuses() -> None:  # admitted, then websockets refuses the request
+        request = upgrade_request(f"127.0.0.1:{edge.port}").replace(
+            b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8")
+        reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+        writer.write(request)
+        assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 400")
+        writer.close()
+
+    kinds = [normal, server_closes, connect_timeout, vanishes, abandons_handshake,
+             library_refuses]
     await asyncio.gather(*(kind() for kind in kinds for _ in range(30)))
     drained = [await ProtoClient.open(edge.url) for _ in range(20)]
     await edge.edge.drain(0.2)  # closes them (3000), then refuses newcomers the same way
@@ -360,6 +369,25 @@ async def test_slots_are_given_back_on_every_path(edge_factory, publisher: Publi
         await asyncio.sleep(0.02)
     for c in [*drained, late]:
         await c.close()
+
+
+@integration
+async def test_other_paths_are_not_counted_and_direct_writes_still_work(
+    edge_factory, publisher: Publisher
+) -> None:
+    edge = await edge_factory(allowed_origins=("https://app.example.com",),
+                              max_connections=1)
+    other = await http_upgrade("127.0.0.1", edge.port, path="/elsewhere",
+                               headers=[("Origin", "http://evil.example")])
+    assert other.status == 403  # Starlette's answer: no route; not an admission refusal
+    assert edge.edge.stats.refused["origin"] == 0 and edge.edge.admission.limiter.total == 0
+    await other.close()
+    client = await ProtoClient.open(edge.url)
+    await client.subscribe("quotes.DIRECT")
+    await publisher.publish(UpstreamMessage("quotes.DIRECT", {"bid": 1}))
+    await client.wait_for(lambda: client.offsets["quotes.DIRECT"] == [1])
+    assert edge.edge.stats.frames_direct > 0  # edge/wire.py still knows the protocol
+    await client.close()
 
 
 # --- the handshake deadline ---------------------------------------------------------------
