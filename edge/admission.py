@@ -17,11 +17,10 @@ for a limit that frees up as others leave. 3503 is a "do not reconnect" code, wh
 be wrong for a full edge.
 
 Counting is exact: a slot is taken synchronously (one event loop, no await between the check
-and the count) and given back once, in the endpoint's ``finally``, whatever ends the
-connection: the client closing, an error, the drain, or a handshake that failed after the
-slot was taken. What is counted is WebSocket connections from the moment their request is
-read; TCP connections that never send a whole request are the handshake timeout's
-(edge/handshake.py).
+and the count) when the server's protocol has the request head, and given back once, when
+that connection's transport is lost, whatever ended it (edge/handshake.py holds the slot).
+What is counted is admitted connections, from their request head to their TCP close; TCP
+connections that never send a whole request are the handshake deadline's.
 """
 
 from __future__ import annotations
