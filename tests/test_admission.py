@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 
 import pytest
 import websockets
@@ -200,6 +201,23 @@ def test_refusals_are_logged_at_most_once_per_interval(caplog: pytest.LogCapture
     assert "reason=ip_limit client=192.0.2.1" in lines[0]
     assert lines[1].endswith("unlogged_since_last=99")
     assert admission.stats.refused["ip_limit"] == 101
+
+
+def test_start_warns_of_any_origin_and_of_a_descriptor_limit_below_the_connection_limit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip("no descriptor limit here")
+    with caplog.at_level(logging.WARNING, "test.start"):
+        Admission(EdgeConfig(allowed_origins=("https://a.example",), max_connections=100),
+                  EdgeStats(), logging.getLogger("test.start")).warn_at_start()
+        assert caplog.records == []
+        Admission(EdgeConfig(max_connections=soft), EdgeStats(),
+                  logging.getLogger("test.start")).warn_at_start()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("FANOUT_ALLOWED_ORIGINS" in m for m in messages)
+    assert any(f"ulimit -n {soft}" in m for m in messages)
 
 
 # --- an edge on loopback -------------------------------------------------------------------
