@@ -29,6 +29,7 @@ installed uvicorn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import ClassVar
 
 import h11
@@ -111,8 +112,9 @@ class EdgeHttpProtocol(H11Protocol):
         conn = self.conn
         response = h11.Response(status_code=refusal.status, headers=headers,
                                 reason=STATUS_PHRASES[refusal.status])
-        self.transport.write(conn.send(response) + conn.send(h11.Data(data=body))
-                             + conn.send(h11.EndOfMessage()))
+        with contextlib.suppress(h11.LocalProtocolError):  # h11 would not answer: just close
+            self.transport.write(conn.send(response) + conn.send(h11.Data(data=body))
+                                 + conn.send(h11.EndOfMessage()))
         self.transport.close()
 
     def _arm(self) -> None:
