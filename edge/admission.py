@@ -146,7 +146,8 @@ class Admission:
         # Browsers send one Origin; two are nobody's to choose between.
         origin = origins[0] if len(origins) == 1 else (None if not origins else "")
         if not self.origins.allows(origin):
-            self.note("origin", address, f"origin={origin!r}")
+            self.note("origin", address,
+                      "no origin" if origin is None else f"origin={origin[:100]!r}")
             return Refusal("origin", 403, "origin not allowed")
         key = limit_key(address)
         reason = self.limiter.try_acquire(key)
