@@ -714,7 +714,9 @@ class EdgeProcess:
             sys.executable, "-m", "common.cli", "edge",
             "--host", HOST, "--port", str(self.port),
             "--redis-url", self.redis_url, "--key-prefix", self.prefix,
-            "--log-level", "warning", *self.extra,
+            "--log-level", "warning",
+            # Every client comes from 127.0.0.1, by the thousand: no admission limits.
+            "--max-connections", "0", "--max-connections-per-ip", "0", *self.extra,
         ]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,

@@ -32,7 +32,7 @@ from typing import Any
 import msgpack
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from common.backoff import Backoff
 from common.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Position
@@ -64,6 +64,14 @@ RETRYABLE_CODES = frozenset({"unavailable", "internal"})
 
 
 _ADVISED = re.compile(r"(?:^|\s)retry_after_ms=(\d{1,7})(?:\s|$)")
+
+
+def retry_after(value: str | None) -> float:
+    """An HTTP Retry-After in seconds (the delay form; a date or garbage counts as none),
+    at most an hour."""
+    if value is None or not value.strip().isdigit():
+        return 0.0
+    return min(float(value.strip()), 3600.0)
 
 
 def advised_delay(reason: str) -> float:
@@ -452,6 +460,15 @@ class FanoutClient:
         except TimeoutError:
             self.log.warning("connection_dead url=%s", url)
             return CLOSE_NO_PING, "no ping"
+        except InvalidStatus as exc:  # refused before the upgrade (docs/protocol.md)
+            response = exc.response
+            reason = f"HTTP {response.status_code}"
+            after = retry_after(response.headers.get("Retry-After"))
+            if after:  # waited for as a close reason's advice is
+                reason += f" retry_after_ms={round(after * 1000)}"
+            self.log.warning("connect_refused url=%s status=%d retry_after=%s", url,
+                             response.status_code, after)
+            return CLOSE_CONNECT_FAILED, reason
         except (OSError, InvalidHandshake, InvalidURI, ValueError, TokenUnavailable) as exc:
             self.log.warning("connect_failed url=%s error=%r", url, exc)
             return CLOSE_CONNECT_FAILED, str(exc)

@@ -167,6 +167,13 @@ class EdgeConfig:
     drain_seconds: float = 10.0  # on SIGTERM/SIGINT, close connections spread over this long
     # The cyclic garbage collector's thresholds (gc.set_threshold); None = Python's own.
     gc_thresholds: tuple[int, int, int] | None = (50_000, 50, 100)
+    # Admission (common/admission.py, edge/admission.py): who may connect, and how many.
+    allowed_origins: tuple[str, ...] = ()  # browser Origin patterns; () = any (a warning)
+    allow_no_origin: bool = True  # handshakes without an Origin header (not a browser)
+    max_connections: int = 10_000  # WebSocket connections of this edge; 0 = no limit
+    max_connections_per_ip: int = 100  # per client address (IPv6: per /64); 0 = no limit
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
+    handshake_timeout: float = 5.0  # s for a new TCP connection to send its request head
     # Connection tokens (common/auth.py), verified with one of: an HMAC secret, a public
     # key (PEM file) or the keys of a JWKS URL; none of them = no authentication
     # (development). `check_edge` refuses more than one.
@@ -400,6 +407,27 @@ def _patterns(setting: str, text: str) -> tuple[str, ...]:
         raise ConfigError(setting, str(exc)) from None
 
 
+def _origins(setting: str, text: str) -> tuple[str, ...]:
+    from common.admission import check_origin_patterns
+
+    items = _csv(setting, text)
+    if not items:
+        raise ConfigError(setting, "must name at least one origin pattern (or *)")
+    try:
+        return check_origin_patterns(items)
+    except ValueError as exc:
+        raise ConfigError(setting, str(exc)) from None
+
+
+def _networks(setting: str, text: str) -> tuple[str, ...]:
+    from common.admission import parse_networks
+
+    try:
+        return tuple(str(net) for net in parse_networks(_csv(setting, text)))
+    except ValueError as exc:
+        raise ConfigError(setting, str(exc)) from None
+
+
 def _ints(setting: str, text: str) -> tuple[int, ...]:
     try:
         return tuple(int(item) for item in _csv(setting, text))
@@ -499,6 +527,25 @@ EDGE_SETTINGS = (
     Setting("gc_thresholds", "--gc-thresholds", "FANOUT_GC_THRESHOLDS", _gc_thresholds,
             "garbage collector thresholds gen0,gen1,gen2 (default 50000,50,100; 'python' "
             "keeps Python's 700,10,10)"),
+    Setting("allowed_origins", "--allowed-origins", "FANOUT_ALLOWED_ORIGINS", _origins,
+            "browser origins allowed to connect: comma-separated patterns such as "
+            "https://app.example.com,https://*.example.com (default: any, with a warning)"),
+    Setting("allow_no_origin", "--allow-no-origin", "FANOUT_ALLOW_NO_ORIGIN", _bool,
+            "accept handshakes without an Origin header, i.e. non-browser clients "
+            "(true/false; default true)"),
+    Setting("max_connections", "--max-connections", "FANOUT_MAX_CONNECTIONS", _int(0),
+            "most WebSocket connections of this edge; more get HTTP 503 (0 = no limit; "
+            "default 10000)"),
+    Setting("max_connections_per_ip", "--max-connections-per-ip",
+            "FANOUT_MAX_CONNECTIONS_PER_IP", _int(0),
+            "most WebSocket connections per client address (IPv6: per /64) on this edge; "
+            "more get HTTP 503 (0 = no limit; default 100)"),
+    Setting("trusted_proxies", "--trusted-proxies", "FANOUT_TRUSTED_PROXIES", _networks,
+            "comma-separated networks (CIDRs) of proxies whose X-Forwarded-For names the "
+            "client (default: none, the header is ignored)"),
+    Setting("handshake_timeout", "--handshake-timeout", "FANOUT_HANDSHAKE_TIMEOUT", _float(0),
+            "seconds a new TCP connection has to send its whole HTTP request (the WebSocket "
+            "handshake); then it is closed (default 5)"),
     Setting("auth_secret", "--auth-secret", "FANOUT_AUTH_SECRET", _auth_secret,
             "HMAC secret of connection tokens (JWT HS256/384/512), at least 32 bytes "
             "(secret); unset (and no public key or JWKS URL) = no authentication"),

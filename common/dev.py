@@ -134,10 +134,20 @@ class Plan:
     log_level: str = "info"
     start_timeout: float = 30.0
     stop_timeout: float = 10.0
+    # The edges' FANOUT_ALLOWED_ORIGINS: their own pages (`dev_origins`), unless the
+    # environment sets it (then None: the environment's value goes through as it is).
+    allowed_origins: str | None = None
 
     @property
     def ports(self) -> range:
         return range(self.port, self.port + self.edges)
+
+    @property
+    def edge_env(self) -> dict[str, str]:
+        env = dict(self.env)
+        if self.allowed_origins is not None:
+            env["FANOUT_ALLOWED_ORIGINS"] = self.allowed_origins
+        return env
 
 
 def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Plan:
@@ -164,11 +174,31 @@ def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> 
     )
     for p in range(port, port + edges):
         _check_port_free(edge_config.host, p)
+    origins = None if environ.get("FANOUT_ALLOWED_ORIGINS") else ",".join(
+        dev_origins(edge_config.host, range(port, port + edges)))
     return Plan(
         edges=edges, port=port, host=edge_config.host, rate=args.rate, symbols=args.symbols,
         redis_url=redis_url, env=env, log_level=edge_config.log_level,
         start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
+        allowed_origins=origins,
     )
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def dev_origins(host: str, ports: Sequence[int]) -> list[str]:
+    """The origins of the edges' own pages (the demo), for their FANOUT_ALLOWED_ORIGINS:
+    on loopback, each port under every loopback name; on a wildcard address (0.0.0.0, ::)
+    any host name on those ports (the page may be opened by any of the machine's names);
+    else the host's own name."""
+    if host in ("0.0.0.0", "::", ""):
+        names: tuple[str, ...] = ("*",)
+    elif host in ("127.0.0.1", "localhost", "::1"):
+        names = LOOPBACK_NAMES
+    else:
+        names = (browser_host(host),)
+    return [f"http://{name}:{port}" for port in ports for name in names]
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -323,9 +353,10 @@ class Cluster:
         if p.symbols is not None:
             ingest_args += ["--symbols", p.symbols]
         self.ingest = self._spawn("ingest", ingest_args, env)
+        edge_env = dict(p.edge_env, FANOUT_REDIS_URL=url)
         for i, port in enumerate(p.ports, 1):
             edge = ["edge", "--host", p.host, "--port", str(port)]
-            self.edges.append(self._spawn(f"edge-{i}", edge, env))
+            self.edges.append(self._spawn(f"edge-{i}", edge, edge_env))
         if not self._wait_healthy():
             return 0 if self.signals else 1
         for i, port in enumerate(p.ports, 1):

@@ -30,6 +30,7 @@ from common.errors import CloseCode, Disconnect
 from common.keys import Keys
 from common.protocol import SUBPROTOCOLS, Codec
 from common.redisclient import redis_client
+from edge.admission import Admission
 from edge.hub import Hub
 from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
@@ -37,6 +38,7 @@ from edge.tokens import TokenVerifier
 from edge.wire import RawSendMiddleware
 
 STATIC = Path(__file__).parent / "static"
+WS_PATH = "/ws"
 
 
 class Edge:
@@ -55,6 +57,7 @@ class Edge:
         self.redis: Redis | None = None
         self.hub: Hub | None = None
         self.sessions: dict[Session, asyncio.Task[object]] = {}
+        self.admission = Admission(config, self.stats, self.log.getChild("admission"))
         self.draining = False  # shutting down: not ready, new connections closed at once
         self.registry.register(EdgeCollector(self.stats, ready=self.ready))
 
@@ -67,6 +70,7 @@ class Edge:
                              "may subscribe to any channel, account channels included")
         else:
             await self.verifier.start()
+        self.admission.warn_at_start()
         self.redis = redis_client(
             self.config.redis, decode_responses=True, socket_timeout=5.0,
             socket_connect_timeout=5.0, health_check_interval=0,
@@ -123,6 +127,8 @@ class Edge:
     # --- endpoints -----------------------------------------------------------------------
 
     async def websocket(self, ws: WebSocket) -> None:
+        """A connection admitted by the server's protocol (edge/handshake.py: origin and
+        connection limits are decided there, before the upgrade)."""
         assert self.hub is not None
         offered = list(ws.scope.get("subprotocols") or [])
         codec, subprotocol = Codec.for_subprotocols(offered)
@@ -187,7 +193,7 @@ def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Star
             Route("/healthz", edge.healthz),
             Route("/readyz", edge.readyz),
             Route("/metrics", edge.metrics),
-            WebSocketRoute("/ws", edge.websocket),
+            WebSocketRoute(WS_PATH, edge.websocket),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         middleware=[Middleware(RawSendMiddleware)],

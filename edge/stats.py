@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+# Why a connection was refused before it became a WebSocket (docs/architecture.md#metrics);
+# every reason is exported from the start, at 0, so that rates and alerts see them all.
+REFUSAL_REASONS = ("origin", "total_limit", "ip_limit", "handshake_timeout")
+
 
 @dataclass(slots=True)
 class EdgeStats:
@@ -37,6 +41,8 @@ class EdgeStats:
     queue_messages: int = 0
     queue_bytes: int = 0
     disconnects: dict[str, int] = field(default_factory=dict)
+    # connections refused before the upgrade (edge/admission.py), by reason
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSAL_REASONS, 0))
     request_errors: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # by namespace
     conflated: dict[str, int] = field(default_factory=dict)  # by namespace
@@ -45,6 +51,9 @@ class EdgeStats:
 
     def count_disconnect(self, reason: str) -> None:
         self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
+
+    def count_refused(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def count_error(self, code: str) -> None:
         self.request_errors[code] = self.request_errors.get(code, 0) + 1
@@ -110,6 +119,13 @@ class EdgeCollector(Collector):
         for reason, n in sorted(s.disconnects.items()):
             disc.add_metric([reason], n)
         yield disc
+        refused = CounterMetricFamily(
+            "fanout_edge_connections_refused",
+            "Connections refused before the WebSocket upgrade, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(s.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
         for name, doc, values in (
             ("messages_dropped", "Messages dropped for slow clients (drop policy), by namespace.",
              s.dropped),

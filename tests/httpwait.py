@@ -1,4 +1,5 @@
-"""Waiting for a server started by a test to answer over HTTP (not a test module)."""
+"""Waiting for a server started by a test to answer over HTTP, and reading its /metrics
+(not a test module)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,14 @@ async def wait_http_ok(
             except httpx.HTTPError:
                 pass
             await asyncio.sleep(0.05)
+
+
+async def metric(base: str, sample: str) -> float:
+    """The value of one sample of the server's /metrics at `base`, e.g.
+    ``fanout_edge_connections_refused_total{reason="origin"}``."""
+    async with httpx.AsyncClient(base_url=base, timeout=5, trust_env=False) as http:
+        text = (await http.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no {sample} in /metrics")

@@ -101,8 +101,10 @@ async def test_dashboard_shows_live_quotes(edge, publisher: Publisher, browser: 
 async def test_edge_killed_under_the_page_loses_nothing(
     edge_factory, publisher: Publisher, browser: Browser
 ) -> None:
-    edges = [await edge_factory(), await edge_factory()]
     port = free_port()
+    # The page comes from HAProxy: only that origin may connect (FANOUT_ALLOWED_ORIGINS).
+    edges = [await edge_factory(allowed_origins=(f"http://127.0.0.1:{port}",))
+             for _ in range(2)]
     proxy = await haproxy(port, [e.port for e in edges])
     symbols = [f"K{os.urandom(2).hex().upper()}" for _ in range(2)]
     stop, last = asyncio.Event(), {}
@@ -142,6 +144,21 @@ async def test_edge_killed_under_the_page_loses_nothing(
             await pub
         proxy.terminate()
         proxy.wait(10)
+
+
+async def test_a_page_of_another_origin_cannot_connect(
+    edge_factory, browser: Browser
+) -> None:
+    """The demo page served by an edge whose allow-list names only another site: Chromium
+    sends the page's origin with the handshake, the edge answers 403 before the upgrade,
+    and fanout.js never gets a connection (it keeps retrying with backoff)."""
+    edge = await edge_factory(allowed_origins=("https://app.example.com",))
+    await browser.goto(f"{edge.http}/?symbols=NOPE")
+    async with asyncio.timeout(15):
+        while edge.edge.stats.refused["origin"] < 2:  # the first attempt and a retry
+            await asyncio.sleep(0.05)
+    assert await browser.js("window.fanout.state") != "open"
+    assert edge.edge.stats.connections_total == 0
 
 
 async def test_reload_recovers_from_session_storage(

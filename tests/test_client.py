@@ -30,7 +30,7 @@ from common.client import (
 )
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
-from tests.wsclient import wait_until
+from tests.wsclient import ProtoClient, wait_until
 
 log = logging.getLogger("test.client")
 
@@ -250,6 +250,33 @@ async def test_bad_connect_raises_from_connect(edge) -> None:
     assert info.value.code == 3500
     assert client.state == ClientState.CLOSED
     await client.close()
+
+
+@pytest.mark.integration
+async def test_a_refusal_before_the_upgrade_is_retried_after_its_retry_after(
+    edge_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full edge answers 503 with Retry-After (5-10 s): the client waits at least that
+    long before its next attempt, however short its own backoff."""
+    edge = await edge_factory(max_connections=1)
+    holder = await ProtoClient.open(edge.url)
+    client = FanoutClient(edge.url, logger=log, backoff=fast_backoff(), rand=lambda lo, hi: lo)
+    task = asyncio.create_task(client.connect())
+    with caplog.at_level(logging.INFO, "test.client"):
+        async with asyncio.timeout(10):
+            while not any("reconnect_wait" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.01)
+    refused = next(r.getMessage() for r in caplog.records if "connect_refused" in r.getMessage())
+    wait = next(r.getMessage() for r in caplog.records if "reconnect_wait" in r.getMessage())
+    after = float(refused.rsplit("retry_after=", 1)[1])
+    assert "status=503" in refused and 5 <= after <= 10
+    assert float(wait.split("delay=")[1].split()[0]) == after  # rand gave the least: exactly it
+    assert edge.edge.stats.refused["total_limit"] == 1
+    await client.close()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    await holder.close()
 
 
 async def test_silent_server_is_detected_and_client_reconnects() -> None:

@@ -120,6 +120,52 @@ def test_edge_environment_overrides() -> None:
     )
 
 
+def test_admission_defaults() -> None:
+    config = edge({})
+    assert config.allowed_origins == ()  # any origin (the edge warns)
+    assert config.allow_no_origin is True
+    assert config.max_connections == 10_000
+    assert config.max_connections_per_ip == 100
+    assert config.trusted_proxies == ()
+    assert config.handshake_timeout == 5.0
+
+
+def test_admission_settings() -> None:
+    config = edge({
+        "FANOUT_ALLOWED_ORIGINS": " https://App.Example.com , https://*.example.com,null ",
+        "FANOUT_ALLOW_NO_ORIGIN": "false",
+        "FANOUT_MAX_CONNECTIONS": "0",
+        "FANOUT_MAX_CONNECTIONS_PER_IP": "7",
+        "FANOUT_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.5 ,2001:db8::/32",
+        "FANOUT_HANDSHAKE_TIMEOUT": "2.5",
+    })
+    assert config.allowed_origins == ("https://app.example.com", "https://*.example.com", "null")
+    assert config.allow_no_origin is False
+    assert config.max_connections == 0
+    assert config.max_connections_per_ip == 7
+    assert config.trusted_proxies == ("10.0.0.0/8", "192.168.1.5/32", "2001:db8::/32")
+    assert config.handshake_timeout == 2.5
+    flags = edge({}, ["--allowed-origins", "http://localhost:*", "--max-connections", "5",
+                      "--trusted-proxies", "127.0.0.1"])
+    assert flags.allowed_origins == ("http://localhost:*",)
+    assert flags.max_connections == 5
+    assert flags.trusted_proxies == ("127.0.0.1/32",)
+
+
+def test_a_bad_origin_pattern_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({"FANOUT_ALLOWED_ORIGINS": "https://ok.example,ftp://bad.example"})
+    assert info.value.setting == "FANOUT_ALLOWED_ORIGINS"
+    assert "ftp://bad.example" in info.value.problem
+
+
+def test_a_bad_trusted_proxy_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({"FANOUT_TRUSTED_PROXIES": "10.0.0.0/8,haproxy"})
+    assert info.value.setting == "FANOUT_TRUSTED_PROXIES"
+    assert "'haproxy'" in info.value.problem
+
+
 def test_ingest_environment_overrides() -> None:
     config = ingest({
         "REDIS_URL": "unix:///tmp/redis.sock",
@@ -288,6 +334,22 @@ EDGE_BAD = [
     ("FANOUT_NODE_ID", "edge:1", "--node-id"),
     ("FANOUT_LOG_LEVEL", "verbose", "--log-level"),
     ("FANOUT_LOG_LEVEL", "critical", "--log-level"),
+    ("FANOUT_ALLOWED_ORIGINS", "app.example.com", "--allowed-origins"),
+    ("FANOUT_ALLOWED_ORIGINS", "https://app.example.com/", "--allowed-origins"),
+    ("FANOUT_ALLOWED_ORIGINS", "https://ok.example,ftp://bad.example", "--allowed-origins"),
+    ("FANOUT_ALLOWED_ORIGINS", "https://a.*.example", "--allowed-origins"),
+    ("FANOUT_ALLOWED_ORIGINS", " , ", "--allowed-origins"),
+    ("FANOUT_ALLOW_NO_ORIGIN", "sometimes", "--allow-no-origin"),
+    ("FANOUT_MAX_CONNECTIONS", "-1", "--max-connections"),
+    ("FANOUT_MAX_CONNECTIONS", "many", "--max-connections"),
+    ("FANOUT_MAX_CONNECTIONS_PER_IP", "-1", "--max-connections-per-ip"),
+    ("FANOUT_MAX_CONNECTIONS_PER_IP", "1.5", "--max-connections-per-ip"),
+    ("FANOUT_TRUSTED_PROXIES", "10.0.0.1/8", "--trusted-proxies"),
+    ("FANOUT_TRUSTED_PROXIES", "10.0.0.0/8,haproxy", "--trusted-proxies"),
+    ("FANOUT_TRUSTED_PROXIES", "10.0.0.0/33", "--trusted-proxies"),
+    ("FANOUT_HANDSHAKE_TIMEOUT", "0", "--handshake-timeout"),
+    ("FANOUT_HANDSHAKE_TIMEOUT", "inf", "--handshake-timeout"),
+    ("FANOUT_HANDSHAKE_TIMEOUT", "soon", "--handshake-timeout"),
 ]
 
 INGEST_BAD = [

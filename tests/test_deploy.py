@@ -1,11 +1,13 @@
 """The deployment's own HAProxy configuration (deploy/haproxy/haproxy.cfg), run by a real
 HAProxy in front of a real edge: WebSockets and health pass, the edges' /metrics does not
-leak to the public side. Only what Docker provides is rewritten: the edge addresses (names
-on Docker's network) and the listening ports."""
+leak to the public side, the edges see the client's address (X-Forwarded-For). Only what
+Docker provides is rewritten: the edge addresses (names on Docker's network) and the
+listening ports."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -26,7 +29,7 @@ from ingest.upstream import UpstreamMessage
 from tests.httpwait import wait_http_ok
 from tests.test_browser import need
 from tests.test_client import Collector, client_subscribed
-from tests.wsclient import ProtoClient
+from tests.wsclient import ProtoClient, http_upgrade
 
 log = logging.getLogger("test.deploy")
 
@@ -68,11 +71,22 @@ async def start_haproxy(edge_ports: list[int]) -> tuple[subprocess.Popen[bytes],
     return proc, www
 
 
-async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
-    proc, www = await start_haproxy([edge.port])
+@contextlib.asynccontextmanager
+async def deploy_haproxy(edge_port: int) -> AsyncIterator[int]:
+    """The deployment's HAProxy in front of the edge at `edge_port`; yields its public port
+    once it routes to the edge."""
+    proc, www = await start_haproxy([edge_port])
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{www}", timeout=5) as http:
             await wait_http_ok(http, "/healthz")  # until the health check lets the edge in
+        yield www
+    finally:
+        stop_process(proc)
+
+
+async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
+    async with deploy_haproxy(edge.port) as www:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{www}", timeout=5) as http:
             assert (await http.get("/metrics")).status_code == 404
             assert (await http.get("/metrics/")).status_code == 404
             direct = await http.get(f"{edge.http}/metrics")  # the inside: Prometheus
@@ -80,8 +94,6 @@ async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
         client = await ProtoClient.open(f"ws://127.0.0.1:{www}/ws")
         assert (await client.subscribe("trades.LB"))["type"] == "subscribed"
         await client.close()
-    finally:
-        stop_process(proc)
 
 
 def spawn_edge(redis_url: str, key_prefix: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -186,3 +198,24 @@ async def test_edge_killed_behind_haproxy_every_client_resumes_on_its_first_atte
             stop_process(proxy)
         for proc, _ in edges:
             stop_process(proc)
+
+
+async def test_edges_count_the_clients_haproxy_forwards_for(edge_factory) -> None:
+    """HAProxy (option forwardfor) connects from 127.0.0.1, the trusted proxy; browsers come
+    from 127.0.0.2 and 127.0.0.3 (all of 127.0.0.0/8 is loopback on Linux). The per-IP
+    limit counts the browsers, a 503 from the edge reaches them through HAProxy, and a
+    forged X-Forwarded-For changes nothing."""
+    edge = await edge_factory(trusted_proxies=("127.0.0.1/32",), max_connections_per_ip=2)
+    async with deploy_haproxy(edge.port) as www:
+        url = f"ws://127.0.0.1:{www}/ws"
+        forged = {"additional_headers": {"X-Forwarded-For": "203.0.113.7"}}
+        held = [await ProtoClient.open(url, local_addr=("127.0.0.2", 0), **forged),
+                await ProtoClient.open(url, local_addr=("127.0.0.2", 0))]
+        answer = await http_upgrade("127.0.0.1", www, local_addr=("127.0.0.2", 0))
+        assert answer.status == 503 and int(answer.headers["retry-after"]) >= 5
+        await answer.close()
+        held.append(await ProtoClient.open(url, local_addr=("127.0.0.3", 0)))
+        assert edge.edge.admission.limiter.by_key == {"127.0.0.2": 2, "127.0.0.3": 1}
+        assert edge.edge.stats.refused["ip_limit"] == 1
+        for c in held:
+            await c.close()

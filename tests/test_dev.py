@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,7 +23,9 @@ from typing import IO, TypeVar
 import pytest
 
 from common import dev as dev_module
+from common.admission import OriginPolicy, check_origin_patterns
 from common.errors import ConfigError
+from tests.wsclient import upgrade_request
 
 # Subprocess tests: each starts `fanout dev` (Valkey, ingest, edges) and watches /proc.
 integration = pytest.mark.integration
@@ -215,6 +218,20 @@ def _html(url: str) -> bool | None:
         b"<html" in head or b"<!doctype html" in head) else None
 
 
+def _ws_status(url: str, origin: str) -> int:
+    """The HTTP status an edge at `url` answers a browser's WebSocket handshake from a page
+    of `origin` with (101: upgraded)."""
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(upgrade_request(parts.netloc, headers=[("Origin", origin)]))
+        head = b""
+        while b"\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, "closed without an answer"
+            head += chunk
+    return int(head.split()[1])
+
+
 def _assert_all_gone(dev: DevProcess) -> None:
     deadline = time.monotonic() + 5.0
     while (left := running(dev.children)) and time.monotonic() < deadline:
@@ -245,7 +262,11 @@ def test_dev_serves_and_sigint_stops_everything(
     dev_process: Callable[..., DevProcess],
 ) -> None:
     dev = dev_process("--edges", "2")
-    _started_cluster(dev, 2)
+    urls = _started_cluster(dev, 2)
+    for url in urls:  # the demo page's own origin may connect; other sites' pages may not
+        assert _ws_status(url, url.rstrip("/")) == 101
+        assert _ws_status(url, url.replace("127.0.0.1", "localhost").rstrip("/")) == 101
+        assert _ws_status(url, "http://evil.example") == 403
 
     dev.proc.send_signal(signal.SIGINT)
     assert dev.proc.wait(STOP_TIMEOUT) == 0, dev.stderr()[-4000:]
@@ -333,6 +354,39 @@ def test_plan_takes_the_redis_url_from_the_environment() -> None:
     assert plan.redis_url == "redis://:pw@h:2/0"  # as for ingest and edge: FANOUT_ first
     assert not set(plan.env) & {"REDIS_URL", "FANOUT_REDIS_URL"}  # passed on explicitly
     assert "pw" not in repr(plan)
+
+
+def test_plan_allows_the_edges_own_origins() -> None:
+    port = free_ports(2)
+    plan = dev_module.plan(dev_args("--port", str(port)), environ={"PATH": "/bin"})
+    origins = plan.allowed_origins
+    assert origins is not None
+    assert f"http://127.0.0.1:{port + 1}" in origins.split(",")
+    assert plan.edge_env == {"PATH": "/bin", "FANOUT_ALLOWED_ORIGINS": origins}
+    assert check_origin_patterns(origins.split(",")) == tuple(origins.split(","))
+
+
+def test_plan_keeps_the_origins_the_environment_sets() -> None:
+    port = free_ports(2)
+    environ = {"FANOUT_ALLOWED_ORIGINS": "https://app.example.com"}
+    plan = dev_module.plan(dev_args("--port", str(port)), environ=environ)
+    assert plan.allowed_origins is None
+    assert plan.edge_env["FANOUT_ALLOWED_ORIGINS"] == "https://app.example.com"
+    with pytest.raises(ConfigError, match="FANOUT_ALLOWED_ORIGINS"):
+        dev_module.plan(dev_args("--port", str(port)),
+                        environ={"FANOUT_ALLOWED_ORIGINS": "app.example.com"})
+
+
+@pytest.mark.parametrize(
+    ("host", "origins"),
+    [("127.0.0.1", ["http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"]),
+     ("0.0.0.0", ["http://*:8000"]), ("::", ["http://*:8000"]),
+     ("10.1.2.3", ["http://10.1.2.3:8000"]), ("fd00::5", ["http://[fd00::5]:8000"])],
+)
+def test_dev_origins(host: str, origins: list[str]) -> None:
+    assert dev_module.dev_origins(host, [8000]) == origins
+    assert OriginPolicy(origins).allows(origins[0].replace("*", "192.168.1.9"))
+    assert not OriginPolicy(origins).allows("http://evil.example")
 
 
 def test_plan_rejects_edges_past_the_last_port() -> None:

@@ -4,11 +4,14 @@ positions per channel. (The full Python client, with reconnects, is a later issu
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -151,3 +154,53 @@ class ProtoClient:
         self._reader.cancel()
         with contextlib.suppress(BaseException):
             await self._reader
+
+
+# --- raw HTTP handshakes: what the edge answers before (or instead of) the upgrade -----------
+
+
+@dataclass
+class HttpAnswer:
+    """The answer to a raw WebSocket handshake; after a 101 the connection stays open."""
+
+    status: int
+    headers: dict[str, str]  # lower-case names
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    async def body(self, timeout: float = 5.0) -> bytes:
+        """The rest, up to the server's close."""
+        return await asyncio.wait_for(self.reader.read(), timeout)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def upgrade_request(host: str, path: str = "/ws",
+                    headers: Sequence[tuple[str, str]] = ()) -> bytes:
+    """A WebSocket handshake request (RFC 6455 4.1), as a browser would send it."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
+             *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def http_upgrade(
+    host: str, port: int, *, path: str = "/ws", headers: Sequence[tuple[str, str]] = (),
+    local_addr: tuple[str, int] | None = None, timeout: float = 10.0,
+) -> HttpAnswer:
+    """Send a handshake over a plain socket (from `local_addr`, e.g. ("127.0.0.2", 0), to
+    look like another client) and read the answer's status line and headers."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, local_addr=local_addr)
+        writer.write(upgrade_request(f"{host}:{port}", path, headers))
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    status_line, *lines = head.split("\r\n")
+    answer: dict[str, str] = {}
+    for line in filter(None, lines):
+        name, _, value = line.partition(":")
+        answer[name.strip().lower()] = value.strip()
+    return HttpAnswer(int(status_line.split()[1]), answer, reader, writer)
