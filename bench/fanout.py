@@ -713,11 +713,15 @@ class EdgeProcess:
         cmd = [
             sys.executable, "-m", "common.cli", "edge",
             "--host", HOST, "--port", str(self.port),
-            "--redis-url", self.redis_url, "--key-prefix", self.prefix,
-            "--log-level", "warning", *self.extra,
+            "--key-prefix", self.prefix, "--log-level", "warning", *self.extra,
         ]
+        # The URL through the environment: `fanout edge` refuses one with a password as a
+        # flag (ps would show it).
+        env = {**os.environ, "FANOUT_REDIS_URL": self.redis_url}
+        env.pop("FANOUT_REDIS_URL_FILE", None)
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT,
             preexec_fn=preexec, start_new_session=True,  # Ctrl-C reaches only us
         )
 
