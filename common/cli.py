@@ -83,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         "token",
         help="print a signed connection token (for development and scripts)",
         description="Print a JWT for `connect`, signed with FANOUT_AUTH_SECRET (read from the "
-        "environment only, never a flag, so it stays out of shell history and ps), or with "
+        "environment only, or from the file FANOUT_AUTH_SECRET_FILE names, never a flag, so "
+        "it stays out of shell history and ps), or with "
         "a private key file (RS/PS, ES, EdDSA) for an edge that verifies with the public key "
         "or a JWKS. Backends and identity providers mint their own tokens the same way "
         "(docs/protocol.md, Authentication).",
@@ -170,7 +171,7 @@ def show(loaded: Loaded) -> str:
     """The effective configuration of one command, secrets as ***."""
     rows = describe(loaded)
     key_width = max(len(key) for key, _, _ in rows)
-    value_width = min(48, max(len(value) for _, value, _ in rows))
+    value_width = max((len(value) for _, value, _ in rows if len(value) <= 40), default=0)
     where = f" (config file {loaded.file})" if loaded.file else " (no config file)"
     lines = [f"fanout {loaded.command.name}: configuration OK{where}"]
     for key, value, source in rows:
