@@ -924,6 +924,7 @@ def _resolve(
     sources: dict[str, Source] = {}
     for s in settings:
         raw: str | None = None
+        secret_file = ""  # raw is the name of a file holding the value: read if it wins
         name, source = s.env, DEFAULT
         if file is not None:
             table = file.sections.get(s.section or section, {})
@@ -931,10 +932,11 @@ def _resolve(
             if s.sensitive and table.get(f"{s.key}_file"):
                 key = f"{s.key}_file"
                 name = f"{where} {key}"
-                raw, source = read_secret_file(name, table[key]), Source("file", f"{where} {key}")
+                raw, secret_file, source = table[key], table[key], Source("file", name)
             if table.get(s.key) not in (None, ""):
                 name = f"{where} {s.key}"
-                raw, source = _file_text(s, name, table[s.key]), Source("file", name)
+                raw, secret_file = _file_text(s, name, table[s.key]), ""
+                source = Source("file", name)
         for candidate in _env_names(s):
             file_var = f"{candidate}_FILE" if s.sensitive and candidate.startswith(
                 "FANOUT_") else ""
@@ -942,9 +944,10 @@ def _resolve(
                 if file_var and env.get(file_var):
                     raise ConfigError(file_var, f"set only one of {candidate} and {file_var}")
                 raw, name, source = env[candidate], candidate, Source("env", candidate)
+                secret_file = ""
                 break
             if file_var and env.get(file_var):
-                raw = read_secret_file(file_var, env[file_var])
+                raw = secret_file = env[file_var]
                 name, source = file_var, Source("env", file_var)
                 break
         flag = getattr(args, _dest(s), None) if args is not None else None
@@ -958,7 +961,10 @@ def _resolve(
                                   f"and shell history: set {_env_names(s)[0]} or "
                                   f"{_file_env(s)} instead")
             raw, name, source = flag, s.flag, Source("flag", s.flag)
+            secret_file = ""
         if raw is not None:
+            if secret_file:
+                raw = read_secret_file(name, secret_file)
             values[s.attr] = s.parse(name, raw)
             sources[s.attr] = source
         else:

@@ -997,3 +997,15 @@ def test_docker_compose_environments_load() -> None:
         load(service["command"][0], env=env)
         checked += 1
     assert checked == 5  # ingest x2, edge x3
+
+
+def test_a_secret_file_is_read_only_when_it_is_the_value_used(tmp_path: Path) -> None:
+    path = write(tmp_path, "[edge]\nauth_secret_file = '/nonexistent/secret'\n")
+    assert load("edge", env={"FANOUT_AUTH_SECRET": "e" * 40}, path=path
+                ).config.auth_secret == "e" * 40
+    args = flags("edge", ["--redis-url", "redis://h:1/0"])
+    env = {"FANOUT_REDIS_URL_FILE": "/nonexistent/url"}
+    assert load("edge", env=env, args=args).config.redis.url == "redis://h:1/0"
+    with pytest.raises(ConfigError) as info:
+        load("edge", env={}, path=path)
+    assert info.value.setting == f"{path}: [edge] auth_secret_file"
