@@ -491,9 +491,6 @@ EDGE_SETTINGS = (
     *REDIS_SETTINGS,
     Setting("host", "--host", "FANOUT_EDGE_HOST", _nonempty, "address to listen on"),
     Setting("port", "--port", "FANOUT_EDGE_PORT", _int(0, 65535), "port to listen on"),
-    Setting("node_id", "--node-id", "FANOUT_NODE_ID", _prefix,
-            "this edge's id (in client ids and the probe channel)", metavar="ID",
-            default="random"),
     Setting("ping_interval", "--ping-interval", "FANOUT_PING_INTERVAL", _float(0),
             "seconds between server pings"),
     Setting("pong_timeout", "--pong-timeout", "FANOUT_PONG_TIMEOUT", _float(0),
@@ -504,6 +501,8 @@ EDGE_SETTINGS = (
             "largest client frame in bytes (larger: close 1009)"),
     Setting("max_subscriptions", "--max-subscriptions", "FANOUT_MAX_SUBSCRIPTIONS", _int(1),
             "most subscriptions per connection"),
+    Setting("unpublished_ttl", "--unpublished-ttl", "FANOUT_UNPUBLISHED_TTL", _int(60),
+            "seconds a channel's epoch created by a subscribe lives until its first publish"),
     Setting("request_rate", "--request-rate", "FANOUT_REQUEST_RATE", _float(0),
             "requests per second a connection may sustain (more: close 3007)"),
     Setting("request_burst", "--request-burst", "FANOUT_REQUEST_BURST", _int(1),
@@ -512,6 +511,8 @@ EDGE_SETTINGS = (
             _int(1), "most messages in a client's send queue"),
     Setting("queue_max_bytes", "--queue-max-bytes", "FANOUT_QUEUE_MAX_BYTES", _int(1024),
             "most bytes in a client's send queue"),
+    Setting("recovery_limit", "--recovery-limit", "FANOUT_RECOVERY_LIMIT", _int(1),
+            "most messages one subscribe may replay"),
     Setting("overflow", "--overflow", "FANOUT_OVERFLOW", parse_overflow,
             "slow-client policy per namespace, <namespace>=<disconnect|conflate|drop>,...; "
             "namespaces not named keep theirs", metavar="POLICIES"),
@@ -526,10 +527,13 @@ EDGE_SETTINGS = (
     Setting("direct_write", "--direct-write", "FANOUT_DIRECT_WRITE", _bool,
             "write finished frames straight to the socket, shared by all clients of a "
             "batch (true/false)"),
-    Setting("recovery_limit", "--recovery-limit", "FANOUT_RECOVERY_LIMIT", _int(1),
-            "most messages one subscribe may replay"),
-    Setting("unpublished_ttl", "--unpublished-ttl", "FANOUT_UNPUBLISHED_TTL", _int(60),
-            "seconds a channel's epoch created by a subscribe lives until its first publish"),
+    Setting("drain_seconds", "--drain-seconds", "FANOUT_DRAIN_SECONDS",
+            _float(0, strict=False),
+            "on SIGTERM/SIGINT: not ready at once, connections closed (3000) spread over this "
+            "many seconds, then exit; 0 = close all at once"),
+    Setting("gc_thresholds", "--gc-thresholds", "FANOUT_GC_THRESHOLDS", _gc_thresholds,
+            "garbage collector thresholds gen0,gen1,gen2, or 'python' for Python's "
+            "700,10,10", metavar="N,N,N"),
     Setting("auth_secret", "--auth-secret", "FANOUT_AUTH_SECRET", _auth_secret,
             "HMAC secret of connection tokens (JWT HS256/384/512), at least 32 bytes; "
             "unset (and no public key or JWKS URL) = no authentication", secret=True),
@@ -559,13 +563,9 @@ EDGE_SETTINGS = (
             "required iss claim of tokens", metavar="ISSUER", default="not checked"),
     Setting("auth_audience", "--auth-audience", "FANOUT_AUTH_AUDIENCE", _nonempty,
             "required aud claim of tokens", metavar="AUDIENCE", default="not checked"),
-    Setting("drain_seconds", "--drain-seconds", "FANOUT_DRAIN_SECONDS",
-            _float(0, strict=False),
-            "on SIGTERM/SIGINT: not ready at once, connections closed (3000) spread over this "
-            "many seconds, then exit; 0 = close all at once"),
-    Setting("gc_thresholds", "--gc-thresholds", "FANOUT_GC_THRESHOLDS", _gc_thresholds,
-            "garbage collector thresholds gen0,gen1,gen2, or 'python' for Python's "
-            "700,10,10", metavar="N,N,N"),
+    Setting("node_id", "--node-id", "FANOUT_NODE_ID", _prefix,
+            "this edge's id (in client ids and the probe channel)", metavar="ID",
+            default="random"),
     Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level,
             "log level: debug, info, warning or error"),
 )
@@ -579,10 +579,6 @@ INGEST_SETTINGS = (
     Setting("rate", "--rate", "FANOUT_RATE", _float(0),
             "simulated events per second per symbol"),
     Setting("seed", "--seed", "FANOUT_SEED", _int(0), "random seed of the simulated feed"),
-    Setting("reconnect_base", "--reconnect-base", "FANOUT_RECONNECT_BASE", _float(0),
-            "seconds: ceiling of the first upstream reconnect delay"),
-    Setting("reconnect_cap", "--reconnect-cap", "FANOUT_RECONNECT_CAP", _float(0),
-            "seconds: ceiling of any upstream reconnect delay"),
     Setting("batch_size", "--batch-size", "FANOUT_BATCH_SIZE", _int(1, 10_000),
             "most publishes per pipelined round trip", metavar="N"),
     Setting("history", "--history", "FANOUT_HISTORY", parse_history,
@@ -590,15 +586,19 @@ INGEST_SETTINGS = (
             "namespaces not named keep theirs", metavar="POLICIES"),
     Setting("idempotency_ttl", "--idempotency-ttl", "FANOUT_IDEMPOTENCY_TTL", _int(1),
             "seconds a published upstream message id is remembered"),
+    Setting("metrics_port", "--metrics-port", "FANOUT_INGEST_METRICS_PORT", _int(0, 65535),
+            "port of the ingest's /metrics, /healthz and /readyz (0 = none)"),
+    Setting("metrics_host", "--metrics-host", "FANOUT_INGEST_METRICS_HOST", _nonempty,
+            "address of the ingest's metrics and health port"),
     Setting("feed_id", "--feed-id", "FANOUT_FEED_ID", _prefix,
             "the feed's id in leader election: one leader per id", metavar="ID",
             default="the feed name"),
     Setting("lease_ttl", "--lease-ttl", "FANOUT_LEASE_TTL", _float(0.5, strict=False),
             "seconds the leader's lease lasts without renewal (>= 0.5)"),
-    Setting("metrics_host", "--metrics-host", "FANOUT_INGEST_METRICS_HOST", _nonempty,
-            "address of the ingest's metrics and health port"),
-    Setting("metrics_port", "--metrics-port", "FANOUT_INGEST_METRICS_PORT", _int(0, 65535),
-            "port of the ingest's /metrics, /healthz and /readyz (0 = none)"),
+    Setting("reconnect_base", "--reconnect-base", "FANOUT_RECONNECT_BASE", _float(0),
+            "seconds: ceiling of the first upstream reconnect delay"),
+    Setting("reconnect_cap", "--reconnect-cap", "FANOUT_RECONNECT_CAP", _float(0),
+            "seconds: ceiling of any upstream reconnect delay"),
     Setting("ws_url", "--ws-url", "FANOUT_WS_URL", _ws_url,
             "feed ws: the upstream ws:// or wss:// URL (may carry credentials)", secret=True),
     Setting("ws_subscribe", "--ws-subscribe", "FANOUT_WS_SUBSCRIBE", _str,
@@ -1090,6 +1090,15 @@ _GROUPS: tuple[tuple[str, str], ...] = (
 )
 
 
+# The order of the groups in --help.
+_GROUP_ORDER = [
+    "Redis", "network", "heartbeats and timeouts", "connection limits and admission",
+    "queues and delivery", "history and recovery", "authentication", "ingest feed",
+    "feed ws (a generic WebSocket JSON feed)", "feed projectx",
+    "publishing and leader election", "HTTP publish API", "channel namespaces", "process",
+]
+
+
 def setting_group(setting: Setting) -> str:
     if setting.group:
         return setting.group
@@ -1168,14 +1177,16 @@ def add_arguments(
     variable and its config file key; values stay strings until `build`, which names
     errors. Secret settings get a hidden flag whose use fails, saying where they go."""
     defaults = cls() if cls is not None else None
-    groups: dict[str, Any] = {}
+    order = _GROUP_ORDER
+    used = {setting_group(s) for s in settings if not s.secret}
+    groups = {group: parser.add_argument_group(group)
+              for group in sorted(used, key=lambda g: (order.index(g) if g in order
+                                                       else len(order), g))}
     secrets = [s for s in settings if s.secret]
     for s in settings:
         if s.secret:
             continue
         group = setting_group(s)
-        if group not in groups:
-            groups[group] = parser.add_argument_group(group)
         envs = " or ".join(_env_names(s))
         if s.url_secret:
             envs += f" or {_file_env(s)}"

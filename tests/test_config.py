@@ -1009,3 +1009,9 @@ def test_a_secret_file_is_read_only_when_it_is_the_value_used(tmp_path: Path) ->
     with pytest.raises(ConfigError) as info:
         load("edge", env={}, path=path)
     assert info.value.setting == f"{path}: [edge] auth_secret_file"
+
+
+def test_every_help_group_has_a_place_in_the_order() -> None:
+    from common.config import _GROUP_ORDER, _GROUPS
+
+    assert {group for _, group in _GROUPS} | {"Redis", "process"} == set(_GROUP_ORDER)
