@@ -1,11 +1,13 @@
-"""Configuration: frozen dataclasses built from ``FANOUT_*`` environment variables and flags.
+"""Configuration: frozen dataclasses built from a TOML config file, ``FANOUT_*``
+environment variables and flags.
 
-Each setting has one name in the environment (``FANOUT_EDGE_PORT``) and one flag
-(``--port``); a flag wins over the environment. A bad value fails at start with a
-`ConfigError` naming the setting. Secrets (the password in a Redis URL) never appear in a
-repr or a log line: use `redact_url`.
+Each setting has one key in the config file (``[edge] port``), one name in the environment
+(``FANOUT_EDGE_PORT``) and one flag (``--port``); the file < the environment < flags
+(`load`). A bad value, an unknown file key or a ``FANOUT_`` variable that is no setting of
+any command fails at start with a `ConfigError` naming it. Secrets (`Setting.secret`) come
+only from the environment or a file it names (``FANOUT_AUTH_SECRET_FILE``), never from a
+flag; they never appear in a repr or a log line (URLs: `redact_url`).
 """
-
 from __future__ import annotations
 
 import argparse
