@@ -33,7 +33,8 @@ USER fanout
 WORKDIR /tmp
 EXPOSE 8000 9100
 # Liveness for both roles: an ingest worker (FANOUT_INGEST_METRICS_PORT set) answers
-# /healthz on that port from its own event loop, an edge on FANOUT_EDGE_PORT.
+# /healthz on that port from its own event loop, an edge on FANOUT_EDGE_PORT (the check
+# reads the variables only: a port set in a config file needs its variable too).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 CMD ["python", "-c", \
     "import os, urllib.request; port = os.environ.get('FANOUT_INGEST_METRICS_PORT') or os.environ.get('FANOUT_EDGE_PORT', '8000'); urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2)"]
 ENTRYPOINT ["fanout"]

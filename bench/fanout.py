@@ -713,13 +713,17 @@ class EdgeProcess:
         cmd = [
             sys.executable, "-m", "common.cli", "edge",
             "--host", HOST, "--port", str(self.port),
-            "--redis-url", self.redis_url, "--key-prefix", self.prefix,
-            "--log-level", "warning",
+            "--key-prefix", self.prefix, "--log-level", "warning",
             # Every client comes from 127.0.0.1, by the thousand: no admission limits.
             "--max-connections", "0", "--max-connections-per-ip", "0", *self.extra,
         ]
+        # The URL through the environment: `fanout edge` refuses one with a password as a
+        # flag (ps would show it).
+        env = {**os.environ, "FANOUT_REDIS_URL": self.redis_url}
+        env.pop("FANOUT_REDIS_URL_FILE", None)
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT,
             preexec_fn=preexec, start_new_session=True,  # Ctrl-C reaches only us
         )
 

@@ -9,14 +9,13 @@ from collections.abc import Sequence
 
 from common import __version__
 from common.config import (
-    EDGE_SETTINGS,
-    INGEST_SETTINGS,
-    EdgeConfig,
-    IngestConfig,
+    COMMANDS,
+    CONFIG_ENV,
+    Loaded,
     add_arguments,
-    build,
-    check_edge,
-    check_ingest,
+    describe,
+    load,
+    read_secret_file,
 )
 from common.errors import ConfigError
 
@@ -37,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
         "of one feed elect a leader through a lease in Redis: only the leader connects "
         "upstream and publishes; the others stand by and take over within the lease TTL.",
     )
-    add_arguments(ingest, INGEST_SETTINGS)
+    _add_command_arguments(ingest, "ingest")
 
     edge = sub.add_parser(
         "edge",
@@ -45,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Run an edge node: a Starlette app on uvicorn serving /ws (WebSocket), "
         "/ (demo page), /healthz, /readyz and /metrics.",
     )
-    add_arguments(edge, EDGE_SETTINGS)
+    _add_command_arguments(edge, "edge")
 
     dev = sub.add_parser(
         "dev",
@@ -58,11 +57,34 @@ def _parser() -> argparse.ArgumentParser:
 
     dev_module.add_arguments(dev)
 
+    config = sub.add_parser(
+        "config",
+        help="check a configuration: fanout config check [FILE]",
+        description="Configuration tools.",
+    )
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = config_sub.add_parser(
+        "check",
+        help="validate the config file and environment, print the effective configuration",
+        description="Validate a config file together with the environment (unknown "
+        "variables and keys, every value, the cross-setting checks) as `fanout edge` and "
+        "`fanout ingest` would at start, and print every setting, its value (secrets as "
+        "***) and where it came from: default, file, env or flag. Exit status 2 if "
+        "anything is wrong.",
+    )
+    check.add_argument("file", nargs="?", default=None, metavar="FILE",
+                       help=f"the TOML config file (default: ${CONFIG_ENV}; none: the "
+                       "environment alone)")
+    check.add_argument("--command", dest="command_name", choices=sorted(COMMANDS),
+                       default=None,
+                       help="check for this command only (default: every one)")
+
     token = sub.add_parser(
         "token",
         help="print a signed connection token (for development and scripts)",
         description="Print a JWT for `connect`, signed with FANOUT_AUTH_SECRET (read from the "
-        "environment only, never a flag, so it stays out of shell history and ps), or with "
+        "environment only, or from the file FANOUT_AUTH_SECRET_FILE names, never a flag, so "
+        "it stays out of shell history and ps), or with "
         "a private key file (RS/PS, ES, EdDSA) for an edge that verifies with the public key "
         "or a JWKS. Backends and identity providers mint their own tokens the same way "
         "(docs/protocol.md, Authentication).",
@@ -105,9 +127,12 @@ def _token(args: argparse.Namespace) -> int:
             raise ConfigError("--private-key-file", str(exc)) from None
     else:
         secret = os.environ.get("FANOUT_AUTH_SECRET", "")
+        if not secret and os.environ.get("FANOUT_AUTH_SECRET_FILE"):
+            secret = read_secret_file("FANOUT_AUTH_SECRET_FILE",
+                                      os.environ["FANOUT_AUTH_SECRET_FILE"])
         if not secret:
-            raise ConfigError("FANOUT_AUTH_SECRET", "must be set in the environment (or "
-                              "sign with --private-key-file)")
+            raise ConfigError("FANOUT_AUTH_SECRET", "must be set in the environment, or "
+                              "FANOUT_AUTH_SECRET_FILE (or sign with --private-key-file)")
         key = secret.encode()
     if args.alg is not None and args.alg not in key_algorithms(key):
         raise ConfigError("--alg", f"{args.alg!r} does not fit this key: it signs "
@@ -133,31 +158,61 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_command_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"TOML config file: sections [redis] and [{command}], keys "
+                        "as in this list (file < environment < flags) "
+                        f"[env {CONFIG_ENV}]")
+    cmd = COMMANDS[command]
+    add_arguments(parser, cmd.settings, cmd.cls, command)
+
+
+def show(loaded: Loaded) -> str:
+    """The effective configuration of one command, secrets as ***."""
+    rows = describe(loaded)
+    key_width = max(len(key) for key, _, _ in rows)
+    value_width = max((len(value) for _, value, _ in rows if len(value) <= 40), default=0)
+    where = f" (config file {loaded.file})" if loaded.file else " (no config file)"
+    lines = [f"fanout {loaded.command.name}: configuration OK{where}"]
+    for key, value, source in rows:
+        lines.append(f"  {key:<{key_width}}  {value:<{value_width}}  {source}")
+    return "\n".join(lines)
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    commands = [args.command_name] if args.command_name else sorted(COMMANDS)
+    for i, name in enumerate(commands):
+        loaded = load(name, path=args.file)
+        print(("\n" if i else "") + show(loaded))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "ingest":
-            ingest_config = build(IngestConfig, INGEST_SETTINGS, args=args)
-            check_ingest(ingest_config)
+            ingest_config = load("ingest", args=args).config
             _logging(ingest_config.log_level)
             from ingest.worker import run_worker
 
             return run_worker(ingest_config)
         if args.command == "edge":
-            edge_config = build(EdgeConfig, EDGE_SETTINGS, args=args)
-            check_edge(edge_config)
+            edge_config = load("edge", args=args).config
             _logging(edge_config.log_level)
             from edge.server import run_edge
 
             return run_edge(edge_config)
         if args.command == "token":
             return _token(args)
+        if args.command == "config":
+            return _config_check(args)
         from common import dev as dev_module
 
         return dev_module.run(args)
     except ConfigError as exc:
-        print(f"fanout {args.command}: bad setting {exc}", file=sys.stderr)
+        name = "config check" if args.command == "config" else args.command
+        print(f"fanout {name}: bad setting {exc}", file=sys.stderr)
         return 2
 
 

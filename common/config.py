@@ -1,17 +1,22 @@
-"""Configuration: frozen dataclasses built from ``FANOUT_*`` environment variables and flags.
+"""Configuration: frozen dataclasses built from a TOML config file, ``FANOUT_*``
+environment variables and flags.
 
-Each setting has one name in the environment (``FANOUT_EDGE_PORT``) and one flag
-(``--port``); a flag wins over the environment. A bad value fails at start with a
-`ConfigError` naming the setting. Secrets (the password in a Redis URL) never appear in a
-repr or a log line: use `redact_url`.
+Each setting has one key in the config file (``[edge] port``), one name in the environment
+(``FANOUT_EDGE_PORT``) and one flag (``--port``); the file < the environment < flags
+(`load`). A bad value, an unknown file key or a ``FANOUT_`` variable that is no setting of
+any command fails at start with a `ConfigError` naming it. Secrets (`Setting.secret`) come
+only from the environment or a file it names (``FANOUT_AUTH_SECRET_FILE``), never from a
+flag; they never appear in a repr or a log line (URLs: `redact_url`).
 """
-
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
-from collections.abc import Callable, Mapping
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -230,13 +235,43 @@ class IngestConfig:
 
 @dataclass(frozen=True, slots=True)
 class Setting:
-    """One setting: its flag, environment variable, parser and help."""
+    """One setting: its flag, environment variable, config file key, parser and help.
 
-    attr: str  # dotted path into the config, e.g. "redis.url"
+    Everything else (the file key, the --help group and metavar, the `_FILE` variant of a
+    secret, the unknown-variable check) is derived from these, so a new row in a table gets
+    it all."""
+
+    attr: str  # dotted path into the config, e.g. "redis.url": file key [redis] url
     flag: str
     env: str
     parse: Callable[[str, str], Any]
     help: str
+    # Never a flag (visible in ps) nor a value in the config file: only the environment
+    # variable or <ENV>_FILE naming a file that holds it (Docker/Kubernetes secrets), or a
+    # `<key>_file` key in the config file. Shown as *** by `fanout config check`.
+    secret: bool = False
+    # A URL that may carry credentials (user:password@, ?password=): as a flag or in the
+    # file only without them; <ENV>_FILE as for secrets; shown redacted.
+    url_secret: bool = False
+    metavar: str = ""  # "" = derived from the name and the parser (_metavar)
+    group: str = ""  # --help section; "" = derived from the name (_group)
+    default: str = ""  # how --help shows the default; "" = the dataclass default
+    json: bool = False  # a JSON text: TOML arrays and tables are given as JSON
+
+    @property
+    def section(self) -> str:
+        """The config file section: the first part of a dotted attr, else "" (the
+        command's own section, [edge] or [ingest])."""
+        return self.attr.split(".", 1)[0] if "." in self.attr else ""
+
+    @property
+    def key(self) -> str:
+        """The key in the config file section."""
+        return self.attr.rsplit(".", 1)[-1]
+
+    @property
+    def sensitive(self) -> bool:
+        return self.secret or self.url_secret
 
 
 def _int(lo: int, hi: int | None = None) -> Callable[[str, str], int]:
@@ -464,7 +499,9 @@ def _prefix(setting: str, text: str) -> str:
 REDIS_SETTINGS = (
     Setting(
         "redis.url", "--redis-url", "REDIS_URL", _check_redis_url,
-        "Redis/Valkey URL (FANOUT_REDIS_URL or REDIS_URL)",
+        "Redis/Valkey URL: redis://, rediss:// or unix:// (one with a password only from "
+        "the environment)",
+        url_secret=True,
     ),
     Setting(
         "redis.key_prefix", "--key-prefix", "FANOUT_KEY_PREFIX", _prefix,
@@ -491,7 +528,7 @@ EDGE_SETTINGS = (
     Setting("connect_timeout", "--connect-timeout", "FANOUT_CONNECT_TIMEOUT", _float(0),
             "seconds a new connection has to send connect"),
     Setting("max_message_size", "--max-message-size", "FANOUT_MAX_MESSAGE_SIZE", _int(256),
-            "largest client frame in bytes"),
+            "largest client frame in bytes (larger: close 1009)"),
     Setting("max_subscriptions", "--max-subscriptions", "FANOUT_MAX_SUBSCRIPTIONS", _int(1),
             "most subscriptions per connection"),
     Setting("unpublished_ttl", "--unpublished-ttl", "FANOUT_UNPUBLISHED_TTL", _int(60),
@@ -507,90 +544,94 @@ EDGE_SETTINGS = (
     Setting("recovery_limit", "--recovery-limit", "FANOUT_RECOVERY_LIMIT", _int(1),
             "most messages one subscribe may replay"),
     Setting("overflow", "--overflow", "FANOUT_OVERFLOW", parse_overflow,
-            "slow-client policy per namespace: quotes=conflate,trades=drop,depth=conflate,"
-            "bars=drop,account=disconnect"),
+            "slow-client policy per namespace, <namespace>=<disconnect|conflate|drop>,...; "
+            "namespaces not named keep theirs", metavar="POLICIES"),
     Setting("max_frame_messages", "--max-frame-messages", "FANOUT_MAX_FRAME_MESSAGES",
             _int(1), "most messages coalesced into one frame (1 = no coalescing)"),
     Setting("max_frame_bytes", "--max-frame-bytes", "FANOUT_MAX_FRAME_BYTES", _int(256),
             "largest coalesced frame in bytes"),
     Setting("write_delay", "--write-delay", "FANOUT_WRITE_DELAY", _float(0, strict=False),
-            "seconds a writer waits to batch more messages into a frame (default 0)"),
+            "seconds a writer waits to batch more messages into a frame"),
     Setting("compression", "--compression", "FANOUT_WS_COMPRESSION", _bool,
             "permessage-deflate (true/false)"),
     Setting("direct_write", "--direct-write", "FANOUT_DIRECT_WRITE", _bool,
             "write finished frames straight to the socket, shared by all clients of a "
-            "batch (true/false; default true)"),
+            "batch (true/false)"),
     Setting("drain_seconds", "--drain-seconds", "FANOUT_DRAIN_SECONDS",
             _float(0, strict=False),
             "on SIGTERM/SIGINT: not ready at once, connections closed (3000) spread over this "
-            "many seconds, then exit; 0 = close all at once (default 10)"),
+            "many seconds, then exit; 0 = close all at once"),
     Setting("gc_thresholds", "--gc-thresholds", "FANOUT_GC_THRESHOLDS", _gc_thresholds,
-            "garbage collector thresholds gen0,gen1,gen2 (default 50000,50,100; 'python' "
-            "keeps Python's 700,10,10)"),
+            "garbage collector thresholds gen0,gen1,gen2, or 'python' for Python's "
+            "700,10,10", metavar="N,N,N"),
     Setting("allowed_origins", "--allowed-origins", "FANOUT_ALLOWED_ORIGINS", _origins,
             "browser origins allowed to connect: comma-separated patterns such as "
-            "https://app.example.com,https://*.example.com (default: any, with a warning)"),
+            "https://app.example.com,https://*.example.com (unset: any, with a warning)"),
     Setting("allow_no_origin", "--allow-no-origin", "FANOUT_ALLOW_NO_ORIGIN", _bool,
             "accept handshakes without an Origin header, i.e. non-browser clients "
-            "(true/false; default true)"),
+            "(true/false)"),
     Setting("max_connections", "--max-connections", "FANOUT_MAX_CONNECTIONS", _int(0),
-            "most WebSocket connections of this edge; more get HTTP 503 (0 = no limit; "
-            "default 10000)"),
+            "most WebSocket connections of this edge; more get HTTP 503 (0 = no limit)"),
     Setting("max_connections_per_ip", "--max-connections-per-ip",
             "FANOUT_MAX_CONNECTIONS_PER_IP", _int(0),
             "most WebSocket connections per client address (IPv6: per /64) on this edge; "
-            "more get HTTP 503 (0 = no limit; default 100)"),
+            "more get HTTP 503 (0 = no limit)"),
     Setting("trusted_proxies", "--trusted-proxies", "FANOUT_TRUSTED_PROXIES", _networks,
             "comma-separated networks (CIDRs) of proxies whose X-Forwarded-For names the "
-            "client (default: none, the header is ignored)"),
+            "client (unset: none, the header is ignored)"),
     Setting("handshake_timeout", "--handshake-timeout", "FANOUT_HANDSHAKE_TIMEOUT", _float(0),
             "seconds a new TCP connection has to send its whole HTTP request (the WebSocket "
-            "handshake); then it is closed (default 5)"),
+            "handshake); then it is closed"),
     Setting("auth_secret", "--auth-secret", "FANOUT_AUTH_SECRET", _auth_secret,
-            "HMAC secret of connection tokens (JWT HS256/384/512), at least 32 bytes "
-            "(secret); unset (and no public key or JWKS URL) = no authentication"),
+            "HMAC secret of connection tokens (JWT HS256/384/512), at least 32 bytes; "
+            "unset (and no public key or JWKS URL) = no authentication", secret=True),
     Setting("auth_public_key_file", "--auth-public-key-file", "FANOUT_AUTH_PUBLIC_KEY_FILE",
             _auth_public_key_file,
             "PEM file of the public key (or certificate) that verifies connection tokens "
             "(RSA >= 2048 bits, EC P-256/384/521, Ed25519/Ed448)"),
     Setting("auth_jwks_url", "--auth-jwks-url", "FANOUT_AUTH_JWKS_URL", _jwks_url,
             "https:// URL of the JWKS whose keys verify connection tokens (chosen by kid; "
-            "fetched at start, refreshed, refetched for an unknown kid)"),
+            "fetched at start, refreshed, refetched for an unknown kid)", url_secret=True),
     Setting("auth_algorithms", "--auth-algorithms", "FANOUT_AUTH_ALGORITHMS", _algorithms,
-            "comma-separated JWT algorithms accepted (default: every one of the key's type: "
-            "HS256,HS384,HS512 with a secret; RS*/PS*, ES* or EdDSA with public keys)"),
+            "comma-separated JWT algorithms accepted (HS256,HS384,HS512 with a secret; "
+            "RS*/PS*, ES* or EdDSA with public keys)", metavar="ALGORITHMS",
+            default="every one of the key's type"),
     Setting("auth_jwks_refresh", "--auth-jwks-refresh", "FANOUT_AUTH_JWKS_REFRESH",
             _float(0), "seconds a fetched JWKS is used before it is fetched again; a "
-            "shorter Cache-Control max-age wins, down to the min interval (default 600)"),
+            "shorter Cache-Control max-age wins, down to the min interval"),
     Setting("auth_jwks_min_interval", "--auth-jwks-min-interval",
             "FANOUT_AUTH_JWKS_MIN_INTERVAL", _float(0),
             "seconds: at most one JWKS fetch per this interval for tokens with an unknown "
-            "kid; also the longest retry delay after a failed fetch (default 30)"),
+            "kid; also the longest retry delay after a failed fetch"),
     Setting("auth_jwks_timeout", "--auth-jwks-timeout", "FANOUT_AUTH_JWKS_TIMEOUT", _float(0),
-            "seconds a JWKS fetch may take (default 5)"),
+            "seconds a JWKS fetch may take"),
     Setting("auth_channels", "--auth-channels", "FANOUT_AUTH_CHANNELS", _patterns,
-            "channel patterns a token without a channels claim may subscribe to "
-            "(default quotes.*,trades.*,depth.*,bars.*)"),
+            "channel patterns a token without a channels claim may subscribe to"),
     Setting("auth_issuer", "--auth-issuer", "FANOUT_AUTH_ISSUER", _nonempty,
-            "required iss claim of tokens (default: not checked)"),
+            "required iss claim of tokens", metavar="ISSUER", default="not checked"),
     Setting("auth_audience", "--auth-audience", "FANOUT_AUTH_AUDIENCE", _nonempty,
-            "required aud claim of tokens (default: not checked)"),
-    Setting("node_id", "--node-id", "FANOUT_NODE_ID", _prefix, "this edge's id (default random)"),
-    Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level, "log level"),
+            "required aud claim of tokens", metavar="AUDIENCE", default="not checked"),
+    Setting("node_id", "--node-id", "FANOUT_NODE_ID", _prefix,
+            "this edge's id (in client ids and the probe channel)", metavar="ID",
+            default="random"),
+    Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level,
+            "log level: debug, info, warning or error"),
 )
 
 INGEST_SETTINGS = (
     *REDIS_SETTINGS,
-    Setting("feed", "--feed", "FANOUT_FEED", _feed, "upstream feed: sim, ws or projectx"),
+    Setting("feed", "--feed", "FANOUT_FEED", _feed, "upstream feed: sim, ws or projectx",
+            metavar="FEED"),
     Setting("symbols", "--symbols", "FANOUT_SYMBOLS", _symbols,
             "comma-separated symbols of the simulated feed"),
     Setting("rate", "--rate", "FANOUT_RATE", _float(0),
             "simulated events per second per symbol"),
     Setting("seed", "--seed", "FANOUT_SEED", _int(0), "random seed of the simulated feed"),
     Setting("batch_size", "--batch-size", "FANOUT_BATCH_SIZE", _int(1, 10_000),
-            "most publishes per pipelined round trip"),
+            "most publishes per pipelined round trip", metavar="N"),
     Setting("history", "--history", "FANOUT_HISTORY", parse_history,
-            "history per namespace: quotes=10000/300,trades=10000/600,..."),
+            "history per namespace, <namespace>=<max length>/<max age seconds>,...; "
+            "namespaces not named keep theirs", metavar="POLICIES"),
     Setting("idempotency_ttl", "--idempotency-ttl", "FANOUT_IDEMPOTENCY_TTL", _int(1),
             "seconds a published upstream message id is remembered"),
     Setting("metrics_port", "--metrics-port", "FANOUT_INGEST_METRICS_PORT", _int(0, 65535),
@@ -598,37 +639,44 @@ INGEST_SETTINGS = (
     Setting("metrics_host", "--metrics-host", "FANOUT_INGEST_METRICS_HOST", _nonempty,
             "address of the ingest's metrics and health port"),
     Setting("feed_id", "--feed-id", "FANOUT_FEED_ID", _prefix,
-            "the feed's id in leader election: one leader per id (default: the feed name)"),
+            "the feed's id in leader election: one leader per id", metavar="ID",
+            default="the feed name"),
     Setting("lease_ttl", "--lease-ttl", "FANOUT_LEASE_TTL", _float(0.5, strict=False),
-            "seconds the leader's lease lasts without renewal (>= 0.5; default 5)"),
+            "seconds the leader's lease lasts without renewal (>= 0.5)"),
     Setting("reconnect_base", "--reconnect-base", "FANOUT_RECONNECT_BASE", _float(0),
-            "seconds: ceiling of the first upstream reconnect delay (default 0.5)"),
+            "seconds: ceiling of the first upstream reconnect delay"),
     Setting("reconnect_cap", "--reconnect-cap", "FANOUT_RECONNECT_CAP", _float(0),
-            "seconds: ceiling of any upstream reconnect delay (default 20)"),
-    Setting("ws_url", "--ws-url", "FANOUT_WS_URL", _ws_url, "feed ws: the upstream URL"),
+            "seconds: ceiling of any upstream reconnect delay"),
+    Setting("ws_url", "--ws-url", "FANOUT_WS_URL", _ws_url,
+            "feed ws: the upstream ws:// or wss:// URL (may carry credentials)", secret=True),
     Setting("ws_subscribe", "--ws-subscribe", "FANOUT_WS_SUBSCRIBE", _str,
-            "feed ws: JSON array of messages to send after each connect"),
+            "feed ws: JSON array of messages to send after each connect", metavar="JSON",
+            default="none", json=True),
     Setting("ws_mapping", "--ws-mapping", "FANOUT_WS_MAPPING", _str,
-            "feed ws: JSON field mappings (see docs/architecture.md)"),
+            "feed ws: JSON field mappings (see docs/architecture.md)", metavar="JSON",
+            json=True),
     Setting("ws_headers", "--ws-headers", "FANOUT_WS_HEADERS", _json_object,
-            "feed ws: JSON object of HTTP headers for the connection (secret)"),
+            "feed ws: JSON object of HTTP headers for the connection", secret=True,
+            json=True),
     Setting("ws_idle_timeout", "--ws-idle-timeout", "FANOUT_WS_IDLE_TIMEOUT", _float(0),
-            "feed ws: seconds without a message before reconnecting (default 30)"),
+            "feed ws: seconds without a message before reconnecting"),
     Setting("projectx_url", "--projectx-url", "FANOUT_PROJECTX_URL", _nonempty,
             "feed projectx: the gateway's base URL"),
     Setting("projectx_token", "--projectx-token", "FANOUT_PROJECTX_TOKEN", _nonempty,
-            "feed projectx: the JWT (secret)"),
+            "feed projectx: the JWT", secret=True),
     Setting("projectx_contracts", "--projectx-contracts", "FANOUT_PROJECTX_CONTRACTS", _csv,
-            "feed projectx: comma-separated contract ids"),
+            "feed projectx: comma-separated contract ids", metavar="IDS", default="none"),
     Setting("projectx_accounts", "--projectx-accounts", "FANOUT_PROJECTX_ACCOUNTS", _ints,
-            "feed projectx: comma-separated account ids for the user hub"),
+            "feed projectx: comma-separated account ids for the user hub", metavar="IDS",
+            default="none"),
     Setting("api_host", "--api-host", "FANOUT_API_HOST", _nonempty,
             "address of the HTTP publish API"),
     Setting("api_port", "--api-port", "FANOUT_API_PORT", _int(0, 65535),
             "port of the HTTP publish API (0 = off)"),
     Setting("api_keys", "--api-keys", "FANOUT_API_KEYS", _csv,
-            "comma-separated API keys of the HTTP publish API (secret)"),
-    Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level, "log level"),
+            "comma-separated API keys of the HTTP publish API", secret=True),
+    Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level,
+            "log level: debug, info, warning or error"),
 )
 
 
@@ -688,18 +736,288 @@ def check_edge(config: EdgeConfig) -> None:
                           "must not exceed FANOUT_AUTH_JWKS_REFRESH")
 
 
+# --- commands, sources and the unknown-variable rule -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command that runs from the Setting tables: its config class, settings and the
+    cross-setting check."""
+
+    name: str  # also its config file section: [edge], [ingest]
+    cls: type[Any]
+    settings: tuple[Setting, ...]
+    check: Callable[[Any], None]
+
+
+COMMANDS: dict[str, Command] = {
+    "edge": Command("edge", EdgeConfig, EDGE_SETTINGS, check_edge),
+    "ingest": Command("ingest", IngestConfig, INGEST_SETTINGS, check_ingest),
+}
+
+CONFIG_ENV = "FANOUT_CONFIG"  # the config file, as --config FILE
+
+# FANOUT_* variables that are not settings but that the project itself reads (its tests);
+# allowed in any environment, so that the unknown-variable check never trips on them.
+NOT_SETTINGS: dict[str, str] = {
+    CONFIG_ENV: "the config file (--config)",
+    "FANOUT_ARTIFACTS": "tests/test_browser.py: where screenshots and traces go",
+    "FANOUT_PROPERTY_EXAMPLES": "tests/test_recovery_property.py: hypothesis examples",
+}
+
+# Kubernetes gives every pod variables for the Services of its namespace (service links,
+# unless the pod spec says enableServiceLinks: false): a Service "fanout-edge" yields
+# FANOUT_EDGE_SERVICE_HOST, FANOUT_EDGE_PORT_80_TCP and the like. Not settings, not typos.
+_SERVICE_LINK = re.compile(
+    r"FANOUT_[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)"
+    r"(_PROTO|_PORT|_ADDR)?)"
+)
+_SERVICE_LINK_URL = re.compile(r"(tcp|udp|sctp)://[^/]*:\d+")
+
+
 def _env_names(setting: Setting) -> tuple[str, ...]:
+    """The variables a setting's value is read from, first found wins."""
     if setting.env == "REDIS_URL":
         return ("FANOUT_REDIS_URL", "REDIS_URL")
     return (setting.env,)
 
 
-def add_arguments(parser: argparse.ArgumentParser, settings: tuple[Setting, ...]) -> None:
-    """Add one flag per setting; values stay strings until `build`, which names errors."""
+def _file_env(setting: Setting) -> str:
+    """<ENV>_FILE: the variable naming a file that holds a secret setting's value."""
+    return f"{_env_names(setting)[0]}_FILE"
+
+
+def known_env() -> frozenset[str]:
+    """Every FANOUT_ variable that means something to some command."""
+    names = set(NOT_SETTINGS)
+    for command in COMMANDS.values():
+        for s in command.settings:
+            names.update(_env_names(s))
+            if s.sensitive:
+                names.add(_file_env(s))
+    return frozenset(names)
+
+
+def check_environment(env: Mapping[str, str]) -> None:
+    """Fail on a FANOUT_ variable that is no setting of any command (a typo is otherwise
+    silently ignored), naming the closest one. A setting of another command is fine:
+    edges and ingest workers often share one environment (docker-compose.yml)."""
+    known = known_env()
+    for name in sorted(env):
+        if not name.startswith("FANOUT_") or name in known:
+            continue
+        if _SERVICE_LINK.fullmatch(name) or (
+            name.endswith("_PORT") and _SERVICE_LINK_URL.fullmatch(env[name])
+        ):
+            continue
+        raise ConfigError(name, "unknown setting" + _hint(name, known))
+
+
+def _hint(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a setting's value came from: default, file, env or flag, and its name there
+    (the file and key, the variable, the flag)."""
+
+    kind: str
+    name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}" if self.name else self.kind
+
+
+DEFAULT = Source("default")
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A command's config and where each setting came from (by attr)."""
+
+    command: Command
+    config: Any
+    sources: Mapping[str, Source]
+    file: str | None = None
+
+
+# --- the config file ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigFile:
+    path: str
+    sections: Mapping[str, Mapping[str, Any]]
+
+
+def file_sections() -> dict[str, dict[str, Setting]]:
+    """section -> key -> setting, over every command: [redis], [edge], [ingest]."""
+    sections: dict[str, dict[str, Setting]] = {}
+    for command in COMMANDS.values():
+        for s in command.settings:
+            sections.setdefault(s.section or command.name, {})[s.key] = s
+    return sections
+
+
+def read_config_file(path: str) -> ConfigFile:
+    """Read and check a TOML config file: known sections, known keys (for every command,
+    not only the one running), no secrets. Values are parsed later, by `load`."""
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read the config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"not valid TOML: {exc}") from None
+    known = file_sections()
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            where = [f"[{name}] {section}" for name, keys in known.items() if section in keys]
+            hint = f"; did you mean {' or '.join(where)}?" if where else ""
+            raise ConfigError(f"{path}: {section}", "settings go in a section: "
+                              f"{', '.join(f'[{name}]' for name in known)}{hint}")
+        if section not in known:
+            raise ConfigError(f"{path}: [{section}]", "unknown section" + _hint(section, known))
+        keys = known[section]
+        for key, value in table.items():
+            name = f"{path}: [{section}] {key}"
+            setting = keys.get(key)
+            if setting is None and key.endswith("_file"):
+                of = keys.get(key[: -len("_file")])
+                if of is not None and of.sensitive:
+                    if not isinstance(value, str):
+                        raise ConfigError(name, "must be the name of a file")
+                    if table.get(of.key) not in (None, ""):
+                        raise ConfigError(name, f"set only one of {of.key} and {key}")
+                    continue
+            if setting is None:
+                valid = [*keys, *(f"{k}_file" for k, s in keys.items() if s.sensitive)]
+                elsewhere = [f"[{other}] {key}" for other, others in known.items()
+                             if key in others]
+                hint = (f"; it belongs in {' or '.join(elsewhere)}" if elsewhere
+                        else _hint(key, valid))
+                raise ConfigError(name, "unknown setting" + hint)
+            if setting.secret:
+                raise ConfigError(name, "secrets are not read from the config file: set "
+                                  f"{setting.env} or {_file_env(setting)} in the "
+                                  f"environment, or {key}_file = \"/path/to/file\" here")
+            if setting.url_secret and isinstance(value, str) and _has_credentials(value):
+                raise ConfigError(name, "holds credentials, which do not belong in the config "
+                                  f"file: set {_env_names(setting)[0]} or "
+                                  f"{_file_env(setting)}, or {key}_file = \"/path/to/file\"")
+    return ConfigFile(path, data)
+
+
+def _file_text(setting: Setting, name: str, value: Any) -> str:
+    """A TOML value as the text the setting's parser reads (as from the environment)."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    if setting.json and isinstance(value, (list, dict)):
+        return json.dumps(value)
+    scalar = (str, int, float)
+    if isinstance(value, list) and all(isinstance(v, scalar) and not isinstance(v, bool)
+                                       for v in value):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict) and all(isinstance(v, scalar) and not isinstance(v, bool)
+                                       for v in value.values()):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    raise ConfigError(name, f"unsupported value {type(value).__name__}: give a string, "
+                      "number, boolean, or an array or table of strings and numbers")
+
+
+def read_secret_file(name: str, path: str) -> str:
+    """The contents of a secret's file, without trailing newlines (as `echo` writes)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(1024 * 1024 + 1)
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read {path!r}: {exc.strerror}") from None
+    if len(data) > 1024 * 1024:
+        raise ConfigError(name, f"{path!r} is larger than 1 MiB")
+    try:
+        return data.decode().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ConfigError(name, f"{path!r} is not UTF-8 text") from None
+
+
+def _has_credentials(url: str) -> bool:
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return False  # the parser names the bad URL
+    return "@" in parts.netloc or "password=" in parts.query.lower()
+
+
+# --- building: defaults < file < environment < flags -------------------------------------------
+
+
+def _dest(setting: Setting) -> str:
+    return setting.attr.replace(".", "__")
+
+
+def _resolve(
+    settings: tuple[Setting, ...],
+    env: Mapping[str, str],
+    args: argparse.Namespace | None,
+    file: ConfigFile | None,
+    section: str,
+) -> tuple[dict[str, Any], dict[str, Source]]:
+    values: dict[str, Any] = {}
+    sources: dict[str, Source] = {}
     for s in settings:
-        envs = " or ".join(_env_names(s))
-        parser.add_argument(s.flag, dest=s.attr.replace(".", "__"), metavar="VALUE",
-                            default=None, help=f"{s.help} [env {envs}]")
+        raw: str | None = None
+        secret_file = ""  # raw is the name of a file holding the value: read if it wins
+        name, source = s.env, DEFAULT
+        if file is not None:
+            table = file.sections.get(s.section or section, {})
+            where = f"{file.path}: [{s.section or section}]"
+            if s.sensitive and table.get(f"{s.key}_file"):
+                key = f"{s.key}_file"
+                name = f"{where} {key}"
+                raw, secret_file, source = table[key], table[key], Source("file", name)
+            if table.get(s.key) not in (None, ""):
+                name = f"{where} {s.key}"
+                raw, secret_file = _file_text(s, name, table[s.key]), ""
+                source = Source("file", name)
+        for candidate in _env_names(s):
+            file_var = f"{candidate}_FILE" if s.sensitive and candidate.startswith(
+                "FANOUT_") else ""
+            if env.get(candidate) not in (None, ""):
+                if file_var and env.get(file_var):
+                    raise ConfigError(file_var, f"set only one of {candidate} and {file_var}")
+                raw, name, source = env[candidate], candidate, Source("env", candidate)
+                secret_file = ""
+                break
+            if file_var and env.get(file_var):
+                raw = secret_file = env[file_var]
+                name, source = file_var, Source("env", file_var)
+                break
+        flag = getattr(args, _dest(s), None) if args is not None else None
+        if flag is not None:
+            if s.secret:
+                raise ConfigError(s.flag, "secrets are not taken as flags (ps and shell "
+                                  f"history show them): set {_env_names(s)[0]} or "
+                                  f"{_file_env(s)} instead")
+            if s.url_secret and _has_credentials(flag):
+                raise ConfigError(s.flag, "holds credentials, which a flag would show in ps "
+                                  f"and shell history: set {_env_names(s)[0]} or "
+                                  f"{_file_env(s)} instead")
+            raw, name, source = flag, s.flag, Source("flag", s.flag)
+            secret_file = ""
+        if raw is not None:
+            if secret_file:
+                raw = read_secret_file(name, secret_file)
+            values[s.attr] = s.parse(name, raw)
+            sources[s.attr] = source
+        else:
+            sources[s.attr] = DEFAULT
+    return values, sources
 
 
 def build(
@@ -707,22 +1025,40 @@ def build(
     settings: tuple[Setting, ...],
     env: Mapping[str, str] | None = None,
     args: argparse.Namespace | None = None,
+    file: ConfigFile | None = None,
+    section: str = "",
 ) -> T:
-    """The config from defaults, then the environment, then flags."""
+    """The config from defaults, then the file (its `section` and shared ones such as
+    [redis]), then the environment, then flags. No unknown-variable check: see `load`."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for s in settings:
-        raw: str | None = None
-        name = s.env
-        for candidate in _env_names(s):
-            if env.get(candidate) not in (None, ""):
-                raw, name = env[candidate], candidate
-                break
-        if args is not None and getattr(args, s.attr.replace(".", "__"), None) is not None:
-            raw, name = getattr(args, s.attr.replace(".", "__")), s.flag
-        if raw is not None:
-            values[s.attr] = s.parse(name, raw)
+    values, _ = _resolve(settings, env, args, file, section)
     return _construct(cls, values)
+
+
+def config_path(env: Mapping[str, str], args: argparse.Namespace | None = None) -> str | None:
+    """The config file: --config, else FANOUT_CONFIG, else none."""
+    path = getattr(args, "config", None) if args is not None else None
+    return path or env.get(CONFIG_ENV) or None
+
+
+def load(
+    command: str,
+    env: Mapping[str, str] | None = None,
+    args: argparse.Namespace | None = None,
+    path: str | None = None,
+) -> Loaded:
+    """What `fanout <command>` runs with: the environment checked for unknown FANOUT_
+    variables, the config file (`path`, else --config, else FANOUT_CONFIG) read and
+    checked, then every setting resolved and the command's cross-setting check run."""
+    cmd = COMMANDS[command]
+    env = os.environ if env is None else env
+    check_environment(env)
+    path = path or config_path(env, args)
+    file = read_config_file(path) if path else None
+    values, sources = _resolve(cmd.settings, env, args, file, cmd.name)
+    config = _construct(cmd.cls, values)
+    cmd.check(config)
+    return Loaded(cmd, config, sources, path)
 
 
 def _construct(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
@@ -734,3 +1070,189 @@ def _construct(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
         elif any(k.startswith(path + ".") for k in values):
             kwargs[f.name] = _construct(type(getattr(cls(), f.name)), values, path + ".")
     return cls(**kwargs)
+
+
+# --- showing values: --help defaults and `fanout config check` ----------------------------------
+
+
+def attr_value(config: Any, attr: str) -> Any:
+    for part in attr.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def show_value(setting: Setting, value: Any) -> str:
+    """A value as text a user could give back, secrets as *** (unset: empty)."""
+    if setting.secret:
+        return "***" if value else ""
+    if setting.url_secret and isinstance(value, str):
+        return redact_url(value)
+    return _show(value)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, HistoryPolicy):
+        return f"{value.max_length}/{value.max_age:g}"
+    if isinstance(value, Mapping):
+        return ",".join(f"{k}={_show(v)}" for k, v in value.items())
+    if isinstance(value, (tuple, list)):
+        return ",".join(_show(v) for v in value)
+    return str(value)
+
+
+def describe(loaded: Loaded) -> list[tuple[str, str, str]]:
+    """(file key, value, source) of every setting of a loaded command, secrets redacted."""
+    rows = []
+    for s in loaded.command.settings:
+        key = f"{s.section or loaded.command.name}.{s.key}"
+        shown = show_value(s, attr_value(loaded.config, s.attr))
+        rows.append((key, shown or f"({s.default or 'unset'})", str(loaded.sources[s.attr])))
+    return rows
+
+
+# --- flags: --help groups, metavars and defaults -------------------------------------------------
+
+# (pattern on the setting's key, --help group); the first match wins, the rest is "process".
+_GROUPS: tuple[tuple[str, str], ...] = (
+    (r"auth_.*", "authentication"),
+    (r"ws_.*", "feed ws (a generic WebSocket JSON feed)"),
+    (r"projectx_.*", "feed projectx"),
+    (r"api_.*", "HTTP publish API"),
+    (r"namespace.*", "channel namespaces"),
+    (r"host|port|node_id|metrics_host|metrics_port", "network"),
+    (r"ping_interval|pong_timeout|connect_timeout|handshake_timeout|.*_timeout",
+     "heartbeats and timeouts"),
+    (r"max_message_size|max_subscriptions|request_rate|request_burst|max_connections.*"
+     r"|.*origins?|.*prox(y|ies)", "connection limits and admission"),
+    (r"queue_.*|overflow|max_frame_.*|write_delay|compression|direct_write",
+     "queues and delivery"),
+    (r"recovery_limit|unpublished_ttl|history|idempotency_ttl", "history and recovery"),
+    (r"feed|symbols|rate|seed|reconnect_.*", "ingest feed"),
+    (r"batch_size|feed_id|lease_.*", "publishing and leader election"),
+)
+
+
+# The order of the groups in --help.
+_GROUP_ORDER = [
+    "Redis", "network", "heartbeats and timeouts", "connection limits and admission",
+    "queues and delivery", "history and recovery", "authentication", "ingest feed",
+    "feed ws (a generic WebSocket JSON feed)", "feed projectx",
+    "publishing and leader election", "HTTP publish API", "channel namespaces", "process",
+]
+
+
+def setting_group(setting: Setting) -> str:
+    if setting.group:
+        return setting.group
+    if setting.section == "redis":
+        return "Redis"
+    for pattern, group in _GROUPS:
+        if re.fullmatch(pattern, setting.key):
+            return group
+    return "process"
+
+
+_SECONDS = re.compile(r".*(timeout|ttl|interval|seconds|delay|refresh|_base|_cap)")
+
+
+def setting_metavar(setting: Setting) -> str:
+    """SECONDS, BYTES, N, URL, PATTERNS...: from the name, else from the parser."""
+    if setting.metavar:
+        return setting.metavar
+    key = setting.key
+    parser = getattr(setting.parse, "__qualname__", "")
+    if key.endswith(("_file", "_path")):
+        return "FILE"
+    if key.endswith("url"):
+        return "URL"
+    if key == "host" or key.endswith("_host"):
+        return "HOST"
+    if key == "port" or key.endswith("_port"):
+        return "PORT"
+    if setting.parse is _bool:
+        return "BOOL"
+    if setting.parse is _log_level:
+        return "LEVEL"
+    if _SECONDS.fullmatch(key):
+        return "SECONDS"
+    if key.endswith(("_bytes", "_size")):
+        return "BYTES"
+    if key.endswith("rate"):
+        return "PER_SECOND"
+    if key.endswith(("channels", "patterns")):
+        return "PATTERNS"
+    if key.endswith("origins"):
+        return "ORIGINS"
+    if key.endswith("proxies"):
+        return "CIDRS"
+    if key in ("symbols",):
+        return "SYMBOLS"
+    if key.endswith("prefix"):
+        return "NAME"
+    if parser.startswith("_int."):
+        return "N"
+    if parser.startswith("_float."):
+        return "NUMBER"
+    if setting.parse is _csv:
+        return "LIST"
+    return "VALUE"
+
+
+def setting_default(setting: Setting, defaults: Any) -> str:
+    if setting.default:
+        return setting.default
+    try:
+        value = attr_value(defaults, setting.attr)
+    except AttributeError:
+        return "none"
+    shown = show_value(setting, value)
+    return shown if shown else "none"
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    settings: tuple[Setting, ...],
+    cls: type[Any] | None = None,
+    section: str = "",
+) -> None:
+    """One flag per setting, in --help groups, each with a metavar, its default, its
+    variable and its config file key; values stay strings until `build`, which names
+    errors. Secret settings get a hidden flag whose use fails, saying where they go."""
+    defaults = cls() if cls is not None else None
+    order = _GROUP_ORDER
+    used = {setting_group(s) for s in settings if not s.secret}
+    groups = {group: parser.add_argument_group(group)
+              for group in sorted(used, key=lambda g: (order.index(g) if g in order
+                                                       else len(order), g))}
+    secrets = [s for s in settings if s.secret]
+    for s in settings:
+        if s.secret:
+            continue
+        group = setting_group(s)
+        envs = " or ".join(_env_names(s))
+        if s.url_secret:
+            envs += f" or {_file_env(s)}"
+        key = f"{s.section or section or '<command>'}.{s.key}"
+        default = f"; default {setting_default(s, defaults)}" if defaults is not None else ""
+        groups[group].add_argument(
+            s.flag, dest=_dest(s), metavar=setting_metavar(s), default=None,
+            help=f"{s.help} [env {envs}; file {key}{default}]".replace("%", "%%"),
+        )
+    if secrets:
+        lines = "; ".join(f"{_env_names(s)[0]} or {_file_env(s)} (file "
+                          f"{s.section or section or '<command>'}.{s.key}_file): {s.help}"
+                          for s in secrets)
+        hidden = parser.add_argument_group(
+            "secrets (never flags)",
+            "Secrets are read only from the environment: the variable, or VAR_FILE naming a "
+            "file that holds the value (Docker and Kubernetes secrets; trailing newlines "
+            f"stripped), or a <key>_file key in the config file. {lines}".replace("%", "%%"),
+        )
+        for s in secrets:
+            hidden.add_argument(s.flag, dest=_dest(s), default=None, help=argparse.SUPPRESS)

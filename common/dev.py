@@ -1,8 +1,9 @@
 """`fanout dev`: the whole system on one machine, stopped by one Ctrl-C.
 
-Starts an embedded Valkey (unless REDIS_URL or FANOUT_REDIS_URL is set), one ingest worker
-on the simulated feed and N edges on consecutive ports, as child processes, and prints the
-URLs.
+Starts an embedded Valkey (unless a Redis URL is configured: REDIS_URL, FANOUT_REDIS_URL,
+FANOUT_REDIS_URL_FILE or [redis] url in the config file), one ingest worker on the simulated
+feed and N edges on consecutive ports, as child processes, and prints the URLs. The config
+file (--config or FANOUT_CONFIG) is checked here and passed on to every child.
 
 Signals, thought through:
 
@@ -38,20 +39,13 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from common.config import (
-    EDGE_SETTINGS,
-    INGEST_SETTINGS,
-    EdgeConfig,
-    IngestConfig,
-    build,
-    redact_url,
-)
+from common.config import CONFIG_ENV, DEFAULT, config_path, load, redact_url
 from common.embedded import EmbeddedValkey
 from common.errors import ConfigError
 
 log = logging.getLogger("fanout.dev")
 
-REDIS_ENV = ("FANOUT_REDIS_URL", "REDIS_URL")
+REDIS_ENV = ("FANOUT_REDIS_URL", "REDIS_URL", "FANOUT_REDIS_URL_FILE")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -104,11 +98,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of edge processes (default 2)")
     parser.add_argument("--port", type=_port, default=8000, metavar="P",
                         help="port of the first edge; edge i listens on P+i-1 (default 8000)")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", default="127.0.0.1", metavar="HOST",
                         help="address the edges listen on (default 127.0.0.1)")
-    parser.add_argument("--rate", default=None, metavar="VALUE",
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML config file for ingest and the edges (passed to them) "
+                        f"[env {CONFIG_ENV}]")
+    parser.add_argument("--rate", default=None, metavar="PER_SECOND",
                         help="simulated events per second per symbol (passed to ingest)")
-    parser.add_argument("--symbols", default=None, metavar="VALUE",
+    parser.add_argument("--symbols", default=None, metavar="SYMBOLS",
                         help="comma-separated symbols of the simulated feed (passed to ingest)")
     parser.add_argument("--start-timeout", type=_seconds, default=30.0, metavar="SECONDS",
                         help="how long the edges get to answer /healthz (default 30)")
@@ -151,34 +148,34 @@ class Plan:
 
 
 def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Plan:
-    """Validate every setting the children will see, so that a bad one fails here, at once,
-    named (`ConfigError`), instead of as a child dying during start."""
+    """Validate every setting the children will see (environment, config file, flags), so
+    that a bad one fails here, at once, named (`ConfigError`), instead of as a child dying
+    during start."""
     environ = dict(os.environ if environ is None else environ)
     edges: int = args.edges
     port: int = args.port
     if port + edges - 1 > 65535:
         raise ConfigError("--port", f"{edges} edges from port {port} go past 65535")
-    redis_env = next((name for name in REDIS_ENV if environ.get(name)), None)
-    redis_url = environ[redis_env] if redis_env else None
+    path = config_path(environ, args)
+    edge = load("edge", env=environ, path=path, args=argparse.Namespace(
+        host=args.host, port=str(port + edges - 1)))
+    load("ingest", env=environ, path=path,
+         args=argparse.Namespace(rate=args.rate, symbols=args.symbols))
+    # A Redis URL from the environment or the config file: use that server; none: embed one.
+    # The children get it as FANOUT_REDIS_URL, whichever way it came.
+    external = edge.sources["redis.url"] != DEFAULT
+    redis_url = edge.config.redis.url if external else None
     env = {k: v for k, v in environ.items() if k not in REDIS_ENV}
-    check_env = dict(env)
-    if redis_env and redis_url:
-        check_env[redis_env] = redis_url  # validated under the name the user set
-    edge_config = build(
-        EdgeConfig, EDGE_SETTINGS, env=check_env,
-        args=argparse.Namespace(host=args.host, port=str(port + edges - 1)),
-    )
-    build(
-        IngestConfig, INGEST_SETTINGS, env=check_env,
-        args=argparse.Namespace(rate=args.rate, symbols=args.symbols),
-    )
+    if path:
+        env[CONFIG_ENV] = path
     for p in range(port, port + edges):
-        _check_port_free(edge_config.host, p)
-    origins = None if environ.get("FANOUT_ALLOWED_ORIGINS") else ",".join(
-        dev_origins(edge_config.host, range(port, port + edges)))
+        _check_port_free(edge.config.host, p)
+    # The edges' own origins unless the environment or the config file names some.
+    origins = None if edge.sources["allowed_origins"] != DEFAULT else ",".join(
+        dev_origins(edge.config.host, range(port, port + edges)))
     return Plan(
-        edges=edges, port=port, host=edge_config.host, rate=args.rate, symbols=args.symbols,
-        redis_url=redis_url, env=env, log_level=edge_config.log_level,
+        edges=edges, port=port, host=edge.config.host, rate=args.rate, symbols=args.symbols,
+        redis_url=redis_url, env=env, log_level=edge.config.log_level,
         start_timeout=args.start_timeout, stop_timeout=args.stop_timeout,
         allowed_origins=origins,
     )

@@ -195,6 +195,21 @@ def test_fanout_token_command_signs_what_the_edge_accepts() -> None:
     assert done.returncode == 2 and "FANOUT_AUTH_SECRET" in done.stderr
 
 
+def test_fanout_token_reads_the_secret_from_a_file_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from common.cli import main
+
+    path = tmp_path / "secret"
+    path.write_bytes(SECRET + b"\n")
+    monkeypatch.delenv("FANOUT_AUTH_SECRET", raising=False)
+    monkeypatch.setenv("FANOUT_AUTH_SECRET_FILE", str(path))
+    assert main(["token", "--sub", "eve", "--ttl", "60"]) == 0
+    claims = verify_token(capsys.readouterr().out.strip(), SECRET, now=time.time(),
+                          default_channels=())
+    assert claims.subject == "eve"
+
+
 # --- public keys (pure) ----------------------------------------------------------------------
 
 

@@ -389,6 +389,34 @@ def test_dev_origins(host: str, origins: list[str]) -> None:
     assert not OriginPolicy(origins).allows("http://evil.example")
 
 
+def test_plan_takes_the_redis_url_from_a_file_variable(tmp_path: Path) -> None:
+    port = free_ports(2)
+    secret = tmp_path / "url"
+    secret.write_text("redis://:pw@h:3/0\n")
+    environ = {"FANOUT_REDIS_URL_FILE": str(secret), "PATH": "/bin"}
+    plan = dev_module.plan(dev_args("--port", str(port)), environ=environ)
+    assert plan.redis_url == "redis://:pw@h:3/0"
+    assert plan.env == {"PATH": "/bin"}  # the children get FANOUT_REDIS_URL instead
+
+
+def test_plan_reads_the_config_file_and_passes_it_on(tmp_path: Path) -> None:
+    port = free_ports(2)
+    config = tmp_path / "fanout.toml"
+    config.write_text("[redis]\nurl = 'redis://cache:6379/2'\n[ingest]\nrate = 5\n")
+    plan = dev_module.plan(dev_args("--port", str(port), "--config", str(config)),
+                           environ={})
+    assert plan.redis_url == "redis://cache:6379/2"  # a server is configured: no embedding
+    assert plan.env == {"FANOUT_CONFIG": str(config)}  # the children read it too
+    config.write_text("[ingest]\nrate = 0\n")
+    with pytest.raises(ConfigError, match=r"\[ingest\] rate"):
+        dev_module.plan(dev_args("--port", str(port)), environ={"FANOUT_CONFIG": str(config)})
+
+
+def test_plan_rejects_unknown_variables() -> None:
+    with pytest.raises(ConfigError, match="did you mean FANOUT_LOG_LEVEL"):
+        dev_module.plan(dev_args(), environ={"FANOUT_LOGLEVEL": "debug"})
+
+
 def test_plan_rejects_edges_past_the_last_port() -> None:
     with pytest.raises(ConfigError, match="--port"):
         dev_module.plan(dev_args("--port", "65535", "--edges", "2"), environ={})

@@ -58,7 +58,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 SEQ_WORKER = ("-m", "tests.failover_worker")  # `fanout ingest`'s worker on SequenceFeed
-FANOUT_INGEST = ("-m", "common.cli", "ingest")  # `fanout ingest` itself
+INGEST_COMMAND = ("-m", "common.cli", "ingest")  # `fanout ingest` itself
 
 
 class WorkerProcess:
@@ -418,9 +418,9 @@ async def test_projectx_failover_publishes_no_state_or_trade_twice(
         return min(counts) >= minimum
 
     try:
-        a = workers("a", FANOUT_INGEST, **env)
+        a = workers("a", INGEST_COMMAND, **env)
         await until(lambda: "leader elected" in a.log(), 30, "a leads")
-        b = workers("b", FANOUT_INGEST, FANOUT_INGEST_METRICS_PORT=str(metrics_port), **env)
+        b = workers("b", INGEST_COMMAND, FANOUT_INGEST_METRICS_PORT=str(metrics_port), **env)
         await until(lambda: "standby" in b.log(), 30, "b is a standby")
         await until(lambda: published(5), 20, "a publishes every kind of message")
 

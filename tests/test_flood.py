@@ -54,7 +54,7 @@ EdgeStarter = Callable[..., Awaitable[tuple[int, int]]]
 
 @pytest.fixture
 async def edge_process(redis_server, key_prefix: str) -> AsyncIterator[EdgeStarter]:
-    """`await start(FANOUT_X="...")`: a `fanout edge` process; returns its port and pid."""
+    """`await start(FANOUT_MAX_CONNECTIONS="5")`: a `fanout edge` process; its port and pid."""
     procs: list[subprocess.Popen[bytes]] = []
 
     async def start(**settings: str) -> tuple[int, int]:

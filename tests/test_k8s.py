@@ -15,13 +15,12 @@ import pytest
 import yaml
 
 from common.config import (
+    COMMANDS,
     EDGE_SETTINGS,
-    INGEST_SETTINGS,
     EdgeConfig,
-    IngestConfig,
-    _env_names,
     build,
-    check_ingest,
+    known_env,
+    load,
 )
 from edge.app import create_app
 from tests.test_browser import need
@@ -79,12 +78,25 @@ def test_a_broken_object_is_caught() -> None:
 @pytest.mark.parametrize("tree", TREES)
 def test_settings_are_known_and_parse(tree: str) -> None:
     docs = render(tree)
-    known = {name for s in (*EDGE_SETTINGS, *INGEST_SETTINGS) for name in _env_names(s)}
+    known = known_env()
     edge_env, ingest_env = container_env(docs, "fanout-edge"), container_env(docs, "fanout-ingest")
     unknown = sorted(k for k in {*edge_env, *ingest_env} if k not in known)
     assert not unknown, f"settings fanout does not have: {unknown}"
-    build(EdgeConfig, EDGE_SETTINGS, env=edge_env)  # raises ConfigError naming the setting
-    check_ingest(build(IngestConfig, INGEST_SETTINGS, env=ingest_env))
+    # as at start: unknown variables, every value, the cross-setting checks (ConfigError)
+    load("edge", env=edge_env)
+    load("ingest", env=ingest_env)
+
+
+@pytest.mark.parametrize("tree", TREES)
+def test_no_secret_in_a_config_map_and_no_service_links(tree: str) -> None:
+    docs = render(tree)
+    secrets = {s.env for c in COMMANDS.values() for s in c.settings if s.secret}
+    for doc in docs:
+        if doc["kind"] == "ConfigMap":
+            assert not secrets & set(doc["data"]), doc["metadata"]["name"]
+        if doc["kind"] == "Deployment":
+            # Service links would add FANOUT_EDGE_PORT=tcp://... for a Service fanout-edge.
+            assert doc["spec"]["template"]["spec"]["enableServiceLinks"] is False
 
 
 def test_probes_ports_and_grace_agree_with_the_code() -> None:
