@@ -532,3 +532,26 @@ async def test_namespace_without_recovery_account_permission_and_max_rate(
     assert reply["recovered"] is False and reply["snapshot"] == {"": {"level": 2}}
     assert reply["offset"] == 2
     await trader.close()
+
+
+def test_the_documented_example_file_loads() -> None:
+    text = Path("docs/protocol.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert block is not None
+    spaces = parse_namespaces(block.group(1), "protocol.md")
+    assert spaces.parse("risk.d7.alerts").spec.recovery is False
+    assert spaces.parse("chat.lobby").spec.rate(100) == 50
+
+
+@pytest.mark.integration
+async def test_snapshot_none_publishes_every_message_even_if_changed_only(
+    chat_file: str, redis: Any, key_prefix: str
+) -> None:
+    activate(load_namespaces(chat_file))
+    keys = Keys(key_prefix)
+    publisher = Publisher(redis, keys)
+    msg = UpstreamMessage("chat.x", {"same": 1}, if_changed=True)
+    offsets = [(await publisher.publish(msg)).offset for _ in range(3)]
+    assert offsets == [1, 2, 3]  # no state kept: nothing is "unchanged"
+    assert not await redis.exists(keys.snapshot("chat.x"))
+    assert await redis.xlen(keys.stream("chat.x")) == 3
