@@ -59,8 +59,8 @@ class Channel:
     symbol: str | None = None
     interval: str | None = None
     account: str | None = None
-    # Every named segment of the namespace's pattern: (name, value), in order.
-    params: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+    # The values of the namespace pattern's placeholders, in order (`params` names them).
+    values: tuple[str, ...] = field(default=(), compare=False, repr=False)
     # How the channel behaves (its namespace's, or its kind's, settings).
     settings: ChannelSettings | None = field(default=None, compare=False, repr=False)
 
@@ -72,6 +72,11 @@ class Channel:
     @property
     def snapshot_mode(self) -> SnapshotMode | None:
         return self.spec.snapshot_mode
+
+    @property
+    def params(self) -> tuple[tuple[str, str], ...]:
+        """Every placeholder of the namespace's pattern: (name, value), in order."""
+        return tuple(zip(self.spec.groups, self.values, strict=False))
 
     def param(self, name: str) -> str | None:
         for key, value in self.params:

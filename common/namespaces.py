@@ -100,6 +100,7 @@ class ChannelSettings:
     read of a channel, all in one place (`Channel.settings`)."""
 
     namespace: str
+    groups: tuple[str, ...]  # the pattern's placeholders, in order ("kind" for the kind)
     kind: str  # the namespace, or "<namespace>.<kind>"
     snapshot: str  # merge | last | keyed | none
     history_length: int
@@ -136,6 +137,9 @@ class Namespace:
     openapi: str  # the same without groups, for JSON Schema
     example: str
     limits: tuple[tuple[int, int], ...]  # (group index, max length) to check after a match
+    groups: tuple[str, ...]  # the placeholders' names, one per group ("kind" for the kind)
+    kind_group: int  # index of the kind's group, -1 without
+    named: tuple[int, int, int]  # group indexes of symbol, interval, account (-1: none)
 
 
 def _type_regex(seg: Segment, kinds: Sequence[str]) -> str:
@@ -192,26 +196,15 @@ class Namespaces:
                 f"unknown namespace {namespace!r}: expected one of {', '.join(self.names)}"
             )
         match = ns.regex.fullmatch(rest)
-        if match is None or any(len(match.group(i)) > n for i, n in ns.limits):
+        if match is None or (ns.limits and any(len(match[i]) > n for i, n in ns.limits)):
             raise _diagnose(ns, name, rest)
-        values = match.groups()
-        params: dict[str, str] = {}
-        settings = ns.settings
-        kind = ns.name
-        i = 0
-        for seg in ns.segments:
-            if seg.literal:
-                continue
-            value = values[i]
-            i += 1
-            if seg.type == "kind":
-                settings = ns.kinds[value]
-                kind = settings.kind
-            else:
-                params[seg.name] = value
+        values: tuple[str, ...] = match.groups()
+        settings = ns.kinds[values[ns.kind_group]] if ns.kind_group >= 0 else ns.settings
+        symbol, interval, account = ns.named
         return Channel(
-            name, ns.name, kind, symbol=params.get("symbol"), interval=params.get("interval"),
-            account=params.get("account"), params=tuple(params.items()), settings=settings,
+            name, ns.name, settings.kind, values[symbol] if symbol >= 0 else None,
+            values[interval] if interval >= 0 else None,
+            values[account] if account >= 0 else None, values, settings,
         )
 
 
@@ -379,6 +372,7 @@ class _Loader:
             raise self.error(ns, "account_claims", f"must be a list of {', '.join(ACCOUNT_CLAIMS)}"
                              f", got {claims!r}")
         common = {
+            "groups": tuple(s.name for s in segments if not s.literal),
             "history_length": int(length), "history_age": age, "overflow": overflow,
             "subscribe": subscribe, "account_segment": account_segment,
             "account_claims": tuple(claims),
@@ -404,6 +398,13 @@ class _Loader:
                         raise self.error(where, key, f"unknown field: a kind may set "
                                          f"{', '.join(_SETTINGS_KEYS)}")
                 kinds[name] = self.settings(ns, f"{ns}.{name}", sub, settings, common)
+        groups = tuple(s.name for s in segments if not s.literal)
+
+        def index(name: str) -> int:
+            found = [i for i, s in enumerate(x for x in segments if not x.literal)
+                     if s.name == name and s.type != "kind"]
+            return found[0] if found else -1
+
         regex_parts: list[str] = []
         openapi_parts: list[str] = []
         limits: list[tuple[int, int]] = []
@@ -426,6 +427,8 @@ class _Loader:
             name=ns, pattern=table["pattern"], segments=segments, settings=settings,
             kinds=kinds, regex=re.compile(r"\.".join(regex_parts)),
             openapi=r"\.".join(openapi_parts), example=example, limits=tuple(limits),
+            groups=groups, kind_group=groups.index("kind") if has_kind else -1,
+            named=(index("symbol"), index("interval"), index("account")),
         )
 
     def load(self, data: Mapping[str, Any]) -> Namespaces:
