@@ -555,3 +555,19 @@ async def test_snapshot_none_publishes_every_message_even_if_changed_only(
     assert offsets == [1, 2, 3]  # no state kept: nothing is "unchanged"
     assert not await redis.exists(keys.snapshot("chat.x"))
     assert await redis.xlen(keys.stream("chat.x")) == 3
+
+
+@pytest.mark.parametrize("command", ["edge", "ingest"])
+def test_bad_file_stops_the_command_at_start(tmp_path: Path, command: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "ns.toml"
+    path.write_text('[namespaces.chat]\npattern = "chat.{room:id}"\nsnapshot = "full"\n')
+    env = {**os.environ, "FANOUT_NAMESPACES_FILE": str(path)}
+    done = subprocess.run([sys.executable, "-m", "common.cli", command], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert (f"FANOUT_NAMESPACES_FILE: {path}: namespace 'chat': snapshot: must be one of "
+            "merge, last, keyed, none, got 'full'") in done.stderr
