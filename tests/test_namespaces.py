@@ -571,3 +571,18 @@ def test_bad_file_stops_the_command_at_start(tmp_path: Path, command: str) -> No
     assert done.returncode == 2
     assert (f"FANOUT_NAMESPACES_FILE: {path}: namespace 'chat': snapshot: must be one of "
             "merge, last, keyed, none, got 'full'") in done.stderr
+
+
+def test_openapi_document_describes_the_loaded_namespaces(chat_file: str) -> None:
+    from ingest.http_api import CHANNEL_PATTERN, openapi_document
+
+    def pattern() -> str:
+        doc = openapi_document(1 << 20, 1000)
+        channel = doc["components"]["schemas"]["Message"]["properties"]["channel"]
+        return str(channel["pattern"])
+
+    assert pattern() == CHANNEL_PATTERN == DEFAULT.openapi_pattern
+    activate(load_namespaces(chat_file))
+    assert pattern() == active_namespaces().openapi_pattern
+    assert re.search(pattern()[:-1] + r"\Z", "chat.lobby")
+    assert not re.search(pattern()[:-1] + r"\Z", "quotes.MNQ")
