@@ -23,6 +23,11 @@ Claims:
 - ``accounts`` (optional): account ids whose channels (``account.<id>.*``) the client may
   read, on top of the patterns.
 
+What a namespace asks of a token is its ``subscribe`` setting (common/namespaces.py):
+``public`` nothing, ``token`` a matching ``channels`` pattern, ``account`` a matching
+pattern or its account segment among the token's ``accounts`` (or equal to ``sub``, when
+the namespace's ``account_claims`` say so); see `permits`.
+
 Why a token and not a session lookup: the edge stays stateless, and a token minted by the
 backend that knows the user's accounts is all it needs to decide a subscribe.
 
@@ -51,6 +56,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt import PyJWK
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.exceptions import PyJWTError
+
+from common.channels import Channel
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -104,9 +111,26 @@ class Claims:
     subject: str
     expires: float  # s since the epoch
     channels: tuple[str, ...]  # patterns, the accounts' included
+    accounts: tuple[str, ...] = ()  # the accounts claim
 
     def allows(self, channel: str) -> bool:
         return any(fnmatchcase(channel, pattern) for pattern in self.channels)
+
+
+def permits(claims: Claims, channel: Channel) -> bool:
+    """Whether `claims` may read `channel`, as its namespace's ``subscribe`` says."""
+    spec = channel.spec
+    if spec.subscribe == "public":
+        return True
+    if claims.allows(channel.name):
+        return True
+    if spec.subscribe == "account":
+        value = channel.param(spec.account_segment)
+        return value is not None and (
+            ("accounts" in spec.account_claims and value in claims.accounts)
+            or ("sub" in spec.account_claims and value == claims.subject)
+        )
+    return False
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -461,7 +485,7 @@ def verify_token(
         ):
             raise TokenError(f"bad account {account!r}")
     patterns += tuple(f"account.{a}.*" for a in accounts)
-    return Claims(subject, expires, patterns)
+    return Claims(subject, expires, patterns, tuple(str(a) for a in accounts))
 
 
 def default_algorithm(key: bytes | PrivateKey) -> str:

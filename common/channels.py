@@ -1,8 +1,10 @@
 """Channel names: the grammar every component agrees on.
 
 A channel name is the only thing a browser sends that reaches Redis key names, so it is
-validated here once, strictly, before anything else looks at it. The grammar
-(documented in docs/protocol.md):
+validated here once, strictly, before anything else looks at it. Which names exist is
+configuration: the namespaces (common/namespaces.py, loaded from a TOML file; the shipped
+one is common/namespaces.toml). With the shipped namespaces the grammar (documented in
+docs/protocol.md) is:
 
     channel  = market / bars / account
     market   = ("quotes" / "trades" / "depth") "." symbol
@@ -19,44 +21,32 @@ At most 128 characters in all. Nothing else is a channel.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from common.errors import BadChannel
+if TYPE_CHECKING:
+    from common.namespaces import ChannelSettings, Namespaces
 
 MAX_CHANNEL_LENGTH = 128
 MAX_KEY_LENGTH = 128
 
+# The shipped namespaces (common/namespaces.toml); the loaded ones: active_namespaces().
 NAMESPACES = ("quotes", "trades", "depth", "bars", "account")
 MARKET_NAMESPACES = ("quotes", "trades", "depth")
 ACCOUNT_KINDS = ("orders", "positions", "balance", "trades")
 
-_SEGMENT = r"[A-Za-z0-9_:\-]+"
-_SYMBOL_RE = re.compile(rf"{_SEGMENT}(?:\.{_SEGMENT})*")
-_INTERVAL_RE = re.compile(r"[0-9]{1,4}[smhd]")
-_ACCOUNT_RE = re.compile(r"[A-Za-z0-9_\-]+")
 # Snapshot keys travel in the pub/sub header, which is newline-separated.
 _KEY_RE = re.compile(r"[^\x00-\x1f]*")
 
 
 class SnapshotMode(StrEnum):
-    """How a channel's latest state is kept (see the publish script)."""
+    """How a channel's latest state is kept (see the publish script). A namespace may also
+    keep none (snapshot "none" in its file): its `Channel.snapshot_mode` is None."""
 
     MERGE = "merge"  # one value; object fields merged into the previous value (quotes, balance)
     LAST = "last"  # one value; the newest message replaces it (trades, bars)
     KEYED = "keyed"  # latest value per key (orders, positions, depth levels)
-
-
-_SNAPSHOT_MODES: dict[str, SnapshotMode] = {
-    "quotes": SnapshotMode.MERGE,
-    "trades": SnapshotMode.LAST,
-    "depth": SnapshotMode.KEYED,
-    "bars": SnapshotMode.LAST,
-    "account.orders": SnapshotMode.KEYED,
-    "account.positions": SnapshotMode.KEYED,
-    "account.balance": SnapshotMode.MERGE,
-    "account.trades": SnapshotMode.LAST,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,54 +54,60 @@ class Channel:
     """A parsed, valid channel name."""
 
     name: str
-    namespace: str  # first segment: quotes, trades, depth, bars, account
-    kind: str  # namespace, or "account.<kind>" for per-account channels
+    namespace: str  # first segment: quotes, trades, depth, bars, account, ...
+    kind: str  # namespace, or "<namespace>.<kind>" (account.orders) for namespaces with kinds
     symbol: str | None = None
     interval: str | None = None
     account: str | None = None
+    # The values of the namespace pattern's placeholders, in order (`params` names them).
+    values: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    # How the channel behaves (its namespace's, or its kind's, settings).
+    settings: ChannelSettings | None = field(default=None, compare=False, repr=False)
 
     @property
-    def snapshot_mode(self) -> SnapshotMode:
-        return _SNAPSHOT_MODES[self.kind]
+    def spec(self) -> ChannelSettings:
+        """The settings, looked up in the active namespaces for a Channel built by hand."""
+        return self.settings or active_namespaces().settings(self.kind)
+
+    @property
+    def snapshot_mode(self) -> SnapshotMode | None:
+        return self.spec.snapshot_mode
+
+    @property
+    def params(self) -> tuple[tuple[str, str], ...]:
+        """Every placeholder of the namespace's pattern: (name, value), in order."""
+        return tuple(zip(self.spec.groups, self.values, strict=False))
+
+    def param(self, name: str) -> str | None:
+        for key, value in self.params:
+            if key == name:
+                return value
+        return None
 
     def __str__(self) -> str:
         return self.name
 
 
+_active: Namespaces | None = None
+
+
+def active_namespaces() -> Namespaces:
+    """The namespaces this process parses channel names with (the shipped ones unless
+    FANOUT_NAMESPACES_FILE named others)."""
+    if _active is None:
+        import common.namespaces  # noqa: F401 - activates the shipped namespaces
+    assert _active is not None
+    return _active
+
+
+def use_namespaces(namespaces: Namespaces) -> None:
+    global _active
+    _active = namespaces
+
+
 def parse_channel(name: object) -> Channel:
     """Parse and validate a channel name; raise BadChannel saying what is wrong."""
-    if not isinstance(name, str):
-        raise BadChannel("channel must be a string")
-    if not name:
-        raise BadChannel("channel must not be empty")
-    if len(name) > MAX_CHANNEL_LENGTH:
-        raise BadChannel(f"channel longer than {MAX_CHANNEL_LENGTH} characters")
-    namespace, sep, rest = name.partition(".")
-    if not sep or not rest:
-        raise BadChannel(f"channel {name!r} has no namespace: expected e.g. quotes.MNQ")
-    if namespace in MARKET_NAMESPACES:
-        if not _SYMBOL_RE.fullmatch(rest):
-            raise BadChannel(f"bad symbol in channel {name!r}")
-        return Channel(name, namespace, namespace, symbol=rest)
-    if namespace == "bars":
-        interval, sep, symbol = rest.partition(".")
-        if not _INTERVAL_RE.fullmatch(interval) or not sep:
-            raise BadChannel(f"bad bar interval in channel {name!r}: expected e.g. bars.1m.MNQ")
-        if not _SYMBOL_RE.fullmatch(symbol):
-            raise BadChannel(f"bad symbol in channel {name!r}")
-        return Channel(name, "bars", "bars", symbol=symbol, interval=interval)
-    if namespace == "account":
-        account, sep, kind = rest.partition(".")
-        if not _ACCOUNT_RE.fullmatch(account) or not sep:
-            raise BadChannel(f"bad account id in channel {name!r}")
-        if kind not in ACCOUNT_KINDS:
-            raise BadChannel(
-                f"unknown account channel kind {kind!r}: expected one of {', '.join(ACCOUNT_KINDS)}"
-            )
-        return Channel(name, "account", f"account.{kind}", account=account)
-    raise BadChannel(
-        f"unknown namespace {namespace!r}: expected one of {', '.join(NAMESPACES)}"
-    )
+    return (_active or active_namespaces()).parse(name)
 
 
 def validate_key(key: object) -> str:

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from common.channels import NAMESPACES
+from common.channels import active_namespaces
 from common.errors import ConfigError
 from common.keys import DEFAULT_PREFIX
+from common.namespaces import DEFAULT as DEFAULT_NAMESPACES
+from common.namespaces import activate, load_namespaces
 
 T = TypeVar("T")
 
@@ -69,23 +71,33 @@ class HistoryPolicy:
     max_age: float  # seconds
 
 
+# The shipped namespaces' (common/namespaces.toml): quotes 10000/300, trades 10000/600,
+# depth 10000/120, bars 5000/86400, account 1000/86400.
 DEFAULT_HISTORY: dict[str, HistoryPolicy] = {
-    "quotes": HistoryPolicy(10_000, 300.0),
-    "trades": HistoryPolicy(10_000, 600.0),
-    "depth": HistoryPolicy(10_000, 120.0),
-    "bars": HistoryPolicy(5_000, 86_400.0),
-    "account": HistoryPolicy(1_000, 86_400.0),
+    name: HistoryPolicy(*policy) for name, policy in DEFAULT_NAMESPACES.history().items()
 }
+
+
+def namespace_history() -> dict[str, HistoryPolicy]:
+    """The active namespaces' history (the file's, before FANOUT_HISTORY)."""
+    return {name: HistoryPolicy(*policy)
+            for name, policy in active_namespaces().history().items()}
+
+
+def namespace_overflow() -> dict[str, str]:
+    """The active namespaces' overflow policies (the file's, before FANOUT_OVERFLOW)."""
+    return active_namespaces().overflow()
 
 
 def parse_history(setting: str, text: str) -> dict[str, HistoryPolicy]:
     """``quotes=10000/300,trades=5000/600``: per namespace, max length / max age in seconds.
-    Namespaces not named keep their defaults."""
-    policies = dict(DEFAULT_HISTORY)
+    Namespaces not named keep their defaults: the namespaces file's (FANOUT_NAMESPACES_FILE,
+    read before this setting; the shipped file's without it)."""
+    policies = namespace_history()
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, spec = item.partition("=")
         length, sep2, age = spec.partition("/")
-        if not sep or not sep2 or name not in NAMESPACES:
+        if not sep or not sep2 or name not in active_namespaces():
             raise ConfigError(
                 setting, f"bad item {item!r}: expected <namespace>=<max length>/<max age s>"
             )
@@ -101,22 +113,18 @@ def parse_history(setting: str, text: str) -> dict[str, HistoryPolicy]:
 
 OVERFLOW_POLICIES = ("disconnect", "conflate", "drop")
 
-DEFAULT_OVERFLOW: dict[str, str] = {
-    "quotes": "conflate",
-    "trades": "drop",
-    "depth": "conflate",
-    "bars": "drop",
-    "account": "disconnect",
-}
+# The shipped namespaces' (common/namespaces.toml): quotes conflate, trades drop,
+# depth conflate, bars drop, account disconnect.
+DEFAULT_OVERFLOW: dict[str, str] = DEFAULT_NAMESPACES.overflow()
 
 
 def parse_overflow(setting: str, text: str) -> dict[str, str]:
     """``quotes=conflate,trades=drop``: what a slow client's queue does per namespace.
-    Namespaces not named keep their defaults."""
-    policies = dict(DEFAULT_OVERFLOW)
+    Namespaces not named keep their defaults: the namespaces file's (as for history)."""
+    policies = namespace_overflow()
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, policy = item.partition("=")
-        if not sep or name not in NAMESPACES or policy not in OVERFLOW_POLICIES:
+        if not sep or name not in active_namespaces() or policy not in OVERFLOW_POLICIES:
             raise ConfigError(
                 setting,
                 f"bad item {item!r}: expected <namespace>=<{'|'.join(OVERFLOW_POLICIES)}>",
@@ -162,7 +170,7 @@ class EdgeConfig:
     request_burst: int = 1_000  # ... and how many it may send at once (3007 beyond)
     queue_max_messages: int = 10_000  # per client send queue
     queue_max_bytes: int = 1024 * 1024  # per client send queue
-    overflow: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OVERFLOW))
+    overflow: Mapping[str, str] = field(default_factory=namespace_overflow)
     max_frame_messages: int = 1_000  # messages coalesced into one frame (1 = no coalescing)
     max_frame_bytes: int = 65_536  # a coalesced frame's size; a single larger message goes alone
     write_delay: float = 0.0  # s the writer waits to gather more messages into a frame
@@ -193,6 +201,7 @@ class EdgeConfig:
     auth_issuer: str = ""
     auth_audience: str = ""
     node_id: str = ""  # defaults to a random id
+    namespaces_file: str = ""  # "" = the shipped common/namespaces.toml
     log_level: str = "info"
 
 
@@ -204,7 +213,7 @@ class IngestConfig:
     rate: float = 20.0  # simulated events per second per symbol
     seed: int = 1
     batch_size: int = 500  # most publishes per pipelined round trip
-    history: Mapping[str, HistoryPolicy] = field(default_factory=lambda: dict(DEFAULT_HISTORY))
+    history: Mapping[str, HistoryPolicy] = field(default_factory=namespace_history)
     idempotency_ttl: int = 3_600  # s a published upstream message id is remembered
     metrics_port: int = 0  # 0 = no /metrics, /healthz, /readyz
     metrics_host: str = "127.0.0.1"
@@ -227,6 +236,7 @@ class IngestConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    namespaces_file: str = ""  # "" = the shipped common/namespaces.toml
     log_level: str = "info"
 
 
@@ -490,6 +500,13 @@ def _ws_url(setting: str, text: str) -> str:
     return text
 
 
+def _namespaces_file(setting: str, text: str) -> str:
+    """Load (and check) the namespaces file, and parse channel names with it from now on:
+    the settings that name namespaces (FANOUT_HISTORY, FANOUT_OVERFLOW) come after it."""
+    activate(load_namespaces(text, setting))
+    return text
+
+
 def _prefix(setting: str, text: str) -> str:
     if not text or any(c in text for c in "{}: \t\n"):
         raise ConfigError(setting, "must be a non-empty name without braces, colons or spaces")
@@ -517,8 +534,15 @@ REDIS_SETTINGS = (
     ),
 )
 
+NAMESPACES_FILE_SETTING = Setting(
+    "namespaces_file", "--namespaces-file", "FANOUT_NAMESPACES_FILE", _namespaces_file,
+    "TOML file of the channel namespaces (default: the shipped market-data namespaces); "
+    "FANOUT_HISTORY and FANOUT_OVERFLOW override its history and overflow policies",
+)
+
 EDGE_SETTINGS = (
     *REDIS_SETTINGS,
+    NAMESPACES_FILE_SETTING,
     Setting("host", "--host", "FANOUT_EDGE_HOST", _nonempty, "address to listen on"),
     Setting("port", "--port", "FANOUT_EDGE_PORT", _int(0, 65535), "port to listen on"),
     Setting("ping_interval", "--ping-interval", "FANOUT_PING_INTERVAL", _float(0),
@@ -620,6 +644,7 @@ EDGE_SETTINGS = (
 
 INGEST_SETTINGS = (
     *REDIS_SETTINGS,
+    NAMESPACES_FILE_SETTING,
     Setting("feed", "--feed", "FANOUT_FEED", _feed, "upstream feed: sim, ws or projectx",
             metavar="FEED"),
     Setting("symbols", "--symbols", "FANOUT_SYMBOLS", _symbols,

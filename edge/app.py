@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket
 from common.config import EdgeConfig, redact_url
 from common.errors import CloseCode, Disconnect
 from common.keys import Keys
+from common.namespaces import use_file
 from common.protocol import SUBPROTOCOLS, Codec
 from common.redisclient import redis_client
 from edge.admission import Admission
@@ -177,6 +178,7 @@ class Edge:
 
 
 def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Starlette:
+    use_file(config.namespaces_file)  # channel names are parsed with these from now on
     edge = Edge(config, logger)
 
     @contextlib.asynccontextmanager

@@ -17,7 +17,8 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import protocol
-from common.auth import LEEWAY, Claims, TokenError
+from common.auth import LEEWAY, Claims, TokenError, permits
+from common.channels import Channel, parse_channel
 from common.config import EdgeConfig
 from common.errors import (
     AlreadySubscribed,
@@ -94,6 +95,8 @@ class Session:
         self.queue = SendQueue(
             codec, config.queue_max_messages, config.queue_max_bytes, self._count_queue
         )
+        # FANOUT_OVERFLOW, or the namespaces file's (config.overflow has both, resolved);
+        # a namespace missing there (a config built by hand) has its file's.
         self._policies = {ns: Policy(p) for ns, p in config.overflow.items()}
         self._wakeup = asyncio.Event()
         # Set by `fail`: a plain future, not a task waiting on an event (one task less per
@@ -447,14 +450,20 @@ class Session:
         if claims.subject != self.claims.subject:
             raise Unauthorized("token is for another subject")
         for name in sorted(self.subscriptions | set(self._subscribing)):
-            if not claims.allows(name):
+            if not permits(claims, parse_channel(name)):
                 raise PermissionDenied(f"the new token does not allow {name}: unsubscribe first")
         self._set_claims(claims)
         return protocol.refreshed(command.id, self._expires_in() or 0.0)
 
-    def _check_allowed(self, channel: str) -> None:
-        if self.claims is not None and not self.claims.allows(channel):
-            raise PermissionDenied(f"not allowed to read {channel}")
+    def _check_allowed(self, channel: Channel) -> None:
+        if self.claims is not None and not permits(self.claims, channel):
+            raise PermissionDenied(f"not allowed to read {channel.name}")
+
+    def _policy(self, channel: Channel) -> Policy:
+        policy = self._policies.get(channel.namespace)
+        if policy is None:
+            policy = self._policies[channel.namespace] = Policy(channel.spec.overflow)
+        return policy
 
     async def _handle(self, obj: dict[str, Any]) -> None:
         try:
@@ -477,7 +486,7 @@ class Session:
 
     def _start_subscribe(self, command: protocol.Subscribe) -> None:
         name = command.channel.name
-        self._check_allowed(name)
+        self._check_allowed(command.channel)
         if name in self.subscriptions or name in self._subscribing:
             raise AlreadySubscribed(f"already subscribed to {name}")
         if len(self.subscriptions) + len(self._subscribing) >= self.config.max_subscriptions:
@@ -516,10 +525,16 @@ class Session:
 
     async def _subscribe(self, command: protocol.Subscribe) -> None:
         name = command.channel.name
+        spec = command.channel.spec
+        recover, snapshot = command.recover, command.snapshot
+        if recover is not None and not spec.recovery:
+            # The namespace does not recover: the client starts over from the snapshot
+            # (recovered: false), as after a position that is no longer retained.
+            recover, snapshot = None, True
         try:
             _, joined = await self.hub.subscribe(
-                self, command.channel, command.recover, command.snapshot, command.id,
-                policy=self._policies[command.channel.namespace], max_rate=command.max_rate,
+                self, command.channel, recover, snapshot, command.id,
+                policy=self._policy(command.channel), max_rate=spec.rate(command.max_rate),
             )
         except RequestError as exc:
             self.stats.count_error(exc.code)
@@ -537,7 +552,7 @@ class Session:
         if command.last - command.first + 1 > self.config.recovery_limit:
             raise BadRequest(f"at most {self.config.recovery_limit} publications per request")
         name = command.channel.name
-        self._check_allowed(name)
+        self._check_allowed(command.channel)
         try:
             result = await self.hub.read_history(name, command.first - 1, "0", command.epoch)
         except Exception as exc:

@@ -31,8 +31,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from common.channels import MAX_CHANNEL_LENGTH, MAX_KEY_LENGTH, parse_channel, validate_key
+from common.channels import (
+    MAX_CHANNEL_LENGTH,
+    MAX_KEY_LENGTH,
+    active_namespaces,
+    parse_channel,
+    validate_key,
+)
 from common.errors import BadChannel
+from common.namespaces import DEFAULT as DEFAULT_NAMESPACES
 from ingest.publisher import InvalidMessage, PublishResult
 from ingest.upstream import UpstreamMessage
 
@@ -403,14 +410,9 @@ def create_api_app(
 
 # --- OpenAPI ------------------------------------------------------------------------------
 
-# The channel grammar of common/channels.py as one regular expression (length aside).
-_SEGMENT = r"[A-Za-z0-9_:\-]+"
-_SYMBOL = rf"{_SEGMENT}(?:\.{_SEGMENT})*"
-CHANNEL_PATTERN = (
-    rf"^(?:(?:quotes|trades|depth)\.{_SYMBOL}"
-    rf"|bars\.[0-9]{{1,4}}[smhd]\.{_SYMBOL}"
-    r"|account\.[A-Za-z0-9_\-]+\.(?:orders|positions|balance|trades))$"
-)
+# The channel grammar of the shipped namespaces as one regular expression (length aside);
+# the document describes the loaded ones (FANOUT_NAMESPACES_FILE).
+CHANNEL_PATTERN = DEFAULT_NAMESPACES.openapi_pattern
 
 
 def _error_response(description: str) -> dict[str, Any]:
@@ -556,7 +558,7 @@ def openapi_document(max_body: int, max_batch: int) -> dict[str, Any]:
                         "channel": {
                             "type": "string",
                             "maxLength": MAX_CHANNEL_LENGTH,
-                            "pattern": CHANNEL_PATTERN,
+                            "pattern": active_namespaces().openapi_pattern,
                             "description": (
                                 "A fanout channel (docs/protocol.md), e.g. quotes.MNQ, "
                                 "bars.1m.ES, account.42.orders."

@@ -28,7 +28,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from common.channels import parse_channel, validate_key
-from common.config import DEFAULT_HISTORY, HistoryPolicy
+from common.config import HistoryPolicy, namespace_history
 from common.errors import BadChannel
 from common.keys import Keys
 from common.scripts import register
@@ -101,7 +101,7 @@ class Publisher:
     ) -> None:
         self.redis = redis
         self.keys = keys or Keys()
-        self.history = dict(history or DEFAULT_HISTORY)
+        self.history = dict(history or namespace_history())  # FANOUT_HISTORY, or the file's
         self.meta_ttl = meta_ttl
         self.idempotency_ttl = idempotency_ttl
         self.log = logger or logging.getLogger("fanout.publisher")
@@ -124,7 +124,10 @@ class Publisher:
             raise InvalidMessage(f"{msg.channel!r}: {exc}") from None
         if len(msg.msg_id) > 256:
             raise InvalidMessage(f"{msg.channel!r}: message id longer than 256 characters")
-        policy = self.history[channel.namespace]
+        spec = channel.spec
+        policy = self.history.get(channel.namespace) or HistoryPolicy(
+            spec.history_length, spec.history_age
+        )
         name = channel.name
         keys = [
             self.keys.meta(name),
@@ -133,7 +136,7 @@ class Publisher:
             self.keys.idempotency(name, msg.msg_id),
         ]
         args: list[str | int] = [
-            data, key, msg.msg_id, channel.snapshot_mode.value, policy.max_length,
+            data, key, msg.msg_id, spec.snapshot, policy.max_length,
             int(policy.max_age * 1000), self.meta_ttl, self.idempotency_ttl,
             self.keys.live(name), epoch, "1" if msg.delete else "0",
             "" if fence is None else fence.token,

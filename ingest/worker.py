@@ -33,6 +33,7 @@ from common.aio import raise_if_cancelling, stop_tasks, wait_event
 from common.backoff import Backoff
 from common.config import IngestConfig, redact_url
 from common.keys import Keys
+from common.namespaces import use_file
 from common.redisclient import redis_client
 from ingest.feeds import make_upstream, state_metric
 from ingest.health import UpstreamStates, create_ops_app
@@ -278,6 +279,7 @@ async def serve(
 ) -> None:
     """Run one ingest worker for `config` (and `upstream`, default: the configured feed)
     until cancelled: standby, or leader of `config.feed_id`."""
+    use_file(config.namespaces_file)  # channel names are parsed with these from now on
     redis = redis_client(config.redis, decode_responses=True, socket_timeout=10.0,
                          socket_connect_timeout=5.0)
     registry = CollectorRegistry()

@@ -4,7 +4,7 @@
 -- KEYS[1] meta hash     KEYS[2] stream     KEYS[3] snapshot hash     KEYS[4] idempotency key
 -- ARGV[1] data (JSON text)          ARGV[2] snapshot key ("" = unkeyed)
 -- ARGV[3] upstream message id ("" = not idempotent)
--- ARGV[4] snapshot mode: merge | last | keyed
+-- ARGV[4] snapshot mode: merge | last | keyed | none (no snapshot kept)
 -- ARGV[5] history max length        ARGV[6] history max age (ms)
 -- ARGV[7] meta/snapshot TTL (s)     ARGV[8] idempotency TTL (s)
 -- ARGV[9] live pub/sub channel      ARGV[10] epoch to use if the channel has none
@@ -46,6 +46,9 @@ end
 
 -- Whether publishing `data` leaves the snapshot entry `field` as it is.
 local function unchanged(field)
+  if mode == 'none' then
+    return false  -- no state kept: every message is news
+  end
   if mode == 'keyed' and delete then
     return redis.call('HEXISTS', snap, field) == 0
   end
@@ -163,7 +166,9 @@ end
 redis.call('PEXPIRE', stream, maxage)
 
 local field = key
-if mode == 'keyed' then
+if mode == 'none' then
+  -- no snapshot: a subscribe with snapshot (or one that cannot recover) gets an empty one
+elseif mode == 'keyed' then
   if delete then
     redis.call('HDEL', snap, field)
   else
