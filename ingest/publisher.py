@@ -72,9 +72,12 @@ class FencedOut(Exception):
     """The publish script refused (some of) a batch: a higher fencing token has published
     to `channel` (`reason` "token"; `fence` is the channel's token), or the lease deadline
     has passed on the server (`reason` "expired"). What was refused wrote nothing; the
-    other messages of the batch are in `results` (a later message of the batch may have
-    been published while an earlier one was refused: the caller must stop, and the next
-    leader republish from the upstream, idempotently)."""
+    other messages of the batch are in `results`. Per channel, the refused messages are
+    the last ones of the batch (a fence only grows, a deadline stays passed); across
+    channels, a later message of the batch may have been published while an earlier one
+    was refused. The caller must stop, and the next leader republish from the upstream,
+    idempotently, from the lowest unpublished message (docs/architecture.md, "A partly
+    fenced batch")."""
 
     def __init__(
         self, channel: str, token: int, fence: int, reason: str, results: list[PublishResult]

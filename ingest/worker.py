@@ -11,8 +11,11 @@ feed's lease, holds the upstream only while it leads (connect on election, disco
 the term ends) and publishes with the term's fence. A term ends when the lease is lost or
 expires by the local clock, or when a publish is fenced out (a newer leader wrote first):
 the worker then drops what it had not published (the next leader's upstream replays it),
-and campaigns again. Before it connects, a `Resumable` upstream is handed the channels'
-snapshots: what the previous leader published is the new one's starting point.
+and campaigns again. A batch fenced out on one channel may have been published on others,
+past the refused messages: what was not published then starts up to a batch below the
+highest message published (docs/architecture.md, "A partly fenced batch"). Before it
+connects, a `Resumable` upstream is handed the channels' snapshots: what the previous
+leader published is the new one's starting point.
 """
 
 from __future__ import annotations
@@ -228,9 +231,13 @@ class Worker:
             except FencedOut as exc:
                 self._count(exc.results)
                 self.metrics.fenced.inc()
+                # Messages after a refused one may have been published on other channels
+                # (docs/architecture.md, "A partly fenced batch"): size and refused say so.
                 self.log.warning("publish fenced out feed=%s token=%d channel=%s fence=%d "
-                                 "reason=%s", self.leader.feed if self.leader else "-",
-                                 exc.token, exc.channel, exc.fence, exc.reason)
+                                 "reason=%s size=%d refused=%d",
+                                 self.leader.feed if self.leader else "-", exc.token,
+                                 exc.channel, exc.fence, exc.reason, len(batch),
+                                 len(batch) - len(exc.results))
                 raise
             except InvalidMessage as exc:
                 # Drop the bad message(s) one by one, never the whole batch.

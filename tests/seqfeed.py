@@ -3,10 +3,16 @@ its recent messages, with stable ids, when a new connection subscribes.
 
 Message `i` goes to channel ``trades.S<i % channels>`` with data ``{"i": i, "w": <worker>}``
 and upstream id ``m<i>``. Every `messages()` iteration (one per leadership term) starts a
-little before the highest `i` already published, read from the channels' streams in Redis:
-the repeats are dropped by the publish script's idempotency, and whatever the previous
-leader read but never published is published now. `w` records which worker published a
-message first.
+little before the lowest message not yet published, found from each channel's last message
+in Redis: the repeats are dropped by the publish script's idempotency, and whatever the
+previous leader read but never published is published now. `w` records which worker
+published a message first.
+
+The lowest unpublished message, not the highest published one: what a leader published is,
+per channel, a prefix of that channel's messages, but not across channels. A batch fenced
+out on one channel may have published later messages of the others (docs/architecture.md,
+"A partly fenced batch"), so the highest published message can be up to a batch (500 by
+default, more than `replay`) above a message that was never published.
 """
 
 from __future__ import annotations
@@ -47,19 +53,32 @@ class SequenceFeed:
         self.replay = replay
         self.limit = limit  # the feed ends after message limit - 1
         self.starts: list[int] = []  # where each iteration started
+        # per iteration, each channel's last published message (-1: none) when it started
+        self.resumed_at: list[dict[str, int]] = []
 
-    async def resume_position(self) -> tuple[int, int]:
-        """(start, next): `next` follows the highest message published so far (0 if none),
-        `start` is up to `replay` messages before it."""
-        top = -1
+    async def last_published(self) -> dict[str, int]:
+        """Per channel, the `i` of its last stream entry (-1 if it has none)."""
+        out: dict[str, int] = {}
         for c in range(self.channels):
-            last = await self.redis.xrevrange(self.keys.stream(channel_of(c, self.channels)),
-                                              count=1)
+            channel = channel_of(c, self.channels)
+            last = await self.redis.xrevrange(self.keys.stream(channel), count=1)
+            out[channel] = -1
             if last:
                 fields = last[0][1]
-                data = fields.get("d", fields.get(b"d"))
-                top = max(top, int(json.loads(data)["i"]))
-        return max(0, top + 1 - self.replay), top + 1
+                out[channel] = int(json.loads(fields.get("d", fields.get(b"d")))["i"])
+        return out
+
+    async def resume_position(self) -> tuple[int, int]:
+        """(start, next): `start` is up to `replay` messages before the lowest message not
+        yet published, `next` follows the highest one published (0 if none).
+
+        Every message up to the lowest channel's last one is published (a channel's
+        published messages are a prefix of its messages), so the lowest unpublished one
+        comes after it. The messages from `start` to `next` are due at once."""
+        tops = await self.last_published()
+        self.resumed_at.append(tops)
+        lowest, highest = min(tops.values()), max(tops.values())
+        return max(0, lowest + 1 - self.replay), highest + 1
 
     async def messages(self) -> AsyncIterator[UpstreamMessage]:
         start, following = await self.resume_position()

@@ -348,14 +348,17 @@ async def test_worker_leads_hands_over_and_steps_down_when_fenced(
     await grows(500)
     assert leaders["a"].token == 1 and not leaders["b"].is_leader.is_set()
 
-    # A newer leader's write on one channel (simulated: its fence is raised there).
+    # A newer leader's write on one channel (simulated: its fence is raised there). a's
+    # next batch is partly fenced: refused on trades.S1, published on the other channels.
     await redis.hset(keys.meta("trades.S1"), "fence", 50)
     await until(lambda: metrics["a"].fenced._value.get() >= 1)
-    # a stepped down and released, raising the fence counter to 50: the next leader has 51.
+    # a stepped down and released, raising the fence counter to 50: the next leader has 51,
+    # and its upstream replays from below the first of the batch's refused messages.
     await until(lambda: 51 in (leaders["a"].token, leaders["b"].token))
     await grows(500)
 
-    # A clean shutdown hands over at once; nothing lost or doubled across both handovers.
+    # A clean shutdown hands over at once; nothing lost or doubled across both handovers:
+    # the refused messages of trades.S1 were published by the next leader, in order.
     current = "a" if leaders["a"].token == 51 else "b"
     other = "b" if current == "a" else "a"
     await running.stop(tasks[current])
@@ -367,6 +370,48 @@ async def test_worker_leads_hands_over_and_steps_down_when_fenced(
     streams = await published(redis, keys)
     assert check_clean(streams) > 1500
     assert {w for rows in streams.values() for _, _, w in rows} == {"a", "b"}
+
+
+async def test_a_partly_fenced_batch_is_published_by_the_next_term_from_its_hole(
+    redis: Redis, key_prefix: str
+) -> None:
+    """A batch refused on one channel (its fence is above the token) and published on the
+    others: per channel the published messages stay a prefix, while across channels the
+    highest published message is far past the first unpublished one. The next term's
+    upstream replays from that hole (the lowest unpublished message), not from the top."""
+    keys = Keys(key_prefix)
+    # An earlier, unfenced publisher: m0..m299 on trades.S0..S3.
+    await Worker(SequenceFeed(redis, keys, worker="z", rate=1e9, limit=300),
+                 Publisher(redis, keys), LOG).run()
+    # trades.S1 carries a fence above the fence counter (a counter lost, say): the next
+    # leader's token 1 is refused there, and only there.
+    await redis.hset(keys.meta("trades.S1"), "fence", 50)
+
+    tokens: list[int] = []
+    lead = Leader(redis, keys, "seq", LOG, LeaderMetrics(CollectorRegistry()), ttl=5.0,
+                  owner="a", on_elected=lambda t: tokens.append(t.token))
+    metrics = IngestMetrics(CollectorRegistry())
+    # Every message is due at once: the first batch is 500 long (m97..m596).
+    feed = SequenceFeed(redis, keys, worker="a", rate=1e9, limit=1200)
+    worker = Worker(feed, Publisher(redis, keys), LOG, metrics, batch_size=500, leader=lead)
+    await asyncio.wait_for(worker.run(), 20)  # until the feed ends at m1199
+
+    # Term 1 (token 1) was fenced out on its first batch and stepped down; term 2 (token 51,
+    # above the channel's fence) published the rest.
+    assert tokens == [1, 51] and metrics.fenced._value.get() == 1
+    assert len(feed.starts) == 2
+    first, second = feed.resumed_at
+    assert first == {"trades.S0": 296, "trades.S1": 297, "trades.S2": 298, "trades.S3": 299}
+    # What term 1 left: nothing new on trades.S1 (the first unpublished message is m301),
+    # the other channels published up to the batch's end, more than `replay` beyond it.
+    hole = second["trades.S1"] + 4
+    assert hole == 301 and max(second.values()) - hole >= feed.replay
+    assert feed.starts[1] <= hole  # replaying from the top (m397 on) would lose m301..m393
+    streams = await published(redis, keys)
+    assert check_clean(streams) == 1200
+    s1 = streams["trades.S1"]
+    assert [i for _, i, _ in s1] == list(range(1, 1200, 4))
+    assert {w for _, i, w in s1 if i >= hole} == {"a"}
 
 
 class ResumingFeed:
