@@ -90,9 +90,11 @@ async def edge_process(redis_server, key_prefix: str) -> AsyncIterator[EdgeProce
     env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
            "FANOUT_LOG_LEVEL": "warning",
            # No application pings: a frozen client cannot answer one, and would be closed
-           # for no_pong (10 s after a ping 12.5-25 s in) instead of by its queue's policy
+           # for no_pong (5 s after a ping 2.5-5 s in) instead of by its queue's policy
            # whenever the machine is slow enough for a test to last that long.
-           "FANOUT_PING_INTERVAL": "86400"}
+           "FANOUT_PING_INTERVAL": "86400",
+           # Hundreds of clients from 127.0.0.1: no per-address limit.
+           "FANOUT_MAX_CONNECTIONS_PER_IP": "0"}
     cpus = sorted(os.sched_getaffinity(0))
     proc = subprocess.Popen(
         [sys.executable, "-m", "common.cli", "edge", "--port", str(port)], env=env,
