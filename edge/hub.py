@@ -72,10 +72,12 @@ class Publication:
     """A live or historical message of one channel, encoded for clients at most once per
     codec however many clients receive it."""
 
-    __slots__ = ("_json", "_msgpack", "channel", "data", "deleted", "epoch", "key", "offset")
+    __slots__ = ("_json", "_msgpack", "channel", "data", "deleted", "epoch", "key", "offset",
+                 "received")
 
     def __init__(
-        self, channel: str, epoch: str, offset: int, key: str, data: str, deleted: bool = False
+        self, channel: str, epoch: str, offset: int, key: str, data: str, deleted: bool = False,
+        received: float = 0.0,
     ) -> None:
         self.channel = channel
         self.epoch = epoch
@@ -83,6 +85,7 @@ class Publication:
         self.key = key
         self.data = data
         self.deleted = deleted
+        self.received = received  # upstream receive time (wall clock, s) of a live one; 0
         self._json: str | None = None
         self._msgpack: bytes | None = None
 
@@ -488,8 +491,9 @@ class Hub:
         state = self.channels.get(name)
         if state is None:
             return
-        epoch, offset, deleted, key, data = payload.split("\n", 4)
-        pub = Publication(name, epoch, int(offset), key, data, deleted == "1")
+        epoch, offset, deleted, key, received, data = payload.split("\n", 5)
+        pub = Publication(name, epoch, int(offset), key, data, deleted == "1",
+                          int(received) / 1000 if received else 0.0)
         self.stats.live_messages += 1
         if state.repair is not None:
             state.backlog.append(pub)
@@ -529,13 +533,24 @@ class Hub:
         states, self._to_flush = self._to_flush, []
         deferred: list[Subscriber] = []
         self.deferred = deferred
+        delivered: list[tuple[str, list[Publication]]] = []
         try:
             for state in states:
-                self._flush_channel(state)
+                if state.outbox:
+                    delivered.append((state.name, state.outbox))
+                    self._flush_channel(state)
         finally:
             self.deferred = None
             for session in deferred:
                 session.flush_out()
+        # Written to every client that keeps up (the direct path); slower clients get it from
+        # their writers later, which fanout_edge_client_lag_seconds shows.
+        now = time.time()
+        for name, pubs in delivered:
+            hist = self.stats.delivery_histogram(name.partition(".")[0])
+            for pub in pubs:
+                if pub.received:
+                    hist.observe(max(now - pub.received, 0.0))
 
     def _flush_channel(self, state: ChannelState) -> None:
         if not state.outbox:

@@ -103,7 +103,7 @@ class Session:
         # connection; `asyncio.wait` takes futures).
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close: Disconnect | None = None
-        self._awaiting_pong = False
+        self._ping_sent: float | None = None  # monotonic time of the unanswered ping
         self._peer_close_code = 1005
         self._loop = asyncio.get_running_loop()
         self.claims: Claims | None = None  # None: authentication is off
@@ -513,7 +513,9 @@ class Session:
             await self._history(command)
             return None
         if isinstance(command, protocol.Pong):
-            self._awaiting_pong = False
+            if self._ping_sent is not None:
+                self.stats.client_lag.observe(time.monotonic() - self._ping_sent)
+                self._ping_sent = None
             return None
         if isinstance(command, protocol.Ping):
             return protocol.pong(command.id)
@@ -618,10 +620,10 @@ class Session:
         await asyncio.sleep(random.uniform(interval / 2, interval))
         ping = protocol.encode(protocol.ping(), self.codec)
         while True:
-            self._awaiting_pong = True
+            self._ping_sent = time.monotonic()
             self.enqueue(ping)
             await asyncio.sleep(timeout)
-            if self._awaiting_pong:
+            if self._ping_sent is not None:
                 self.fail(Disconnect(CloseCode.NO_PONG, "no pong"))
                 return
             await asyncio.sleep(max(interval - timeout, 0.0))

@@ -7,15 +7,51 @@ collector reads them when /metrics is scraped.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 # Why a connection was refused before it became a WebSocket (docs/architecture.md#metrics);
 # every reason is exported from the start, at 0, so that rates and alerts see them all.
 REFUSAL_REASONS = ("origin", "total_limit", "ip_limit", "handshake_timeout")
+
+
+# Seconds: a delivery takes ~1-50 ms when all is well; seconds mean trouble.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0)
+
+
+class Histogram:
+    """A Prometheus histogram as plain numbers: an observation is a bisect and two adds
+    (prometheus-client's takes a lock), cheap enough for every delivered message."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: value <= bound
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative counts per `le`, as the exposition format has them."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
 
 
 @dataclass(slots=True)
@@ -48,6 +84,18 @@ class EdgeStats:
     conflated: dict[str, int] = field(default_factory=dict)  # by namespace
     jwks_fetches: dict[str, int] = field(default_factory=dict)  # by result: ok, error
     jwks_keys: int = 0  # keys of the JWKS in use
+
+    # Upstream receive -> written to every client that keeps up, by namespace (edge/hub.py).
+    delivery: dict[str, Histogram] = field(default_factory=dict)
+    # A ping's round trip: the ping waits behind everything queued for the client and in
+    # its socket, so this is how far behind the client is, in seconds (edge/session.py).
+    client_lag: Histogram = field(default_factory=Histogram)
+
+    def delivery_histogram(self, namespace: str) -> Histogram:
+        hist = self.delivery.get(namespace)
+        if hist is None:
+            hist = self.delivery[namespace] = Histogram()
+        return hist
 
     def count_disconnect(self, reason: str) -> None:
         self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
@@ -143,6 +191,22 @@ class EdgeCollector(Collector):
         for code, n in sorted(s.request_errors.items()):
             errs.add_metric([code], n)
         yield errs
+        delivery = HistogramMetricFamily(
+            "fanout_edge_delivery_latency_seconds",
+            "Upstream receive (ingest) to written to every client that keeps up, per live "
+            "message, by namespace (clocks of ingest and edge hosts must agree: NTP).",
+            labels=["namespace"],
+        )
+        for namespace, hist in sorted(s.delivery.items()):
+            delivery.add_metric([namespace], hist.buckets(), hist.total)
+        yield delivery
+        lag = HistogramMetricFamily(
+            "fanout_edge_client_lag_seconds",
+            "Round trip of the edge's pings: a ping waits behind all that is queued for the "
+            "client and in its socket, so this is how far behind clients are.",
+        )
+        lag.add_metric([], s.client_lag.buckets(), s.client_lag.total)
+        yield lag
         jwks = CounterMetricFamily(
             "fanout_edge_jwks_fetches", "JWKS fetches (token keys), by result: ok, error.",
             labels=["result"],

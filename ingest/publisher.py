@@ -145,6 +145,7 @@ class Publisher:
             "" if fence is None else fence.token,
             "" if fence is None or fence.deadline_ms is None else fence.deadline_ms,
             "1" if msg.if_changed else "0",
+            int(msg.received_at * 1000),
         ]
         return keys, args
 

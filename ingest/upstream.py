@@ -9,8 +9,9 @@ becomes leader, so it takes over what the previous leader left, not what it last
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -28,6 +29,9 @@ class UpstreamMessage:
     field). Upstreams re-send their current state when a connection subscribes; with this,
     a new leader does not publish again what the old one did, even without upstream ids.
     Never set it on events (trades, fills): two equal events are two messages.
+
+    `received_at` (wall clock, s) is when it came from the upstream: it travels to the edges
+    with the message, which measure delivery latency from it (not part of equality).
     """
 
     channel: str
@@ -36,6 +40,7 @@ class UpstreamMessage:
     msg_id: str = ""
     delete: bool = False
     if_changed: bool = False
+    received_at: float = field(default_factory=time.time, compare=False, repr=False)
 
 
 class Upstream(Protocol):

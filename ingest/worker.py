@@ -75,6 +75,13 @@ class IngestMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=registry,
         )
+        self.upstream_latency = Histogram(
+            "fanout_ingest_upstream_latency_seconds", "From receiving a message from the "
+            "upstream to Redis having published it (queueing, batching, the round trip).",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
+                     10.0),
+            registry=registry,
+        )
         self.batch = Histogram(
             "fanout_ingest_batch_size", "Messages per publish round trip.",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=registry,
@@ -257,6 +264,9 @@ class Worker:
                 continue
             self.metrics.latency.observe(time.perf_counter() - started)
             self.metrics.batch.observe(len(batch))
+            now = time.time()
+            for msg in batch:
+                self.metrics.upstream_latency.observe(max(now - msg.received_at, 0.0))
             self._count(results)
             return
 

@@ -46,7 +46,7 @@ class FakeSession:
 
 
 def live(hub: Hub, epoch: str, offset: int) -> None:
-    hub._on_live(CH, f"{epoch}\n{offset}\n0\n\n{{\"o\":{offset}}}")
+    hub._on_live(CH, f"{epoch}\n{offset}\n0\n\n\n{{\"o\":{offset}}}")  # no receive time
 
 
 def history(epoch: str, top: int, first: int, since: int) -> HistoryResult:

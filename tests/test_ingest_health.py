@@ -44,6 +44,14 @@ async def test_health_says_leader_or_standby_and_readiness_follows_redis() -> No
                     await asyncio.sleep(0.05)
             body = (await http.get(f"{workers[0][1]}/readyz")).json()
             assert body["redis"] is True and body["feed"] == "sim" and body["owner"]
+            # The leader publishes the simulated feed and times upstream -> Redis.
+            (leader,) = [b for _, b in workers
+                         if (await http.get(f"{b}/readyz")).json()["role"] == "leader"]
+            async with asyncio.timeout(20):
+                while "fanout_ingest_upstream_latency_seconds_count 0.0" in (
+                        text := (await http.get(f"{leader}/metrics")).text):
+                    await asyncio.sleep(0.05)
+            assert "fanout_ingest_upstream_latency_seconds_bucket" in text
 
             valkey.stop()  # Redis gone: not ready, but alive (its loop still answers)
             for _, base in workers:

@@ -50,6 +50,8 @@ def exported(text: str) -> set[str]:
             names.add(name)
             if kind == "counter":
                 names.add(name + "_total")
+            elif kind == "histogram":
+                names |= {name + "_bucket", name + "_sum", name + "_count"}
         elif line and not line.startswith("#"):
             names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     return names

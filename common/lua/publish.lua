@@ -14,6 +14,8 @@
 -- ARGV[14] "1" = publish only if the message changes the channel's snapshot (a state, such
 --          as a depth level or a position: repeating the current state is not news), else
 --          "0" ("" or absent = "0")
+-- ARGV[15] when the message came from the upstream, wall clock in ms ("" or absent =
+--          unknown): passed on to the edges, which measure delivery latency from it
 -- Returns {offset, epoch, status}: status 0 = published, 1 = duplicate (the offset and epoch
 -- the message id was published at), 2 = fenced (a higher token has published to the
 -- channel: nothing written; offset 0, epoch = the channel's fence), 3 = expired (the server
@@ -198,6 +200,6 @@ if msgid ~= '' then
 end
 
 -- Live message: a newline-separated header (keys hold no control characters), then data.
-redis.call('PUBLISH', ARGV[9],
-  epoch .. '\n' .. offset .. '\n' .. ARGV[11] .. '\n' .. key .. '\n' .. data)
+redis.call('PUBLISH', ARGV[9], epoch .. '\n' .. offset .. '\n' .. ARGV[11] .. '\n' .. key
+  .. '\n' .. (ARGV[15] or '') .. '\n' .. data)
 return {offset, epoch, 0}
