@@ -9,9 +9,10 @@ session only moves bytes between it and the socket.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -301,17 +302,41 @@ def gap(channel: str, first: int, last: int) -> dict[str, Any]:
 def history_reply(
     rid: int | None, channel: str, epoch: str, pubs: list[Frame], codec: Codec
 ) -> Frame:
-    """The reply to `history`: the publications as they were pushed, in an array."""
+    """The reply to `history`: the publications as they were pushed (already encoded, not
+    encoded again), in an array."""
+    head = encode(
+        {"type": "history", "id": rid, "channel": channel, "epoch": epoch, "publications": 0},
+        codec,
+    )
+    # The placeholder 0 is the last thing encoded (`0}` in JSON, one byte in msgpack).
+    if isinstance(head, str):
+        return head[:-2] + json_array(cast(Sequence[str], pubs)) + "}"
+    return head[:-1] + msgpack_array(cast(Sequence[bytes], pubs))
+
+
+def array(parts: Sequence[Frame], codec: Codec, n: int | None = None) -> Frame:
+    """An array of already encoded messages, built by joining them (no re-encoding): a JSON
+    array, or a msgpack array. `n` counts the messages when some of `parts` are chunks of
+    several (JSON texts joined by commas, msgpack objects concatenated)."""
     if codec is Codec.JSON:
-        head = json.dumps(
-            {"type": "history", "id": rid, "channel": channel, "epoch": epoch},
-            separators=(",", ":"),
-        )
-        return f'{head[:-1]},"publications":[{",".join(map(str, pubs))}]}}'
-    return _packb({
-        "type": "history", "id": rid, "channel": channel, "epoch": epoch,
-        "publications": [msgpack.unpackb(p, raw=False) for p in pubs],
-    })
+        return json_array(cast(Sequence[str], parts))
+    return msgpack_array(cast(Sequence[bytes], parts), n)
+
+
+def json_array(parts: Sequence[str]) -> str:
+    return "[" + ",".join(parts) + "]"
+
+
+def msgpack_array(parts: Sequence[bytes], n: int | None = None) -> bytes:
+    if n is None:
+        n = len(parts)
+    if n < 16:
+        head = bytes((0x90 | n,))
+    elif n < 0x10000:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(parts)
 
 
 def resync(channel: str, epoch: str, offset: int, snapshot: dict[str, Any]) -> dict[str, Any]:

@@ -566,13 +566,15 @@ class Session:
         name = command.channel.name
         self._check_allowed(name)
         try:
-            result = await self.hub.read_history(name, command.first - 1, "0", command.epoch)
+            result = await self.hub.read_history(
+                name, command.first - 1, "0", command.epoch, command.last
+            )
         except Exception as exc:
             self.log.warning("history failed channel=%s error=%r", name, exc)
             raise Unavailable("history temporarily unavailable, retry") from None
         if not result.recoverable or result.epoch != command.epoch or result.top < command.last:
             raise HistoryUnavailable(f"{name} {command.first}..{command.last} is not retained")
-        frames = [p.frame(self.codec) for p in result.entries if p.offset <= command.last]
+        frames = [p.frame(self.codec) for p in result.entries]
         self.enqueue(protocol.history_reply(command.id, name, result.epoch, frames, self.codec))
 
     async def _write_loop(self) -> None:
