@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import msgpack
 
+from common import strictjson
 from common.channels import Channel, parse_channel
 from common.errors import BadRequest, CloseCode, Disconnect, RequestError, UnknownType
 
@@ -120,7 +121,8 @@ def decode_frame(frame: Frame, codec: Codec) -> dict[str, Any]:
     """Decode one client frame into an object; a frame that is not one closes the connection.
 
     A frame we cannot even read gives us no request id to answer, so it is a protocol
-    violation (close 3500), not a request error.
+    violation (close 3500), not a request error. JSON is read strictly (common/strictjson.py:
+    no NaN or Infinity, UTF-8 only, no unpaired surrogates), as the HTTP API reads it.
     """
     try:
         if codec is Codec.MSGPACK:
@@ -128,7 +130,7 @@ def decode_frame(frame: Frame, codec: Codec) -> dict[str, Any]:
                 raise ValueError("text frame on the msgpack subprotocol")
             obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
         else:
-            obj = json.loads(frame)
+            obj = strictjson.loads(frame)
     except (
         ValueError, TypeError, RecursionError,
         msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
@@ -160,7 +162,9 @@ def parse_command(obj: dict[str, Any]) -> Command:
     """Validate a decoded frame into a command; raise a RequestError naming the problem."""
     kind = obj.get("type")
     if not isinstance(kind, str):
-        raise BadRequest("missing type")
+        raise BadRequest("type must be a string" if "type" in obj else "missing type")
+    if kind == "pong":
+        return Pong()  # never answered, whatever else it holds (an id included)
     rid = _request_id(obj)
     if kind == "subscribe":
         channel = parse_channel(obj.get("channel"))
@@ -193,8 +197,6 @@ def parse_command(obj: dict[str, Any]) -> Command:
         return History(rid, channel, epoch, first, last)
     if kind == "unsubscribe":
         return Unsubscribe(rid, parse_channel(obj.get("channel")))
-    if kind == "pong":
-        return Pong()
     if kind == "ping":
         return Ping(rid)
     if kind == "connect":
