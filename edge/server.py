@@ -12,16 +12,18 @@ import uvicorn
 
 from common.config import EdgeConfig
 from edge.app import create_app
+from edge.wsprotocol import EdgeWebSocketProtocol
 
 
 def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
-    """uvicorn settings for fan-out: websockets-sansio (it has write backpressure), no
-    protocol-level pings (the app pings), permessage-deflate off unless asked for."""
+    """uvicorn settings for fan-out: websockets-sansio (it has write backpressure; with the
+    edge's fixes, edge/wsprotocol.py), no protocol-level pings (the app pings),
+    permessage-deflate off unless asked for."""
     return uvicorn.Config(
         create_app(config),
         host=config.host,
         port=config.port,
-        ws="websockets-sansio",
+        ws=EdgeWebSocketProtocol,
         ws_max_size=config.max_message_size,
         ws_per_message_deflate=config.compression,
         ws_ping_interval=None,

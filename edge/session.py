@@ -39,6 +39,7 @@ from edge.limits import TokenBucket
 from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
 from edge.stats import EdgeStats
 from edge.wire import RawWebSocket, encode_frame
+from edge.wsprotocol import FAILED
 
 _CLOSE_REASONS = {
     CloseCode.SHUTDOWN: "shutdown",
@@ -64,8 +65,11 @@ SLOW_RETRY_AFTER = 1.0
 # A client closed for too many requests is told to wait this long before reconnecting.
 TOO_MANY_RETRY_AFTER = 5.0
 
-# Closes fanout does not choose itself: uvicorn's (1009 oversized frame, 1012 shutdown).
-_PEER_CLOSE_REASONS = {1009: "message_too_big", 1012: "shutdown"}
+# Closes fanout does not choose itself: uvicorn's shutdown (1012), and the WebSocket layer
+# failing a connection for what a client sent (edge/wsprotocol.py): a frame over the size
+# limit (1009), broken framing (1002), a text frame that is not UTF-8 (3500).
+_PEER_CLOSE_REASONS = {1012: "shutdown"}
+_FAILED_REASONS = {1002: "protocol_error", 1009: "message_too_big", 3500: "bad_request"}
 
 
 class Session:
@@ -99,6 +103,7 @@ class Session:
         self._close: Disconnect | None = None
         self._awaiting_pong = False
         self._peer_close_code = 1005
+        self._failed = False  # the WebSocket layer failed the connection (edge/wsprotocol.py)
         self._loop = asyncio.get_running_loop()
         self.claims: Claims | None = None  # None: authentication is off
         self._expiry: asyncio.TimerHandle | None = None
@@ -366,7 +371,8 @@ class Session:
             if close is not None:
                 reason = _CLOSE_REASONS.get(close.code, "other")
             else:
-                reason = _PEER_CLOSE_REASONS.get(self._peer_close_code, "client_closed")
+                reasons = _FAILED_REASONS if self._failed else _PEER_CLOSE_REASONS
+                reason = reasons.get(self._peer_close_code, "client_closed")
             self.stats.count_disconnect(reason)
             if close is not None:
                 self.log.info("disconnect client=%s code=%d reason=%s",
@@ -383,6 +389,7 @@ class Session:
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
             self._peer_close_code = int(message.get("code") or 1005)
+            self._failed = bool(message.get(FAILED))
             return None
         self.stats.frames_received += 1
         text = message.get("text")
