@@ -11,6 +11,11 @@
    and keep reading (websockets discards it) until the client closes its side, or
    ``close_timeout`` (10 s) passes.
 
+   Frames parsed together with the one that failed the connection get nothing more (a
+   ping's pong would follow the end of data), and the application's sends after it end
+   as for a lost connection, not with uvicorn's RuntimeError. Pings are not answered on a
+   connection already lost either (a burst of them made asyncio log a warning each).
+
 2. **A text frame that is not UTF-8** made uvicorn log a ``UnicodeDecodeError`` traceback
    (``logger.exception``) for every such frame, and close with 1007. It is an undecodable
    frame like any other (docs/protocol.md): close with 3500 ``malformed frame``, logged at
@@ -24,6 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from common.errors import CloseCode
@@ -44,6 +50,19 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
             self.conn.receive_data(data)
             return
         super().data_received(data)
+
+    def handle_ping(self) -> None:
+        # No pong after the end of data (a ping parsed with the frame that failed the
+        # connection), nor after the connection was lost: a batch of pings from a client
+        # that reset the connection made asyncio log "socket.send() raised exception".
+        if self._failed or self.transport.is_closing():
+            return
+        super().handle_ping()
+
+    async def send(self, message: Any) -> None:
+        if self._failed and message["type"] == "websocket.send":
+            raise ClientDisconnected()  # as for a connection lost (uvicorn: a RuntimeError)
+        await super().send(message)
 
     def handle_parser_exception(self) -> None:
         """websockets refused a frame and queued its close frame (1009, 1002, ...)."""
