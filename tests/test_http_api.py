@@ -310,8 +310,8 @@ def test_key_ring() -> None:
         (b'{"channel": "trades.ES", "data": 1, "key": "a\\nb"}', "bad_key"),
         (b'{"channel": "trades.ES", "data": 1, "key": 7}', "bad_key"),
     ],
-    ids=["truncated", "empty", "nan", "not-utf8", "lone-surrogate", "deep", "array", "no-data", "no-channel",
-         "unknown-field", "id-not-string", "id-too-long", "delete-not-bool",
+    ids=["truncated", "empty", "nan", "not-utf8", "lone-surrogate", "deep", "array", "no-data",
+         "no-channel", "unknown-field", "id-not-string", "id-too-long", "delete-not-bool",
          "if-changed-not-bool", "if-changed-null", "key-control-char", "key-not-string"],
 )
 async def test_malformed_or_misshapen_body_is_400(
