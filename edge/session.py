@@ -67,9 +67,11 @@ TOO_MANY_RETRY_AFTER = 5.0
 
 # Closes fanout does not choose itself: uvicorn's shutdown (1012), and the WebSocket layer
 # failing a connection for what a client sent (edge/wsprotocol.py): a frame over the size
-# limit (1009), broken framing (1002), a text frame that is not UTF-8 (3500).
+# limit (1009), broken framing (1002, or 1007 for a close reason that is not UTF-8), a text
+# frame that is not UTF-8 (3500).
 _PEER_CLOSE_REASONS = {1012: "shutdown"}
-_FAILED_REASONS = {1002: "protocol_error", 1009: "message_too_big", 3500: "bad_request"}
+_FAILED_REASONS = {1002: "protocol_error", 1007: "protocol_error", 1009: "message_too_big",
+                   3500: "bad_request"}
 
 
 class Session:
