@@ -51,26 +51,39 @@ class EdgeProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    async def metrics(self) -> str:
+        async with httpx.AsyncClient(timeout=5) as http:
+            return (await http.get(f"{self.http}/metrics")).text
+
 
 @contextlib.asynccontextmanager
-async def edge_process(redis_url: str, key_prefix: str, *args: str,
+async def edge_process(redis_url: str, key_prefix: str, *args: str, pin: bool = False,
                        **env: str) -> AsyncIterator[EdgeProcess]:
     """`python -m common.cli edge` on a free loopback port (FANOUT_* settings in `env`,
-    flags in `args`), ready (/readyz answered 200) when the block starts, stopped after."""
+    flags in `args`), ready (/readyz answered 200) when the block starts, stopped after.
+    With `pin` (and two CPUs or more), the edge gets a CPU of its own and this process the
+    others meanwhile: measure the edge, not the test process competing with it."""
     port = free_port()
     fd, log_path = tempfile.mkstemp(prefix="fanout-edge-", suffix=".log")
     full_env = {**os.environ, "FANOUT_REDIS_URL": redis_url, "FANOUT_KEY_PREFIX": key_prefix,
                 "FANOUT_LOG_LEVEL": "info", **env}
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = pin and len(cpus) > 1
     proc = subprocess.Popen(
         [sys.executable, "-m", "common.cli", "edge", "--port", str(port), *args],
         env=full_env, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, {cpus[0]})) if pin else None,
     )
     os.close(fd)
+    if pin:
+        os.sched_setaffinity(0, set(cpus[1:]))
     edge = EdgeProcess(proc, port, log_path)
     try:
         async with httpx.AsyncClient(base_url=edge.http, timeout=2) as http:
             await wait_http_ok(http, "/readyz", proc=proc)
         yield edge
     finally:
+        if pin:
+            os.sched_setaffinity(0, set(cpus))
         stop_process(proc)
         os.unlink(log_path)

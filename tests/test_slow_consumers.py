@@ -12,64 +12,25 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 
-from common.embedded import free_port, stop_process
+from common.embedded import free_port
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
-from tests.httpwait import wait_http_ok
+from tests.edgeproc import EdgeProcess
+from tests.edgeproc import edge_process as edge_process_
 from tests.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
 
 
-@dataclass
-class EdgeProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    async def metrics(self) -> str:
-        async with httpx.AsyncClient(timeout=5) as http:
-            return (await http.get(f"http://127.0.0.1:{self.port}/metrics")).text
-
-
 @pytest.fixture
 async def edge_process(redis_server, key_prefix: str) -> AsyncIterator[EdgeProcess]:
-    port = free_port()
-    env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
-           "FANOUT_LOG_LEVEL": "warning"}
-    cpus = sorted(os.sched_getaffinity(0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "edge", "--port", str(port)], env=env,
-        # The edge on a core of its own, the clients on the others: measure the edge,
-        # not the test process competing with it.
-        preexec_fn=(lambda: os.sched_setaffinity(0, {cpus[0]})) if len(cpus) > 1 else None,
-    )
-    if len(cpus) > 1:
-        os.sched_setaffinity(0, set(cpus[1:]))
-    edge = EdgeProcess(proc, port)
-    try:
-        async with httpx.AsyncClient(timeout=2) as http:
-            await wait_http_ok(http, f"http://127.0.0.1:{port}/readyz", proc=proc)
+    async with edge_process_(redis_server.url, key_prefix, pin=True,
+                             FANOUT_LOG_LEVEL="warning") as edge:
         yield edge
-    finally:
-        os.sched_setaffinity(0, set(cpus))
-        stop_process(proc)
 
 
 async def frozen_client(url: str) -> ProtoClient:
