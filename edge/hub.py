@@ -31,7 +31,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from common import protocol
-from common.aio import wait_event
+from common.aio import raise_if_cancelling, wait_event
 from common.channels import Channel, SnapshotMode
 from common.errors import CloseCode, Disconnect, Unavailable
 from common.keys import Keys
@@ -356,23 +356,32 @@ class Hub:
         before any later live message (which `enqueue` guarantees by running synchronously
         after this returns)."""
         name = channel.name
-        state = self.channels.get(name)
-        if state is None:
-            state = self.channels[name] = ChannelState(name)
-            self.stats.channels = len(self.channels)
-            if self._pubsub is not None:
-                await self._redis_subscribe(name)
         sub = Subscription(
             session, name, channel.namespace, policy,
             channel.snapshot_mode is SnapshotMode.MERGE, max_rate,
         )
+        state = self.channels.get(name)
+        created = state is None
+        if state is None:
+            state = self.channels[name] = ChannelState(name)
+            self.stats.channels = len(self.channels)
+        # Pending before the first await: a subscribe that ends early (cancelled) drops a
+        # state it created, which would otherwise stay, never confirmed, and make every
+        # later subscribe of the channel on this node wait out the timeout.
         state.pending.append(sub)
         try:
-            await asyncio.wait_for(asyncio.shield(state.confirmed), self.subscribe_timeout)
+            if created and self._pubsub is not None:
+                await self._redis_subscribe(name)
+            # Not `wait_for`, and a cancel that redis-py swallowed raised again (common/aio.py):
+            # a subscribe cancelled (its session ending) must never register a subscriber,
+            # which nothing would remove again (it held the session and its socket).
+            async with asyncio.timeout(self.subscribe_timeout):
+                await asyncio.shield(state.confirmed)
             if recover is not None:
                 result = await self.read_history(name, recover.offset, "r", recover.epoch)
             else:
                 result = await self.read_history(name, -1, "1" if want_snapshot else "0")
+            raise_if_cancelling()
         except BaseException as exc:
             state.pending.remove(sub)
             self._maybe_drop(state)

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import protocol
+from common.aio import raise_if_cancelling
 from common.auth import LEEWAY, Claims, TokenError, verify_token
 from common.config import EdgeConfig
 from common.errors import (
@@ -103,6 +104,9 @@ class Session:
         # connection; `asyncio.wait` takes futures).
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close: Disconnect | None = None
+        # The session's cleanup has begun: whatever finishes after it (a request or a
+        # subscribe whose cancel a library swallowed) must leave nothing behind.
+        self._ending = False
         self._awaiting_pong = False
         self._peer_close_code = 1005
         self._failed = False  # the WebSocket layer failed the connection (edge/wsprotocol.py)
@@ -126,7 +130,7 @@ class Session:
     def enqueue(self, frame: Frame) -> None:
         """Queue a control frame: a reply, a ping, a resync, a recovered message. Each is
         bounded by something else (a request, the ping interval, the recovery limit)."""
-        if self._close is not None:
+        if self._close is not None or self._ending:
             return
         raw = self._direct
         if raw is not None and not self.queue.busy:
@@ -147,7 +151,7 @@ class Session:
         replay of 10,000 messages in about 20 frames, not 10,000); otherwise the writer
         coalesces them from the queue. Nothing sent after this (a live message) can pass
         them."""
-        if self._close is not None or not frames:
+        if self._close is not None or self._ending or not frames:
             return
         raw = self._direct
         if raw is not None and not self.queue.busy:
@@ -356,6 +360,7 @@ class Session:
                                    exc_info=exc)
                     self.fail(Disconnect(CloseCode.SERVER_ERROR, "internal error"))
         finally:
+            self._ending = True
             if self._expiry is not None:
                 self._expiry.cancel()
             tasks += self._subscribing.values()
@@ -431,6 +436,7 @@ class Session:
                     raise Disconnect(CloseCode.TOO_MANY_REQUESTS, "too many requests",
                                      TOO_MANY_RETRY_AFTER)
                 await self._handle(protocol.decode_frame(frame, self.codec))
+                raise_if_cancelling()  # a history read's Redis call may swallow a cancel
         finally:
             pinger.cancel()
 
@@ -522,7 +528,15 @@ class Session:
             )
         task = asyncio.create_task(self._subscribe(command))
         self._subscribing[name] = task
-        task.add_done_callback(lambda _: self._subscribing.pop(name, None))
+        task.add_done_callback(self._subscribed)
+
+    def _subscribed(self, task: asyncio.Task[None]) -> None:
+        """A subscribe task ended: forget it (not another one for the same channel that
+        may have started since)."""
+        for name, running in self._subscribing.items():
+            if running is task:
+                del self._subscribing[name]
+                return
 
     async def _execute(self, command: protocol.Command) -> dict[str, Any] | None:
         if isinstance(command, protocol.Unsubscribe):
@@ -560,6 +574,9 @@ class Session:
         except RequestError as exc:
             self.stats.count_error(exc.code)
             self.enqueue(protocol.encode(protocol.error(command.id, exc), self.codec))
+            return
+        if self._ending:  # the session ended meanwhile (and its cleanup ran without this)
+            self.hub.unsubscribe(self, name)
             return
         # No await between the hub's merge and these enqueues: the reply and the replay go
         # out before any live message that follows them.

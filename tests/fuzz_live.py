@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import msgpack
 from redis.asyncio import Redis
 
@@ -290,6 +289,7 @@ class Report:
     connections: int = 0
     messages_received: int = 0
     frames_read: int = 0  # the edge's fanout_edge_frames_received_total
+    held: dict[str, int] = field(default_factory=dict)  # what the edge holds at the end
     close_codes: collections.Counter[int | str] = field(default_factory=collections.Counter)
     error_codes: collections.Counter[str] = field(default_factory=collections.Counter)
     terminals: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -333,6 +333,7 @@ class Report:
             f"undocumented:      {len(self.undocumented)} {self.undocumented[:5]}",
             f"lost close frames: {len(self.lost_closes)} {self.lost_closes[:5]}",
             f"bystander:         {self.bystander}",
+            f"left on the edge:  {self.held} (the bystander's: 1 of each)",
             f"edge RSS:          start {self.rss_start / mib:.1f} MiB, before "
             f"(after warm-up) {self.rss_before / mib:.1f} MiB, after "
             f"{self.rss_after / mib:.1f} MiB, max {self.rss_max / mib:.1f} MiB "
@@ -355,6 +356,8 @@ class Report:
             out.append("close frames lost")
         if not self.bystander_ok:
             out.append("the bystander missed something")
+        if any(v != 1 for v in self.held.values()):
+            out.append("the edge holds connections, subscriptions or channels of ended clients")
         if self.log_problems:
             out.append("tracebacks or errors in the edge log")
         if self.rss_max - self.rss_before > self.rss_limit:
@@ -566,13 +569,28 @@ def save(path: str, text: str) -> None:
         f.write(text)
 
 
-async def frames_read(edge: EdgeProcess) -> int:
-    async with httpx.AsyncClient(timeout=5) as http:
-        text = (await http.get(f"{edge.http}/metrics")).text
+async def gauges(edge: EdgeProcess, *names: str) -> dict[str, int]:
+    """The edge's `fanout_edge_<name>` samples (unlabelled), from its /metrics."""
+    text = await edge.metrics()
+    out = dict.fromkeys(names, -1)
     for line in text.splitlines():
-        if line.startswith("fanout_edge_frames_received_total "):
-            return int(float(line.split()[1]))
-    return -1
+        for name in names:
+            if line.startswith(f"fanout_edge_{name} "):
+                out[name] = int(float(line.split()[1]))
+    return out
+
+
+async def left_behind(edge: EdgeProcess) -> dict[str, int]:
+    """Connections, subscriptions and channels the edge still holds once every fuzzed
+    connection has ended: the bystander's only (1, 1, 1), or something leaked. Waits a
+    little for connections still closing."""
+    names = ("connections", "subscriptions", "channels")
+    deadline = time.monotonic() + 15
+    while True:
+        now = await gauges(edge, *names)
+        if now == dict.fromkeys(names, 1) or time.monotonic() > deadline:
+            return now
+        await asyncio.sleep(0.2)
 
 
 class Fuzzer:
@@ -592,7 +610,10 @@ async def run_live_fuzz(
     seen (`Report.check` raises if anything was wrong)."""
     report = Report(frames, seed, rss_limit=int(rss_limit_mib * 1024))
     started = time.monotonic()
-    async with edge_process(redis_url, key_prefix, FANOUT_LOG_LEVEL="info") as edge:
+    env = {"FANOUT_LOG_LEVEL": "info"}
+    if os.environ.get("FANOUT_FUZZ_EDGE_GC"):  # e.g. "700,10,10": the edge's collector
+        env["FANOUT_GC_THRESHOLDS"] = os.environ["FANOUT_FUZZ_EDGE_GC"]
+    async with edge_process(redis_url, key_prefix, **env) as edge:
         report.rss_start = report.rss_max = edge.rss_kib()
         redis = Redis.from_url(redis_url, decode_responses=True)
         publisher = Publisher(redis, Keys(key_prefix))
@@ -673,7 +694,8 @@ async def _fuzz(edge: EdgeProcess, publisher: Publisher, report: Report, frames:
         await sampler
     if not sampled.is_set():
         report.rss_before = report.rss_start
-    report.frames_read = await frames_read(edge)
+    report.frames_read = (await gauges(edge, "frames_received_total"))["frames_received_total"]
+    report.held = await left_behind(edge)
     with contextlib.suppress(OSError, RuntimeError):
         report.rss_after = edge.rss_kib()
         report.rss_max = max(report.rss_max, report.rss_after)
