@@ -96,7 +96,10 @@ class Session:
         self.subscriptions: set[str] = set()
         self._subscribing: dict[str, asyncio.Task[None]] = {}
         self.queue = SendQueue(
-            codec, config.queue_max_messages, config.queue_max_bytes, self._count_queue
+            # The stats' method, not one of ours: a callback to the session from its own
+            # queue would make each session a reference cycle, freed only by the garbage
+            # collector's rare full collections (edge/server.py tunes them), not at once.
+            codec, config.queue_max_messages, config.queue_max_bytes, stats.count_queue
         )
         self._policies = {ns: Policy(p) for ns, p in config.overflow.items()}
         self._wakeup = asyncio.Event()
@@ -122,10 +125,6 @@ class Session:
         self._out: list[Batch | Frame] | None = None
 
     # --- called by the hub (synchronous, never blocks) -----------------------------------
-
-    def _count_queue(self, messages: int, size: int) -> None:
-        self.stats.queue_messages += messages
-        self.stats.queue_bytes += size
 
     def enqueue(self, frame: Frame) -> None:
         """Queue a control frame: a reply, a ping, a resync, a recovered message. Each is
@@ -366,9 +365,14 @@ class Session:
             tasks += self._subscribing.values()
             for task in tasks:
                 task.cancel()
+            # Waited for, not awaited one by one: re-raised here, each task's exception would
+            # take this frame into its traceback, a reference cycle (frame, tasks, exception)
+            # holding the whole session until a full garbage collection (rare: edge/server.py).
+            with contextlib.suppress(asyncio.CancelledError):  # this task's own: clean up
+                await asyncio.wait(tasks)
             for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: run() has dealt with the first ones above
             for name in self.subscriptions:
                 self.hub.unsubscribe(self, name)
             self.subscriptions.clear()
@@ -387,10 +391,15 @@ class Session:
                 # The close frame waits behind whatever the socket still holds: a slow client
                 # that drains in time gets it (and knows to reconnect and recover); a frozen
                 # one is cut off when the wait ends.
+                # (Not `wait_for`: in Python 3.11 it runs the close as a task of its own whose
+                # exception, a WebSocketDisconnect, makes a reference cycle with it.)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        self.ws.close(int(close.code), close.reason), CLOSE_TIMEOUT
-                    )
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await self.ws.close(int(close.code), close.reason)
+            if close is not None:
+                # Its traceback, and what it was raised from (a decoder's error), hold the
+                # tasks' frames and so the session: dropped for the same reason.
+                close.__traceback__ = close.__context__ = close.__cause__ = None
 
     async def _receive(self) -> Frame | None:
         message = await self.ws.receive()

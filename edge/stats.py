@@ -41,6 +41,11 @@ class EdgeStats:
     dropped: dict[str, int] = field(default_factory=dict)  # by namespace
     conflated: dict[str, int] = field(default_factory=dict)  # by namespace
 
+    def count_queue(self, messages: int, size: int) -> None:
+        """Messages and bytes that entered (or, negative, left) a client's send queue."""
+        self.queue_messages += messages
+        self.queue_bytes += size
+
     def count_disconnect(self, reason: str) -> None:
         self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
 

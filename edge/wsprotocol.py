@@ -43,6 +43,13 @@ FAILED = "fanout.failed"  # in a disconnect event: the server failed the connect
 class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
     _failed = False
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # websockets keeps the parser's exception, whose traceback holds the parser and so
+        # the connection's state: a reference cycle that would wait for a full collection.
+        if self.conn.parser_exc is not None:
+            self.conn.parser_exc.__traceback__ = None
+
     def data_received(self, data: bytes) -> None:
         if self._failed:
             # Read on until the client's EOF, so that closing never resets the connection;
