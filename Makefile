@@ -16,13 +16,14 @@ LOCK_FLAGS := --quiet --universal --python-version 3.11 --generate-hashes \
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
 .DEFAULT_GOAL := help
-.PHONY: help venv venv-demo demo test lint bench lock upgrade-deps outdated clean distclean
+.PHONY: help venv venv-demo demo test lint bench fuzz lock upgrade-deps outdated clean distclean
 
 help:
 	@echo "make demo          run fanout dev: Valkey, ingest, 2 edges; ARGS='--edges 3' to change"
 	@echo "make test          ruff + mypy + pytest (what CI runs)"
 	@echo "make lint          ruff + mypy"
 	@echo "make bench         run every bench/*.py"
+	@echo "make fuzz          fuzz the protocol: hypothesis, then a real edge (FUZZ_FRAMES=1000000)"
 	@echo "make venv          build .venv from requirements/dev.txt (done by the targets above)"
 	@echo "make lock          regenerate requirements/*.txt from pyproject.toml, keeping pins"
 	@echo "make upgrade-deps  regenerate requirements/*.txt with the newest versions"
@@ -77,6 +78,22 @@ bench: $(VENV)/.dev
 		echo "== $$script"; \
 		$(BIN)/python "$$script"; \
 	done
+
+# The long fuzz run: the hypothesis targets with many examples, then FUZZ_FRAMES frames of
+# mutated requests, garbage and broken framing at a real edge process over many connections
+# (tests/fuzz_live.py; the suite runs both briefly). Prints what it sent and saw, and
+# fails on a crash, exception text, an undocumented answer, a bystander's miss, or the
+# edge's RSS growing past FUZZ_RSS_MIB.
+FUZZ_FRAMES ?= 1000000
+FUZZ_EXAMPLES ?= 5000
+FUZZ_SEED ?= 1
+FUZZ_CONCURRENCY ?= 16
+FUZZ_RSS_MIB ?= 64
+fuzz: $(VENV)/.dev
+	FANOUT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_fuzz.py -k "not live"
+	$(BIN)/python -m tests.fuzz_live --frames $(FUZZ_FRAMES) --seed $(FUZZ_SEED) \
+		--concurrency $(FUZZ_CONCURRENCY) --rss-limit-mib $(FUZZ_RSS_MIB)
 
 # dev.txt is resolved first; the smaller sets are resolved with it as a constraint, so a
 # package has the same version in every lock. uv keeps the versions already in a lock

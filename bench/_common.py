@@ -13,21 +13,25 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from redis.asyncio import Redis
 
-from common.embedded import EmbeddedValkey
+from common.embedded import EmbeddedValkey, free_port
 
 T = TypeVar("T")
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+HOST = "127.0.0.1"  # benchmarks are loopback only
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -233,6 +237,94 @@ async def delete_prefix(redis: Redis, prefix: str) -> int:
 def bench_prefix(name: str) -> str:
     """A key prefix of this run's own: never collides with a real deployment's keys."""
     return f"bench-{name}-{os.urandom(3).hex()}"
+
+
+# --- an edge process -----------------------------------------------------------------------
+
+
+class EdgeProcess:
+    """`python -m common.cli edge` on a free loopback port, pinned to one CPU, killed with
+    us (PR_SET_PDEATHSIG) however we end."""
+
+    def __init__(self, redis_url: str, prefix: str, cpu: int | None,
+                 extra: list[str]) -> None:
+        self.port = free_port(HOST)
+        self.extra = extra
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.cpu = cpu
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: IO[bytes] = tempfile.TemporaryFile(prefix="bench-edge-")  # noqa: SIM115
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        preexec = child_preexec(self.cpu)
+        cmd = [
+            sys.executable, "-m", "common.cli", "edge",
+            "--host", HOST, "--port", str(self.port),
+            "--key-prefix", self.prefix, "--log-level", "warning",
+            # Every client comes from 127.0.0.1, by the thousand: no admission limits.
+            "--max-connections", "0", "--max-connections-per-ip", "0", *self.extra,
+        ]
+        # The URL through the environment: `fanout edge` refuses one with a password as a
+        # flag (ps would show it).
+        env = {**os.environ, "FANOUT_REDIS_URL": self.redis_url}
+        env.pop("FANOUT_REDIS_URL_FILE", None)
+        self.proc = subprocess.Popen(  # from the checkout: the code this process imported
+            cmd, cwd=source_root(), env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec, start_new_session=True,  # Ctrl-C reaches only us
+        )
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.log.close()
+
+    def output(self, limit: int = 4_000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-limit:]
+
+    def url(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}{path}"
+
+
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    try:
+        with _HTTP.open(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+
+
+async def wait_ready(edge: EdgeProcess, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert edge.proc is not None
+        if edge.proc.poll() is not None:
+            raise RuntimeError(f"edge exited with code {edge.proc.returncode}:\n"
+                               f"{edge.output()}")
+        with contextlib.suppress(OSError):
+            status, _ = await asyncio.to_thread(http_get, edge.url("/readyz"), 1.0)
+            if status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"edge not ready after {timeout:.0f} s:\n{edge.output()}")
+        await asyncio.sleep(0.1)
 
 
 # --- output --------------------------------------------------------------------------------

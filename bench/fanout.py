@@ -61,27 +61,28 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
 from _common import (
+    HOST,
     CpuBusy,
     CpuMeter,
+    EdgeProcess,
     bench_prefix,
     child_preexec,
     delete_prefix,
     environment,
+    http_get,
     pin,
     redis_server,
     run_async,
     sigterm_as_interrupt,
-    source_root,
     source_state,
     table,
+    wait_ready,
 )
 from redis.asyncio import Redis
 from websockets.client import ClientProtocol
@@ -91,14 +92,11 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from common.channels import parse_channel
-from common.embedded import free_port
 from common.errors import BadChannel
 from common.keys import Keys
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 
-ROOT = source_root()  # the edge runs the code this process imported
-HOST = "127.0.0.1"
 MAX_PUBLISH_BATCH = 200  # messages per publish round trip when the publisher catches up
 STOP_DELIVERED = 0.9  # stop rising when delivered < 90 % of expected
 STOP_P99 = 1.0  # s
@@ -684,94 +682,6 @@ class CClients(ClientSide):
 
 def _seconds(value: float | None) -> float:
     return math.nan if value is None else float(value)
-
-
-# --- the edge ------------------------------------------------------------------------------
-
-
-class EdgeProcess:
-    """`python -m common.cli edge` on a free loopback port, pinned to one CPU, killed with
-    us (PR_SET_PDEATHSIG) however we end."""
-
-    def __init__(self, redis_url: str, prefix: str, cpu: int | None,
-                 extra: list[str]) -> None:
-        self.port = free_port(HOST)
-        self.extra = extra
-        self.redis_url = redis_url
-        self.prefix = prefix
-        self.cpu = cpu
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log: IO[bytes] = tempfile.TemporaryFile(prefix="bench-edge-")  # noqa: SIM115
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        preexec = child_preexec(self.cpu)
-        cmd = [
-            sys.executable, "-m", "common.cli", "edge",
-            "--host", HOST, "--port", str(self.port),
-            "--key-prefix", self.prefix, "--log-level", "warning",
-            # Every client comes from 127.0.0.1, by the thousand: no admission limits.
-            "--max-connections", "0", "--max-connections-per-ip", "0", *self.extra,
-        ]
-        # The URL through the environment: `fanout edge` refuses one with a password as a
-        # flag (ps would show it).
-        env = {**os.environ, "FANOUT_REDIS_URL": self.redis_url}
-        env.pop("FANOUT_REDIS_URL_FILE", None)
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=preexec, start_new_session=True,  # Ctrl-C reaches only us
-        )
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.log.close()
-
-    def output(self, limit: int = 4_000) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-limit:]
-
-    def url(self, path: str) -> str:
-        return f"http://{HOST}:{self.port}{path}"
-
-
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    try:
-        with _HTTP.open(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-
-
-async def wait_ready(edge: EdgeProcess, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert edge.proc is not None
-        if edge.proc.poll() is not None:
-            raise RuntimeError(f"edge exited with code {edge.proc.returncode}:\n"
-                               f"{edge.output()}")
-        with contextlib.suppress(OSError):
-            status, _ = await asyncio.to_thread(http_get, edge.url("/readyz"), 1.0)
-            if status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"edge not ready after {timeout:.0f} s:\n{edge.output()}")
-        await asyncio.sleep(0.1)
 
 
 def parse_metrics(text: str, name: str) -> list[tuple[str, float]]:

@@ -26,10 +26,16 @@ async def wait_event(event: asyncio.Event, timeout: float) -> bool:
 
 
 def raise_if_cancelling() -> None:
-    """Re-raise a cancellation of the current task that a callee swallowed."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    """Re-raise a cancellation of the current task that a callee swallowed. (The raising
+    frame holds no reference to the task: the task keeps the exception, whose traceback
+    keeps the frame, and a cycle through them would wait for a full garbage collection.)"""
+    if _cancelling():
         raise asyncio.CancelledError
+
+
+def _cancelling() -> int:
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
 
 
 async def stop_tasks(

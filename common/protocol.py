@@ -9,12 +9,14 @@ session only moves bytes between it and the socket.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
+from common import strictjson
 from common.channels import Channel, parse_channel
 from common.errors import BadRequest, CloseCode, Disconnect, RequestError, UnknownType
 
@@ -119,7 +121,8 @@ def decode_frame(frame: Frame, codec: Codec) -> dict[str, Any]:
     """Decode one client frame into an object; a frame that is not one closes the connection.
 
     A frame we cannot even read gives us no request id to answer, so it is a protocol
-    violation (close 3500), not a request error.
+    violation (close 3500), not a request error. JSON is read strictly (common/strictjson.py:
+    no NaN or Infinity, UTF-8 only, no unpaired surrogates), as the HTTP API reads it.
     """
     try:
         if codec is Codec.MSGPACK:
@@ -127,7 +130,7 @@ def decode_frame(frame: Frame, codec: Codec) -> dict[str, Any]:
                 raise ValueError("text frame on the msgpack subprotocol")
             obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
         else:
-            obj = json.loads(frame)
+            obj = strictjson.loads(frame)
     except (
         ValueError, TypeError, RecursionError,
         msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
@@ -159,7 +162,9 @@ def parse_command(obj: dict[str, Any]) -> Command:
     """Validate a decoded frame into a command; raise a RequestError naming the problem."""
     kind = obj.get("type")
     if not isinstance(kind, str):
-        raise BadRequest("missing type")
+        raise BadRequest("type must be a string" if "type" in obj else "missing type")
+    if kind == "pong":
+        return Pong()  # never answered, whatever else it holds (an id included)
     rid = _request_id(obj)
     if kind == "subscribe":
         channel = parse_channel(obj.get("channel"))
@@ -192,8 +197,6 @@ def parse_command(obj: dict[str, Any]) -> Command:
         return History(rid, channel, epoch, first, last)
     if kind == "unsubscribe":
         return Unsubscribe(rid, parse_channel(obj.get("channel")))
-    if kind == "pong":
-        return Pong()
     if kind == "ping":
         return Ping(rid)
     if kind == "connect":
@@ -301,17 +304,41 @@ def gap(channel: str, first: int, last: int) -> dict[str, Any]:
 def history_reply(
     rid: int | None, channel: str, epoch: str, pubs: list[Frame], codec: Codec
 ) -> Frame:
-    """The reply to `history`: the publications as they were pushed, in an array."""
+    """The reply to `history`: the publications as they were pushed (already encoded, not
+    encoded again), in an array."""
+    head = encode(
+        {"type": "history", "id": rid, "channel": channel, "epoch": epoch, "publications": 0},
+        codec,
+    )
+    # The placeholder 0 is the last thing encoded (`0}` in JSON, one byte in msgpack).
+    if isinstance(head, str):
+        return head[:-2] + json_array(cast(Sequence[str], pubs)) + "}"
+    return head[:-1] + msgpack_array(cast(Sequence[bytes], pubs))
+
+
+def array(parts: Sequence[Frame], codec: Codec, n: int | None = None) -> Frame:
+    """An array of already encoded messages, built by joining them (no re-encoding): a JSON
+    array, or a msgpack array. `n` counts the messages when some of `parts` are chunks of
+    several (JSON texts joined by commas, msgpack objects concatenated)."""
     if codec is Codec.JSON:
-        head = json.dumps(
-            {"type": "history", "id": rid, "channel": channel, "epoch": epoch},
-            separators=(",", ":"),
-        )
-        return f'{head[:-1]},"publications":[{",".join(map(str, pubs))}]}}'
-    return _packb({
-        "type": "history", "id": rid, "channel": channel, "epoch": epoch,
-        "publications": [msgpack.unpackb(p, raw=False) for p in pubs],
-    })
+        return json_array(cast(Sequence[str], parts))
+    return msgpack_array(cast(Sequence[bytes], parts), n)
+
+
+def json_array(parts: Sequence[str]) -> str:
+    return "[" + ",".join(parts) + "]"
+
+
+def msgpack_array(parts: Sequence[bytes], n: int | None = None) -> bytes:
+    if n is None:
+        n = len(parts)
+    if n < 16:
+        head = bytes((0x90 | n,))
+    elif n < 0x10000:
+        head = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdd" + n.to_bytes(4, "big")
+    return head + b"".join(parts)
 
 
 def resync(channel: str, epoch: str, offset: int, snapshot: dict[str, Any]) -> dict[str, Any]:

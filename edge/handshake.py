@@ -34,13 +34,14 @@ from typing import ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from edge.admission import Admission, Refusal, Slot
+from edge.wsprotocol import EdgeWebSocketProtocol
 
 
-class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol, holding its connection's admission slot."""
+class AdmittedWebSocketProtocol(EdgeWebSocketProtocol):
+    """The edge's WebSocket protocol (edge/wsprotocol.py), holding its connection's
+    admission slot."""
 
     slot: Slot | None = None
 
@@ -94,7 +95,7 @@ class EdgeHttpProtocol(H11Protocol):
         # The transport now runs the WebSocket protocol. Even if that one has closed it
         # already (a handshake it refused), its connection_lost is still to come.
         protocol = self.transport.get_protocol()
-        if isinstance(protocol, EdgeWebSocketProtocol):
+        if isinstance(protocol, AdmittedWebSocketProtocol):
             protocol.slot = decision
         else:  # pragma: no cover - configured with another WebSocket protocol
             decision.release()
@@ -137,7 +138,7 @@ class EdgeHttpProtocol(H11Protocol):
 def edge_http_protocol(admission: Admission, handshake_timeout: float,
                        ws_path: str) -> type[H11Protocol]:
     """The protocol class for uvicorn's ``http`` setting, bound to one edge (uvicorn's
-    ``ws`` setting must then be `EdgeWebSocketProtocol`)."""
+    ``ws`` setting must then be `AdmittedWebSocketProtocol`)."""
     return type("EdgeHttp", (EdgeHttpProtocol,), {
         "handshake_timeout": handshake_timeout, "admission": admission, "ws_path": ws_path,
     })

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 from redis.asyncio import Redis
@@ -31,7 +31,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from common import protocol
-from common.aio import wait_event
+from common.aio import raise_if_cancelling, wait_event
 from common.channels import Channel, SnapshotMode
 from common.errors import CloseCode, Disconnect, Unavailable
 from common.keys import Keys
@@ -40,6 +40,9 @@ from common.scripts import register
 from edge.sendqueue import Policy, coalesce
 from edge.stats import EdgeStats
 from edge.wire import encode_frame
+
+# Most history entries history.lua returns itself; more are read with a plain XRANGE.
+INLINE_HISTORY = 100
 
 
 class Subscriber(Protocol):
@@ -282,8 +285,14 @@ class Hub:
         probe_timeout: float = 3.0,
         max_frame_bytes: int = 65_536,
         max_frame_messages: int = 1_000,
+        inline_history: int = INLINE_HISTORY,
     ) -> None:
         self.redis = redis
+        # The same connections, but XRANGE replies as Redis sent them: redis-py would turn
+        # every entry into a tuple and a dict first (a third of a 10,000-entry read).
+        self._ranges = Redis(connection_pool=redis.connection_pool)
+        self._ranges.set_response_callback("XRANGE", _as_sent)
+        self.inline_history = inline_history
         self._pubsub_factory = pubsub_factory
         self.keys = keys
         self.stats = stats
@@ -350,23 +359,32 @@ class Hub:
         before any later live message (which `enqueue` guarantees by running synchronously
         after this returns)."""
         name = channel.name
-        state = self.channels.get(name)
-        if state is None:
-            state = self.channels[name] = ChannelState(name)
-            self.stats.channels = len(self.channels)
-            if self._pubsub is not None:
-                await self._redis_subscribe(name)
         sub = Subscription(
             session, name, channel.namespace, policy,
             channel.snapshot_mode is SnapshotMode.MERGE, max_rate,
         )
+        state = self.channels.get(name)
+        created = state is None
+        if state is None:
+            state = self.channels[name] = ChannelState(name)
+            self.stats.channels = len(self.channels)
+        # Pending before the first await: a subscribe that ends early (cancelled) drops a
+        # state it created, which would otherwise stay, never confirmed, and make every
+        # later subscribe of the channel on this node wait out the timeout.
         state.pending.append(sub)
         try:
-            await asyncio.wait_for(asyncio.shield(state.confirmed), self.subscribe_timeout)
+            if created and self._pubsub is not None:
+                await self._redis_subscribe(name)
+            # Not `wait_for`, and a cancel that redis-py swallowed raised again (common/aio.py):
+            # a subscribe cancelled (its session ending) must never register a subscriber,
+            # which nothing would remove again (it held the session and its socket).
+            async with asyncio.timeout(self.subscribe_timeout):
+                await asyncio.shield(state.confirmed)
             if recover is not None:
                 result = await self.read_history(name, recover.offset, "r", recover.epoch)
             else:
                 result = await self.read_history(name, -1, "1" if want_snapshot else "0")
+            raise_if_cancelling()
         except BaseException as exc:
             state.pending.remove(sub)
             self._maybe_drop(state)
@@ -466,14 +484,38 @@ class Hub:
     # --- history -------------------------------------------------------------------------
 
     async def read_history(
-        self, name: str, since: int, snapshot: str, epoch: str = ""
+        self, name: str, since: int, snapshot: str, epoch: str = "",
+        until: int | None = None,
     ) -> HistoryResult:
-        """Position, entries after `since` (if `epoch` is current, or ""), and the snapshot
-        when `snapshot` is "1" (always) or "r" (only if not recoverable)."""
+        """Position, entries after `since` up to `until` (None: the channel's top) if
+        `epoch` is current (or ""), and the snapshot when `snapshot` is "1" (always) or "r"
+        (only if not recoverable).
+
+        history.lua returns up to `inline_history` entries itself; more (a client far
+        behind) are read with XRANGE in a second round trip, which costs Redis a fraction
+        of what the same entries cost through Lua. That read is checked against the first
+        (same epoch, exactly the offsets since + 1 ... end); if the channel changed in
+        between (trimmed, or a new epoch), everything is read again at once by the
+        script."""
         keys = [self.keys.meta(name), self.keys.stream(name), self.keys.snapshot(name)]
         args: list[str | int] = [
-            since, self.recovery_limit, snapshot, new_epoch(), self.meta_ttl, epoch
+            since, self.recovery_limit, snapshot, new_epoch(), self.meta_ttl, epoch,
+            self.inline_history, "" if until is None else until,
         ]
+        result = await self._read_history(name, keys, args)
+        end = result.top if until is None else min(until, result.top)
+        if result.recoverable and end - since > self.inline_history:
+            entries = await self._read_range(name, result.epoch, since, end)
+            if entries is not None:
+                return replace(result, entries=entries)
+            self.log.info("history changed between reads channel=%s: reading again", name)
+            args[6] = ""  # no inline limit: one atomic read
+            result = await self._read_history(name, keys, args)
+        return result
+
+    async def _read_history(
+        self, name: str, keys: list[str], args: list[str | int]
+    ) -> HistoryResult:
         epoch, top, first, recoverable, flat, snap = await self._history(keys=keys, args=args)
         entries = [
             Publication(name, epoch, int(flat[i]), flat[i + 1], flat[i + 3], flat[i + 2] == "1")
@@ -484,6 +526,30 @@ class Hub:
         else:
             snap_map = {snap[i]: snap[i + 1] for i in range(0, len(snap), 2)}
         return HistoryResult(epoch, int(top), int(first), bool(recoverable), entries, snap_map)
+
+    async def _read_range(
+        self, name: str, epoch: str, since: int, end: int
+    ) -> list[Publication] | None:
+        """The entries since + 1 ... end of `epoch`, or None if the stream no longer holds
+        exactly those (trimmed meanwhile, or the channel has another epoch now)."""
+        async with self._ranges.pipeline(transaction=True) as pipe:
+            pipe.hget(self.keys.meta(name), "epoch")
+            pipe.execute_command(
+                "XRANGE", self.keys.stream(name), f"{since + 1}-0", f"{end}-0"
+            )
+            current, rows = await pipe.execute()
+        if current != epoch or len(rows) != end - since:
+            return None
+        entries: list[Publication] = []
+        append = entries.append
+        offset = since
+        for entry_id, fields in rows:  # fields: d <data> k <key> t <ms> x <deleted>
+            offset += 1
+            if entry_id != f"{offset}-0":
+                return None
+            append(Publication(name, epoch, offset, fields[3], fields[1],
+                               len(fields) > 7 and fields[7] == "1"))
+        return entries
 
     # --- live messages -------------------------------------------------------------------
 
@@ -717,3 +783,7 @@ class Hub:
 
 def new_epoch() -> str:
     return os.urandom(6).hex()
+
+
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response

@@ -276,12 +276,4 @@ def coalesce(frames: list[Frame], codec: Codec, n: int | None = None) -> Frame:
         n = len(frames)
     if n == 1:
         return frames[0]
-    if codec is Codec.JSON:
-        return "[" + ",".join(frames) + "]"  # type: ignore[arg-type]
-    if n < 16:
-        head = bytes((0x90 | n,))
-    elif n < 0x10000:
-        head = b"\xdc" + n.to_bytes(2, "big")
-    else:
-        head = b"\xdd" + n.to_bytes(4, "big")
-    return head + b"".join(frames)  # type: ignore[arg-type]
+    return protocol.array(frames, codec, n)

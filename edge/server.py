@@ -12,16 +12,17 @@ import uvicorn
 
 from common.config import EdgeConfig
 from edge.app import WS_PATH, Edge, create_app
-from edge.handshake import EdgeWebSocketProtocol, edge_http_protocol
+from edge.handshake import AdmittedWebSocketProtocol, edge_http_protocol
 
 
 def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
     """uvicorn settings for fan-out: websockets-sansio (it has write backpressure), no
     protocol-level pings (the app pings), permessage-deflate off unless asked for. Both
-    protocols are the edge's subclasses (edge/handshake.py): a deadline for the request
-    head, and admission (origin, connection limits) decided before the upgrade. No proxy
-    headers: uvicorn would believe X-Forwarded-For from 127.0.0.1 by default, and the edge
-    decides whom to believe (FANOUT_TRUSTED_PROXIES)."""
+    protocols are the edge's subclasses: edge/handshake.py (a deadline for the request head,
+    and admission, origin and connection limits, decided before the upgrade) and, for the
+    WebSocket, edge/wsprotocol.py (close frames not lost to a reset, no traceback for text
+    that is not UTF-8). No proxy headers: uvicorn would believe X-Forwarded-For from
+    127.0.0.1 by default, and the edge decides whom to believe (FANOUT_TRUSTED_PROXIES)."""
     app = create_app(config)
     edge: Edge = app.state.edge
     return uvicorn.Config(
@@ -30,7 +31,7 @@ def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
         port=config.port,
         http=edge_http_protocol(edge.admission, config.handshake_timeout, WS_PATH),
         proxy_headers=False,
-        ws=EdgeWebSocketProtocol,
+        ws=AdmittedWebSocketProtocol,
         ws_max_size=config.max_message_size,
         ws_per_message_deflate=config.compression,
         ws_ping_interval=None,

@@ -17,6 +17,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import protocol
+from common.aio import raise_if_cancelling
 from common.auth import LEEWAY, Claims, TokenError, permits
 from common.channels import Channel, parse_channel
 from common.config import EdgeConfig
@@ -41,6 +42,7 @@ from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
 from edge.stats import EdgeStats
 from edge.tokens import KeysUnavailable, TokenVerifier
 from edge.wire import RawWebSocket, encode_frame
+from edge.wsprotocol import FAILED
 
 _CLOSE_REASONS = {
     CloseCode.SHUTDOWN: "shutdown",
@@ -66,8 +68,13 @@ SLOW_RETRY_AFTER = 1.0
 # A client closed for too many requests is told to wait this long before reconnecting.
 TOO_MANY_RETRY_AFTER = 5.0
 
-# Closes fanout does not choose itself: uvicorn's (1009 oversized frame, 1012 shutdown).
-_PEER_CLOSE_REASONS = {1009: "message_too_big", 1012: "shutdown"}
+# Closes fanout does not choose itself: uvicorn's shutdown (1012), and the WebSocket layer
+# failing a connection for what a client sent (edge/wsprotocol.py): a frame over the size
+# limit (1009), broken framing (1002, or 1007 for a close reason that is not UTF-8), a text
+# frame that is not UTF-8 (3500).
+_PEER_CLOSE_REASONS = {1012: "shutdown"}
+_FAILED_REASONS = {1002: "protocol_error", 1007: "protocol_error", 1009: "message_too_big",
+                   3500: "bad_request"}
 
 
 class Session:
@@ -93,7 +100,10 @@ class Session:
         self.subscriptions: set[str] = set()
         self._subscribing: dict[str, asyncio.Task[None]] = {}
         self.queue = SendQueue(
-            codec, config.queue_max_messages, config.queue_max_bytes, self._count_queue
+            # The stats' method, not one of ours: a callback to the session from its own
+            # queue would make each session a reference cycle, freed only by the garbage
+            # collector's rare full collections (edge/server.py tunes them), not at once.
+            codec, config.queue_max_messages, config.queue_max_bytes, stats.count_queue
         )
         # FANOUT_OVERFLOW, or the namespaces file's (config.overflow has both, resolved);
         # a namespace missing there (a config built by hand) has its file's.
@@ -103,8 +113,12 @@ class Session:
         # connection; `asyncio.wait` takes futures).
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._close: Disconnect | None = None
+        # The session's cleanup has begun: whatever finishes after it (a request or a
+        # subscribe whose cancel a library swallowed) must leave nothing behind.
+        self._ending = False
         self._ping_sent: float | None = None  # monotonic time of the unanswered ping
         self._peer_close_code = 1005
+        self._failed = False  # the WebSocket layer failed the connection (edge/wsprotocol.py)
         self._loop = asyncio.get_running_loop()
         self.claims: Claims | None = None  # None: authentication is off
         self._expiry: asyncio.TimerHandle | None = None
@@ -118,14 +132,10 @@ class Session:
 
     # --- called by the hub (synchronous, never blocks) -----------------------------------
 
-    def _count_queue(self, messages: int, size: int) -> None:
-        self.stats.queue_messages += messages
-        self.stats.queue_bytes += size
-
     def enqueue(self, frame: Frame) -> None:
         """Queue a control frame: a reply, a ping, a resync, a recovered message. Each is
         bounded by something else (a request, the ping interval, the recovery limit)."""
-        if self._close is not None:
+        if self._close is not None or self._ending:
             return
         raw = self._direct
         if raw is not None and not self.queue.busy:
@@ -137,6 +147,29 @@ class Session:
                 self._write_now(raw, encode_frame(frame), 1, 1, len(frame))
                 return
         self.queue.push_control(frame)
+        self._wakeup.set()
+
+    def enqueue_all(self, frames: list[Frame]) -> None:
+        """Queue control messages that belong together, in order: a subscribe's reply and
+        the publications it replays. They are packed into as few frames as the frame bounds
+        allow, as live traffic is: a client that keeps up gets them in one socket write (a
+        replay of 10,000 messages in about 20 frames, not 10,000); otherwise the writer
+        coalesces them from the queue. Nothing sent after this (a live message) can pass
+        them."""
+        if self._close is not None or self._ending or not frames:
+            return
+        raw = self._direct
+        if raw is not None and not self.queue.busy:
+            out = self._out
+            if out is not None:  # during the hub's flush, after this turn's batches
+                out.extend(frames)
+                return
+            if raw.ready:
+                self._write_now(raw, *self._pack(frames, [1] * len(frames)))
+                return
+        push = self.queue.push_control
+        for frame in frames:
+            push(frame)
         self._wakeup.set()
 
     def _write_now(self, raw: RawWebSocket, data: bytes, frames: int, messages: int,
@@ -226,6 +259,13 @@ class Session:
             else:
                 parts.append(item)
                 counts.append(1)
+        return self._pack(parts, counts)
+
+    def _pack(self, parts: list[Frame], counts: list[int]) -> Wire:
+        """Parts (messages, or chunks of `counts` messages), in order, as finished frames of
+        at most `max_frame_messages` messages and `max_frame_bytes` each (a part larger than
+        that goes alone)."""
+        codec = self.codec
         messages = sum(counts)
         max_messages = self.config.max_frame_messages
         max_bytes = self.config.max_frame_bytes
@@ -325,14 +365,20 @@ class Session:
                                    exc_info=exc)
                     self.fail(Disconnect(CloseCode.SERVER_ERROR, "internal error"))
         finally:
+            self._ending = True
             if self._expiry is not None:
                 self._expiry.cancel()
             tasks += self._subscribing.values()
             for task in tasks:
                 task.cancel()
+            # Waited for, not awaited one by one: re-raised here, each task's exception would
+            # take this frame into its traceback, a reference cycle (frame, tasks, exception)
+            # holding the whole session until a full garbage collection (rare: edge/server.py).
+            with contextlib.suppress(asyncio.CancelledError):  # this task's own: clean up
+                await asyncio.wait(tasks)
             for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: run() has dealt with the first ones above
             for name in self.subscriptions:
                 self.hub.unsubscribe(self, name)
             self.subscriptions.clear()
@@ -342,7 +388,8 @@ class Session:
             if close is not None:
                 reason = _CLOSE_REASONS.get(close.code, "other")
             else:
-                reason = _PEER_CLOSE_REASONS.get(self._peer_close_code, "client_closed")
+                reasons = _FAILED_REASONS if self._failed else _PEER_CLOSE_REASONS
+                reason = reasons.get(self._peer_close_code, "client_closed")
             self.stats.count_disconnect(reason)
             if close is not None:
                 self.log.info("disconnect client=%s code=%d reason=%s",
@@ -350,15 +397,21 @@ class Session:
                 # The close frame waits behind whatever the socket still holds: a slow client
                 # that drains in time gets it (and knows to reconnect and recover); a frozen
                 # one is cut off when the wait ends.
+                # (Not `wait_for`: in Python 3.11 it runs the close as a task of its own whose
+                # exception, a WebSocketDisconnect, makes a reference cycle with it.)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        self.ws.close(int(close.code), close.reason), CLOSE_TIMEOUT
-                    )
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await self.ws.close(int(close.code), close.reason)
+            if close is not None:
+                # Its traceback, and what it was raised from (a decoder's error), hold the
+                # tasks' frames and so the session: dropped for the same reason.
+                close.__traceback__ = close.__context__ = close.__cause__ = None
 
     async def _receive(self) -> Frame | None:
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
             self._peer_close_code = int(message.get("code") or 1005)
+            self._failed = bool(message.get(FAILED))
             return None
         self.stats.frames_received += 1
         text = message.get("text")
@@ -398,6 +451,7 @@ class Session:
                     raise Disconnect(CloseCode.TOO_MANY_REQUESTS, "too many requests",
                                      TOO_MANY_RETRY_AFTER)
                 await self._handle(protocol.decode_frame(frame, self.codec))
+                raise_if_cancelling()  # a history read's Redis call may swallow a cancel
         finally:
             pinger.cancel()
 
@@ -495,7 +549,15 @@ class Session:
             )
         task = asyncio.create_task(self._subscribe(command))
         self._subscribing[name] = task
-        task.add_done_callback(lambda _: self._subscribing.pop(name, None))
+        task.add_done_callback(self._subscribed)
+
+    def _subscribed(self, task: asyncio.Task[None]) -> None:
+        """A subscribe task ended: forget it (not another one for the same channel that
+        may have started since)."""
+        for name, running in self._subscribing.items():
+            if running is task:
+                del self._subscribing[name]
+                return
 
     async def _execute(self, command: protocol.Command) -> dict[str, Any] | None:
         if isinstance(command, protocol.Unsubscribe):
@@ -542,12 +604,15 @@ class Session:
             self.stats.count_error(exc.code)
             self.enqueue(protocol.encode(protocol.error(command.id, exc), self.codec))
             return
+        if self._ending:  # the session ended meanwhile (and its cleanup ran without this)
+            self.hub.unsubscribe(self, name)
+            return
         # No await between the hub's merge and these enqueues: the reply and the replay go
         # out before any live message that follows them.
         self.subscriptions.add(name)
-        self.enqueue(protocol.encode(joined.reply, self.codec))
-        for pub in joined.replay:
-            self.enqueue(pub.frame(self.codec))
+        codec = self.codec
+        self.enqueue_all([protocol.encode(joined.reply, codec),
+                          *(pub.frame(codec) for pub in joined.replay)])
 
     async def _history(self, command: protocol.History) -> None:
         """Backfill after a gap notice: the publications first..last, if still retained."""
@@ -556,13 +621,15 @@ class Session:
         name = command.channel.name
         self._check_allowed(command.channel)
         try:
-            result = await self.hub.read_history(name, command.first - 1, "0", command.epoch)
+            result = await self.hub.read_history(
+                name, command.first - 1, "0", command.epoch, command.last
+            )
         except Exception as exc:
             self.log.warning("history failed channel=%s error=%r", name, exc)
             raise Unavailable("history temporarily unavailable, retry") from None
         if not result.recoverable or result.epoch != command.epoch or result.top < command.last:
             raise HistoryUnavailable(f"{name} {command.first}..{command.last} is not retained")
-        frames = [p.frame(self.codec) for p in result.entries if p.offset <= command.last]
+        frames = [p.frame(self.codec) for p in result.entries]
         self.enqueue(protocol.history_reply(command.id, name, result.epoch, frames, self.codec))
 
     async def _write_loop(self) -> None:

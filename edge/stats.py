@@ -97,6 +97,11 @@ class EdgeStats:
             hist = self.delivery[namespace] = Histogram()
         return hist
 
+    def count_queue(self, messages: int, size: int) -> None:
+        """Messages and bytes that entered (or, negative, left) a client's send queue."""
+        self.queue_messages += messages
+        self.queue_bytes += size
+
     def count_disconnect(self, reason: str) -> None:
         self.disconnects[reason] = self.disconnects.get(reason, 0) + 1
 

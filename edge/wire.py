@@ -62,9 +62,17 @@ class RawSendMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            scope[RAW_SEND] = send
-        await self.app(scope, receive, send)
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        scope[RAW_SEND] = send
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            # uvicorn's protocol holds this scope, and `send` is its own method: left in
+            # place, every connection would end as a reference cycle (protocol, transport,
+            # buffers) that only a full garbage collection frees.
+            scope.pop(RAW_SEND, None)
 
 
 class RawWebSocket:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from common import strictjson
 from common.channels import (
     MAX_CHANNEL_LENGTH,
     MAX_KEY_LENGTH,
@@ -181,14 +181,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _reject_constant(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_json(body: bytes) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity (the publisher could not store them)."""
+    """Strict JSON (common/strictjson.py): UTF-8, no NaN/Infinity (the publisher could not
+    store them), no unpaired surrogates (Redis could not take them)."""
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        return strictjson.loads(body)
     except UnicodeDecodeError:
         _bad("malformed_json", "the body is not UTF-8")
     except RecursionError:

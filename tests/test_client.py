@@ -350,6 +350,48 @@ async def test_pings_are_answered_and_gaps_applied() -> None:
             await col.stop()
 
 
+async def test_a_recovery_reply_and_its_replay_in_one_frame_are_applied_in_order() -> None:
+    """The edge packs a recovering subscribe's reply and replay into frames (the reply
+    first, sharing the first frame): the client keeps its position and applies every
+    replayed publication, across frames, exactly once."""
+    connections: list[dict[str, Any]] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        msg = json.loads(await ws.recv())
+        await ws.send(json.dumps({"type": "connected", "id": msg["id"], "client": "x-1",
+                                  "version": 1, "ping_interval": 25, "pong_timeout": 10}))
+        sub: dict[str, Any] = json.loads(await ws.recv())
+        connections.append(sub)
+        pub = [{"type": "pub", "channel": "account.A.orders", "offset": o, "data": o}
+               for o in range(9)]
+        if len(connections) == 1:
+            await ws.send(json.dumps([
+                {"type": "subscribed", "id": sub["id"], "channel": "account.A.orders",
+                 "epoch": "e1", "offset": 2, "recovered": False, "delivery": "all"},
+                pub[3],
+            ]))
+            await ws.close(1012)
+            return
+        await ws.send(json.dumps([
+            {"type": "subscribed", "id": sub["id"], "channel": "account.A.orders",
+             "epoch": "e1", "offset": 6, "recovered": True, "delivery": "all"},
+            pub[4], pub[5],
+        ]))
+        await ws.send(json.dumps([pub[6], pub[7]]))
+        await ws.send(json.dumps(pub[8]))
+        await ws.wait_closed()
+
+    async with websockets.serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with FanoutClient(f"ws://127.0.0.1:{port}/ws", backoff=fast_backoff()) as client:
+            col = Collector(client.subscribe("account.A.orders"))
+            await col.wait_for(lambda: len(col.pubs()) == 6)
+            assert [p.offset for p in col.pubs()] == [3, 4, 5, 6, 7, 8]
+            assert connections[1]["recover"] == {"offset": 3, "epoch": "e1"}
+            assert client.counters.recovered == 1 and client.counters.duplicates == 0
+            await col.stop()
+
+
 @pytest.mark.integration
 async def test_not_recovered_after_history_lost_while_away(
     edge, publisher: Publisher, redis_server

@@ -296,6 +296,7 @@ def test_key_ring() -> None:
         (b"", "malformed_json"),
         (b'{"channel": "trades.ES", "data": NaN}', "malformed_json"),
         (b'{"channel": "trades.ES", "data": "\xff"}', "malformed_json"),
+        (b'{"channel": "trades.ES", "data": "\\ud800"}', "malformed_json"),
         (b"[" * 2000 + b"]" * 2000, "malformed_json"),
         (b'["trades.ES", 1]', "bad_request"),
         (b'{"channel": "trades.ES"}', "bad_request"),
@@ -309,8 +310,8 @@ def test_key_ring() -> None:
         (b'{"channel": "trades.ES", "data": 1, "key": "a\\nb"}', "bad_key"),
         (b'{"channel": "trades.ES", "data": 1, "key": 7}', "bad_key"),
     ],
-    ids=["truncated", "empty", "nan", "not-utf8", "deep", "array", "no-data", "no-channel",
-         "unknown-field", "id-not-string", "id-too-long", "delete-not-bool",
+    ids=["truncated", "empty", "nan", "not-utf8", "lone-surrogate", "deep", "array", "no-data",
+         "no-channel", "unknown-field", "id-not-string", "id-too-long", "delete-not-bool",
          "if-changed-not-bool", "if-changed-null", "key-control-char", "key-not-string"],
 )
 async def test_malformed_or_misshapen_body_is_400(

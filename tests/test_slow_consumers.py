@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 
-from common.embedded import free_port, stop_process
+from common.embedded import free_port
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
-from tests.httpwait import wait_http_ok
+from tests.edgeproc import EdgeProcess
+from tests.edgeproc import edge_process as edge_process_
 from tests.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
@@ -60,57 +60,22 @@ class EdgeGauges:
         )
 
 
-@dataclass
-class EdgeProcess:
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def rss_kib(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-        raise AssertionError("no VmRSS")
-
-    async def metrics(self) -> str:
-        async with httpx.AsyncClient(timeout=DEADLINE) as http:
-            return (await http.get(f"http://127.0.0.1:{self.port}/metrics")).text
-
-    async def gauges(self) -> EdgeGauges:
-        return EdgeGauges.parse(await self.metrics())
+async def gauges(edge: EdgeProcess) -> EdgeGauges:
+    return EdgeGauges.parse(await edge.metrics())
 
 
 @pytest.fixture
 async def edge_process(redis_server, key_prefix: str) -> AsyncIterator[EdgeProcess]:
-    port = free_port()
-    env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
-           "FANOUT_LOG_LEVEL": "warning",
-           # No application pings: a frozen client cannot answer one, and would be closed
-           # for no_pong (5 s after a ping 2.5-5 s in) instead of by its queue's policy
-           # whenever the machine is slow enough for a test to last that long.
-           "FANOUT_PING_INTERVAL": "86400",
-           # Hundreds of clients from 127.0.0.1: no per-address limit.
-           "FANOUT_MAX_CONNECTIONS_PER_IP": "0"}
-    cpus = sorted(os.sched_getaffinity(0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "edge", "--port", str(port)], env=env,
-        # The edge on a core of its own, the clients on the others.
-        preexec_fn=(lambda: os.sched_setaffinity(0, {cpus[0]})) if len(cpus) > 1 else None,
-    )
-    if len(cpus) > 1:
-        os.sched_setaffinity(0, set(cpus[1:]))
-    edge = EdgeProcess(proc, port)
-    try:
-        async with httpx.AsyncClient(timeout=2) as http:
-            await wait_http_ok(http, f"http://127.0.0.1:{port}/readyz", proc=proc)
+    async with edge_process_(
+        redis_server.url, key_prefix, pin=True, FANOUT_LOG_LEVEL="warning",
+        # No application pings: a frozen client cannot answer one, and would be closed
+        # for no_pong (5 s after a ping 2.5-5 s in) instead of by its queue's policy
+        # whenever the machine is slow enough for a test to last that long.
+        FANOUT_PING_INTERVAL="86400",
+        # Hundreds of clients from 127.0.0.1: no per-address limit.
+        FANOUT_MAX_CONNECTIONS_PER_IP="0",
+    ) as edge:
         yield edge
-    finally:
-        os.sched_setaffinity(0, set(cpus))
-        stop_process(proc)
 
 
 async def frozen_client(url: str) -> ProtoClient:
@@ -188,7 +153,7 @@ async def test_frozen_client_does_not_delay_others(
     for c in readers:
         await c.subscribe(small)
     clients = 1 + len(neighbours) + len(readers)
-    start = await edge_process.gauges()
+    start = await gauges(edge_process)
     assert (start.connections, start.queue_bytes, start.disconnects) == (clients, 0, {})
     rss_before = edge_process.rss_kib()
 
@@ -210,7 +175,7 @@ async def test_frozen_client_does_not_delay_others(
                 "frozen client holds the others back")
         await caught_up(neighbours, big, last[big], what)
         await caught_up(readers, small, last[small], what)
-        end = await edge_process.gauges()
+        end = await gauges(edge_process)
         if end.disconnects:
             break
         # The others got everything, so what the edge holds is the frozen client's: bounded.

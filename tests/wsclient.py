@@ -37,6 +37,8 @@ class ProtoClient:
         self.binary = binary
         self.ids = itertools.count(1)
         self.messages: list[dict[str, Any]] = []
+        # Per frame received: (index in `messages` of its first message, messages, bytes).
+        self.frames: list[tuple[int, int, int]] = []
         self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.offsets: dict[str, list[int]] = {}
         self.positions: dict[str, tuple[int, str]] = {}
@@ -86,7 +88,10 @@ class ProtoClient:
         try:
             async for raw in self.ws:
                 msg = msgpack.unpackb(raw) if isinstance(raw, bytes) else json.loads(raw)
-                for m in msg if isinstance(msg, list) else [msg]:
+                items = msg if isinstance(msg, list) else [msg]
+                size = len(raw.encode() if isinstance(raw, str) else raw)
+                self.frames.append((len(self.messages), len(items), size))
+                for m in items:
                     self._on_message(m)
         except websockets.ConnectionClosed:
             pass

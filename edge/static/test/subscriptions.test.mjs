@@ -372,6 +372,19 @@ describe("coalesced frames", () => {
     assert.equal(h.client.counters.gaps, 0);
   });
 
+  test("a long replay: the reply and its first pubs in one array, the rest in more arrays", (t) => {
+    const h = live(t);
+    const ws = reconnect(t, h);
+    const pubs = Array.from({ length: 1200 }, (_, i) => pub(CH, 11 + i));
+    ws.frame([subscribedReply(ws, CH, { epoch: "e1", offset: 1210, recovered: true, delivery: "all" }), ...pubs.slice(0, 499)]);
+    ws.frame(pubs.slice(499, 999));
+    ws.frame(pubs.slice(999));
+    ws.frame(pub(CH, 1211)); // live, after the replay
+    assert.deepEqual(h.rec.offsets(), Array.from({ length: 1201 }, (_, i) => 11 + i));
+    assert.equal(h.client.counters.gaps, 0);
+    assert.deepEqual(h.handle.position(), { offset: 1211, epoch: "e1" });
+  });
+
   test("a fresh subscribe reply and the live pubs after it in one array", (t) => {
     t.mock.timers.enable({ apis: ["setTimeout"] });
     const h = makeClient("ws://a/ws");

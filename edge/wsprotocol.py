@@ -1,0 +1,115 @@
+"""uvicorn's websockets-sansio protocol, with two faults of its own fixed for the edge.
+
+1. **Failing a connection loses the close frame.** When websockets' parser refuses what a
+   client sent (a frame over ``max_message_size``: 1009; broken framing, a bad opcode, an
+   unmasked frame: 1002), uvicorn writes the close frame and closes the socket at once.
+   If the client's data is still arriving (the rest of a 200 KB frame, or frames sent right
+   after it), the socket is closed with unread data in its receive buffer, and the kernel
+   answers with a TCP reset instead of a FIN (RFC 1122 4.2.2.13). A client that gets the
+   reset before it has read the close frame loses it and sees 1006, not 1009. Here, as
+   RFC 6455 7.1.7 and websockets itself do it: write the close frame, half-close (FIN),
+   and keep reading (websockets discards it) until the client closes its side, or
+   ``close_timeout`` (10 s) passes.
+
+   Frames parsed together with the one that failed the connection get nothing more (a
+   ping's pong would follow the end of data), and the application's sends after it end
+   as for a lost connection, not with uvicorn's RuntimeError. Pings are not answered on a
+   connection already lost either (a burst of them made asyncio log a warning each).
+
+2. **A text frame that is not UTF-8** made uvicorn log a ``UnicodeDecodeError`` traceback
+   (``logger.exception``) for every such frame, and close with 1007. It is an undecodable
+   frame like any other (docs/protocol.md): close with 3500 ``malformed frame``, logged at
+   debug level, no traceback; the client gets the close frame as in 1.
+
+`RawWebSocket` (edge/wire.py) works on this protocol as on uvicorn's: it is a subclass.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from common.errors import CloseCode
+
+log = logging.getLogger("fanout.edge.ws")
+
+INVALID_UTF8_REASON = "malformed frame: text is not UTF-8"
+FAILED = "fanout.failed"  # in a disconnect event: the server failed the connection, not the peer
+
+
+class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
+    _failed = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # websockets keeps the parser's exception, whose traceback holds the parser and so
+        # the connection's state: a reference cycle that would wait for a full collection.
+        if self.conn.parser_exc is not None:
+            self.conn.parser_exc.__traceback__ = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._failed:
+            # Read on until the client's EOF, so that closing never resets the connection;
+            # websockets discards it all (RFC 6455 7.1.7: no more processing).
+            self.conn.receive_data(data)
+            return
+        super().data_received(data)
+
+    def handle_ping(self) -> None:
+        # No pong after the end of data (a ping parsed with the frame that failed the
+        # connection), nor after the connection was lost: a batch of pings from a client
+        # that reset the connection made asyncio log "socket.send() raised exception".
+        if self._failed or self.transport.is_closing():
+            return
+        super().handle_ping()
+
+    async def send(self, message: Any) -> None:
+        if self._failed and message["type"] == "websocket.send":
+            raise ClientDisconnected()  # as for a connection lost (uvicorn: a RuntimeError)
+        await super().send(message)
+
+    def handle_parser_exception(self) -> None:
+        """websockets refused a frame and queued its close frame (1009, 1002, ...)."""
+        self._fail_connection()
+
+    def send_receive_event_to_app(self) -> None:
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+            try:
+                text = data.decode()
+            except UnicodeDecodeError:
+                self.frames = []
+                log.debug("text frame is not UTF-8 client=%s", self.client)
+                self.conn.fail(int(CloseCode.BAD_REQUEST), INVALID_UTF8_REASON)
+                self._fail_connection()
+                return
+            self.frames = []
+            self.queue.put_nowait({"type": "websocket.receive", "text": text})
+            if not self.read_paused:
+                self.read_paused = True
+                self.transport.pause_reading()
+            return
+        super().send_receive_event_to_app()
+
+    def _fail_connection(self) -> None:
+        close = self.conn.close_sent
+        code, reason = (close.code, close.reason) if close is not None else (1006, "")
+        event: Any = {"type": "websocket.disconnect", "code": code, "reason": reason, FAILED: True}
+        self.queue.put_nowait(event)
+        self.close_sent = True
+        self._failed = True
+        self.stop_keepalive()
+        transport = self.transport
+        for chunk in self.conn.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            elif transport.can_write_eof():  # websockets' end of data: half-close
+                transport.write_eof()
+        if self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(self.close_timeout, transport.close)
