@@ -702,6 +702,40 @@ FROZEN_RCVBUF = 4096  # a frozen client's SO_RCVBUF: its kernel buffers fill soo
 FILL_ROUNDS = 2_000  # most fill rounds (~200 MB) before giving up
 
 
+DELIVERY = "fanout_edge_delivery_latency_seconds_bucket"
+
+
+async def delivery_buckets(edge: EdgeProcess) -> dict[float, float]:
+    """The edge's delivery-latency histogram, all namespaces together: le -> count."""
+    status, text = await asyncio.to_thread(http_get, edge.url("/metrics"))
+    if status != 200:
+        raise RuntimeError(f"edge /metrics: HTTP {status}")
+    buckets: dict[float, float] = {}
+    for sample, value in parse_metrics(text, DELIVERY):
+        le = float(re.search(r'le="([^"]+)"', sample).group(1))  # type: ignore[union-attr]
+        buckets[le] = buckets.get(le, 0.0) + value
+    return buckets
+
+
+def histogram_quantile(q: float, before: dict[float, float],
+                       after: dict[float, float]) -> tuple[int, float]:
+    """(observations, q-quantile) of what a cumulative histogram gained between two
+    scrapes, interpolated within the bucket as Prometheus' histogram_quantile does."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1] if counts else 0.0
+    if total <= 0:
+        return 0, math.nan
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if math.isinf(bound):
+                return int(total), lower
+            return int(total), lower + (bound - lower) * (rank - below) / max(count - below, 1)
+        lower, below = bound, count
+    return int(total), math.nan
+
+
 async def edge_metrics(edge: EdgeProcess, *names: str) -> list[float]:
     """The edge's current value of each metric (its samples summed over labels; 0 if none)."""
     status, text = await asyncio.to_thread(http_get, edge.url("/metrics"))
@@ -1153,13 +1187,19 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
         ctx = Context(args, publisher, channels, [r.offset for r in results], side, edge.pid,
                       valkey_pid, edge.cpu, bench_cpu)
         phases: list[Phase] = []
+        edge_latency: list[list[object]] = []  # the edge's own histogram, per rate
         why: str | None = None
         frozen = (FrozenClients(args, edge, publisher, channels) if args.frozen else None)
         for rate in args.rates:
             progress(f"rate {rate:g}/s: {args.warmup:g} s warm-up + "
                      f"{args.duration:g} s measured ...")
             if frozen is None:
+                hist0 = await delivery_buckets(edge)
                 batch = [await run_phase(ctx, rate)]
+                hist1 = await delivery_buckets(edge)
+                n, p50 = histogram_quantile(0.5, hist0, hist1)
+                _, p99 = histogram_quantile(0.99, hist0, hist1)
+                edge_latency.append([round(rate), f"{n:,}", ms(p50), ms(p99)])
             else:  # interleaved, the order alternating: without/with, with/without, ...
                 batch = []
                 for run in range(args.frozen_runs):
@@ -1195,6 +1235,15 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
         out.append("")
         out.append(table(CPU_HEADERS, [p.cpu_cells() for p in phases]))
         out.append("")
+        if edge_latency:
+            out.append("The edge's own delivery latency (fanout_edge_delivery_latency_seconds: "
+                       "publish call -> written to every client that keeps up, one observation "
+                       "per message; the whole phase, warm-up and drain included; "
+                       "interpolated within buckets):")
+            out.append("")
+            out.append(table(["publish rate/s", "messages", "edge p50 ms", "edge p99 ms"],
+                             edge_latency))
+            out.append("")
         samples = ", ".join(f"{p.samples:,}" for p in phases)
         out.append(f"latency samples per row: {samples}")
         if side.pid is not None:
