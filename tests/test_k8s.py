@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,26 @@ def by_kind(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 
 def container_env(docs: list[dict[str, Any]], deployment: str) -> dict[str, str]:
-    """The environment a container sees from literal values and its ConfigMaps."""
-    (container,) = by_kind(docs, "Deployment", deployment)["spec"]["template"]["spec"][
-        "containers"]
+    """The environment a container sees from literal values and its ConfigMaps. Files it
+    mounts from ConfigMaps are written to a scratch directory, and the variables that name
+    them point there: the settings are checked against the files the pod would read."""
+    pod = by_kind(docs, "Deployment", deployment)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         name = source["configMapRef"]["name"]
         env.update(by_kind(docs, "ConfigMap", name)["data"])
     env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    scratch = Path(tempfile.mkdtemp(prefix="fanout-k8s-"))
+    for mount in container.get("volumeMounts", []):
+        data = by_kind(docs, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])["data"]
+        where = scratch / mount["mountPath"].lstrip("/")
+        where.mkdir(parents=True)
+        for file, text in data.items():
+            (where / file).write_text(text)
+        env = {k: str(where) + v[len(mount["mountPath"]):]
+               if v.startswith(mount["mountPath"] + "/") else v for k, v in env.items()}
     return env
 
 
@@ -119,3 +132,22 @@ def test_probes_ports_and_grace_agree_with_the_code() -> None:
     assert ic["ports"][0]["containerPort"] == port
     assert {ic["readinessProbe"]["httpGet"]["path"], ic["livenessProbe"]["httpGet"]["path"]} \
         == {"/readyz", "/healthz"}
+
+
+def test_the_namespaces_file_is_mounted_and_is_the_shipped_one() -> None:
+    """Edges and ingest read one namespaces file from the same ConfigMap; the base's copy is
+    the shipped default (an overlay may replace it)."""
+    shipped = Path(__file__).resolve().parent.parent / "common" / "namespaces.toml"
+    assert (K8S / "base" / "namespaces.toml").read_text() == shipped.read_text()
+    docs = render("base")
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"
+             and d["metadata"]["name"].startswith("fanout-namespaces")]
+    assert cm["data"]["namespaces.toml"] == shipped.read_text()
+    for name in ("fanout-edge", "fanout-ingest"):
+        pod = by_kind(docs, "Deployment", name)["spec"]["template"]["spec"]
+        (volume,) = pod["volumes"]
+        assert volume["configMap"]["name"] == cm["metadata"]["name"]
+        (mount,) = pod["containers"][0]["volumeMounts"]
+        path = container_env(docs, name)["FANOUT_NAMESPACES_FILE"]
+        assert path.endswith(f"{mount['mountPath']}/namespaces.toml")
+        assert Path(path).read_text() == shipped.read_text()
