@@ -26,11 +26,16 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every call: `json.loads` with an argument builds a new one (and its
+# scanner, a reference cycle with it) per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def loads(data: str | bytes) -> Any:
     """Decode `data` (text, or UTF-8 bytes) as standard JSON; ValueError if it is not.
     RecursionError for nesting deeper than the interpreter's limit, as `json.loads`."""
     text = data.decode("utf-8") if isinstance(data, bytes) else data
-    obj = json.loads(text, parse_constant=_reject_constant)
+    obj = _DECODER.decode(text)
     if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(obj):
         raise ValueError("a string holds an unpaired surrogate (\\ud800-\\udfff)")
     return obj

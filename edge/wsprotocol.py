@@ -45,10 +45,16 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
-        # websockets keeps the parser's exception, whose traceback holds the parser and so
-        # the connection's state: a reference cycle that would wait for a full collection.
+        # Reference cycles that would keep a closed connection's objects until a full
+        # garbage collection, rare with the edge's thresholds (edge/server.py), instead of
+        # freeing them now: websockets keeps the parser's exception, whose traceback holds
+        # the parser; asyncio's socket transport keeps a bound method of its own (its read
+        # callback), and with it the socket object and buffers, once the connection is lost.
         if self.conn.parser_exc is not None:
             self.conn.parser_exc.__traceback__ = None
+        state = vars(self.transport)
+        if state.get("_read_ready_cb") is not None:
+            state["_read_ready_cb"] = None
 
     def data_received(self, data: bytes) -> None:
         if self._failed:

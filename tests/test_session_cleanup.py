@@ -105,7 +105,9 @@ async def test_an_ended_connection_is_freed_at_once_not_by_the_garbage_collector
                 await asyncio.sleep(0.05)
         gc.collect()
         left = [type(o).__name__ for o in gc.garbage
-                if isinstance(o, Session | EdgeWebSocketProtocol | RawWebSocket | SendQueue)]
+                if isinstance(o, Session | EdgeWebSocketProtocol | RawWebSocket | SendQueue)
+                or (isinstance(o, asyncio.Transport)  # the edge's side of a connection
+                    and (o.get_extra_info("sockname") or ("", 0))[1] == edge.port)]
         assert left == []
     finally:
         gc.set_debug(0)
