@@ -330,6 +330,11 @@ async def wait_ready(edge: EdgeProcess, timeout: float = 30.0) -> None:
 # --- output --------------------------------------------------------------------------------
 
 
+def progress(text: str) -> None:
+    """Progress goes to stderr: stdout is the tables."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table, numbers right-aligned, in Markdown pipe syntax."""
     cells = [[_cell(v) for v in row] for row in rows]

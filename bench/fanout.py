@@ -77,6 +77,7 @@ from _common import (
     environment,
     http_get,
     pin,
+    progress,
     redis_server,
     run_async,
     sigterm_as_interrupt,
@@ -1314,10 +1315,6 @@ def clients_cost(p: Phase) -> float | None:
     if p.clients_cpu is None or p.window_pubs <= 0:
         return None
     return p.clients_cpu / 100 * p.client_window_s / p.window_pubs * 1e9
-
-
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def rates(text: str) -> list[float]:

@@ -44,6 +44,7 @@ from _common import (
     delete_prefix,
     environment,
     pin,
+    progress,
     redis_server,
     run_async,
     sigterm_as_interrupt,
@@ -301,10 +302,6 @@ async def run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProcess
         with contextlib.suppress(Exception):
             await delete_prefix(redis, prefix)
         await redis.aclose()
-
-
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def counts(text: str) -> list[int]:

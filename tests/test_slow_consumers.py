@@ -278,17 +278,10 @@ async def test_dropping_client_is_told_exactly_what_it_missed(
         total = results[-1].offset
     thaw(slow)
 
-    def covered() -> list[int]:
-        seen = list(slow.offsets[channel])
-        for m in slow.messages:
-            if m.get("type") == "gap" and m["channel"] == channel:
-                seen += range(m["from"], m["to"] + 1)
-        return seen
-
-    await slow.wait_for(lambda: len(covered()) >= total, 30)
+    await slow.wait_for(lambda: len(slow.covered(channel)) >= total, 30)
     gaps = [m for m in slow.messages if m.get("type") == "gap"]
     assert gaps, "nothing was dropped: the test did not make the client slow"
-    assert sorted(covered()) == list(range(1, total + 1))  # each offset exactly once
+    assert sorted(slow.covered(channel)) == list(range(1, total + 1))  # each offset exactly once
     # The client can backfill what it missed.
     g = gaps[0]
     epoch = slow.positions[channel][1]

@@ -137,6 +137,15 @@ class ProtoClient:
     async def wait_for(self, cond: Callable[[], bool], timeout: float = 10.0) -> None:
         await wait_until(self.changed, cond, timeout)
 
+    def covered(self, channel: str) -> list[int]:
+        """The offsets of `channel` received, plus those `gap` notices announced dropped,
+        in arrival order: under the drop policy, every offset exactly once."""
+        seen = list(self.offsets.get(channel, []))
+        for m in self.messages:
+            if m.get("type") == "gap" and m["channel"] == channel:
+                seen += range(m["from"], m["to"] + 1)
+        return seen
+
     async def watch_heartbeat(self, interval: float, timeout: float) -> float:
         """Return the moment (monotonic) the server is found silent: no ping within
         interval + timeout. Clients reconnect then; this one just reports it."""
