@@ -87,3 +87,32 @@ async def edge_process(redis_url: str, key_prefix: str, *args: str, pin: bool = 
             os.sched_setaffinity(0, set(cpus))
         stop_process(proc)
         os.unlink(log_path)
+
+
+class IngestProcess:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
+        self.proc = proc
+        self.port = port  # of /metrics, /healthz, /readyz
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def ingest_process(redis_url: str, key_prefix: str = "fanout",
+                         **env: str) -> AsyncIterator[IngestProcess]:
+    """`python -m common.cli ingest` (the simulated feed unless `env` says otherwise) with its
+    ops port on loopback, answering /healthz when the block starts, stopped after."""
+    port = free_port()
+    full_env = {**os.environ, "FANOUT_REDIS_URL": redis_url, "FANOUT_KEY_PREFIX": key_prefix,
+                "FANOUT_LOG_LEVEL": "warning", "FANOUT_INGEST_METRICS_PORT": str(port), **env}
+    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "ingest"], env=full_env,
+                            stdin=subprocess.DEVNULL)
+    ingest = IngestProcess(proc, port)
+    try:
+        async with httpx.AsyncClient(base_url=ingest.http, timeout=2) as http:
+            await wait_http_ok(http, "/healthz", proc=proc)
+        yield ingest
+    finally:
+        stop_process(proc)

@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +24,7 @@ from common.client import FanoutClient, Publication
 from common.embedded import free_port, stop_process
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.edgeproc import EdgeProcess, edge_process
 from tests.httpwait import wait_http_ok
 from tests.test_browser import need
 from tests.test_client import Collector, client_subscribed
@@ -96,15 +95,6 @@ async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
         await client.close()
 
 
-def spawn_edge(redis_url: str, key_prefix: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    env = {**os.environ, "FANOUT_REDIS_URL": redis_url, "FANOUT_KEY_PREFIX": key_prefix,
-           "FANOUT_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "edge", "--port", str(port)],
-                            env=env)
-    return proc, port
-
-
 async def test_edge_killed_behind_haproxy_every_client_resumes_on_its_first_attempt(
     redis_server, key_prefix: str, publisher: Publisher
 ) -> None:
@@ -112,17 +102,23 @@ async def test_edge_killed_behind_haproxy_every_client_resumes_on_its_first_atte
     to the live edge (retries + redispatch) although its checks still see the dead one up,
     so no client gets a 503 and waits out a backoff. Every client's offsets stay contiguous.
     The time each one took to resume is printed (run with -s), not asserted."""
-    edges = [spawn_edge(redis_server.url, key_prefix) for _ in range(2)]
+    async with contextlib.AsyncExitStack() as stack:
+        # HAProxy connects from 127.0.0.1 for all 100 clients: no per-address limit.
+        edges = [await stack.enter_async_context(edge_process(
+            redis_server.url, key_prefix, FANOUT_LOG_LEVEL="warning",
+            FANOUT_MAX_CONNECTIONS_PER_IP="0")) for _ in range(2)]
+        await _kill_one_behind_haproxy(edges, publisher)
+
+
+async def _kill_one_behind_haproxy(edges: list[EdgeProcess], publisher: Publisher) -> None:
     proxy: subprocess.Popen[bytes] | None = None
     clients: list[FanoutClient] = []
     readers: list[Collector] = []
     stop = asyncio.Event()
     pub: asyncio.Task[None] | None = None
     try:
+        proxy, www = await start_haproxy([e.port for e in edges])
         async with httpx.AsyncClient(timeout=2) as http:
-            for proc, port in edges:
-                await wait_http_ok(http, f"http://127.0.0.1:{port}/readyz", proc=proc)
-            proxy, www = await start_haproxy([port for _, port in edges])
             await wait_http_ok(http, f"http://127.0.0.1:{www}/readyz", proc=proxy)
         channels = [f"account.K{i}.orders" for i in range(10)]
         for i in range(100):
@@ -150,7 +146,7 @@ async def test_edge_killed_behind_haproxy_every_client_resumes_on_its_first_atte
         for reader in readers:
             await reader.wait_for(lambda r=reader: len(r.pubs()) >= 5, 30)
 
-        victim = edges[0][0]
+        victim = edges[0].proc
         killed_at = time.monotonic()
         victim.kill()
         victim.wait(10)
@@ -196,8 +192,6 @@ async def test_edge_killed_behind_haproxy_every_client_resumes_on_its_first_atte
             await client.close()
         if proxy is not None:
             stop_process(proxy)
-        for proc, _ in edges:
-            stop_process(proc)
 
 
 async def test_edges_count_the_clients_haproxy_forwards_for(edge_factory) -> None:

@@ -5,18 +5,19 @@ ingest worker really export."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from common.embedded import free_port, stop_process
+from tests.edgeproc import ingest_process
 from tests.httpwait import wait_http_ok
 from tests.test_browser import need
 
@@ -60,19 +61,17 @@ def exported(text: str) -> set[str]:
 async def test_every_metric_the_rules_name_is_exported(edge, redis_server, key_prefix) -> None:
     wanted = set(METRIC.findall((PROMETHEUS / "rules.yml").read_text()))
     assert wanted, "no fanout metric in rules.yml?"
-    port = free_port()
-    env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
-           "FANOUT_INGEST_METRICS_PORT": str(port), "FANOUT_LOG_LEVEL": "warning"}
-    ingest = subprocess.Popen([sys.executable, "-m", "common.cli", "ingest"], env=env)
-    try:
-        async with httpx.AsyncClient(timeout=5) as http:
-            url = f"http://127.0.0.1:{port}/metrics"
-            await wait_http_ok(http, url, proc=ingest)
-            names = exported((await http.get(url)).text)
-            names |= exported((await http.get(f"{edge.http}/metrics")).text)
-    finally:
-        stop_process(ingest)
+    async with ingest_process(redis_server.url, key_prefix) as ingest, \
+            httpx.AsyncClient(timeout=5) as http:
+        names = exported((await http.get(f"{ingest.http}/metrics")).text)
+        names |= exported((await http.get(f"{edge.http}/metrics")).text)
     assert wanted <= names, f"not exported: {sorted(wanted - names)}"
+
+
+@pytest.fixture
+async def exit_stack() -> AsyncIterator[contextlib.AsyncExitStack]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield stack
 
 
 DASHBOARD = PROMETHEUS.parent / "grafana" / "dashboards" / "fanout.json"
@@ -102,7 +101,7 @@ def test_dashboard_is_importable_anywhere() -> None:
 
 
 async def test_every_dashboard_and_alert_metric_reaches_a_real_prometheus(
-    edge, redis_server, key_prefix: str, tmp_path: Path
+    edge, redis_server, key_prefix: str, tmp_path: Path, exit_stack: contextlib.AsyncExitStack
 ) -> None:
     """A real Prometheus scrapes a running edge and ingest worker; every metric a dashboard
     panel or an alert queries must be known to it (as a series, or as a metric family
@@ -111,16 +110,14 @@ async def test_every_dashboard_and_alert_metric_reaches_a_real_prometheus(
     wanted = dashboard_metrics()
     for name in METRIC.findall((PROMETHEUS / "rules.yml").read_text()):
         wanted.setdefault(name, set()).add("rules.yml")
-    ingest_port, prom_port = free_port(), free_port()
-    jobs = {"fanout-edge": edge.port, "fanout-ingest": ingest_port}
+    prom_port = free_port()
+    ingest = await exit_stack.enter_async_context(ingest_process(redis_server.url, key_prefix))
+    jobs = {"fanout-edge": edge.port, "fanout-ingest": ingest.port}
     (tmp_path / "prometheus.yml").write_text(json.dumps({  # JSON is YAML
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
         "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{p}"]}]}
                            for job, p in jobs.items()],
     }))
-    env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
-           "FANOUT_INGEST_METRICS_PORT": str(ingest_port), "FANOUT_LOG_LEVEL": "warning"}
-    ingest = subprocess.Popen([sys.executable, "-m", "common.cli", "ingest"], env=env)
     prom = subprocess.Popen(
         [binary, f"--config.file={tmp_path / 'prometheus.yml'}",
          f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{prom_port}",
@@ -150,5 +147,4 @@ async def test_every_dashboard_and_alert_metric_reaches_a_real_prometheus(
                        if name not in await known()}
     finally:
         stop_process(prom)
-        stop_process(ingest)
     assert not missing, f"queried but never exported: {missing}"
