@@ -92,9 +92,10 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from common.channels import parse_channel
 from common.errors import BadChannel
-from common.keys import Keys
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 
@@ -1172,7 +1173,7 @@ async def _run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProces
     redis = Redis.from_url(url, decode_responses=True, socket_timeout=10.0,
                            socket_connect_timeout=5.0)
     try:
-        publisher = Publisher(redis, Keys(prefix))
+        publisher = Publisher(RedisBroker(redis, Keys(prefix)))
         channels = channel_names(args)
         results = await publisher.publish_batch(  # the channels exist
             [message(channel, time.time(), 0) for channel in channels]

@@ -37,7 +37,8 @@ from _common import (
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from common.keys import Keys
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from ingest.publisher import Publisher
 from ingest.sim import SimulatedFeed
 from ingest.upstream import UpstreamMessage
@@ -115,7 +116,7 @@ async def run_worker(url: str, valkey_pid: int | None, messages: int, batch: int
     prefix = bench_prefix("publish")
     try:
         registry = CollectorRegistry()
-        worker = Worker(new_feed(messages, seed), Publisher(redis, Keys(prefix)), log,
+        worker = Worker(new_feed(messages, seed), Publisher(RedisBroker(redis, Keys(prefix))), log,
                         IngestMetrics(registry), batch_size=batch)
         await redis.ping()  # connect before the clock starts
         meters = Meters(valkey_pid)
@@ -164,7 +165,7 @@ async def run_raw(url: str, valkey_pid: int | None, messages: int, batch: int,
                            socket_connect_timeout=5.0)
     prefix = bench_prefix("publish")
     try:
-        publisher = Publisher(redis, Keys(prefix))
+        publisher = Publisher(RedisBroker(redis, Keys(prefix)))
         await redis.ping()
         meters = Meters(valkey_pid)
         started = time.perf_counter()

@@ -58,10 +58,11 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from common.channels import parse_channel
 from common.config import DEFAULT_HISTORY, HistoryPolicy
 from common.errors import BadChannel
-from common.keys import Keys
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 
@@ -259,7 +260,7 @@ async def run(args: argparse.Namespace, url: str, prefix: str, edge: EdgeProcess
         history = dict(DEFAULT_HISTORY)
         namespace = parse_channel(args.channel).namespace
         history[namespace] = HistoryPolicy(most + PUBLISH_BATCH, 3_600.0)
-        publisher = Publisher(redis, Keys(prefix), history=history)
+        publisher = Publisher(RedisBroker(redis, Keys(prefix)), history=history)
         progress(f"publishing {most:,} messages to {args.channel} ...")
         top = 0
         for i in range(0, most, PUBLISH_BATCH):

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from common.broker.keys import DEFAULT_PREFIX
 from common.channels import active_namespaces
 from common.errors import ConfigError
-from common.keys import DEFAULT_PREFIX
 from common.namespaces import DEFAULT as DEFAULT_NAMESPACES
 from common.namespaces import activate, load_namespaces
 
@@ -142,7 +142,7 @@ class RedisSettings:
     # client subscribes before its first publish).
     meta_ttl: int = 30 * 86_400
     # Connections of a process's command client (pub/sub has its own); requests beyond
-    # wait for a free one (common/redisclient.py).
+    # wait for a free one (common/broker/client.py).
     max_connections: int = 64
 
     def __repr__(self) -> str:

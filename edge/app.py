@@ -16,7 +16,6 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -25,12 +24,12 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from common.broker import Broker
+from common.broker.redisbroker import RedisBroker
 from common.config import EdgeConfig, redact_url
 from common.errors import CloseCode, Disconnect
-from common.keys import Keys
 from common.namespaces import use_file
 from common.protocol import SUBPROTOCOLS, Codec
-from common.redisclient import redis_client
 from edge.admission import Admission
 from edge.hub import Hub
 from edge.session import Session
@@ -43,9 +42,12 @@ WS_PATH = "/ws"
 
 
 class Edge:
-    """Everything one edge node holds: its Redis clients, hub, stats and sessions."""
+    """Everything one edge node holds: its broker, hub, stats and sessions."""
 
-    def __init__(self, config: EdgeConfig, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self, config: EdgeConfig, logger: logging.Logger | None = None,
+        broker: Broker | None = None,
+    ) -> None:
         self.config = config
         self.log = logger or logging.getLogger("fanout.edge")
         self.node_id = config.node_id or os.urandom(4).hex()
@@ -55,7 +57,9 @@ class Edge:
         # None: no key configured, no authentication. ConfigError for settings that do not
         # fit together (the command checks them first; this covers an app built directly).
         self.verifier = TokenVerifier.from_config(config, self.stats, self.log.getChild("jwks"))
-        self.redis: Redis | None = None
+        # None: a Redis broker of its own, made by `start` (and closed by `stop`).
+        self.broker: Broker | None = broker
+        self._own_broker = broker is None
         self.hub: Hub | None = None
         self.sessions: dict[Session, asyncio.Task[object]] = {}
         self.admission = Admission(config, self.stats, self.log.getChild("admission"))
@@ -72,19 +76,13 @@ class Edge:
         else:
             await self.verifier.start()
         self.admission.warn_at_start()
-        self.redis = redis_client(
-            self.config.redis, decode_responses=True, socket_timeout=5.0,
-            socket_connect_timeout=5.0, health_check_interval=0,
-        )
-        # Pub/sub gets a connection of its own, with no read timeout of its own: it blocks
-        # in reads by design (get_message passes its own timeout).
-        pubsub_client: Redis = Redis.from_url(
-            url, decode_responses=True, socket_connect_timeout=5.0, socket_keepalive=True
-        )
-        self._pubsub_client = pubsub_client
+        if self.broker is None:
+            self.broker = RedisBroker.from_settings(
+                self.config.redis, socket_timeout=5.0, live=True,
+                logger=self.log.getChild("broker"),
+            )
         self.hub = Hub(
-            self.redis, pubsub_client.pubsub, Keys(self.config.redis.key_prefix), self.stats,
-            self.log.getChild("hub"), node_id=self.node_id,
+            self.broker, self.stats, self.log.getChild("hub"), node_id=self.node_id,
             recovery_limit=self.config.recovery_limit,
             # What a subscribe creates lives this long until a publish refreshes it.
             meta_ttl=min(self.config.redis.meta_ttl, self.config.unpublished_ttl),
@@ -121,9 +119,8 @@ class Edge:
             await self.verifier.stop()
         if self.hub is not None:
             await self.hub.close()
-        if self.redis is not None:
-            await self.redis.aclose()
-            await self._pubsub_client.aclose()
+        if self.broker is not None and self._own_broker:
+            await self.broker.close()
 
     # --- endpoints -----------------------------------------------------------------------
 
@@ -159,9 +156,9 @@ class Edge:
 
     async def readyz(self, request: Request) -> Response:
         redis_ok = False
-        if self.redis is not None:
+        if self.broker is not None:
             with contextlib.suppress(Exception):
-                redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 1.0))
+                redis_ok = bool(await asyncio.wait_for(self.broker.ping(), 1.0))
         live_ok = self.hub is not None and self.hub.ready
         # Keys to verify tokens with: false only while a JWKS has not been loaded yet.
         auth_ok = self.verifier is None or self.verifier.ready

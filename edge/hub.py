@@ -1,4 +1,4 @@
-"""The node-wide hub: one Redis subscription per channel, shared by all local subscribers.
+"""The node-wide hub: one broker subscription per channel, shared by all local subscribers.
 
 Ordering guarantees live here. For each channel the hub keeps `last`, the offset up to
 which it has dispatched every message, so what it hands to subscribers is gapless:
@@ -7,8 +7,11 @@ which it has dispatched every message, so what it hands to subscribers is gaples
   the stream (a *fill*), holding later live messages back until the fill is done;
 * a message of another epoch, or a gap the stream no longer covers, makes it *resync* every
   subscriber of the channel from the snapshot;
-* after the pub/sub connection was lost, each channel is filled from the stream, since
-  Redis pub/sub drops whatever was published while nobody listened.
+* after the live connection was lost, each channel is filled from the stream, since
+  pub/sub drops whatever was published while nobody listened.
+
+The message store is reached only through the broker (common/broker/): history reads, the
+live connection and its liveness probe.
 
 A client joining a channel is first registered as *pending* (live messages are buffered
 for it), then the history after its position is read, and the two are merged by offset
@@ -20,29 +23,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
-
 from common import protocol
-from common.aio import raise_if_cancelling, wait_event
+from common.aio import raise_if_cancelling
+from common.broker import Broker, BrokerUnavailable, HistoryResult, Live, Publication, SnapshotWant
 from common.channels import Channel, SnapshotMode
 from common.errors import CloseCode, Disconnect, Unavailable
-from common.keys import Keys
 from common.protocol import Codec, Frame, Position
-from common.scripts import register
 from edge.sendqueue import Policy, coalesce
 from edge.stats import EdgeStats
 from edge.wire import encode_frame
-
-# Most history entries history.lua returns itself; more are read with a plain XRANGE.
-INLINE_HISTORY = 100
 
 
 class Subscriber(Protocol):
@@ -69,41 +62,6 @@ class Subscriber(Protocol):
         ...
 
     def fail(self, exc: Disconnect) -> None: ...
-
-
-class Publication:
-    """A live or historical message of one channel, encoded for clients at most once per
-    codec however many clients receive it."""
-
-    __slots__ = ("_json", "_msgpack", "channel", "data", "deleted", "epoch", "key", "offset",
-                 "received")
-
-    def __init__(
-        self, channel: str, epoch: str, offset: int, key: str, data: str, deleted: bool = False,
-        received: float = 0.0,
-    ) -> None:
-        self.channel = channel
-        self.epoch = epoch
-        self.offset = offset
-        self.key = key
-        self.data = data
-        self.deleted = deleted
-        self.received = received  # upstream receive time (wall clock, s) of a live one; 0
-        self._json: str | None = None
-        self._msgpack: bytes | None = None
-
-    def frame(self, codec: Codec) -> Frame:
-        if codec is Codec.JSON:
-            if self._json is None:
-                self._json = protocol.pub_json(
-                    self.channel, self.offset, self.key, self.data, self.deleted
-                )
-            return self._json
-        if self._msgpack is None:
-            self._msgpack = protocol.pub_msgpack(
-                self.channel, self.offset, self.key, self.data, self.deleted
-            )
-        return self._msgpack
 
 
 class Batch:
@@ -220,16 +178,6 @@ class Subscription:
 
 
 @dataclass(frozen=True, slots=True)
-class HistoryResult:
-    epoch: str
-    top: int
-    first: int
-    recoverable: bool
-    entries: list[Publication]
-    snapshot: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
 class Joined:
     """The outcome of a subscribe: what to reply, and what follows the reply."""
 
@@ -271,9 +219,7 @@ class ChannelState:
 class Hub:
     def __init__(
         self,
-        redis: Redis,
-        pubsub_factory: Callable[[], PubSub],
-        keys: Keys,
+        broker: Broker,
         stats: EdgeStats,
         logger: logging.Logger,
         *,
@@ -285,16 +231,8 @@ class Hub:
         probe_timeout: float = 3.0,
         max_frame_bytes: int = 65_536,
         max_frame_messages: int = 1_000,
-        inline_history: int = INLINE_HISTORY,
     ) -> None:
-        self.redis = redis
-        # The same connections, but XRANGE replies as Redis sent them: redis-py would turn
-        # every entry into a tuple and a dict first (a third of a 10,000-entry read).
-        self._ranges = Redis(connection_pool=redis.connection_pool)
-        self._ranges.set_response_callback("XRANGE", _as_sent)
-        self.inline_history = inline_history
-        self._pubsub_factory = pubsub_factory
-        self.keys = keys
+        self.broker = broker
         self.stats = stats
         self.log = logger
         self.node_id = node_id
@@ -304,17 +242,9 @@ class Hub:
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
         self.channels: dict[str, ChannelState] = {}
-        self._history = register(redis, "history")
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self.live: Live = broker.live(self, node_id)
         self._prober: asyncio.Task[None] | None = None
-        self._probe_channel = keys.probe(node_id)
-        self._probe_seen = asyncio.Event()
-        self._connected = asyncio.Event()
-        self.live_ok = False  # the pub/sub connection answered the last liveness probe
-        self._reconnect = False
-        self._closing = False
-        self._background: set[asyncio.Task[None]] = set()
+        self.live_ok = False  # the live connection answered the last liveness probe
         self.max_frame_bytes = max_frame_bytes
         self.max_frame_messages = max_frame_messages
         self._to_flush: list[ChannelState] = []
@@ -325,28 +255,23 @@ class Hub:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._reader = asyncio.create_task(self._read_loop(), name="hub-reader")
+        await self.live.start()
         self._prober = asyncio.create_task(self._probe_loop(), name="hub-prober")
 
     async def close(self) -> None:
-        self._closing = True
-        for task in (self._reader, self._prober):
-            if task is not None:
-                task.cancel()
+        if self._prober is not None:
+            self._prober.cancel()
         for state in self.channels.values():
             if state.repair is not None:
                 state.repair.cancel()
-        for task in (self._reader, self._prober):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()
+        if self._prober is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._prober
+        await self.live.close()
 
     @property
     def ready(self) -> bool:
-        return self._connected.is_set() and self.live_ok
+        return self.live.connected and self.live_ok
 
     # --- subscribe / unsubscribe ---------------------------------------------------------
 
@@ -373,8 +298,8 @@ class Hub:
         # later subscribe of the channel on this node wait out the timeout.
         state.pending.append(sub)
         try:
-            if created and self._pubsub is not None:
-                await self._redis_subscribe(name)
+            if created:
+                await self.live.subscribe(name)
             # Not `wait_for`, and a cancel that redis-py swallowed raised again (common/aio.py):
             # a subscribe cancelled (its session ending) must never register a subscriber,
             # which nothing would remove again (it held the session and its socket).
@@ -463,103 +388,29 @@ class Hub:
         self.stats.channels = len(self.channels)
         if state.repair is not None:
             state.repair.cancel()
-        if self._pubsub is not None:
-            task = asyncio.create_task(self._redis_unsubscribe(state.name))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _redis_subscribe(self, name: str) -> None:
-        assert self._pubsub is not None
-        try:
-            await self._pubsub.subscribe(self.keys.live(name))
-        except Exception as exc:  # the reader notices the broken connection and resubscribes
-            self.log.warning("redis subscribe failed channel=%s error=%r", name, exc)
-
-    async def _redis_unsubscribe(self, name: str) -> None:
-        if name in self.channels or self._pubsub is None:
-            return  # resubscribed meanwhile
-        with contextlib.suppress(Exception):
-            await self._pubsub.unsubscribe(self.keys.live(name))
+        self.live.unsubscribe(state.name)
 
     # --- history -------------------------------------------------------------------------
 
     async def read_history(
-        self, name: str, since: int, snapshot: str, epoch: str = "",
+        self, name: str, since: int, snapshot: SnapshotWant, epoch: str = "",
         until: int | None = None,
     ) -> HistoryResult:
         """Position, entries after `since` up to `until` (None: the channel's top) if
         `epoch` is current (or ""), and the snapshot when `snapshot` is "1" (always) or "r"
-        (only if not recoverable).
-
-        history.lua returns up to `inline_history` entries itself; more (a client far
-        behind) are read with XRANGE in a second round trip, which costs Redis a fraction
-        of what the same entries cost through Lua. That read is checked against the first
-        (same epoch, exactly the offsets since + 1 ... end); if the channel changed in
-        between (trimmed, or a new epoch), everything is read again at once by the
-        script."""
-        keys = [self.keys.meta(name), self.keys.stream(name), self.keys.snapshot(name)]
-        args: list[str | int] = [
-            since, self.recovery_limit, snapshot, new_epoch(), self.meta_ttl, epoch,
-            self.inline_history, "" if until is None else until,
-        ]
-        result = await self._read_history(name, keys, args)
-        end = result.top if until is None else min(until, result.top)
-        if result.recoverable and end - since > self.inline_history:
-            entries = await self._read_range(name, result.epoch, since, end)
-            if entries is not None:
-                return replace(result, entries=entries)
-            self.log.info("history changed between reads channel=%s: reading again", name)
-            args[6] = ""  # no inline limit: one atomic read
-            result = await self._read_history(name, keys, args)
-        return result
-
-    async def _read_history(
-        self, name: str, keys: list[str], args: list[str | int]
-    ) -> HistoryResult:
-        epoch, top, first, recoverable, flat, snap = await self._history(keys=keys, args=args)
-        entries = [
-            Publication(name, epoch, int(flat[i]), flat[i + 1], flat[i + 3], flat[i + 2] == "1")
-            for i in range(0, len(flat), 4)
-        ]
-        if isinstance(snap, dict):  # RESP3 may already give a map
-            snap_map = dict(snap)
-        else:
-            snap_map = {snap[i]: snap[i + 1] for i in range(0, len(snap), 2)}
-        return HistoryResult(epoch, int(top), int(first), bool(recoverable), entries, snap_map)
-
-    async def _read_range(
-        self, name: str, epoch: str, since: int, end: int
-    ) -> list[Publication] | None:
-        """The entries since + 1 ... end of `epoch`, or None if the stream no longer holds
-        exactly those (trimmed meanwhile, or the channel has another epoch now)."""
-        async with self._ranges.pipeline(transaction=True) as pipe:
-            pipe.hget(self.keys.meta(name), "epoch")
-            pipe.execute_command(
-                "XRANGE", self.keys.stream(name), f"{since + 1}-0", f"{end}-0"
-            )
-            current, rows = await pipe.execute()
-        if current != epoch or len(rows) != end - since:
-            return None
-        entries: list[Publication] = []
-        append = entries.append
-        offset = since
-        for entry_id, fields in rows:  # fields: d <data> k <key> t <ms> x <deleted>
-            offset += 1
-            if entry_id != f"{offset}-0":
-                return None
-            append(Publication(name, epoch, offset, fields[3], fields[1],
-                               len(fields) > 7 and fields[7] == "1"))
-        return entries
+        (only if not recoverable)."""
+        return await self.broker.history(
+            name, since, snapshot, epoch=epoch, until=until, limit=self.recovery_limit,
+            meta_ttl=self.meta_ttl,
+        )
 
     # --- live messages -------------------------------------------------------------------
 
-    def _on_live(self, name: str, payload: str) -> None:
-        state = self.channels.get(name)
+    def on_publication(self, pub: Publication) -> None:
+        """A live message from the broker (the hot path)."""
+        state = self.channels.get(pub.channel)
         if state is None:
             return
-        epoch, offset, deleted, key, received, data = payload.split("\n", 5)
-        pub = Publication(name, epoch, int(offset), key, data, deleted == "1",
-                          int(received) / 1000 if received else 0.0)
         self.stats.live_messages += 1
         if state.repair is not None:
             state.backlog.append(pub)
@@ -658,7 +509,7 @@ class Hub:
                     else:
                         result = await self.read_history(state.name, -1, "1")
                         self._resync(state, result)
-                except (OSError, RedisError, TimeoutError) as exc:
+                except (BrokerUnavailable, OSError, TimeoutError) as exc:
                     self.log.warning("repair failed channel=%s error=%r", state.name, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
@@ -707,49 +558,17 @@ class Hub:
             sub.epoch = result.epoch
             sub.session.resynced(sub, frame)
 
-    # --- the pub/sub connection ----------------------------------------------------------
+    # --- the live connection (LiveListener) ---------------------------------------------
 
-    async def _read_loop(self) -> None:
-        delay = 0.1
-        live_prefix = self.keys.live_prefix()
-        while not self._closing:
-            pubsub = self._pubsub = self._pubsub_factory()
-            self._reconnect = False
-            try:
-                names = list(self.channels)
-                await pubsub.subscribe(self._probe_channel, *(self.keys.live(n) for n in names))
-                self._connected.set()
-                self.log.info("pubsub connected channels=%d", len(names))
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
-                    if self._reconnect:
-                        raise ConnectionError("liveness probe failed")
-                    if msg is None:
-                        continue
-                    delay = 0.1
-                    kind = msg["type"]
-                    ch: str = msg["channel"]
-                    if kind == "message":
-                        if ch.startswith(live_prefix):
-                            self._on_live(self.keys.channel_of_live(ch), msg["data"])
-                        elif ch == self._probe_channel:
-                            self._probe_seen.set()
-                    elif kind == "subscribe" and ch.startswith(live_prefix):
-                        self._on_confirmed(self.keys.channel_of_live(ch))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self._connected.clear()
-                self.live_ok = False
-                self.stats.pubsub_reconnects += 1
-                self.log.warning("pubsub connection lost error=%r retry_in=%.2f", exc, delay)
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-                self._pubsub = None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    def on_connected(self, channels: int) -> None:
+        self.log.info("pubsub connected channels=%d", channels)
 
-    def _on_confirmed(self, name: str) -> None:
+    def on_lost(self, error: BaseException, retry_in: float) -> None:
+        self.live_ok = False
+        self.stats.pubsub_reconnects += 1
+        self.log.warning("pubsub connection lost error=%r retry_in=%.2f", error, retry_in)
+
+    def on_subscribed(self, name: str) -> None:
         state = self.channels.get(name)
         if state is None:
             return
@@ -767,23 +586,13 @@ class Hub:
         """Publish to ourselves and expect it back: catches a half-open pub/sub socket that
         a PING-based health check would miss."""
         while True:
-            await self._connected.wait()
-            self._probe_seen.clear()
+            await self.live.wait_connected()
             try:
-                await self.redis.publish(self._probe_channel, str(time.time()))
-                if not await wait_event(self._probe_seen, self.probe_timeout):
+                self.live_ok = await self.live.probe(self.probe_timeout)
+                if not self.live_ok:
                     raise TimeoutError("probe message not seen")
-                self.live_ok = True
             except Exception as exc:
                 self.live_ok = False
                 self.log.warning("pubsub probe failed error=%r", exc)
-                self._reconnect = True  # the reader reconnects within a second
+                self.live.reconnect()
             await asyncio.sleep(self.probe_interval if self.live_ok else 0.5)
-
-
-def new_epoch() -> str:
-    return os.urandom(6).hex()
-
-
-def _as_sent(response: Any, **options: Any) -> Any:
-    return response

@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from common import protocol
 from common.aio import raise_if_cancelling
 from common.auth import LEEWAY, Claims, TokenError, permits
+from common.broker import Publication
 from common.channels import Channel, parse_channel
 from common.config import EdgeConfig
 from common.errors import (
@@ -36,7 +37,7 @@ from common.errors import (
     Unavailable,
 )
 from common.protocol import Codec, Frame
-from edge.hub import Batch, Hub, Publication, Subscription, Wire
+from edge.hub import Batch, Hub, Subscription, Wire
 from edge.limits import TokenBucket
 from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
 from edge.stats import EdgeStats

@@ -14,12 +14,12 @@ import contextlib
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from common.broker import Broker
 from ingest.feeds import StateCallback
 from ingest.leader import Leader
 
@@ -40,7 +40,7 @@ class UpstreamStates:
 
 
 def create_ops_app(
-    registry: CollectorRegistry, redis: Redis, leader: Leader, feed: str,
+    registry: CollectorRegistry, broker: Broker, leader: Leader, feed: str,
     upstream_states: Callable[[], dict[str, str]],
 ) -> Starlette:
     async def metrics(request: Request) -> Response:
@@ -52,7 +52,7 @@ def create_ops_app(
     async def readyz(request: Request) -> Response:
         redis_ok = False
         with contextlib.suppress(Exception):
-            redis_ok = bool(await asyncio.wait_for(redis.ping(), PING_TIMEOUT))
+            redis_ok = bool(await asyncio.wait_for(broker.ping(), PING_TIMEOUT))
         body = {
             "redis": redis_ok,
             "role": "leader" if leader.is_leader.is_set() else "standby",

@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from common import strictjson
+from common.broker import BrokerUnavailable
 from common.channels import (
     MAX_CHANNEL_LENGTH,
     MAX_KEY_LENGTH,
@@ -57,7 +57,8 @@ Handler = Callable[[Request], Awaitable[Response]]
 class BatchPublisher(Protocol):
     """What the API publishes through: `ingest.publisher.Publisher`, or a wrapper of it
     (one that adds a fencing token, say). Must raise `InvalidMessage` before sending
-    anything for bad input, and `RedisError`/`OSError`/`TimeoutError` when Redis fails."""
+    anything for bad input, and `BrokerUnavailable`/`OSError`/`TimeoutError` when the broker
+    fails."""
 
     async def publish_batch(
         self, messages: Sequence[UpstreamMessage]
@@ -325,7 +326,7 @@ class PublishApi:
                 results = await self.publisher.publish_batch(messages)
         except InvalidMessage as exc:  # parse_message checks what the publisher does
             raise ApiError(400, "bad_request", str(exc)) from None
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (BrokerUnavailable, OSError, TimeoutError) as exc:
             self.log.warning(
                 "api publish failed path=%s key=%d messages=%d error=%r",
                 request.url.path, key_number, len(messages), exc,

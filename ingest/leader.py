@@ -1,7 +1,7 @@
 """Leader election with fencing: one ingest worker per feed holds the upstream and publishes.
 
-Workers of one feed compete for a lease in Redis (`<prefix>:lease:{<feed>}`, set if absent
-with a TTL, by acquire.lua). Each acquisition increments the feed's fence counter
+Workers of one feed compete for a lease in the broker (Redis: `<prefix>:lease:{<feed>}`, set
+if absent with a TTL, by acquire.lua). Each acquisition increments the feed's fence counter
 (`<prefix>:fence:{<feed>}`): the winner's **fencing token** is higher than every earlier
 leader's. The leader renews the lease every ttl/3 (renew.lua: only if it still holds it)
 and publishes with a `Fence`: its token and its lease deadline on the server's clock.
@@ -32,17 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from common.aio import raise_if_cancelling, wait_event
-from common.keys import Keys
-from common.scripts import register
-from ingest.publisher import Fence
+from common.broker import Broker, BrokerUnavailable, Fence
 
 Clock = Callable[[], float]
 
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+BROKER_ERRORS = (BrokerUnavailable, OSError, TimeoutError)
 
 
 class NotLeader(Exception):
@@ -108,8 +104,7 @@ class Leader:
 
     def __init__(
         self,
-        redis: Redis,
-        keys: Keys,
+        broker: Broker,
         feed: str,
         logger: logging.Logger,
         metrics: LeaderMetrics | None = None,
@@ -122,10 +117,8 @@ class Leader:
     ) -> None:
         if not ttl > 0:
             raise ValueError(f"lease ttl must be > 0, got {ttl!r}")
-        self.redis = redis
+        self.broker = broker
         self.feed = feed
-        self.lease_key = keys.lease(feed)
-        self.fence_key = keys.fence(feed)
         self.log = logger
         self.metrics = metrics or LeaderMetrics(CollectorRegistry())
         self.ttl = ttl
@@ -142,9 +135,6 @@ class Leader:
         self.term: Term | None = None
         self._fence_floor = 0
         self._last_holder: str | None = None
-        self._acquire = register(redis, "acquire")
-        self._renew = register(redis, "renew")
-        self._release = register(redis, "release")
 
     # --- what the worker uses ----------------------------------------------------------
 
@@ -199,7 +189,7 @@ class Leader:
             current = self.term
             if current is not None:
                 self._end(current, "shutdown")
-                with contextlib.suppress(*REDIS_ERRORS):
+                with contextlib.suppress(*BROKER_ERRORS):
                     await asyncio.wait_for(self._give_up(current), self.retry_interval)
 
     async def _campaign(self) -> Term:
@@ -207,12 +197,10 @@ class Leader:
         while True:
             sent = self.clock()
             try:
-                raw = await asyncio.wait_for(
-                    self._acquire(keys=[self.lease_key, self.fence_key],
-                                  args=[self.owner, self.ttl_ms]),
-                    self.retry_interval,
+                grant = await asyncio.wait_for(
+                    self.broker.acquire(self.feed, self.owner, self.ttl_ms), self.retry_interval
                 )
-            except REDIS_ERRORS as exc:
+            except BROKER_ERRORS as exc:
                 raise_if_cancelling()
                 failures += 1
                 delay = min(self.retry_interval, 0.05 * 2**min(failures, 10))
@@ -222,7 +210,7 @@ class Leader:
                 continue
             raise_if_cancelling()
             failures = 0
-            token, now_ms, ttl_ms, holder = int(raw[0]), int(raw[1]), int(raw[2]), _text(raw[3])
+            token, now_ms, ttl_ms, holder = grant.token, grant.now_ms, grant.ttl_ms, grant.holder
             if token > 0:
                 term = Term(token, self.owner, sent + self.ttl - self.guard,
                             now_ms + ttl_ms - round(self.guard * 1000))
@@ -249,11 +237,11 @@ class Leader:
                 continue
             sent = self.clock()
             try:
-                raw = await asyncio.wait_for(
-                    self._renew(keys=[self.lease_key], args=[term.holder, self.ttl_ms]),
+                renewal = await asyncio.wait_for(
+                    self.broker.renew(self.feed, term.holder, self.ttl_ms),
                     max(term.valid_until - sent, 0.001),
                 )
-            except REDIS_ERRORS as exc:
+            except BROKER_ERRORS as exc:
                 raise_if_cancelling()
                 self.metrics.renewal_failures.inc()
                 self.log.warning(
@@ -265,15 +253,15 @@ class Leader:
             raise_if_cancelling()
             if term.ended.is_set():
                 return
-            if not int(raw[0]):
+            if not renewal.renewed:
                 self.metrics.renewal_failures.inc()
                 self.log.warning("lease renewal refused feed=%s token=%d holder=%s",
-                                 self.feed, term.token, _text(raw[2]) or "none")
+                                 self.feed, term.token, renewal.holder or "none")
                 self._end(term, "lost")
                 return
             self.metrics.renewals.inc()
             term.valid_until = sent + self.ttl - self.guard
-            term.deadline_ms = int(raw[1]) + self.ttl_ms - round(self.guard * 1000)
+            term.deadline_ms = renewal.now_ms + self.ttl_ms - round(self.guard * 1000)
             next_renewal = sent + self.renew_interval
 
     async def _give_up(self, term: Term) -> None:
@@ -282,15 +270,15 @@ class Leader:
         floor, self._fence_floor = self._fence_floor, 0
         try:
             released = await asyncio.wait_for(
-                self._release(keys=[self.lease_key, self.fence_key], args=[term.holder, floor]),
+                self.broker.release(self.feed, term.holder, floor),
                 self.retry_interval,
             )
-        except REDIS_ERRORS as exc:
+        except BROKER_ERRORS as exc:
             self._fence_floor = max(self._fence_floor, floor)
             self.log.warning("lease release failed feed=%s token=%d error=%r",
                              self.feed, term.token, exc)
             return
-        if int(released):
+        if released:
             self.log.info("lease released feed=%s token=%d", self.feed, term.token)
 
     # --- transitions -------------------------------------------------------------------
@@ -321,9 +309,3 @@ class Leader:
                      self.feed, term.token, reason)
         if self.on_lost is not None:
             self.on_lost(term)
-
-
-def _text(value: str | bytes | int) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    return str(value)

@@ -1,7 +1,8 @@
-"""Publishing through the atomic publish script, pipelined.
+"""Publishing through the broker's atomic publish, pipelined.
 
-One round trip carries up to `batch_size` script calls; Redis runs each atomically and in
-order, so offsets are assigned in the order messages were given. A failed batch can be
+One round trip carries up to `batch_size` messages; the broker (Redis: the publish script)
+runs each atomically and in order, so offsets are assigned in the order messages were
+given. A failed batch can be
 sent again: messages with an upstream id are published once however often they are sent.
 
 A leader publishes with its `Fence` (fencing token and lease deadline, see
@@ -20,18 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
-
+from common.broker import Broker, Fence, PublishRequest, PublishStatus, RebaseStatus
 from common.channels import parse_channel, validate_key
 from common.config import HistoryPolicy, namespace_history
 from common.errors import BadChannel
-from common.keys import Keys
-from common.scripts import register
 from ingest.upstream import UpstreamMessage
 
 MAX_TRACKED_CHANNELS = 100_000  # channels whose last offset a publisher remembers
@@ -39,15 +36,6 @@ MAX_TRACKED_CHANNELS = 100_000  # channels whose last offset a publisher remembe
 
 class InvalidMessage(ValueError):
     """A message that cannot be published: bad channel, key or data."""
-
-
-@dataclass(frozen=True, slots=True)
-class Fence:
-    """What a leader publishes with: its fencing token, and the moment (the Redis server's
-    clock, ms since the epoch) after which its lease may have expired (None = no deadline)."""
-
-    token: int
-    deadline_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,30 +82,24 @@ class FencedOut(Exception):
 class Publisher:
     def __init__(
         self,
-        redis: Redis,
-        keys: Keys | None = None,
+        broker: Broker,
         history: Mapping[str, HistoryPolicy] | None = None,
         meta_ttl: int = 30 * 86_400,
         idempotency_ttl: int = 3_600,
         logger: logging.Logger | None = None,
         on_rebase: Callable[[], None] | None = None,
     ) -> None:
-        self.redis = redis
-        self.keys = keys or Keys()
+        self.broker = broker
         self.history = dict(history or namespace_history())  # FANOUT_HISTORY, or the file's
         self.meta_ttl = meta_ttl
         self.idempotency_ttl = idempotency_ttl
         self.log = logger or logging.getLogger("fanout.publisher")
-        self._script = register(redis, "publish")
-        self._rebase_script = register(redis, "rebase")
         # channel -> (epoch, highest offset this publisher got): how a loss is noticed.
         self._seen: dict[str, tuple[str, int]] = {}
         self.rebased = 0  # channels given a new epoch because their offsets went back
         self._on_rebase = on_rebase  # for a metric
 
-    def _call_args(
-        self, msg: UpstreamMessage, epoch: str, fence: Fence | None = None
-    ) -> tuple[list[str], list[str | int]]:
+    def _request(self, msg: UpstreamMessage) -> PublishRequest:
         try:
             channel = parse_channel(msg.channel)
             key = validate_key(msg.key)
@@ -131,32 +113,20 @@ class Publisher:
         policy = self.history.get(channel.namespace) or HistoryPolicy(
             spec.history_length, spec.history_age
         )
-        name = channel.name
-        keys = [
-            self.keys.meta(name),
-            self.keys.stream(name),
-            self.keys.snapshot(name),
-            self.keys.idempotency(name, msg.msg_id),
-        ]
-        args: list[str | int] = [
-            data, key, msg.msg_id, spec.snapshot, policy.max_length,
-            int(policy.max_age * 1000), self.meta_ttl, self.idempotency_ttl,
-            self.keys.live(name), epoch, "1" if msg.delete else "0",
-            "" if fence is None else fence.token,
-            "" if fence is None or fence.deadline_ms is None else fence.deadline_ms,
-            "1" if msg.if_changed else "0",
+        return PublishRequest(
+            channel.name, data, key, msg.msg_id, str(spec.snapshot), policy.max_length,
+            int(policy.max_age * 1000), msg.delete, msg.if_changed,
             int(msg.received_at * 1000),
-        ]
-        return keys, args
+        )
 
     async def snapshot(self, channel: str) -> dict[str, Any]:
         """A channel's snapshot: key -> latest value (values that are not JSON are left out).
         For upstream adapters resuming what an earlier leader published."""
-        raw = await self.redis.hgetall(self.keys.snapshot(channel))
+        raw = await self.broker.snapshot(channel)
         out: dict[str, Any] = {}
         for key, value in raw.items():
             try:
-                out[_text(key)] = json.loads(value)
+                out[key] = json.loads(value)
             except ValueError:
                 continue
         return out
@@ -170,25 +140,24 @@ class Publisher:
         """Publish in order, in one round trip. Raises InvalidMessage (bad channel, key or
         data) before anything is sent: a batch is never published partially for bad input.
         With a `fence`, raises FencedOut if the script refused any message of the batch."""
-        epoch = os.urandom(6).hex()  # used only by a channel that has no epoch yet
-        calls = [self._call_args(msg, epoch, fence) for msg in messages]
+        requests = [self._request(msg) for msg in messages]
         # What this publisher had got before sending: whatever Redis answers now comes
         # after it, while batches sent concurrently may complete in any order.
         before = {msg.channel: self._seen.get(msg.channel) for msg in messages}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                await self._script(keys=keys, args=args, client=pipe)
-            raw = await pipe.execute()
+        replies = await self.broker.publish(requests, fence, meta_ttl=self.meta_ttl,
+                                            idempotency_ttl=self.idempotency_ttl)
         results: list[PublishResult] = []
         refused: tuple[str, int, str] | None = None
-        for msg, r in zip(messages, raw, strict=True):
-            status = int(r[2])
-            if status in (0, 1, 4):
-                results.append(PublishResult(msg.channel, int(r[0]), _text(r[1]),
-                                             duplicate=status == 1, unchanged=status == 4))
+        for msg, r in zip(messages, replies, strict=True):
+            status = r.status
+            if status in (PublishStatus.PUBLISHED, PublishStatus.DUPLICATE,
+                          PublishStatus.UNCHANGED):
+                results.append(PublishResult(msg.channel, r.offset, r.epoch,
+                                             duplicate=status is PublishStatus.DUPLICATE,
+                                             unchanged=status is PublishStatus.UNCHANGED))
             elif refused is None:
-                if status == 2:
-                    refused = (msg.channel, int(_text(r[1])), "token")
+                if status is PublishStatus.FENCED:
+                    refused = (msg.channel, int(r.epoch), "token")
                 else:
                     refused = (msg.channel, 0, "expired")
         if refused is not None:
@@ -236,18 +205,16 @@ class Publisher:
             r = results[i]
             if r.channel in done:
                 continue
-            new_epoch = os.urandom(6).hex()
-            raw = await self._rebase_script(
-                keys=[self.keys.meta(r.channel), self.keys.stream(r.channel)],
-                args=[r.epoch, new_epoch, "" if fence is None else fence.token,
-                      self.meta_ttl],
+            reply = await self.broker.rebase(
+                r.channel, r.epoch, None if fence is None else fence.token,
+                meta_ttl=self.meta_ttl,
             )
-            epoch, status = _text(raw[0]), int(raw[1])
-            if status == 2:
+            epoch, status = reply.epoch, reply.status
+            if status is RebaseStatus.FENCED:
                 assert fence is not None
                 raise FencedOut(r.channel, fence.token, 0, "token", results)
             done[r.channel] = epoch
-            if status == 0:
+            if status is RebaseStatus.REBASED:
                 self.rebased += 1
                 if self._on_rebase is not None:
                     self._on_rebase()
@@ -255,7 +222,7 @@ class Publisher:
             self.log.error(
                 "offsets went back: Redis lost acknowledged writes channel=%s epoch=%s "
                 "offset=%d seen=%d new_epoch=%s rebased=%s", r.channel, r.epoch, r.offset,
-                seen, epoch, status == 0,
+                seen, epoch, status is RebaseStatus.REBASED,
             )
         again = [i for i in regressed if results[i].published]
         if again:
@@ -263,6 +230,3 @@ class Publisher:
             for i, r in zip(again, republished, strict=True):
                 results[i] = r
 
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -29,19 +29,18 @@ from collections.abc import Generator
 
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from redis.exceptions import RedisError
 from starlette.types import ASGIApp
 
 from common.aio import raise_if_cancelling, stop_tasks, wait_event
 from common.backoff import Backoff
+from common.broker import Broker, BrokerUnavailable, Fence
+from common.broker.redisbroker import RedisBroker
 from common.config import IngestConfig, redact_url
-from common.keys import Keys
 from common.namespaces import use_file
-from common.redisclient import redis_client
 from ingest.feeds import make_upstream, state_metric
 from ingest.health import UpstreamStates, create_ops_app
 from ingest.leader import Leader, LeaderMetrics, NotLeader, Term
-from ingest.publisher import Fence, FencedOut, InvalidMessage, Publisher, PublishResult
+from ingest.publisher import FencedOut, InvalidMessage, Publisher, PublishResult
 from ingest.upstream import Resumable, Upstream, UpstreamMessage
 
 IN_FLIGHT_GRACE = 5.0  # s a publish round trip already sent may take to complete after a term
@@ -193,7 +192,7 @@ class Worker:
             return
         try:
             await self.upstream.resume(self.publisher.snapshot)
-        except (OSError, RedisError, TimeoutError) as exc:
+        except (BrokerUnavailable, OSError, TimeoutError) as exc:
             self.log.warning("upstream resume failed feed=%s error=%r", self.upstream.name, exc)
 
     async def _read(self) -> None:
@@ -255,7 +254,7 @@ class Worker:
                 for msg in batch:
                     await self._publish([msg])
                 return
-            except (OSError, RedisError, TimeoutError) as exc:
+            except (BrokerUnavailable, OSError, TimeoutError) as exc:
                 self.metrics.errors.inc()
                 delay = backoff.next_delay()
                 self.log.warning("publish failed size=%d error=%r retry_in=%.2f",
@@ -292,18 +291,22 @@ class Worker:
 
 
 async def serve(
-    config: IngestConfig, logger: logging.Logger, upstream: Upstream | None = None
+    config: IngestConfig, logger: logging.Logger, upstream: Upstream | None = None,
+    broker: Broker | None = None,
 ) -> None:
     """Run one ingest worker for `config` (and `upstream`, default: the configured feed)
-    until cancelled: standby, or leader of `config.feed_id`."""
+    until cancelled: standby, or leader of `config.feed_id`. `broker`: default, a Redis
+    broker of its own for `config.redis` (closed on the way out)."""
     use_file(config.namespaces_file)  # channel names are parsed with these from now on
-    redis = redis_client(config.redis, decode_responses=True, socket_timeout=10.0,
-                         socket_connect_timeout=5.0)
+    own_broker = broker is None
+    if broker is None:
+        broker = RedisBroker.from_settings(config.redis, socket_timeout=10.0,
+                                           logger=logger.getChild("broker"))
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # process_*: RSS, CPU, open descriptors
     metrics = IngestMetrics(registry)
     publisher = Publisher(
-        redis, Keys(config.redis.key_prefix), config.history, config.redis.meta_ttl,
+        broker, config.history, config.redis.meta_ttl,
         config.idempotency_ttl, logger=logger.getChild("publisher"),
         on_rebase=metrics.rebased.inc,
     )
@@ -311,7 +314,7 @@ async def serve(
     if upstream is None:
         upstream = make_upstream(config, logger, states)
     feed_id = config.feed_id or config.feed
-    leader = Leader(redis, Keys(config.redis.key_prefix), feed_id, logger,
+    leader = Leader(broker, feed_id, logger,
                     LeaderMetrics(registry), ttl=config.lease_ttl)
     logger.info(
         "ingest starting feed=%s feed_id=%s owner=%s lease_ttl=%.2f redis=%s",
@@ -320,7 +323,7 @@ async def serve(
     worker = Worker(upstream, publisher, logger, metrics, config.batch_size, leader=leader)
     servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
     if config.metrics_port:
-        ops = create_ops_app(registry, redis, leader, feed_id, lambda: dict(states.states))
+        ops = create_ops_app(registry, broker, leader, feed_id, lambda: dict(states.states))
         logger.info("ops endpoints host=%s port=%d paths=/metrics,/healthz,/readyz",
                     config.metrics_host, config.metrics_port)
         servers.append(_embedded(ops, config.metrics_host, config.metrics_port, "ingest-ops"))
@@ -339,7 +342,8 @@ async def serve(
             server.should_exit = True
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, 10)
-        await redis.aclose()
+        if own_broker:
+            await broker.close()
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -20,9 +20,10 @@ import pytest
 import uvicorn
 from redis.asyncio import Redis
 
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from common.config import EdgeConfig, RedisSettings
 from common.embedded import EmbeddedValkey
-from common.keys import Keys
 from edge.app import Edge
 from edge.server import uvicorn_config
 from ingest.publisher import Publisher
@@ -71,7 +72,7 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
 
 @pytest.fixture
 async def publisher(redis: Redis, key_prefix: str) -> Publisher:
-    return Publisher(redis, Keys(key_prefix))
+    return Publisher(RedisBroker(redis, Keys(key_prefix)))
 
 
 class EdgeServer:

@@ -23,8 +23,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
+from common.broker.keys import Keys
 from common.config import INGEST_SETTINGS, IngestConfig, build
-from common.keys import Keys
 from ingest.worker import run_worker
 from tests.seqfeed import SequenceFeed
 

@@ -43,8 +43,9 @@ from typing import Any
 import msgpack
 from redis.asyncio import Redis
 
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from common.config import HistoryPolicy
-from common.keys import Keys
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from tests.edgeproc import EdgeProcess, edge_process
@@ -616,7 +617,7 @@ async def run_live_fuzz(
     async with edge_process(redis_url, key_prefix, **env) as edge:
         report.rss_start = report.rss_max = edge.rss_kib()
         redis = Redis.from_url(redis_url, decode_responses=True)
-        publisher = Publisher(redis, Keys(key_prefix))
+        publisher = Publisher(RedisBroker(redis, Keys(key_prefix)))
         publisher.history["account"] = HistoryPolicy(100_000, 3_600.0)
         try:
             await _fuzz(edge, publisher, report, frames, seed, concurrency, progress)

@@ -9,10 +9,11 @@ from collections import deque
 from typing import Any
 
 from common import protocol
+from common.broker import HistoryResult, Publication
 from common.channels import Channel
 from common.errors import Unavailable
 from common.protocol import Frame, Position
-from edge.hub import HistoryResult, Joined, Publication, Subscription
+from edge.hub import Joined, Subscription
 from edge.sendqueue import Policy
 from edge.session import Session
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 
-from common.keys import Keys
+from common.broker.keys import Keys
 from ingest.upstream import UpstreamMessage
 
 

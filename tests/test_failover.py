@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from common.broker.keys import Keys
 from common.embedded import free_port
-from common.keys import Keys
 from ingest.projectx import parse_ts
 from tests.gateway_sim import GatewaySim
 from tests.seqfeed import Rows, channel_of, check_clean, published

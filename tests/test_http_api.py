@@ -16,9 +16,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from common.channels import parse_channel
 from common.errors import BadChannel
-from common.keys import Keys
 from ingest.http_api import (
     CHANNEL_PATTERN,
     KeyRing,
@@ -455,7 +456,7 @@ async def test_redis_down_is_503_without_internals(caplog: pytest.LogCaptureFixt
     redis = Redis.from_url(f"redis://127.0.0.1:{_closed_port()}", socket_connect_timeout=2.0,
                            socket_timeout=2.0)
     try:
-        async with client_for(make_app(Publisher(redis))) as client:
+        async with client_for(make_app(Publisher(RedisBroker(redis)))) as client:
             r = await post(client, "/api/publish", {"channel": "trades.ES", "data": 1})
     finally:
         await redis.aclose()

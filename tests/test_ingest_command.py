@@ -15,10 +15,10 @@ import pytest
 import websockets
 from redis.asyncio import Redis
 
+from common.broker.keys import Keys
 from common.config import INGEST_SETTINGS, IngestConfig, build, check_ingest
 from common.embedded import free_port
 from common.errors import ConfigError
-from common.keys import Keys
 
 
 @pytest.mark.parametrize(

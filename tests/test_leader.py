@@ -13,8 +13,10 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from common.keys import Keys
-from common.scripts import register
+from common.broker import BrokerUnavailable
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
+from common.broker.scripts import register
 from ingest.leader import Leader, LeaderMetrics, NotLeader
 from ingest.publisher import Fence, FencedOut, Publisher
 from ingest.upstream import Resumable, SnapshotReader, UpstreamMessage
@@ -60,8 +62,8 @@ async def running() -> AsyncIterator[Running]:
 
 def leader(redis: Redis, key_prefix: str, owner: str, ttl: float = 1.0,
            **kwargs: Any) -> Leader:
-    return Leader(redis, Keys(key_prefix), FEED, LOG, LeaderMetrics(CollectorRegistry()),
-                  ttl=ttl, owner=owner, **kwargs)
+    return Leader(RedisBroker(redis, Keys(key_prefix)), FEED, LOG,
+                  LeaderMetrics(CollectorRegistry()), ttl=ttl, owner=owner, **kwargs)
 
 
 def metric(lead: Leader, name: str) -> float:
@@ -176,8 +178,10 @@ async def test_failing_renewals_end_the_term_before_the_lease_expires(
     async def broken(**kwargs: Any) -> Any:
         raise RedisConnectionError("down")
 
-    a._renew = broken  # type: ignore[assignment]
-    a._release = broken  # type: ignore[assignment]
+    broker = a.broker
+    assert isinstance(broker, RedisBroker)
+    broker._renew = broken  # type: ignore[assignment]
+    broker._release = broken  # type: ignore[assignment]
     await asyncio.wait_for(term.wait_ended(), 2)
     assert term.reason == "expired"
     assert metric(a, "renewal_failures") >= 2
@@ -327,11 +331,12 @@ async def test_worker_leads_hands_over_and_steps_down_when_fenced(
     leaders: dict[str, Leader] = {}
     metrics: dict[str, IngestMetrics] = {}
     for name in ("a", "b"):
-        leaders[name] = Leader(redis, keys, "seq", LOG, LeaderMetrics(CollectorRegistry()),
-                               ttl=1.0, owner=name)
+        leaders[name] = Leader(RedisBroker(redis, keys), "seq", LOG,
+                               LeaderMetrics(CollectorRegistry()), ttl=1.0, owner=name)
         metrics[name] = IngestMetrics(CollectorRegistry())
         feed = SequenceFeed(redis, keys, worker=name, rate=2000.0)
-        worker = Worker(feed, Publisher(redis, keys), LOG, metrics[name], leader=leaders[name])
+        worker = Worker(feed, Publisher(RedisBroker(redis, keys)), LOG, metrics[name],
+                        leader=leaders[name])
         tasks[name] = running.start(worker.run())
         if name == "a":
             await asyncio.wait_for(leaders["a"].elected(), 5)
@@ -382,18 +387,19 @@ async def test_a_partly_fenced_batch_is_published_by_the_next_term_from_its_hole
     keys = Keys(key_prefix)
     # An earlier, unfenced publisher: m0..m299 on trades.S0..S3.
     await Worker(SequenceFeed(redis, keys, worker="z", rate=1e9, limit=300),
-                 Publisher(redis, keys), LOG).run()
+                 Publisher(RedisBroker(redis, keys)), LOG).run()
     # trades.S1 carries a fence above the fence counter (a counter lost, say): the next
     # leader's token 1 is refused there, and only there.
     await redis.hset(keys.meta("trades.S1"), "fence", 50)
 
     tokens: list[int] = []
-    lead = Leader(redis, keys, "seq", LOG, LeaderMetrics(CollectorRegistry()), ttl=5.0,
+    lead = Leader(RedisBroker(redis, keys), "seq", LOG, LeaderMetrics(CollectorRegistry()), ttl=5.0,
                   owner="a", on_elected=lambda t: tokens.append(t.token))
     metrics = IngestMetrics(CollectorRegistry())
     # Every message is due at once: the first batch is 500 long (m97..m596).
     feed = SequenceFeed(redis, keys, worker="a", rate=1e9, limit=1200)
-    worker = Worker(feed, Publisher(redis, keys), LOG, metrics, batch_size=500, leader=lead)
+    worker = Worker(feed, Publisher(RedisBroker(redis, keys)), LOG, metrics, batch_size=500,
+                    leader=lead)
     await asyncio.wait_for(worker.run(), 20)  # until the feed ends at m1199
 
     # Term 1 (token 1) was fenced out on its first batch and stepped down; term 2 (token 51,
@@ -425,7 +431,7 @@ class ResumingFeed:
 
     async def resume(self, snapshot: SnapshotReader) -> None:
         if self.fail:
-            raise RedisConnectionError("Redis is down")
+            raise BrokerUnavailable("Redis is down")
         self.resumed.append(await snapshot("depth.ES"))
 
     async def messages(self) -> AsyncIterator[UpstreamMessage]:
@@ -436,7 +442,7 @@ class ResumingFeed:
 async def test_worker_resumes_the_upstream_and_counts_unchanged_states(
     redis: Redis, key_prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    publisher = Publisher(redis, Keys(key_prefix))
+    publisher = Publisher(RedisBroker(redis, Keys(key_prefix)))
     await publisher.publish(UpstreamMessage("depth.ES", {"size": 1}, "bid:1"))
     counts = []
     for fail in (False, True):

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from common.auth import Claims, permits, sign_token
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from common.channels import SnapshotMode, active_namespaces, parse_channel
 from common.config import (
     DEFAULT_HISTORY,
@@ -27,7 +29,6 @@ from common.config import (
     build,
 )
 from common.errors import BadChannel, ConfigError
-from common.keys import Keys
 from common.namespaces import (
     DEFAULT,
     DEFAULT_FILE,
@@ -436,7 +437,7 @@ async def test_namespace_from_a_file_end_to_end(
     chat_edge: Any, redis: Any, key_prefix: str
 ) -> None:
     keys = Keys(key_prefix)
-    publisher = Publisher(redis, keys)  # the file's history: chat 100
+    publisher = Publisher(RedisBroker(redis, keys))  # the file's history: chat 100
     channel = "chat.lobby"
     first = await publisher.publish(UpstreamMessage(channel, {"text": "hi"}))
     assert first.offset == 1
@@ -479,7 +480,7 @@ async def test_namespace_from_a_file_end_to_end(
 async def test_namespace_from_a_file_slow_consumer_drops(
     chat_edge: Any, redis: Any, key_prefix: str
 ) -> None:
-    publisher = Publisher(redis, Keys(key_prefix))
+    publisher = Publisher(RedisBroker(redis, Keys(key_prefix)))
     channel = "chat.busy"
     slow = await _open(chat_edge.url, _token(sub="slow"), rcvbuf=4096)
     reply = await slow.subscribe(channel)
@@ -508,7 +509,7 @@ async def test_namespace_from_a_file_slow_consumer_drops(
 async def test_namespace_without_recovery_account_permission_and_max_rate(
     chat_edge: Any, redis: Any, key_prefix: str
 ) -> None:
-    publisher = Publisher(redis, Keys(key_prefix))
+    publisher = Publisher(RedisBroker(redis, Keys(key_prefix)))
     await publisher.publish(UpstreamMessage("alerts.d1", {"level": 1}))
     d1 = await _open(chat_edge.url, _token(sub="d1"))  # account_claims: sub
     reply = await d1.subscribe("alerts.d1")
@@ -543,7 +544,7 @@ async def test_snapshot_none_publishes_every_message_even_if_changed_only(
 ) -> None:
     activate(load_namespaces(chat_file))
     keys = Keys(key_prefix)
-    publisher = Publisher(redis, keys)
+    publisher = Publisher(RedisBroker(redis, keys))
     msg = UpstreamMessage("chat.x", {"same": 1}, if_changed=True)
     offsets = [(await publisher.publish(msg)).offset for _ in range(3)]
     assert offsets == [1, 2, 3]  # no state kept: nothing is "unchanged"

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from common.keys import Keys
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from ingest.publisher import Fence, FencedOut, Publisher
 from ingest.upstream import UpstreamMessage
 from tests.wsclient import ProtoClient
@@ -95,11 +96,11 @@ async def test_idempotent_publish(publisher: Publisher) -> None:
 async def test_history_trim_gives_not_recovered_with_snapshot(
     edge, redis, key_prefix: str
 ) -> None:
+    from common.broker.keys import Keys
     from common.config import DEFAULT_HISTORY, HistoryPolicy
-    from common.keys import Keys
 
     history = {**DEFAULT_HISTORY, "bars": HistoryPolicy(5, 600.0)}
-    pub = Publisher(redis, Keys(key_prefix), history)
+    pub = Publisher(RedisBroker(redis, Keys(key_prefix)), history)
     client = await ProtoClient.open(edge.url)
     await client.subscribe("bars.1m.ES")
     await pub.publish(UpstreamMessage("bars.1m.ES", {"c": 0}))
@@ -123,11 +124,12 @@ async def test_history_trim_gives_not_recovered_with_snapshot(
 
 
 async def test_history_trim_by_age(redis, key_prefix: str) -> None:
+    from common.broker.keys import Keys
     from common.config import DEFAULT_HISTORY, HistoryPolicy
-    from common.keys import Keys
 
     keys = Keys(key_prefix)
-    pub = Publisher(redis, keys, {**DEFAULT_HISTORY, "trades": HistoryPolicy(1000, 0.2)})
+    pub = Publisher(RedisBroker(redis, keys),
+                    {**DEFAULT_HISTORY, "trades": HistoryPolicy(1000, 0.2)})
     for i in range(5):
         await pub.publish(UpstreamMessage("trades.RTY", {"p": i}))
     assert await redis.xlen(keys.stream("trades.RTY")) == 5

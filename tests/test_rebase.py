@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import asyncio
 
-import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from common.keys import Keys
+from common.broker.keys import Keys
+from common.broker.memory import MemoryBroker
 from ingest.publisher import Publisher, PublishResult
 from ingest.upstream import UpstreamMessage
 from tests.wsclient import ProtoClient
 
 
 def test_offsets_going_back_are_noticed_per_channel_and_epoch() -> None:
-    p = Publisher(fakeredis.FakeAsyncRedis())
+    p = Publisher(MemoryBroker())
 
     def went_back(results: list[PublishResult]) -> list[int]:
         return p._went_back(results, {r.channel: p._seen.get(r.channel) for r in results})
@@ -41,7 +41,7 @@ def test_offsets_going_back_are_noticed_per_channel_and_epoch() -> None:
 def test_batches_completing_out_of_order_are_not_taken_for_a_loss() -> None:
     """Two batches sent concurrently: the one sent first may complete last, with lower
     offsets than the other's. Only what was known before sending counts."""
-    p = Publisher(fakeredis.FakeAsyncRedis())
+    p = Publisher(MemoryBroker())
     p._went_back([PublishResult("a", 5, "E", False)], {"a": None})
     before = {"a": p._seen.get("a")}  # both batches sent now
     assert p._went_back([PublishResult("a", 9, "E", False)], before) == []  # second, first

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from common.broker import Publication
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from common.config import HistoryPolicy
-from common.keys import Keys
 from common.protocol import Codec
-from edge.hub import Hub, Publication
+from edge.hub import Hub
 from edge.stats import EdgeStats
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
@@ -155,8 +157,8 @@ async def test_history_reply_holds_exactly_from_to_however_far_the_channel_moved
 
 
 def make_hub(redis: Redis, key_prefix: str, inline: int) -> Hub:
-    return Hub(redis, redis.pubsub, Keys(key_prefix), EdgeStats(), logging.getLogger("t"),
-               node_id="n", recovery_limit=5_000, inline_history=inline)
+    broker = RedisBroker(redis, Keys(key_prefix), inline_history=inline)
+    return Hub(broker, EdgeStats(), logging.getLogger("t"), node_id="n", recovery_limit=5_000)
 
 
 def summary(entries: list[Publication]) -> list[tuple[Any, ...]]:
@@ -198,7 +200,9 @@ async def test_a_channel_changed_between_the_two_reads_is_read_again_at_once(
     keys = Keys(key_prefix)
     hub = make_hub(redis, key_prefix, 10)
     epoch = await epoch_of(redis, key_prefix, channel)
-    script = hub._history
+    broker = hub.broker
+    assert isinstance(broker, RedisBroker)
+    script = broker._history
     calls: list[list[Any]] = []
 
     async def history_then_change(*, keys: list[str], args: list[Any]) -> Any:
@@ -212,7 +216,7 @@ async def test_a_channel_changed_between_the_two_reads_is_read_again_at_once(
                 await publisher.publish(UpstreamMessage(channel, {"new": 1}))
         return result
 
-    hub._history = history_then_change  # type: ignore[assignment]
+    broker._history = history_then_change  # type: ignore[assignment]
     result = await hub.read_history(channel, 100, "r", epoch)
     assert len(calls) == 2 and calls[1][6] == ""  # the second read: everything inline
     assert not result.recoverable and result.entries == [] and result.snapshot

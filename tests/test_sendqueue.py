@@ -979,7 +979,8 @@ def test_chunk_over_the_bounds_is_dropped_whole_and_announced() -> None:
 
 
 def test_batch_chunks_split_by_frame_size_and_keep_order() -> None:
-    from edge.hub import Batch, Publication
+    from common.broker import Publication
+    from edge.hub import Batch
 
     data = '{"pad":"' + "x" * 50 + '"}'
     pubs = [Publication("trades.ES", "e", o, "", data) for o in range(1, 21)]

@@ -12,6 +12,8 @@ import gc
 
 import pytest
 
+from common.broker import HistoryResult, LiveListener, SnapshotWant
+from common.broker.memory import MemoryBroker, MemoryLive
 from common.channels import parse_channel
 from common.protocol import Position
 from edge.sendqueue import SendQueue
@@ -20,52 +22,76 @@ from edge.wire import RawWebSocket
 from edge.wsprotocol import EdgeWebSocketProtocol
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
-from tests.test_hub import CH, FakeSession, confirmed, history, make_hub
+from tests.inprocess.test_hub_memory import CH, FakeSession, make_hub
 from tests.test_malformed import masked
 from tests.wsclient import ProtoClient
 
 
+class SwallowingBroker(MemoryBroker):
+    """History reads that swallow a cancel and return normally, as redis-py may."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+
+    async def history(
+        self, channel: str, since: int, snapshot: SnapshotWant, *, epoch: str = "",
+        until: int | None = None, limit: int, meta_ttl: int,
+    ) -> HistoryResult:
+        self.reading.set()
+        with contextlib.suppress(asyncio.CancelledError):  # the command returns after all
+            await asyncio.sleep(0.05)
+        return self.history_now(channel, since, snapshot, epoch=epoch, until=until,
+                                limit=limit, meta_ttl=meta_ttl)
+
+
 async def test_a_cancelled_subscribe_registers_nothing_when_redis_swallows_the_cancel() -> None:
-    reading = asyncio.Event()
+    broker = SwallowingBroker()
+    hub = make_hub(broker)
+    await hub.start()
+    try:
+        task = asyncio.create_task(
+            hub.subscribe(FakeSession(), parse_channel(CH), Position(2, "e"), False, 1)
+        )
+        await broker.reading.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert CH not in hub.channels  # nobody left: the channel state is gone too
+    finally:
+        await hub.close()
 
-    async def reader(hub: object, since: int) -> object:
-        reading.set()
-        with contextlib.suppress(asyncio.CancelledError):  # as redis-py may: the command
-            await asyncio.sleep(0.05)  # returns normally after all
-        return history("e", 6, 1, since)
 
-    hub = make_hub(reader)  # type: ignore[arg-type]
-    s = FakeSession()
-    task = asyncio.create_task(hub.subscribe(s, parse_channel(CH), Position(2, "e"), False, 1))
-    await confirmed(hub)
-    await reading.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert CH not in hub.channels  # nobody left: the channel state is gone too
+class SlowSubscribeLive(MemoryLive):
+    async def subscribe(self, channel: str) -> None:
+        await asyncio.sleep(10)
+
+
+class SlowSubscribeBroker(MemoryBroker):
+    def live(self, listener: LiveListener, node_id: str) -> MemoryLive:
+        live = SlowSubscribeLive(self, listener, node_id)
+        self._lives.append(live)
+        return live
 
 
 async def test_a_subscribe_cancelled_during_its_redis_subscribe_leaves_no_channel() -> None:
     """The first subscribe of a channel creates its state and sends SUBSCRIBE; cancelled
     meanwhile, it must not leave behind a state that nothing will ever confirm (every later
     subscribe of the channel on this node would wait out the timeout)."""
-
-    class SlowPubSub:
-        async def subscribe(self, *channels: str) -> None:
-            await asyncio.sleep(10)
-
-        async def unsubscribe(self, *channels: str) -> None:
-            pass
-
-    hub = make_hub(lambda hub, since: history("e", 0, 1, since))  # type: ignore[arg-type,return-value]
-    hub._pubsub = SlowPubSub()  # type: ignore[assignment]
-    task = asyncio.create_task(hub.subscribe(FakeSession(), parse_channel(CH), None, False, 1))
-    await asyncio.sleep(0.01)
-    assert CH in hub.channels
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert CH not in hub.channels
+    hub = make_hub(SlowSubscribeBroker())
+    await hub.start()
+    try:
+        task = asyncio.create_task(
+            hub.subscribe(FakeSession(), parse_channel(CH), None, False, 1)
+        )
+        await asyncio.sleep(0.01)
+        assert CH in hub.channels
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert CH not in hub.channels
+    finally:
+        await hub.close()
 
 
 @pytest.mark.integration

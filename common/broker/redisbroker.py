@@ -1,0 +1,372 @@
+"""The broker on Redis (or Valkey): Lua scripts over streams and hashes, pub/sub for live
+messages. Key names: common/broker/keys.py; scripts and their arguments:
+common/broker/scripts.py; the live-message codec: common/broker/live.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from common.aio import wait_event
+from common.broker.base import LiveListener
+from common.broker.client import redis_client
+from common.broker.keys import Keys
+from common.broker.live import decode_live
+from common.broker.scripts import (
+    HISTORY_INLINE_ARG,
+    acquire_call,
+    history_call,
+    publish_call,
+    rebase_call,
+    register,
+    release_call,
+    renew_call,
+)
+from common.broker.types import (
+    BrokerUnavailable,
+    Fence,
+    HistoryResult,
+    LeaseGrant,
+    LeaseRenewal,
+    Publication,
+    PublishReply,
+    PublishRequest,
+    PublishStatus,
+    RebaseReply,
+    RebaseStatus,
+    SnapshotWant,
+    new_epoch,
+)
+from common.config import RedisSettings
+
+# Most history entries history.lua returns itself; more are read with a plain XRANGE.
+INLINE_HISTORY = 100
+
+
+@contextlib.asynccontextmanager
+async def _unavailable() -> AsyncIterator[None]:
+    """Redis's and the socket's errors as the broker's own."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise BrokerUnavailable(repr(exc)) from exc
+
+
+class RedisBroker:
+    """The broker on one Redis client (`redis`, decode_responses=True). Live connections
+    come from `pubsub_factory` (default: the same client's)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys | None = None,
+        *,
+        pubsub_factory: Callable[[], PubSub] | None = None,
+        inline_history: int = INLINE_HISTORY,
+        logger: logging.Logger | None = None,
+        owned: Sequence[Redis] = (),
+    ) -> None:
+        self.redis = redis
+        self.keys = keys or Keys()
+        self.log = logger or logging.getLogger("fanout.broker")
+        # The same connections, but XRANGE replies as Redis sent them: redis-py would turn
+        # every entry into a tuple and a dict first (a third of a 10,000-entry read).
+        self._ranges = Redis(connection_pool=redis.connection_pool)
+        self._ranges.set_response_callback("XRANGE", _as_sent)
+        self.inline_history = inline_history
+        self._pubsub_factory = pubsub_factory or redis.pubsub
+        self._publish = register(redis, "publish")
+        self._rebase = register(redis, "rebase")
+        self._history = register(redis, "history")
+        self._acquire = register(redis, "acquire")
+        self._renew = register(redis, "renew")
+        self._release = register(redis, "release")
+        self._owned = list(owned)
+
+    @classmethod
+    def from_settings(
+        cls, settings: RedisSettings, *, socket_timeout: float, live: bool = False,
+        logger: logging.Logger | None = None,
+    ) -> RedisBroker:
+        """A broker with clients of its own (closed by `close`). With `live`, pub/sub gets
+        a connection of its own with no read timeout: it blocks in reads by design."""
+        redis = redis_client(
+            settings, decode_responses=True, socket_timeout=socket_timeout,
+            socket_connect_timeout=5.0, health_check_interval=0,
+        )
+        owned = [redis]
+        factory = None
+        if live:
+            pubsub_client: Redis = Redis.from_url(
+                settings.url, decode_responses=True, socket_connect_timeout=5.0,
+                socket_keepalive=True,
+            )
+            owned.append(pubsub_client)
+            factory = pubsub_client.pubsub
+        return cls(redis, Keys(settings.key_prefix), pubsub_factory=factory, logger=logger,
+                   owned=owned)
+
+    async def close(self) -> None:
+        for client in self._owned:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def ping(self) -> bool:
+        async with _unavailable():
+            return bool(await self.redis.ping())
+
+    # --- ingest --------------------------------------------------------------------------
+
+    async def publish(
+        self, batch: Sequence[PublishRequest], fence: Fence | None = None, *,
+        meta_ttl: int, idempotency_ttl: int,
+    ) -> list[PublishReply]:
+        epoch = new_epoch()  # used only by a channel that has no epoch yet
+        async with _unavailable(), self.redis.pipeline(transaction=False) as pipe:
+            for req in batch:
+                keys, args = publish_call(self.keys, req, epoch, fence, meta_ttl=meta_ttl,
+                                          idempotency_ttl=idempotency_ttl)
+                await self._publish(keys=keys, args=args, client=pipe)
+            raw = await pipe.execute()
+        return [PublishReply(int(r[0]), _text(r[1]), PublishStatus(int(r[2]))) for r in raw]
+
+    async def rebase(
+        self, channel: str, old_epoch: str, token: int | None, *, meta_ttl: int
+    ) -> RebaseReply:
+        keys, args = rebase_call(self.keys, channel, old_epoch, new_epoch(), token,
+                                 meta_ttl=meta_ttl)
+        async with _unavailable():
+            raw = await self._rebase(keys=keys, args=args)
+        return RebaseReply(_text(raw[0]), RebaseStatus(int(raw[1])))
+
+    async def snapshot(self, channel: str) -> dict[str, str]:
+        async with _unavailable():
+            raw = await self.redis.hgetall(self.keys.snapshot(channel))
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    # --- history -------------------------------------------------------------------------
+
+    async def history(
+        self, channel: str, since: int, snapshot: SnapshotWant, *, epoch: str = "",
+        until: int | None = None, limit: int, meta_ttl: int,
+    ) -> HistoryResult:
+        """history.lua returns up to `inline_history` entries itself; more (a client far
+        behind) are read with XRANGE in a second round trip, which costs Redis a fraction
+        of what the same entries cost through Lua. That read is checked against the first
+        (same epoch, exactly the offsets since + 1 ... end); if the channel changed in
+        between (trimmed, or a new epoch), everything is read again at once by the
+        script."""
+        keys, args = history_call(
+            self.keys, channel, since, snapshot, new_epoch(), limit=limit, meta_ttl=meta_ttl,
+            epoch=epoch, inline=self.inline_history, until=until,
+        )
+        async with _unavailable():
+            result = await self._read_history(channel, keys, args)
+            end = result.top if until is None else min(until, result.top)
+            if result.recoverable and end - since > self.inline_history:
+                entries = await self._read_range(channel, result.epoch, since, end)
+                if entries is not None:
+                    return replace(result, entries=entries)
+                self.log.info("history changed between reads channel=%s: reading again",
+                              channel)
+                args[HISTORY_INLINE_ARG] = ""  # no inline limit: one atomic read
+                result = await self._read_history(channel, keys, args)
+        return result
+
+    async def _read_history(
+        self, name: str, keys: list[str], args: list[str | int]
+    ) -> HistoryResult:
+        epoch, top, first, recoverable, flat, snap = await self._history(keys=keys, args=args)
+        entries = [
+            Publication(name, epoch, int(flat[i]), flat[i + 1], flat[i + 3], flat[i + 2] == "1")
+            for i in range(0, len(flat), 4)
+        ]
+        if isinstance(snap, dict):  # RESP3 may already give a map
+            snap_map = dict(snap)
+        else:
+            snap_map = {snap[i]: snap[i + 1] for i in range(0, len(snap), 2)}
+        return HistoryResult(epoch, int(top), int(first), bool(recoverable), entries, snap_map)
+
+    async def _read_range(
+        self, name: str, epoch: str, since: int, end: int
+    ) -> list[Publication] | None:
+        """The entries since + 1 ... end of `epoch`, or None if the stream no longer holds
+        exactly those (trimmed meanwhile, or the channel has another epoch now)."""
+        async with self._ranges.pipeline(transaction=True) as pipe:
+            pipe.hget(self.keys.meta(name), "epoch")
+            pipe.execute_command(
+                "XRANGE", self.keys.stream(name), f"{since + 1}-0", f"{end}-0"
+            )
+            current, rows = await pipe.execute()
+        if current != epoch or len(rows) != end - since:
+            return None
+        entries: list[Publication] = []
+        append = entries.append
+        offset = since
+        for entry_id, fields in rows:  # fields: d <data> k <key> t <ms> x <deleted>
+            offset += 1
+            if entry_id != f"{offset}-0":
+                return None
+            append(Publication(name, epoch, offset, fields[3], fields[1],
+                               len(fields) > 7 and fields[7] == "1"))
+        return entries
+
+    def live(self, listener: LiveListener, node_id: str) -> RedisLive:
+        return RedisLive(self, listener, node_id)
+
+    # --- leader election -----------------------------------------------------------------
+
+    async def acquire(self, feed: str, owner: str, ttl_ms: int) -> LeaseGrant:
+        keys, args = acquire_call(self.keys, feed, owner, ttl_ms)
+        async with _unavailable():
+            raw = await self._acquire(keys=keys, args=args)
+        return LeaseGrant(int(raw[0]), int(raw[1]), int(raw[2]), _text(raw[3]))
+
+    async def renew(self, feed: str, holder: str, ttl_ms: int) -> LeaseRenewal:
+        keys, args = renew_call(self.keys, feed, holder, ttl_ms)
+        async with _unavailable():
+            raw = await self._renew(keys=keys, args=args)
+        return LeaseRenewal(bool(int(raw[0])), int(raw[1]), _text(raw[2]))
+
+    async def release(self, feed: str, holder: str, fence_floor: int = 0) -> bool:
+        keys, args = release_call(self.keys, feed, holder, fence_floor)
+        async with _unavailable():
+            return bool(int(await self._release(keys=keys, args=args)))
+
+
+class RedisLive:
+    """One pub/sub connection: live messages of the subscribed channels, and this node's
+    probe channel. Reconnects with backoff and resubscribes every channel."""
+
+    def __init__(self, broker: RedisBroker, listener: LiveListener, node_id: str) -> None:
+        self.broker = broker
+        self.keys = broker.keys
+        self.listener = listener
+        self.log = broker.log
+        self.channels: set[str] = set()
+        self._probe_channel = self.keys.probe(node_id)
+        self._probe_seen = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._reconnect = False
+        self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._read_loop(), name="broker-live-reader")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    async def subscribe(self, channel: str) -> None:
+        self.channels.add(channel)
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # the reader subscribes every channel as it connects
+        try:
+            await pubsub.subscribe(self.keys.live(channel))
+        except Exception as exc:  # the reader notices the broken connection and resubscribes
+            self.log.warning("redis subscribe failed channel=%s error=%r", channel, exc)
+
+    def unsubscribe(self, channel: str) -> None:
+        self.channels.discard(channel)
+        if self._pubsub is None:
+            return
+        task = asyncio.create_task(self._unsubscribe(channel))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _unsubscribe(self, channel: str) -> None:
+        if channel in self.channels or self._pubsub is None:
+            return  # resubscribed meanwhile
+        with contextlib.suppress(Exception):
+            await self._pubsub.unsubscribe(self.keys.live(channel))
+
+    async def probe(self, timeout: float) -> bool:
+        self._probe_seen.clear()
+        try:
+            async with _unavailable():
+                await self.broker.redis.publish(self._probe_channel, str(time.time()))
+        except BrokerUnavailable as exc:
+            self.log.warning("pubsub probe failed error=%r", exc)
+            return False
+        return await wait_event(self._probe_seen, timeout)
+
+    def reconnect(self) -> None:
+        self._reconnect = True  # the reader reconnects within a second
+
+    async def _read_loop(self) -> None:
+        delay = 0.1
+        keys = self.keys
+        live_prefix = keys.live_prefix()
+        channel_of_live = keys.channel_of_live
+        listener = self.listener
+        on_publication = listener.on_publication
+        while not self._closing:
+            pubsub = self._pubsub = self.broker._pubsub_factory()
+            self._reconnect = False
+            try:
+                names = list(self.channels)
+                await pubsub.subscribe(self._probe_channel, *(keys.live(n) for n in names))
+                self._connected.set()
+                listener.on_connected(len(names))
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+                    if self._reconnect:
+                        raise ConnectionError("liveness probe failed")
+                    if msg is None:
+                        continue
+                    delay = 0.1
+                    kind = msg["type"]
+                    ch: str = msg["channel"]
+                    if kind == "message":
+                        if ch.startswith(live_prefix):
+                            on_publication(decode_live(channel_of_live(ch), msg["data"]))
+                        elif ch == self._probe_channel:
+                            self._probe_seen.set()
+                    elif kind == "subscribe" and ch.startswith(live_prefix):
+                        listener.on_subscribed(channel_of_live(ch))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._connected.clear()
+                listener.on_lost(exc, delay)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+                self._pubsub = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _text(value: str | bytes | int) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)
+
+
+def _as_sent(response: Any, **options: Any) -> Any:
+    return response
