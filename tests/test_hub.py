@@ -13,7 +13,8 @@ from common.channels import parse_channel
 from common.errors import Disconnect
 from common.keys import Keys
 from common.protocol import Codec, Frame, Position
-from edge.hub import Batch, HistoryResult, Hub, Publication, Subscription
+from edge.hub import HistoryResult, Hub, Publication
+from edge.pack import Batch
 from edge.stats import EdgeStats
 
 CH = "quotes.MNQ"
@@ -30,11 +31,14 @@ class FakeSession:
     def enqueue(self, frame: Frame) -> None:
         self.frames.append(frame)
 
-    def resynced(self, sub: Subscription, frame: Frame) -> None:
+    def resynced(self, channel: str, frame: Frame) -> None:
         self.frames.append(frame)
 
-    def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
+    def deliver(self, channel: str, batch: Batch, start: int) -> None:
         self.frames += [pub.frame(self.codec) for pub in batch.pubs[start:]]
+
+    def end_turn(self) -> None:
+        pass
 
     def fail(self, exc: Disconnect) -> None:
         self.failed = exc
@@ -84,11 +88,11 @@ async def test_live_messages_during_history_read_are_merged_once() -> None:
     hub = make_hub(reader)
     s = FakeSession()
     task = asyncio.create_task(
-        hub.subscribe(s, parse_channel(CH), Position(2, "e"), False, 1)
+        hub.subscribe(s, parse_channel(CH), Position(2, "e"), False)
     )
     await confirmed(hub)
     _, joined = await task
-    assert joined.reply["recovered"] is True
+    assert joined.recovered is True
     assert [p.offset for p in joined.replay] == [3, 4, 5, 6, 7, 8]
     for o in (7, 8, 9):  # 7 and 8 again (pub/sub lagging behind history), then 9
         live(hub, "e", o)
@@ -106,10 +110,10 @@ async def test_gap_in_live_flow_is_filled_from_history() -> None:
 
     hub = make_hub(reader)
     s = FakeSession()
-    task = asyncio.create_task(hub.subscribe(s, parse_channel(CH), None, False, 1))
+    task = asyncio.create_task(hub.subscribe(s, parse_channel(CH), None, False))
     await confirmed(hub)
     _, joined = await task
-    assert joined.reply["offset"] == 3 and joined.replay == []
+    assert joined.offset == 3 and joined.replay == []
     live(hub, "e", 4)
     live(hub, "e", 8)  # 5..7 were lost on the way: fill from history (up to 10)
     live(hub, "e", 11)  # arrives during the fill: held back, released after
@@ -128,7 +132,7 @@ async def test_new_epoch_resyncs_subscribers() -> None:
 
     hub = make_hub(reader)
     s = FakeSession()
-    task = asyncio.create_task(hub.subscribe(s, parse_channel(CH), None, False, 1))
+    task = asyncio.create_task(hub.subscribe(s, parse_channel(CH), None, False))
     await confirmed(hub)
     await task
     live(hub, "f", 3)  # the stream was recreated: epoch f
@@ -146,7 +150,7 @@ async def test_unfillable_gap_resyncs() -> None:
 
     hub = make_hub(reader)
     s = FakeSession()
-    task = asyncio.create_task(hub.subscribe(s, parse_channel(CH), None, False, 1))
+    task = asyncio.create_task(hub.subscribe(s, parse_channel(CH), None, False))
     await confirmed(hub)
     await task
     live(hub, "e", 45)  # 4..44: history only holds 40..50

@@ -36,7 +36,7 @@ async def test_a_cancelled_subscribe_registers_nothing_when_redis_swallows_the_c
 
     hub = make_hub(reader)  # type: ignore[arg-type]
     s = FakeSession()
-    task = asyncio.create_task(hub.subscribe(s, parse_channel(CH), Position(2, "e"), False, 1))
+    task = asyncio.create_task(hub.subscribe(s, parse_channel(CH), Position(2, "e"), False))
     await confirmed(hub)
     await reading.wait()
     task.cancel()
@@ -59,7 +59,7 @@ async def test_a_subscribe_cancelled_during_its_redis_subscribe_leaves_no_channe
 
     hub = make_hub(lambda hub, since: history("e", 0, 1, since))  # type: ignore[arg-type,return-value]
     hub._pubsub = SlowPubSub()  # type: ignore[assignment]
-    task = asyncio.create_task(hub.subscribe(FakeSession(), parse_channel(CH), None, False, 1))
+    task = asyncio.create_task(hub.subscribe(FakeSession(), parse_channel(CH), None, False))
     await asyncio.sleep(0.01)
     assert CH in hub.channels
     task.cancel()
