@@ -86,8 +86,6 @@ class Edge:
             recovery_limit=self.config.recovery_limit,
             # What a subscribe creates lives this long until a publish refreshes it.
             meta_ttl=min(self.config.redis.meta_ttl, self.config.unpublished_ttl),
-            max_frame_bytes=self.config.max_frame_bytes,
-            max_frame_messages=self.config.max_frame_messages,
         )
         await self.hub.start()
 

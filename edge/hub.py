@@ -25,116 +25,45 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from common import protocol
 from common.aio import raise_if_cancelling
 from common.broker import Broker, BrokerUnavailable, HistoryResult, Live, Publication, SnapshotWant
-from common.channels import Channel, SnapshotMode
+from common.channels import Channel
 from common.errors import CloseCode, Disconnect, Unavailable
 from common.protocol import Codec, Frame, Position
-from edge.sendqueue import Policy, coalesce
+from edge.pack import Batch
 from edge.stats import EdgeStats
-from edge.wire import encode_frame
 
 
 class Subscriber(Protocol):
-    """What the hub needs of a client session."""
+    """What the hub needs of a client session: it hands over what a channel got, in offset
+    order, and never awaits the session."""
 
-    codec: Codec
+    codec: Codec  # a resync is encoded once per codec for the channel's subscribers
 
-    def enqueue(self, frame: Frame) -> None:
-        """Queue a control frame (reply, resync): never dropped nor conflated."""
+    def deliver(self, channel: str, batch: Batch, start: int) -> None:
+        """The batch's publications from index `start` (those before it the subscriber
+        already has). Called during the hub's turn; `end_turn` follows."""
         ...
 
-    def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
-        """Queue the batch's publications from index `start` under the subscription's
-        overflow policy."""
+    def end_turn(self) -> None:
+        """Called once per turn on each subscriber `deliver` was called on, after every
+        channel of the turn was delivered: a subscriber of 30 busy channels can write what
+        it got in one system call, not 30."""
         ...
 
-    def flush_out(self) -> None:
-        """Write what `deliver` held back during the hub's flush (see `Hub.deferred`)."""
+    def resynced(self, channel: str, frame: Frame) -> None:
+        """The channel's history was lost: `frame` is its resync push; what the subscriber
+        holds for the channel (gaps, throttled values) belongs to the old state."""
         ...
 
-    def resynced(self, sub: Subscription, frame: Frame) -> None:
-        """Queue a resync push; what was held for the channel (gaps, throttled values)
-        belongs to the old state and is forgotten."""
+    def fail(self, exc: Disconnect) -> None:
+        """End the subscriber's connection (the hub cannot keep its stream gapless)."""
         ...
 
-    def fail(self, exc: Disconnect) -> None: ...
 
-
-class Batch:
-    """The messages one channel got in one event-loop turn, handed to every subscriber at
-    once: the join of their encodings is made once per codec, so a client's cost is per
-    batch, not per message. Split in chunks of at most `max_bytes` (a frame's size)."""
-
-    __slots__ = ("_chunks", "_wire", "max_bytes", "max_messages", "pubs")
-
-    def __init__(self, pubs: list[Publication], max_bytes: int, max_messages: int = 1000) -> None:
-        self.pubs = pubs
-        self.max_bytes = max_bytes
-        self.max_messages = max_messages
-        self._chunks: dict[Codec, list[tuple[Frame, int, int, int]]] = {}
-        self._wire: dict[Codec, Wire] = {}
-
-    def wire(self, codec: Codec) -> Wire:
-        """All the batch's messages as finished WebSocket frames (one per chunk), for
-        clients that take the whole batch: the same bytes for every such client."""
-        wire = self._wire.get(codec)
-        if wire is None:
-            chunks = self.chunks(codec)
-            frames = [coalesce([part], codec, count) for part, count, _, _ in chunks]
-            wire = Wire(
-                b"".join(encode_frame(f) for f in frames), len(frames),
-                sum(count for _, count, _, _ in chunks), sum(len(f) for f in frames),
-            )
-            self._wire[codec] = wire
-        return wire
-
-    def chunks(self, codec: Codec, start: int = 0) -> list[tuple[Frame, int, int, int]]:
-        """(part, count, first offset, last offset) for the messages from index `start`."""
-        if start == 0:
-            cached = self._chunks.get(codec)
-            if cached is not None:
-                return cached
-        out: list[tuple[Frame, int, int, int]] = []
-        frames: list[Frame] = []
-        size = 0
-        first = 0
-        pubs = self.pubs
-        for i in range(start, len(pubs)):
-            frame = pubs[i].frame(codec)
-            if frames and (
-                size + len(frame) > self.max_bytes or len(frames) >= self.max_messages
-            ):
-                out.append((_join(frames, codec), len(frames), first, pubs[i - 1].offset))
-                frames, size = [], 0
-            if not frames:
-                first = pubs[i].offset
-            frames.append(frame)
-            size += len(frame) + 1
-        if frames:
-            out.append((_join(frames, codec), len(frames), first, pubs[-1].offset))
-        if start == 0:
-            self._chunks[codec] = out
-        return out
-
-
-class Wire(NamedTuple):
-    """Finished frames, ready to write: `data` holds `frames` frames carrying `messages`
-    messages, `payload` bytes of them (frame headers not counted)."""
-
-    data: bytes
-    frames: int
-    messages: int
-    payload: int
-
-
-def _join(frames: list[Frame], codec: Codec) -> Frame:
-    if codec is Codec.JSON:
-        return ",".join(frames)  # type: ignore[arg-type]
-    return b"".join(frames)  # type: ignore[arg-type]
 
 
 @dataclass(eq=False, slots=True)
@@ -143,17 +72,9 @@ class Subscription:
 
     session: Subscriber
     channel: str
-    namespace: str = ""
-    policy: Policy = Policy.DISCONNECT  # what the client's queue does when it is full
-    merge: bool = False  # messages are partial updates (conflation merges them)
-    max_rate: float | None = None  # most frames per second for this channel
     last: int = -1  # highest offset delivered (or covered by the snapshot)
     epoch: str = ""
     buffer: list[Publication] | None = field(default_factory=list)  # while pending
-    # Throttling (max_rate): when the next frame may go, and what waits for it, by key.
-    next_at: float = 0.0
-    held: dict[str, Publication] | None = None
-    timer: asyncio.TimerHandle | None = None
 
     def deliver(self, batch: Batch) -> None:
         pubs = batch.pubs
@@ -169,19 +90,19 @@ class Subscription:
                 self.session.fail(Disconnect(CloseCode.INSUFFICIENT_STATE, "gap in channel"))
                 return
         self.last = pubs[-1].offset
-        self.session.deliver(self, batch, start)
-
-    def cancel(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.session.deliver(self.channel, batch, start)
 
 
 @dataclass(frozen=True, slots=True)
 class Joined:
-    """The outcome of a subscribe: what to reply, and what follows the reply."""
+    """The outcome of a subscribe: the channel's position, whether the client's own was
+    recovered, the snapshot to send (None: none), and the publications that follow the
+    reply."""
 
-    reply: dict[str, Any]
+    epoch: str
+    offset: int
+    recovered: bool
+    snapshot: dict[str, Any] | None
     replay: list[Publication]
 
 
@@ -229,8 +150,6 @@ class Hub:
         subscribe_timeout: float = 5.0,
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
-        max_frame_bytes: int = 65_536,
-        max_frame_messages: int = 1_000,
     ) -> None:
         self.broker = broker
         self.stats = stats
@@ -245,12 +164,8 @@ class Hub:
         self.live: Live = broker.live(self, node_id)
         self._prober: asyncio.Task[None] | None = None
         self.live_ok = False  # the live connection answered the last liveness probe
-        self.max_frame_bytes = max_frame_bytes
-        self.max_frame_messages = max_frame_messages
         self._to_flush: list[ChannelState] = []
         self._flush_handle: asyncio.Handle | None = None
-        # During `_flush`: the sessions holding direct writes back until it ends.
-        self.deferred: list[Subscriber] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -277,17 +192,13 @@ class Hub:
 
     async def subscribe(
         self, session: Subscriber, channel: Channel, recover: Position | None,
-        want_snapshot: bool, rid: int | None, *, policy: Policy = Policy.DISCONNECT,
-        max_rate: float | None = None,
+        want_snapshot: bool,
     ) -> tuple[Subscription, Joined]:
-        """Join `channel`; the caller sends `Joined.reply` then `Joined.replay`, in order and
-        before any later live message (which `enqueue` guarantees by running synchronously
-        after this returns)."""
+        """Join `channel`; the caller sends its reply then `Joined.replay`, in order and
+        before any later live message (by queueing them synchronously after this returns:
+        live messages are delivered at the end of a loop turn)."""
         name = channel.name
-        sub = Subscription(
-            session, name, channel.namespace, policy,
-            channel.snapshot_mode is SnapshotMode.MERGE, max_rate,
-        )
+        sub = Subscription(session, name)
         state = self.channels.get(name)
         created = state is None
         if state is None:
@@ -364,20 +275,13 @@ class Hub:
             self.stats.messages_recovered += len(replay)
         else:
             self.stats.subscribes_not_recovered += 1
-        delivery = "all" if policy is Policy.DISCONNECT and max_rate is None else policy.value
-        if max_rate is not None and policy is not Policy.DROP:
-            delivery = "conflate"
-        reply = protocol.subscribed(
-            rid, name, result.epoch, result.top, recovered, snapshot, delivery
-        )
-        return sub, Joined(reply, replay)
+        return sub, Joined(result.epoch, result.top, recovered, snapshot, replay)
 
     def unsubscribe(self, session: Subscriber, name: str) -> None:
         state = self.channels.get(name)
         sub = state.active.pop(session, None) if state is not None else None
         if state is None or sub is None:
             return
-        sub.cancel()
         self.stats.subscriptions -= 1
         self._maybe_drop(state)
 
@@ -442,24 +346,21 @@ class Hub:
             state.outbox.append(pub)
 
     def _flush(self) -> None:
-        """Deliver what each channel got during this event-loop turn, as one batch. Sessions
-        that write directly hold their frames back until every channel is done (they add
-        themselves to `deferred`), then write them with one system call each: a client
-        subscribed to 30 busy channels costs one write per turn, not 30."""
+        """Deliver what each channel got during this event-loop turn, as one batch per
+        channel; then end the turn once for each subscriber delivered to (see
+        `Subscriber.end_turn`)."""
         self._flush_handle = None
         states, self._to_flush = self._to_flush, []
-        deferred: list[Subscriber] = []
-        self.deferred = deferred
+        turn: dict[Subscriber, None] = {}
         delivered: list[tuple[str, list[Publication]]] = []
         try:
             for state in states:
                 if state.outbox:
                     delivered.append((state.name, state.outbox))
-                    self._flush_channel(state)
+                    self._flush_channel(state, turn)
         finally:
-            self.deferred = None
-            for session in deferred:
-                session.flush_out()
+            for session in turn:
+                session.end_turn()
         # Written to every client that keeps up (the direct path); slower clients get it from
         # their writers later, which fanout_edge_client_lag_seconds shows.
         now = time.time()
@@ -469,16 +370,21 @@ class Hub:
                 if pub.received:
                     hist.observe(max(now - pub.received, 0.0))
 
-    def _flush_channel(self, state: ChannelState) -> None:
+    def _flush_channel(self, state: ChannelState, turn: dict[Subscriber, None]) -> None:
+        """Hand the channel's outbox to its subscribers as one batch; each one delivered to
+        is added to `turn`."""
         if not state.outbox:
             return
-        batch = Batch(state.outbox, self.max_frame_bytes, self.max_frame_messages)
+        batch = Batch(state.outbox)
         state.outbox = []
         first, last = batch.pubs[0].offset - 1, batch.pubs[-1].offset
+        name = state.name
         for sub in list(state.active.values()):
+            session = sub.session
+            turn[session] = None
             if sub.last == first:  # the usual case, inlined: one call per pair, not two
                 sub.last = last
-                sub.session.deliver(sub, batch, 0)
+                session.deliver(name, batch, 0)
             else:
                 sub.deliver(batch)
 
@@ -542,7 +448,10 @@ class Hub:
             state.name, result.epoch, result.top, len(state.active),
         )
         self.stats.resyncs += 1
-        self._flush_channel(state)  # what came before the resync goes out before it
+        turn: dict[Subscriber, None] = {}
+        self._flush_channel(state, turn)  # what came before the resync goes out before it
+        for session in turn:
+            session.end_turn()
         state.epoch = result.epoch
         state.last = result.top
         message = protocol.resync(
@@ -556,7 +465,7 @@ class Hub:
                 frame = frames[codec] = protocol.encode(message, codec)
             sub.last = result.top
             sub.epoch = result.epoch
-            sub.session.resynced(sub, frame)
+            sub.session.resynced(state.name, frame)
 
     # --- the live connection (LiveListener) ---------------------------------------------
 

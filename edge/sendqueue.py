@@ -1,7 +1,8 @@
 """A client's bounded send queue and its overflow policies. Pure: no I/O, no clock.
 
 The hub pushes publications (already encoded once for everyone); the session's writer pops
-everything pending at once and coalesces it into one frame. What happens when a client
+everything pending at once, up to the frame bounds (edge/pack.py), and coalesces it into
+one frame. What happens when a client
 does not keep up is decided per channel namespace:
 
 * ``disconnect``: the queue is over its bounds → the caller closes the connection with
@@ -25,6 +26,7 @@ from enum import IntEnum, StrEnum
 
 from common import protocol
 from common.protocol import Codec, Frame
+from edge.pack import split
 
 
 class Policy(StrEnum):
@@ -109,19 +111,19 @@ class SendQueue:
     def _full(self, size: int) -> bool:
         return self._alive >= self.max_messages or self._bytes + size > self.max_bytes
 
+    def _count(self, messages: int, size: int) -> None:
+        self._alive += messages
+        self._bytes += size
+        if self._on_size is not None:
+            self._on_size(messages, size)
+
     def _append(self, entry: Entry) -> None:
         self._entries.append(entry)
-        self._alive += entry.count
-        self._bytes += entry.size
-        if self._on_size is not None:
-            self._on_size(entry.count, entry.size)
+        self._count(entry.count, entry.size)
 
     def _kill(self, entry: Entry) -> None:
         entry.alive = False
-        self._alive -= 1
-        self._bytes -= entry.size
-        if self._on_size is not None:
-            self._on_size(-1, -entry.size)
+        self._count(-1, -entry.size)
         # Tombstones of a client that reads nothing would pile up: compact now and then.
         if len(self._entries) > 64 and len(self._entries) > 2 * self._alive:
             self._entries = deque(e for e in self._entries if e.alive)
@@ -143,11 +145,7 @@ class SendQueue:
         if self._full(size):
             if policy is Policy.DISCONNECT:
                 return Outcome.OVERFLOW
-            gap = self._gaps.get(channel)
-            if gap is None:
-                self._gaps[channel] = [offset, offset]
-            else:
-                gap[1] = offset
+            self._dropped(channel, offset, offset)
             return Outcome.DROPPED
         self._announce_gap(channel)
         self._append(Entry(frame, channel, key, offset))
@@ -165,15 +163,19 @@ class SendQueue:
             if policy is Policy.DISCONNECT:
                 return Outcome.OVERFLOW
             if policy is Policy.DROP:
-                gap = self._gaps.get(channel)
-                if gap is None:
-                    self._gaps[channel] = [first, last]
-                else:
-                    gap[1] = last
+                self._dropped(channel, first, last)
                 return Outcome.DROPPED
         self._announce_gap(channel)
         self._append(Entry(part, channel, "", last, count=count))
         return Outcome.QUEUED
+
+    def _dropped(self, channel: str, first: int, last: int) -> None:
+        """Offsets first..last of `channel` were dropped: extend its pending gap notice."""
+        gap = self._gaps.get(channel)
+        if gap is None:
+            self._gaps[channel] = [first, last]
+        else:
+            gap[1] = last
 
     def _conflate(
         self, channel: str, offset: int, key: str, data: str, frame: Frame, merge: bool,
@@ -216,33 +218,32 @@ class SendQueue:
         return self.pop_parts(max_messages, max_bytes)[0]
 
     def pop_parts(self, max_messages: int, max_bytes: int) -> tuple[list[Frame], int]:
-        """The next parts to send and how many messages they hold, oldest first: at least
-        one part if any, at most `max_messages` messages and (beyond the first part)
-        `max_bytes` in all."""
+        """The next parts to send and how many messages they hold, oldest first: the first
+        frame they make under the frame bounds (edge/pack.py `split`), at least one part
+        if any."""
         if not self._alive and self._gaps:
             self._announce_all_gaps()
-        out: list[Frame] = []
-        size = 0
-        count = 0
         entries = self._entries
-        while entries:
-            entry = entries[0]
-            if not entry.alive:
-                entries.popleft()
-                continue
-            if out and (size + entry.size > max_bytes or count + entry.count > max_messages):
-                break
-            entries.popleft()
-            entry.alive = False
-            self._alive -= entry.count
-            self._bytes -= entry.size
-            if self._on_size is not None:
-                self._on_size(-entry.count, -entry.size)
-            if entry.channel is not None and self._latest.get((entry.channel, entry.key)) is entry:
-                del self._latest[(entry.channel, entry.key)]
-            out.append(entry.frame)
-            size += entry.size
-            count += entry.count
+        alive = (e for e in entries if e.alive)
+        first = next(split(((e.size, e.count) for e in alive), max_bytes, max_messages), None)
+        out: list[Frame] = []
+        if first is not None:
+            n, count = first
+            latest = self._latest
+            size = 0
+            while len(out) < n:
+                entry = entries.popleft()
+                if not entry.alive:
+                    continue
+                entry.alive = False
+                if entry.channel is not None and latest.get((entry.channel, entry.key)) is entry:
+                    del latest[(entry.channel, entry.key)]
+                out.append(entry.frame)
+                size += entry.size
+            self._count(-count, -size)
+        else:
+            count = 0
+            entries.clear()  # only tombstones
         if not self._alive and self._gaps:
             self._announce_all_gaps()
         return out, count
@@ -267,13 +268,3 @@ class SendQueue:
         self._alive = 0
         self._bytes = 0
 
-
-def coalesce(frames: list[Frame], codec: Codec, n: int | None = None) -> Frame:
-    """One WebSocket frame for several messages: a JSON array, or a msgpack array, built by
-    joining the already encoded messages (no re-encoding). A single message goes as is.
-    `n` counts the messages when some of `frames` are chunks of several."""
-    if n is None:
-        n = len(frames)
-    if n == 1:
-        return frames[0]
-    return protocol.array(frames, codec, n)

@@ -1,8 +1,14 @@
-"""One client connection: reads requests, answers them, and writes from a bounded queue.
+"""One client connection: its request loop, composed of the roles around it.
 
-The hub never awaits a client: it calls `enqueue`, which appends to this session's queue
-(or ends the session if the queue is over its bounds) and wakes the session's own writer
-task. So a client that stops reading delays nobody but itself.
+* edge/writer.py: writing, straight to the socket or through the bounded send queue;
+* edge/throttle.py: a subscription's `max_rate`;
+* edge/heartbeat.py: pings, pong timeouts and the client's lag;
+* edge/credentials.py: the token, its expiry and `refresh`.
+
+The hub never awaits a client: it calls `deliver`, which writes or queues (or ends the
+session if the queue is over its bounds). So a client that stops reading delays nobody
+but itself. The session keeps each subscription's delivery rules (overflow policy,
+conflation merge, rate limit) itself: the hub only orders and repairs.
 """
 
 from __future__ import annotations
@@ -10,17 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import time
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import protocol
 from common.aio import raise_if_cancelling
-from common.auth import LEEWAY, Claims, TokenError, permits
 from common.broker import Publication
-from common.channels import Channel, parse_channel
+from common.channels import Channel, SnapshotMode
 from common.config import EdgeConfig
 from common.errors import (
     AlreadySubscribed,
@@ -30,19 +33,21 @@ from common.errors import (
     HistoryUnavailable,
     InternalError,
     NotSubscribed,
-    PermissionDenied,
     RequestError,
     TooManySubscriptions,
-    Unauthorized,
     Unavailable,
 )
 from common.protocol import Codec, Frame
-from edge.hub import Batch, Hub, Subscription, Wire
+from edge.credentials import Credentials
+from edge.heartbeat import Heartbeat
+from edge.hub import Hub
 from edge.limits import TokenBucket
-from edge.sendqueue import Outcome, Policy, SendQueue, coalesce, merge_json
+from edge.pack import Batch
+from edge.sendqueue import Outcome, Policy
 from edge.stats import EdgeStats
-from edge.tokens import KeysUnavailable, TokenVerifier
-from edge.wire import RawWebSocket, encode_frame
+from edge.throttle import Offer, Throttle
+from edge.tokens import TokenVerifier
+from edge.writer import Writer
 from edge.wsprotocol import FAILED
 
 _CLOSE_REASONS = {
@@ -78,6 +83,29 @@ _FAILED_REASONS = {1002: "protocol_error", 1007: "protocol_error", 1009: "messag
                    3500: "bad_request"}
 
 
+class Feed:
+    """The session's side of one subscription: how the channel's messages reach this
+    client (the hub's side, `edge.hub.Subscription`, is its position)."""
+
+    __slots__ = ("merge", "namespace", "policy", "throttle")
+
+    def __init__(self, namespace: str, policy: Policy, merge: bool,
+                 max_rate: float | None) -> None:
+        self.namespace = namespace  # for the per-namespace counters
+        self.policy = policy  # what the client's queue does when it is full
+        self.merge = merge  # messages are partial updates (conflation merges them)
+        self.throttle = Throttle(max_rate, merge) if max_rate is not None else None
+
+    @property
+    def delivery(self) -> str:
+        """The subscribe reply's `delivery`: what the client may miss (docs/protocol.md)."""
+        if self.throttle is not None and self.policy is not Policy.DROP:
+            return "conflate"
+        if self.policy is Policy.DISCONNECT and self.throttle is None:
+            return "all"
+        return self.policy.value
+
+
 class Session:
     def __init__(
         self,
@@ -91,25 +119,21 @@ class Session:
         verifier: TokenVerifier | None = None,
     ) -> None:
         self.ws = ws
-        self.verifier = verifier  # None: authentication is off
         self.hub = hub
         self.config = config
         self.stats = stats
         self.log = logger
         self.codec = codec
         self.client_id = client_id
-        self.subscriptions: set[str] = set()
+        self.subscriptions: dict[str, Feed] = {}
         self._subscribing: dict[str, asyncio.Task[None]] = {}
-        self.queue = SendQueue(
-            # The stats' method, not one of ours: a callback to the session from its own
-            # queue would make each session a reference cycle, freed only by the garbage
-            # collector's rare full collections (edge/server.py tunes them), not at once.
-            codec, config.queue_max_messages, config.queue_max_bytes, stats.count_queue
-        )
+        self.writer = Writer(ws, codec, config, stats)
+        self.queue = self.writer.queue
+        self.credentials = Credentials(verifier, logger, client_id)
+        self.heartbeat = Heartbeat(config.ping_interval, config.pong_timeout)
         # FANOUT_OVERFLOW, or the namespaces file's (config.overflow has both, resolved);
         # a namespace missing there (a config built by hand) has its file's.
         self._policies = {ns: Policy(p) for ns, p in config.overflow.items()}
-        self._wakeup = asyncio.Event()
         # Set by `fail`: a plain future, not a task waiting on an event (one task less per
         # connection; `asyncio.wait` takes futures).
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -117,226 +141,56 @@ class Session:
         # The session's cleanup has begun: whatever finishes after it (a request or a
         # subscribe whose cancel a library swallowed) must leave nothing behind.
         self._ending = False
-        self._ping_sent: float | None = None  # monotonic time of the unanswered ping
         self._peer_close_code = 1005
         self._failed = False  # the WebSocket layer failed the connection (edge/wsprotocol.py)
         self._loop = asyncio.get_running_loop()
-        self.claims: Claims | None = None  # None: authentication is off
-        self._expiry: asyncio.TimerHandle | None = None
-        # Direct writes to the transport (edge/wire.py), when the server allows them...
-        self._raw = RawWebSocket.attach(ws.scope) if config.direct_write else None
-        # ... and past the queue when it is empty, unless the writer is to wait and gather.
-        self._direct = self._raw if not config.write_delay else None
-        # This turn's batches (and replies) for a client writing directly, held back during
-        # the hub's flush and written together when it ends (`flush_out`).
-        self._out: list[Batch | Frame] | None = None
 
-    # --- called by the hub (synchronous, never blocks) -----------------------------------
+    # --- called by the hub (synchronous, never blocks): edge.hub.Subscriber --------------
 
-    def enqueue(self, frame: Frame) -> None:
-        """Queue a control frame: a reply, a ping, a resync, a recovered message. Each is
-        bounded by something else (a request, the ping interval, the recovery limit)."""
-        if self._close is not None or self._ending:
-            return
-        raw = self._direct
-        if raw is not None and not self.queue.busy:
-            out = self._out
-            if out is not None:  # during the hub's flush, after this turn's batches
-                out.append(frame)
-                return
-            if raw.ready:
-                self._write_now(raw, encode_frame(frame), 1, 1, len(frame))
-                return
-        self.queue.push_control(frame)
-        self._wakeup.set()
-
-    def enqueue_all(self, frames: list[Frame]) -> None:
-        """Queue control messages that belong together, in order: a subscribe's reply and
-        the publications it replays. They are packed into as few frames as the frame bounds
-        allow, as live traffic is: a client that keeps up gets them in one socket write (a
-        replay of 10,000 messages in about 20 frames, not 10,000); otherwise the writer
-        coalesces them from the queue. Nothing sent after this (a live message) can pass
-        them."""
-        if self._close is not None or self._ending or not frames:
-            return
-        raw = self._direct
-        if raw is not None and not self.queue.busy:
-            out = self._out
-            if out is not None:  # during the hub's flush, after this turn's batches
-                out.extend(frames)
-                return
-            if raw.ready:
-                self._write_now(raw, *self._pack(frames, [1] * len(frames)))
-                return
-        push = self.queue.push_control
-        for frame in frames:
-            push(frame)
-        self._wakeup.set()
-
-    def _write_now(self, raw: RawWebSocket, data: bytes, frames: int, messages: int,
-                   payload: int) -> None:
-        """Straight to the socket: nothing is queued before it and the transport takes it
-        without blocking, so no writer task needs to wake up."""
-        raw.write(data)
-        stats = self.stats
-        stats.writes += 1
-        stats.frames_sent += frames
-        stats.frames_direct += frames
-        stats.messages_sent += messages
-        stats.bytes_sent += payload
-
-    def resynced(self, sub: Subscription, frame: Frame) -> None:
-        self.queue.forget(sub.channel)
-        sub.cancel()
-        sub.held = None
-        self.enqueue(frame)
-
-    def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
-        """Queue live publications under the subscription's policy and rate limit. A client
-        that keeps up gets the batch's shared chunks (one queue entry per batch); only a
-        rate-limited client, or a conflating one that is behind, is served message by
-        message."""
+    def deliver(self, channel: str, batch: Batch, start: int) -> None:
+        """Live publications under the subscription's policy and rate limit. A client that
+        keeps up takes the batch's shared frames (directly, or one queue entry per chunk);
+        only a rate-limited client, or a conflating one that is behind, is served message
+        by message."""
         if self._close is not None:
             return
-        out = self._out
-        if out is not None and start == 0 and sub.max_rate is None and not self.queue.busy:
-            # Another channel of this turn for a client already taking it directly (the
-            # hot path of a watchlist): the transport's state cannot have changed since.
-            out.append(batch)
+        feed = self.subscriptions.get(channel)
+        if feed is None:  # not (or no longer) subscribed here: nothing to deliver to
             return
-        raw = self._direct
-        if (start == 0 and raw is not None and sub.max_rate is None and not self.queue.busy
-                and raw.ready):
-            deferred = self.hub.deferred
-            if deferred is not None:  # the hub's flush: written when every channel is done
-                self._out = [batch]
-                deferred.append(self)
-            else:  # keeping up: the batch's finished frames, shared with every such client
-                self._write_now(raw, *batch.wire(self.codec))
-            return
-        if sub.max_rate is not None:
+        if feed.throttle is not None:
             for pub in batch.pubs[start:]:
-                self._throttle(sub, pub)
+                self._throttle(feed, pub)
             return
-        if sub.policy is Policy.CONFLATE and len(self.queue):
+        writer = self.writer
+        if start == 0 and writer.take(batch):
+            return
+        queue = writer.queue
+        if feed.policy is Policy.CONFLATE and len(queue):
             for pub in batch.pubs[start:]:
-                self._push(sub, pub)
+                self._push(feed, pub)
                 if self._close is not None:
                     return
             return
-        for part, count, first, last in batch.chunks(self.codec, start):
-            outcome = self.queue.push_chunk(sub.channel, first, last, part, count, sub.policy)
+        for part, count, first, last in batch.chunks(
+            self.codec, writer.max_bytes, writer.max_messages, start
+        ):
+            outcome = queue.push_chunk(channel, first, last, part, count, feed.policy)
             if outcome is Outcome.DROPPED:
-                self.stats.count_dropped(sub.namespace, count)
+                self.stats.count_dropped(feed.namespace, count)
             elif outcome is Outcome.OVERFLOW:
                 self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer", SLOW_RETRY_AFTER))
                 return
-        self._wakeup.set()
+        writer.wake()
 
-    def flush_out(self) -> None:
-        """The end of the hub's flush: what this client got this turn, in one write. One
-        batch (one channel) goes as the batch's shared frames; several channels' batches
-        (and replies queued meanwhile) are coalesced into as few frames as the frame bounds
-        allow, so a watchlist client gets one frame per turn, not one per channel."""
-        out, self._out = self._out, None
-        raw = self._direct
-        if not out or raw is None or raw.closed:
-            return
-        if len(out) == 1 and isinstance(out[0], Batch):
-            self._write_now(raw, *out[0].wire(self.codec))
-        else:
-            self._write_now(raw, *self._combine(out))
+    def end_turn(self) -> None:
+        self.writer.end_turn()
 
-    def _combine(self, items: list[Batch | Frame]) -> Wire:
-        """Batches and control frames, in order, as finished frames within the bounds."""
-        codec = self.codec
-        parts: list[Frame] = []
-        counts: list[int] = []
-        for item in items:
-            if isinstance(item, Batch):
-                for part, n, _, _ in item.chunks(codec):
-                    parts.append(part)
-                    counts.append(n)
-            else:
-                parts.append(item)
-                counts.append(1)
-        return self._pack(parts, counts)
-
-    def _pack(self, parts: list[Frame], counts: list[int]) -> Wire:
-        """Parts (messages, or chunks of `counts` messages), in order, as finished frames of
-        at most `max_frame_messages` messages and `max_frame_bytes` each (a part larger than
-        that goes alone)."""
-        codec = self.codec
-        messages = sum(counts)
-        max_messages = self.config.max_frame_messages
-        max_bytes = self.config.max_frame_bytes
-        if messages <= max_messages and sum(map(len, parts)) + len(parts) <= max_bytes:
-            frame = coalesce(parts, codec, messages)  # the usual case: one frame
-            return Wire(encode_frame(frame), 1, messages, len(frame))
-        frames: list[bytes] = []
-        payload = 0
-        group: list[Frame] = []
-        count = size = 0
-        for part, n in zip(parts, counts, strict=True):
-            if group and (size + len(part) > max_bytes or count + n > max_messages):
-                frame = coalesce(group, codec, count)
-                frames.append(encode_frame(frame))
-                payload += len(frame)
-                group, count, size = [], 0, 0
-            group.append(part)
-            count += n
-            size += len(part) + 1
-        frame = coalesce(group, codec, count)
-        frames.append(encode_frame(frame))
-        payload += len(frame)
-        return Wire(b"".join(frames), len(frames), messages, payload)
-
-    def _push(self, sub: Subscription, pub: Publication) -> None:
-        outcome = self.queue.push(
-            pub.channel, pub.offset, pub.key, pub.data, pub.frame(self.codec), sub.policy,
-            sub.merge, pub.deleted,
-        )
-        if outcome is Outcome.QUEUED:
-            pass
-        elif outcome is Outcome.CONFLATED:
-            self.stats.count_conflated(sub.namespace)
-        elif outcome is Outcome.DROPPED:
-            self.stats.count_dropped(sub.namespace)
-        else:
-            self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer", SLOW_RETRY_AFTER))
-            return
-        self._wakeup.set()
-
-    def _throttle(self, sub: Subscription, pub: Publication) -> None:
-        """At most `max_rate` frames per second for the channel; in between, the latest value
-        per key is held (partial updates merged), and all held keys go out together in
-        offset order, so offsets stay increasing."""
-        now = self._loop.time()
-        if sub.held is None and now >= sub.next_at:
-            sub.next_at = now + 1.0 / (sub.max_rate or 1.0)
-            self._push(sub, pub)
-            return
-        held = sub.held if sub.held is not None else {}
-        sub.held = held
-        old = held.pop(pub.key, None)
-        if old is not None:
-            self.stats.count_conflated(sub.namespace)
-            if sub.merge and not pub.deleted:  # this client's own merged value
-                pub = Publication(
-                    pub.channel, pub.epoch, pub.offset, pub.key, merge_json(old.data, pub.data)
-                )
-        held[pub.key] = pub
-        if sub.timer is None:
-            sub.timer = self._loop.call_at(sub.next_at, self._release, sub)
-
-    def _release(self, sub: Subscription) -> None:
-        sub.timer = None
-        held, sub.held = sub.held or {}, None
-        sub.next_at = self._loop.time() + 1.0 / (sub.max_rate or 1.0)
-        for pub in sorted(held.values(), key=lambda p: p.offset):
-            self._push(sub, pub)
-            if self._close is not None:
-                return
+    def resynced(self, channel: str, frame: Frame) -> None:
+        self.queue.forget(channel)
+        feed = self.subscriptions.get(channel)
+        if feed is not None and feed.throttle is not None:
+            feed.throttle.reset()
+        self.enqueue(frame)
 
     def fail(self, exc: Disconnect) -> None:
         """End the session with `exc`'s close code (from any task)."""
@@ -345,6 +199,56 @@ class Session:
             if not self._done.done():
                 self._done.set_result(None)
 
+    # --- writing -------------------------------------------------------------------------
+
+    def enqueue(self, frame: Frame) -> None:
+        """Send a control frame: a reply, a ping, a resync. Each is bounded by something
+        else (a request, the ping interval, the recovery limit)."""
+        if self._close is not None or self._ending:
+            return
+        self.writer.send(frame)
+
+    def enqueue_all(self, frames: list[Frame]) -> None:
+        """Send control messages that belong together, in order (see `Writer.send_all`)."""
+        if self._close is not None or self._ending or not frames:
+            return
+        self.writer.send_all(frames)
+
+    def _push(self, feed: Feed, pub: Publication) -> None:
+        outcome = self.queue.push(
+            pub.channel, pub.offset, pub.key, pub.data, pub.frame(self.codec), feed.policy,
+            feed.merge, pub.deleted,
+        )
+        if outcome is Outcome.QUEUED:
+            pass
+        elif outcome is Outcome.CONFLATED:
+            self.stats.count_conflated(feed.namespace)
+        elif outcome is Outcome.DROPPED:
+            self.stats.count_dropped(feed.namespace)
+        else:
+            self.fail(Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer", SLOW_RETRY_AFTER))
+            return
+        self.writer.wake()
+
+    def _throttle(self, feed: Feed, pub: Publication) -> None:
+        throttle = feed.throttle
+        assert throttle is not None
+        offer = throttle.offer(pub, self._loop.time())
+        if offer is Offer.SEND:
+            self._push(feed, pub)
+            return
+        if offer is Offer.REPLACED:
+            self.stats.count_conflated(feed.namespace)
+        if throttle.timer is None:
+            throttle.timer = self._loop.call_at(throttle.due, self._release, feed)
+
+    def _release(self, feed: Feed) -> None:
+        assert feed.throttle is not None
+        for pub in feed.throttle.release(self._loop.time()):
+            self._push(feed, pub)
+            if self._close is not None:
+                return
+
     # --- the connection's life -----------------------------------------------------------
 
     async def run(self) -> None:
@@ -352,7 +256,7 @@ class Session:
         self.stats.connections_total += 1
         tasks: list[asyncio.Future[Any]] = [
             asyncio.create_task(self._read_loop()),
-            asyncio.create_task(self._write_loop()),
+            asyncio.create_task(self.writer.run()),
             self._done,
         ]
         try:
@@ -367,8 +271,7 @@ class Session:
                     self.fail(Disconnect(CloseCode.SERVER_ERROR, "internal error"))
         finally:
             self._ending = True
-            if self._expiry is not None:
-                self._expiry.cancel()
+            self.credentials.close()
             tasks += self._subscribing.values()
             for task in tasks:
                 task.cancel()
@@ -380,7 +283,9 @@ class Session:
             for task in tasks:
                 if task.done() and not task.cancelled():
                     task.exception()  # retrieved: run() has dealt with the first ones above
-            for name in self.subscriptions:
+            for name, feed in self.subscriptions.items():
+                if feed.throttle is not None:
+                    feed.throttle.reset()
                 self.hub.unsubscribe(self, name)
             self.subscriptions.clear()
             self.queue.clear()
@@ -435,12 +340,14 @@ class Session:
             raise Disconnect(CloseCode.BAD_REQUEST, f"bad connect: {exc.message}") from None
         if not isinstance(command, protocol.Connect):
             raise Disconnect(CloseCode.BAD_REQUEST, "first message must be connect")
-        await self._authenticate(command.token)
+        await self.credentials.authenticate(command.token, self.fail)
         self.enqueue(protocol.encode(protocol.connected(
             command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout,
-            self._expires_in(),
+            self.credentials.expires_in(),
         ), self.codec))
-        pinger = asyncio.create_task(self._ping_loop())
+        pinger = asyncio.create_task(self.heartbeat.run(
+            protocol.encode(protocol.ping(), self.codec), self.enqueue, self.fail
+        ))
         bucket = TokenBucket(self.config.request_rate, self.config.request_burst,
                              self._loop.time())
         try:
@@ -455,64 +362,6 @@ class Session:
                 raise_if_cancelling()  # a history read's Redis call may swallow a cancel
         finally:
             pinger.cancel()
-
-    async def _authenticate(self, token: str | None) -> None:
-        """Without keys configured every client may read every channel (development); with
-        them, the token's claims decide, and the connection ends when it expires. An edge
-        that has no keys yet (JWKS not loaded) asks the client to come back: 3004."""
-        if self.verifier is None:
-            return
-        try:
-            claims = await self.verifier.verify(token)
-        except TokenError as exc:
-            self.log.info("unauthorized client=%s error=%s", self.client_id, exc)
-            raise Disconnect(CloseCode.UNAUTHORIZED, exc.reason) from None
-        except KeysUnavailable as exc:
-            self.log.warning("cannot authenticate client=%s: %s", self.client_id, exc)
-            raise Disconnect(CloseCode.SERVER_ERROR, "authentication unavailable") from None
-        self.log.debug("authenticated client=%s sub=%s", self.client_id, claims.subject)
-        self._set_claims(claims)
-
-    def _set_claims(self, claims: Claims) -> None:
-        self.claims = claims
-        if self._expiry is not None:
-            self._expiry.cancel()
-        self._expiry = self._loop.call_later(
-            max(self._expires_in() or 0.0, 0.0), self.fail,
-            Disconnect(CloseCode.TOKEN_EXPIRED, "token expired"),
-        )
-
-    def _expires_in(self) -> float | None:
-        """Seconds this connection may live on its token (as long as verify_token accepts
-        it); None without authentication."""
-        if self.claims is None:
-            return None
-        return max(self.claims.expires + LEEWAY - time.time(), 0.0)
-
-    async def _refresh(self, command: protocol.Refresh) -> dict[str, Any]:
-        """A new token for the same subject; it must allow every channel subscribed now
-        (unsubscribe first), so that a refresh never silently ends a subscription."""
-        if self.claims is None or self.verifier is None:
-            raise BadRequest("authentication is off: nothing to refresh")
-        try:
-            claims = await self.verifier.verify(command.token)
-        except TokenError as exc:
-            self.log.info("refresh refused client=%s error=%s", self.client_id, exc)
-            raise Unauthorized(exc.reason) from None
-        except KeysUnavailable as exc:
-            self.log.warning("cannot check refresh client=%s: %s", self.client_id, exc)
-            raise Unavailable("authentication unavailable: retry later") from None
-        if claims.subject != self.claims.subject:
-            raise Unauthorized("token is for another subject")
-        for name in sorted(self.subscriptions | set(self._subscribing)):
-            if not permits(claims, parse_channel(name)):
-                raise PermissionDenied(f"the new token does not allow {name}: unsubscribe first")
-        self._set_claims(claims)
-        return protocol.refreshed(command.id, self._expires_in() or 0.0)
-
-    def _check_allowed(self, channel: Channel) -> None:
-        if self.claims is not None and not permits(self.claims, channel):
-            raise PermissionDenied(f"not allowed to read {channel.name}")
 
     def _policy(self, channel: Channel) -> Policy:
         policy = self._policies.get(channel.namespace)
@@ -541,7 +390,7 @@ class Session:
 
     def _start_subscribe(self, command: protocol.Subscribe) -> None:
         name = command.channel.name
-        self._check_allowed(command.channel)
+        self.credentials.check_allowed(command.channel)
         if name in self.subscriptions or name in self._subscribing:
             raise AlreadySubscribed(f"already subscribed to {name}")
         if len(self.subscriptions) + len(self._subscribing) >= self.config.max_subscriptions:
@@ -566,9 +415,11 @@ class Session:
             pending = self._subscribing.get(name)
             if pending is not None:
                 await asyncio.wait([pending])  # unsubscribe what that subscribe gives
-            if name not in self.subscriptions:
+            feed = self.subscriptions.pop(name, None)
+            if feed is None:
                 raise NotSubscribed(f"not subscribed to {name}")
-            self.subscriptions.discard(name)
+            if feed.throttle is not None:
+                feed.throttle.reset()
             self.hub.unsubscribe(self, name)
             self.queue.forget(name)
             return protocol.unsubscribed(command.id, name)
@@ -576,14 +427,16 @@ class Session:
             await self._history(command)
             return None
         if isinstance(command, protocol.Pong):
-            if self._ping_sent is not None:
-                self.stats.client_lag.observe(time.monotonic() - self._ping_sent)
-                self._ping_sent = None
+            lag = self.heartbeat.pong()
+            if lag is not None:
+                self.stats.client_lag.observe(lag)
             return None
         if isinstance(command, protocol.Ping):
             return protocol.pong(command.id)
         if isinstance(command, protocol.Refresh):
-            return await self._refresh(command)
+            return await self.credentials.refresh(
+                command, [*self.subscriptions, *self._subscribing], self.fail
+            )
         if isinstance(command, protocol.Connect):
             raise BadRequest("already connected")
         raise InternalError("unhandled command")
@@ -596,11 +449,11 @@ class Session:
             # The namespace does not recover: the client starts over from the snapshot
             # (recovered: false), as after a position that is no longer retained.
             recover, snapshot = None, True
+        channel = command.channel
+        feed = Feed(channel.namespace, self._policy(channel),
+                    channel.snapshot_mode is SnapshotMode.MERGE, spec.rate(command.max_rate))
         try:
-            _, joined = await self.hub.subscribe(
-                self, command.channel, recover, snapshot, command.id,
-                policy=self._policy(command.channel), max_rate=spec.rate(command.max_rate),
-            )
+            _, joined = await self.hub.subscribe(self, channel, recover, snapshot)
         except RequestError as exc:
             self.stats.count_error(exc.code)
             self.enqueue(protocol.encode(protocol.error(command.id, exc), self.codec))
@@ -610,9 +463,11 @@ class Session:
             return
         # No await between the hub's merge and these enqueues: the reply and the replay go
         # out before any live message that follows them.
-        self.subscriptions.add(name)
+        self.subscriptions[name] = feed
         codec = self.codec
-        self.enqueue_all([protocol.encode(joined.reply, codec),
+        reply = protocol.subscribed(command.id, name, joined.epoch, joined.offset,
+                                    joined.recovered, joined.snapshot, feed.delivery)
+        self.enqueue_all([protocol.encode(reply, codec),
                           *(pub.frame(codec) for pub in joined.replay)])
 
     async def _history(self, command: protocol.History) -> None:
@@ -620,7 +475,7 @@ class Session:
         if command.last - command.first + 1 > self.config.recovery_limit:
             raise BadRequest(f"at most {self.config.recovery_limit} publications per request")
         name = command.channel.name
-        self._check_allowed(command.channel)
+        self.credentials.check_allowed(command.channel)
         try:
             result = await self.hub.read_history(
                 name, command.first - 1, "0", command.epoch, command.last
@@ -632,66 +487,3 @@ class Session:
             raise HistoryUnavailable(f"{name} {command.first}..{command.last} is not retained")
         frames = [p.frame(self.codec) for p in result.entries]
         self.enqueue(protocol.history_reply(command.id, name, result.epoch, frames, self.codec))
-
-    async def _write_loop(self) -> None:
-        """Drain the queue, everything pending coalesced into one frame (up to the frame
-        bounds): a frame costs about the same CPU whatever it holds, so a client that
-        falls behind costs less per message, not more. Writes wait while the socket's
-        write buffer is over its high-water mark; meanwhile the queue's policy applies.
-
-        With direct writes, parts are popped only when the transport takes them at once,
-        so an empty queue means nothing is in flight and the hub may write past the queue
-        (`deliver`) without reordering anything."""
-        queue = self.queue
-        stats = self.stats
-        codec = self.codec
-        max_messages = self.config.max_frame_messages
-        max_bytes = self.config.max_frame_bytes
-        delay = self.config.write_delay
-        raw = self._raw
-        send = self.ws.send
-        kind = "text" if codec is Codec.JSON else "bytes"
-        while True:
-            await self._wakeup.wait()
-            if delay:
-                await asyncio.sleep(delay)
-            self._wakeup.clear()
-            while queue.busy:
-                if raw is not None:
-                    if not raw.ready:
-                        if raw.closed:
-                            raise WebSocketDisconnect(1006)
-                        await raw.wait_writable()
-                        continue
-                    parts, count = queue.pop_parts(max_messages, max_bytes)
-                    if not parts:
-                        break
-                    frame = coalesce(parts, codec, count)
-                    raw.write(encode_frame(frame))
-                else:
-                    parts, count = queue.pop_parts(max_messages, max_bytes)
-                    if not parts:
-                        break
-                    frame = coalesce(parts, codec, count)
-                    await send({"type": "websocket.send", kind: frame})
-                stats.writes += 1
-                stats.frames_sent += 1
-                stats.messages_sent += count
-                stats.bytes_sent += len(frame)
-
-    async def _ping_loop(self) -> None:
-        """Application pings (browsers cannot see protocol pings). The first one comes at a
-        random point of the interval so that clients that reconnected together do not
-        ping in lockstep."""
-        interval = self.config.ping_interval
-        timeout = self.config.pong_timeout
-        await asyncio.sleep(random.uniform(interval / 2, interval))
-        ping = protocol.encode(protocol.ping(), self.codec)
-        while True:
-            self._ping_sent = time.monotonic()
-            self.enqueue(ping)
-            await asyncio.sleep(timeout)
-            if self._ping_sent is not None:
-                self.fail(Disconnect(CloseCode.NO_PONG, "no pong"))
-                return
-            await asyncio.sleep(max(interval - timeout, 0.0))

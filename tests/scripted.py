@@ -8,13 +8,11 @@ import logging
 from collections import deque
 from typing import Any
 
-from common import protocol
 from common.broker import HistoryResult, Publication
 from common.channels import Channel
 from common.errors import Unavailable
 from common.protocol import Frame, Position
 from edge.hub import Joined, Subscription
-from edge.sendqueue import Policy
 from edge.session import Session
 
 
@@ -53,27 +51,23 @@ class ScriptedWebSocket:
 class ScriptedHub:
     """A hub whose channels all sit at offset 10 of epoch e1; "FAIL" channels are down."""
 
-    deferred = None
-
     def __init__(self) -> None:
         self.subscribed: set[tuple[int, str]] = set()
 
     async def subscribe(
         self, session: Any, channel: Channel, recover: Position | None, want_snapshot: bool,
-        rid: int | None, *, policy: Policy = Policy.DISCONNECT, max_rate: float | None = None,
     ) -> tuple[Subscription, Joined]:
         await asyncio.sleep(0)
         name = channel.name
         if "FAIL" in name:
             raise Unavailable("channel temporarily unavailable, retry")
-        sub = Subscription(session, name, channel.namespace, policy, False, max_rate)
+        sub = Subscription(session, name)
         recovered = recover is not None and recover.epoch == "e1" and recover.offset <= 10
         replay = [Publication(name, "e1", o, "", f'{{"o":{o}}}')
                   for o in range(recover.offset + 1, 11)] if recover and recovered else []
         snapshot = None if recovered or (recover is None and not want_snapshot) else {"": 1}
         self.subscribed.add((id(session), name))
-        return sub, Joined(protocol.subscribed(rid, name, "e1", 10, recovered, snapshot),
-                           replay)
+        return sub, Joined("e1", 10, recovered, snapshot, replay)
 
     def unsubscribe(self, session: Any, name: str) -> None:
         self.subscribed.discard((id(session), name))

@@ -51,7 +51,7 @@ async def test_a_cancelled_subscribe_registers_nothing_when_redis_swallows_the_c
     await hub.start()
     try:
         task = asyncio.create_task(
-            hub.subscribe(FakeSession(), parse_channel(CH), Position(2, "e"), False, 1)
+            hub.subscribe(FakeSession(), parse_channel(CH), Position(2, "e"), False)
         )
         await broker.reading.wait()
         task.cancel()
@@ -82,7 +82,7 @@ async def test_a_subscribe_cancelled_during_its_redis_subscribe_leaves_no_channe
     await hub.start()
     try:
         task = asyncio.create_task(
-            hub.subscribe(FakeSession(), parse_channel(CH), None, False, 1)
+            hub.subscribe(FakeSession(), parse_channel(CH), None, False)
         )
         await asyncio.sleep(0.01)
         assert CH in hub.channels

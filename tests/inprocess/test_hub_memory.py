@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from common import protocol
 from common.broker import BrokerUnavailable, HistoryResult, PublishRequest, SnapshotWant
 from common.broker.memory import MemoryBroker
 from common.channels import parse_channel
 from common.errors import Disconnect, Unavailable
 from common.protocol import Codec, Frame, Position
-from edge.hub import Batch, Hub, Subscription
+from edge.hub import Hub
+from edge.pack import Batch
 from edge.stats import EdgeStats
 
 CH = "quotes.MNQ"
@@ -38,13 +40,13 @@ class FakeSession:
     def enqueue(self, frame: Frame) -> None:
         self.frames.append(frame)
 
-    def resynced(self, sub: Subscription, frame: Frame) -> None:
+    def resynced(self, channel: str, frame: Frame) -> None:
         self.frames.append(frame)
 
-    def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
+    def deliver(self, channel: str, batch: Batch, start: int) -> None:
         self.frames += [pub.frame(self.codec) for pub in batch.pubs[start:]]
 
-    def flush_out(self) -> None:
+    def end_turn(self) -> None:
         pass
 
     def fail(self, exc: Disconnect) -> None:
@@ -119,11 +121,14 @@ async def join(
     snapshot: bool = False,
 ) -> dict[str, object]:
     """Subscribe as a session does: the reply and replay go out before any live message."""
-    _, joined = await hub.subscribe(session, parse_channel(channel), recover, snapshot, 1)
-    session.enqueue(json.dumps(joined.reply))
+    _, joined = await hub.subscribe(session, parse_channel(channel), recover, snapshot)
+    reply: dict[str, object] = protocol.subscribed(
+        1, channel, joined.epoch, joined.offset, joined.recovered, joined.snapshot, "all"
+    )
+    session.enqueue(json.dumps(reply))
     for pub in joined.replay:
         session.enqueue(pub.frame(Codec.JSON))
-    return joined.reply
+    return reply
 
 
 # --- ordering ----------------------------------------------------------------------------
@@ -150,9 +155,9 @@ async def test_a_batch_of_one_turn_is_one_batch_per_channel(
     await join(hub, s)
     original = s.deliver
 
-    def deliver(sub: Subscription, batch: Batch, start: int) -> None:
+    def deliver(channel: str, batch: Batch, start: int) -> None:
         batches.append([p.offset for p in batch.pubs[start:]])
-        original(sub, batch, start)
+        original(channel, batch, start)
 
     s.deliver = deliver  # type: ignore[method-assign]
     await publish(broker, CH, *range(1, 11))
