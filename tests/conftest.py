@@ -21,10 +21,10 @@ import uvicorn
 from redis.asyncio import Redis
 
 from common.config import EdgeConfig, RedisSettings
-from common.embedded import EmbeddedValkey
 from common.keys import Keys
 from edge.app import Edge
 from edge.server import uvicorn_config
+from fanout.embedded import EmbeddedValkey
 from ingest.publisher import Publisher
 
 

@@ -861,7 +861,7 @@ def test_the_expected_settings_are_secret() -> None:
 
 
 def test_secret_flags_are_not_in_help() -> None:
-    from common.cli import _parser
+    from fanout.cli import _parser
 
     for command in COMMANDS:
         text = _subparser(_parser(), command).format_help()
@@ -943,7 +943,7 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_shows_every_default_a_metavar_and_a_group(command: str) -> None:
-    from common.cli import _parser
+    from fanout.cli import _parser
 
     sub = _subparser(_parser(), command)
     cmd = COMMANDS[command]
@@ -988,7 +988,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_config_check_prints_every_setting_value_and_source(
     tmp_path: Path, clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from common.cli import main
+    from fanout.cli import main
 
     path = write(tmp_path, "[edge]\nport = 9001\n[redis]\nkey_prefix = 'md'\n")
     clean_environ.setenv("FANOUT_AUTH_SECRET", "topsecret-" * 4)
@@ -1012,7 +1012,7 @@ def test_config_check_prints_every_setting_value_and_source(
 def test_config_check_fails_with_the_error(
     tmp_path: Path, clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from common.cli import main
+    from fanout.cli import main
 
     path = write(tmp_path, "[edge]\nport = -1\n")
     assert main(["config", "check", path]) == 2

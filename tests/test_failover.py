@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from common.embedded import free_port
 from common.keys import Keys
+from fanout.embedded import free_port
 from ingest.projectx import parse_ts
 from tests.gateway_sim import GatewaySim
 from tests.seqfeed import Rows, channel_of, check_clean, published
@@ -58,7 +58,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 SEQ_WORKER = ("-m", "tests.failover_worker")  # `fanout ingest`'s worker on SequenceFeed
-INGEST_COMMAND = ("-m", "common.cli", "ingest")  # `fanout ingest` itself
+INGEST_COMMAND = ("-m", "fanout", "ingest")  # `fanout ingest` itself
 
 
 class WorkerProcess:

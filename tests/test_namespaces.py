@@ -560,7 +560,7 @@ def test_bad_file_stops_the_command_at_start(tmp_path: Path, command: str) -> No
     path = tmp_path / "ns.toml"
     path.write_text('[namespaces.chat]\npattern = "chat.{room:id}"\nsnapshot = "full"\n')
     env = {**os.environ, "FANOUT_NAMESPACES_FILE": str(path)}
-    done = subprocess.run([sys.executable, "-m", "common.cli", command], env=env,
+    done = subprocess.run([sys.executable, "-m", "fanout", command], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert (f"FANOUT_NAMESPACES_FILE: {path}: namespace 'chat': snapshot: must be one of "

@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         "set), one ingest worker on the simulated feed and edge processes; prints the URLs. "
         "Ctrl-C stops everything.",
     )
-    from common import dev as dev_module
+    from fanout import dev as dev_module
 
     dev_module.add_arguments(dev)
 
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "config":
             return _config_check(args)
-        from common import dev as dev_module
+        from fanout import dev as dev_module
 
         return dev_module.run(args)
     except ConfigError as exc:
@@ -222,6 +222,3 @@ def _logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
 
-
-if __name__ == "__main__":
-    sys.exit(main())
