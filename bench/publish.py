@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 
 from common.keys import Keys
 from ingest.publisher import Publisher
-from ingest.sim import SimulatedFeed
+from ingest.feeds.sim import SimulatedFeed
 from ingest.upstream import UpstreamMessage
 from ingest.worker import IngestMetrics, Worker
 

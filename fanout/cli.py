@@ -8,16 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from common import __version__
-from common.config import (
-    COMMANDS,
-    CONFIG_ENV,
-    Loaded,
-    add_arguments,
-    describe,
-    load,
-    read_secret_file,
-)
+from common.config import CONFIG_ENV, Loaded, add_arguments, describe, read_secret_file
 from common.errors import ConfigError
+from fanout.config import COMMANDS, load
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from common.config import CONFIG_ENV, DEFAULT, config_path, load, redact_url
+from common.config import CONFIG_ENV, DEFAULT, config_path, redact_url
 from common.errors import ConfigError
+from fanout.config import load
 from fanout.embedded import EmbeddedValkey
 
 log = logging.getLogger("fanout.dev")

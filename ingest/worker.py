@@ -34,10 +34,11 @@ from starlette.types import ASGIApp
 
 from common.aio import raise_if_cancelling, stop_tasks, wait_event
 from common.backoff import Backoff
-from common.config import IngestConfig, redact_url
+from common.config import redact_url
 from common.keys import Keys
 from common.namespaces import use_file
 from common.redisclient import redis_client
+from ingest.config import IngestConfig
 from ingest.feeds import make_upstream, state_metric
 from ingest.health import UpstreamStates, create_ops_app
 from ingest.leader import Leader, LeaderMetrics, NotLeader, Term

@@ -23,8 +23,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from common.config import INGEST_SETTINGS, IngestConfig, build
+from common.config import build
 from common.keys import Keys
+from ingest.config import INGEST_SETTINGS, IngestConfig
 from ingest.worker import run_worker
 from tests.seqfeed import SequenceFeed
 

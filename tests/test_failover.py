@@ -36,7 +36,7 @@ from redis.asyncio import Redis
 
 from common.keys import Keys
 from fanout.embedded import free_port
-from ingest.projectx import parse_ts
+from ingest.feeds.projectx import parse_ts
 from tests.gateway_sim import GatewaySim
 from tests.seqfeed import Rows, channel_of, check_clean, published
 from tests.signalr_server import HubServer

@@ -15,10 +15,11 @@ import pytest
 import websockets
 from redis.asyncio import Redis
 
-from common.config import INGEST_SETTINGS, IngestConfig, build, check_ingest
+from common.config import build
 from common.errors import ConfigError
 from common.keys import Keys
 from fanout.embedded import free_port
+from ingest.config import INGEST_SETTINGS, IngestConfig, check_ingest
 
 
 @pytest.mark.parametrize(

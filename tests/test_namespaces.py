@@ -20,10 +20,8 @@ from common.config import (
     DEFAULT_HISTORY,
     DEFAULT_OVERFLOW,
     EDGE_SETTINGS,
-    INGEST_SETTINGS,
     EdgeConfig,
     HistoryPolicy,
-    IngestConfig,
     build,
 )
 from common.errors import BadChannel, ConfigError
@@ -36,6 +34,7 @@ from common.namespaces import (
     load_namespaces,
     parse_namespaces,
 )
+from ingest.config import INGEST_SETTINGS, IngestConfig
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from tests.wsclient import ProtoClient
