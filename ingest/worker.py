@@ -46,6 +46,8 @@ from ingest.publisher import Fence, FencedOut, InvalidMessage, Publisher, Publis
 from ingest.upstream import Resumable, Upstream, UpstreamMessage
 
 IN_FLIGHT_GRACE = 5.0  # s a publish round trip already sent may take to complete after a term
+# Seconds: a publish round trip; from the upstream to published adds the longer tail.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class IngestMetrics:
@@ -73,14 +75,12 @@ class IngestMetrics:
         )
         self.latency = Histogram(
             "fanout_ingest_publish_latency_seconds", "Time of one publish round trip.",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=registry,
+            buckets=LATENCY_BUCKETS, registry=registry,
         )
         self.upstream_latency = Histogram(
             "fanout_ingest_upstream_latency_seconds", "From receiving a message from the "
             "upstream to Redis having published it (queueing, batching, the round trip).",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
-                     10.0),
+            buckets=(*LATENCY_BUCKETS, 2.5, 10.0),
             registry=registry,
         )
         self.batch = Histogram(

@@ -46,7 +46,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from common.backoff import Backoff
-from common.channels import parse_channel, validate_key
+from common.channels import MAX_MESSAGE_ID_LENGTH, parse_channel, validate_key
 from common.config import Setting, parse_float, parse_json_object, parse_str
 from common.errors import BadChannel, ConfigError
 from ingest.feeds import Feed, FeedContext
@@ -54,7 +54,6 @@ from ingest.upstream import Upstream, UpstreamMessage
 
 Sleep = Callable[[float], Awaitable[object]]
 
-MAX_MESSAGE_ID_LENGTH = 256  # the publisher's limit
 SKIP_LOG_INTERVAL = 10.0  # s between two warnings of one skip reason
 MAPPING_FIELDS = frozenset({"channel", "key", "id", "payload", "delete", "match", "if_changed"})
 
@@ -71,6 +70,11 @@ class FeedState(StrEnum):
 
 class MappingError(ValueError):
     """A message matched a mapping but cannot become an UpstreamMessage."""
+
+
+def _check_message_id(msg_id: str) -> None:
+    if len(msg_id) > MAX_MESSAGE_ID_LENGTH:
+        raise ValueError(f"id longer than {MAX_MESSAGE_ID_LENGTH} characters")
 
 
 def _path(text: str, what: str) -> tuple[str, ...]:
@@ -214,6 +218,21 @@ class _Rule:
     def matches(self, message: object) -> bool:
         return all(_same(lookup(message, path), value) for path, value in self.match)
 
+    @staticmethod
+    def _text(
+        message: object, path: tuple[str, ...] | None, what: str, check: Callable[[str], object]
+    ) -> str:
+        """The scalar at `path` as text ("" without a path), passed by `check` (which
+        raises ValueError); MappingError naming `what` otherwise."""
+        if path is None:
+            return ""
+        text = _scalar(lookup(message, path), ".".join(path), what)
+        try:
+            check(text)
+        except ValueError as exc:
+            raise MappingError(f"{what}: {exc}") from None
+        return text
+
     def apply(self, message: object) -> UpstreamMessage:
         """The UpstreamMessage of a matching message; MappingError if it cannot be one."""
         what = f"mapping {self.spec.channel!r}"
@@ -226,20 +245,8 @@ class _Rule:
             parse_channel(channel)
         except BadChannel as exc:
             raise MappingError(f"{what}: {exc.message}") from None
-        key = ""
-        if self.key is not None:
-            key = _scalar(lookup(message, self.key), ".".join(self.key), what)
-            try:
-                validate_key(key)
-            except ValueError as exc:
-                raise MappingError(f"{what}: {exc}") from None
-        msg_id = ""
-        if self.msg_id is not None:
-            msg_id = _scalar(lookup(message, self.msg_id), ".".join(self.msg_id), what)
-            if len(msg_id) > MAX_MESSAGE_ID_LENGTH:
-                raise MappingError(
-                    f"{what}: id longer than {MAX_MESSAGE_ID_LENGTH} characters"
-                )
+        key = self._text(message, self.key, what, validate_key)
+        msg_id = self._text(message, self.msg_id, what, _check_message_id)
         data: object = message
         if self.payload is not None:
             data = lookup(message, self.payload)
