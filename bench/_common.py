@@ -25,7 +25,7 @@ from typing import IO, Any, TypeVar
 
 from redis.asyncio import Redis
 
-from common.embedded import EmbeddedValkey, free_port
+from fanout.embedded import EmbeddedValkey, free_port
 
 T = TypeVar("T")
 
@@ -243,7 +243,7 @@ def bench_prefix(name: str) -> str:
 
 
 class EdgeProcess:
-    """`python -m common.cli edge` on a free loopback port, pinned to one CPU, killed with
+    """`python -m fanout edge` on a free loopback port, pinned to one CPU, killed with
     us (PR_SET_PDEATHSIG) however we end."""
 
     def __init__(self, redis_url: str, prefix: str, cpu: int | None,
@@ -264,7 +264,7 @@ class EdgeProcess:
     def start(self) -> None:
         preexec = child_preexec(self.cpu)
         cmd = [
-            sys.executable, "-m", "common.cli", "edge",
+            sys.executable, "-m", "fanout", "edge",
             "--host", HOST, "--port", str(self.port),
             "--key-prefix", self.prefix, "--log-level", "warning",
             # Every client comes from 127.0.0.1, by the thousand: no admission limits.

@@ -1,6 +1,6 @@
 """Fan-out throughput and latency of one edge process.
 
-One edge (`python -m common.cli edge`, a subprocess pinned to CPU 0) serves `--clients`
+One edge (`python -m fanout edge`, a subprocess pinned to CPU 0) serves `--clients`
 WebSocket clients that all subscribe to the same channel: `--channel`, or with `--channels K`
 (a watchlist) the K channels `<channel>0` ... `<channel>K-1`. CPU 1 holds everything else: the
 clients, this process (a publisher that publishes through the real Lua publish script at each

@@ -1,6 +1,6 @@
 """Recovery replay: how fast a client that is N messages behind gets all of them back.
 
-One edge (`python -m common.cli edge`, a subprocess pinned to CPU 0, `--recovery-limit` the
+One edge (`python -m fanout edge`, a subprocess pinned to CPU 0, `--recovery-limit` the
 largest N) and an embedded Valkey; the channel (`--channel`, default `trades.REPLAY`) holds
 the largest N publications (each like a trade: `{"ts", "price", "size", "side"}`, about 70
 bytes of JSON), published beforehand through the real Lua publish script. For each N of

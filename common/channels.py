@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 MAX_CHANNEL_LENGTH = 128
 MAX_KEY_LENGTH = 128
+# An upstream message id (idempotency): the publisher refuses longer ones, the HTTP API and
+# the WebSocket feed check it first to say which message. Not checked again in publish.lua.
+MAX_MESSAGE_ID_LENGTH = 256
 
 # The shipped namespaces (common/namespaces.toml); the loaded ones: active_namespaces().
 NAMESPACES = ("quotes", "trades", "depth", "bars", "account")

@@ -205,41 +205,6 @@ class EdgeConfig:
     log_level: str = "info"
 
 
-@dataclass(frozen=True, slots=True)
-class IngestConfig:
-    redis: RedisSettings = RedisSettings()
-    feed: str = "sim"
-    symbols: tuple[str, ...] = ("MNQ", "MES", "NQ", "ES", "M2K", "MYM", "RTY", "YM")
-    rate: float = 20.0  # simulated events per second per symbol
-    seed: int = 1
-    batch_size: int = 500  # most publishes per pipelined round trip
-    history: Mapping[str, HistoryPolicy] = field(default_factory=namespace_history)
-    idempotency_ttl: int = 3_600  # s a published upstream message id is remembered
-    metrics_port: int = 0  # 0 = no /metrics, /healthz, /readyz
-    metrics_host: str = "127.0.0.1"
-    feed_id: str = ""  # the feed's name in its lease: workers with one id elect one leader
-    lease_ttl: float = 5.0  # s the leader's lease lasts without a renewal
-    reconnect_base: float = 0.5  # s: ceiling of the first reconnect delay (full jitter)
-    reconnect_cap: float = 20.0  # s: ceiling of any reconnect delay
-    # feed "ws": a generic WebSocket JSON feed (docs/architecture.md, "Upstream adapters")
-    ws_url: str = field(default="", repr=False)  # may carry credentials in its query
-    ws_subscribe: str = ""  # JSON array of messages sent after each connect
-    ws_mapping: str = ""  # JSON: field mappings to channel, key, id and payload
-    ws_headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # secrets
-    ws_idle_timeout: float = 30.0  # s without a message before reconnecting
-    # feed "projectx": the ProjectX gateway's SignalR hubs
-    projectx_url: str = "https://rtc.topstepx.com"
-    projectx_token: str = field(default="", repr=False)
-    projectx_contracts: tuple[str, ...] = ()
-    projectx_accounts: tuple[int, ...] = ()
-    # the HTTP publish API (ingest/http_api.py); 0 = off
-    api_host: str = "127.0.0.1"
-    api_port: int = 0
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    namespaces_file: str = ""  # "" = the shipped common/namespaces.toml
-    log_level: str = "info"
-
-
 # --- building from environment and flags ---------------------------------------------------
 
 
@@ -267,17 +232,23 @@ class Setting:
     group: str = ""  # --help section; "" = derived from the name (_group)
     default: str = ""  # how --help shows the default; "" = the dataclass default
     json: bool = False  # a JSON text: TOML arrays and tables are given as JSON
+    # The key in the command's own section when it is not the attr's: a feed's settings
+    # (ingest/feeds/) are attrs of their own dataclass ("ws.url") but keep their flat keys
+    # ([ingest] ws_url) and so their flags and variables.
+    file_key: str = ""
 
     @property
     def section(self) -> str:
         """The config file section: the first part of a dotted attr, else "" (the
         command's own section, [edge] or [ingest])."""
+        if self.file_key:
+            return ""
         return self.attr.split(".", 1)[0] if "." in self.attr else ""
 
     @property
     def key(self) -> str:
         """The key in the config file section."""
-        return self.attr.rsplit(".", 1)[-1]
+        return self.file_key or self.attr.rsplit(".", 1)[-1]
 
     @property
     def sensitive(self) -> bool:
@@ -336,30 +307,6 @@ def _log_level(setting: str, text: str) -> str:
     if text.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(setting, f"must be debug, info, warning or error, got {text!r}")
     return text.lower()
-
-
-def _symbols(setting: str, text: str) -> tuple[str, ...]:
-    from common.channels import parse_channel
-    from common.errors import BadChannel
-
-    symbols = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not symbols:
-        raise ConfigError(setting, "must name at least one symbol")
-    for symbol in symbols:
-        try:
-            parse_channel(f"quotes.{symbol}")
-        except BadChannel:
-            raise ConfigError(setting, f"bad symbol {symbol!r}") from None
-    return symbols
-
-
-FEEDS = ("sim", "ws", "projectx")
-
-
-def _feed(setting: str, text: str) -> str:
-    if text not in FEEDS:
-        raise ConfigError(setting, f"unknown feed {text!r}: expected one of {', '.join(FEEDS)}")
-    return text
 
 
 def _csv(setting: str, text: str) -> tuple[str, ...]:
@@ -494,12 +441,6 @@ def _json_object(setting: str, text: str) -> dict[str, str]:
     return value
 
 
-def _ws_url(setting: str, text: str) -> str:
-    if urlsplit(text).scheme not in ("ws", "wss"):
-        raise ConfigError(setting, "must be a ws:// or wss:// URL")
-    return text
-
-
 def _namespaces_file(setting: str, text: str) -> str:
     """Load (and check) the namespaces file, and parse channel names with it from now on:
     the settings that name namespaces (FANOUT_HISTORY, FANOUT_OVERFLOW) come after it."""
@@ -511,6 +452,20 @@ def _prefix(setting: str, text: str) -> str:
     if not text or any(c in text for c in "{}: \t\n"):
         raise ConfigError(setting, "must be a non-empty name without braces, colons or spaces")
     return text
+
+
+# The parsers for settings tables outside this module (ingest/config.py, a feed's in
+# ingest/feeds/): each takes (the setting's name, the text) and raises ConfigError naming it.
+parse_int = _int  # parse_int(lo, hi): a parser of integers in [lo, hi]
+parse_float = _float  # parse_float(lo, strict): of finite numbers > lo (>= if not strict)
+parse_bool = _bool
+parse_str = _str
+parse_nonempty = _nonempty
+parse_log_level = _log_level
+parse_csv = _csv
+parse_ints = _ints
+parse_json_object = _json_object
+parse_name = _prefix  # a name without braces, colons or spaces (key prefix, ids)
 
 
 REDIS_SETTINGS = (
@@ -642,89 +597,6 @@ EDGE_SETTINGS = (
             "log level: debug, info, warning or error"),
 )
 
-INGEST_SETTINGS = (
-    *REDIS_SETTINGS,
-    NAMESPACES_FILE_SETTING,
-    Setting("feed", "--feed", "FANOUT_FEED", _feed, "upstream feed: sim, ws or projectx",
-            metavar="FEED"),
-    Setting("symbols", "--symbols", "FANOUT_SYMBOLS", _symbols,
-            "comma-separated symbols of the simulated feed"),
-    Setting("rate", "--rate", "FANOUT_RATE", _float(0),
-            "simulated events per second per symbol"),
-    Setting("seed", "--seed", "FANOUT_SEED", _int(0), "random seed of the simulated feed"),
-    Setting("batch_size", "--batch-size", "FANOUT_BATCH_SIZE", _int(1, 10_000),
-            "most publishes per pipelined round trip", metavar="N"),
-    Setting("history", "--history", "FANOUT_HISTORY", parse_history,
-            "history per namespace, <namespace>=<max length>/<max age seconds>,...; "
-            "namespaces not named keep theirs", metavar="POLICIES"),
-    Setting("idempotency_ttl", "--idempotency-ttl", "FANOUT_IDEMPOTENCY_TTL", _int(1),
-            "seconds a published upstream message id is remembered"),
-    Setting("metrics_port", "--metrics-port", "FANOUT_INGEST_METRICS_PORT", _int(0, 65535),
-            "port of the ingest's /metrics, /healthz and /readyz (0 = none)"),
-    Setting("metrics_host", "--metrics-host", "FANOUT_INGEST_METRICS_HOST", _nonempty,
-            "address of the ingest's metrics and health port"),
-    Setting("feed_id", "--feed-id", "FANOUT_FEED_ID", _prefix,
-            "the feed's id in leader election: one leader per id", metavar="ID",
-            default="the feed name"),
-    Setting("lease_ttl", "--lease-ttl", "FANOUT_LEASE_TTL", _float(0.5, strict=False),
-            "seconds the leader's lease lasts without renewal (>= 0.5)"),
-    Setting("reconnect_base", "--reconnect-base", "FANOUT_RECONNECT_BASE", _float(0),
-            "seconds: ceiling of the first upstream reconnect delay"),
-    Setting("reconnect_cap", "--reconnect-cap", "FANOUT_RECONNECT_CAP", _float(0),
-            "seconds: ceiling of any upstream reconnect delay"),
-    Setting("ws_url", "--ws-url", "FANOUT_WS_URL", _ws_url,
-            "feed ws: the upstream ws:// or wss:// URL (may carry credentials)", secret=True),
-    Setting("ws_subscribe", "--ws-subscribe", "FANOUT_WS_SUBSCRIBE", _str,
-            "feed ws: JSON array of messages to send after each connect", metavar="JSON",
-            default="none", json=True),
-    Setting("ws_mapping", "--ws-mapping", "FANOUT_WS_MAPPING", _str,
-            "feed ws: JSON field mappings (see docs/architecture.md)", metavar="JSON",
-            json=True),
-    Setting("ws_headers", "--ws-headers", "FANOUT_WS_HEADERS", _json_object,
-            "feed ws: JSON object of HTTP headers for the connection", secret=True,
-            json=True),
-    Setting("ws_idle_timeout", "--ws-idle-timeout", "FANOUT_WS_IDLE_TIMEOUT", _float(0),
-            "feed ws: seconds without a message before reconnecting"),
-    Setting("projectx_url", "--projectx-url", "FANOUT_PROJECTX_URL", _nonempty,
-            "feed projectx: the gateway's base URL"),
-    Setting("projectx_token", "--projectx-token", "FANOUT_PROJECTX_TOKEN", _nonempty,
-            "feed projectx: the JWT", secret=True),
-    Setting("projectx_contracts", "--projectx-contracts", "FANOUT_PROJECTX_CONTRACTS", _csv,
-            "feed projectx: comma-separated contract ids", metavar="IDS", default="none"),
-    Setting("projectx_accounts", "--projectx-accounts", "FANOUT_PROJECTX_ACCOUNTS", _ints,
-            "feed projectx: comma-separated account ids for the user hub", metavar="IDS",
-            default="none"),
-    Setting("api_host", "--api-host", "FANOUT_API_HOST", _nonempty,
-            "address of the HTTP publish API"),
-    Setting("api_port", "--api-port", "FANOUT_API_PORT", _int(0, 65535),
-            "port of the HTTP publish API (0 = off)"),
-    Setting("api_keys", "--api-keys", "FANOUT_API_KEYS", _csv,
-            "comma-separated API keys of the HTTP publish API", secret=True),
-    Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level,
-            "log level: debug, info, warning or error"),
-)
-
-
-def check_ingest(config: IngestConfig) -> None:
-    """What one setting alone cannot tell: the settings the chosen feed and the API need."""
-    if config.feed == "ws":
-        if not config.ws_url:
-            raise ConfigError("FANOUT_WS_URL", "is required with FANOUT_FEED=ws")
-        if not config.ws_mapping:
-            raise ConfigError("FANOUT_WS_MAPPING", "is required with FANOUT_FEED=ws")
-    if config.feed == "projectx":
-        if not config.projectx_token:
-            raise ConfigError("FANOUT_PROJECTX_TOKEN", "is required with FANOUT_FEED=projectx")
-        if not config.projectx_contracts and not config.projectx_accounts:
-            raise ConfigError(
-                "FANOUT_PROJECTX_CONTRACTS", "name contracts and/or FANOUT_PROJECTX_ACCOUNTS"
-            )
-    if config.reconnect_cap < config.reconnect_base:
-        raise ConfigError("FANOUT_RECONNECT_CAP", "must not be below FANOUT_RECONNECT_BASE")
-    if config.api_port and not config.api_keys:
-        raise ConfigError("FANOUT_API_KEYS", "is required when FANOUT_API_PORT is set")
-
-
 def check_edge(config: EdgeConfig) -> None:
     """What one setting alone cannot tell: one source of token keys at most, algorithms
     that fit it, JWKS intervals in order."""
@@ -775,10 +647,12 @@ class Command:
     check: Callable[[Any], None]
 
 
-COMMANDS: dict[str, Command] = {
-    "edge": Command("edge", EdgeConfig, EDGE_SETTINGS, check_edge),
-    "ingest": Command("ingest", IngestConfig, INGEST_SETTINGS, check_ingest),
-}
+EDGE_COMMAND = Command("edge", EdgeConfig, EDGE_SETTINGS, check_edge)
+
+# Which commands exist is the composition root's knowledge (fanout/config.py: edge here,
+# ingest from ingest/config.py): the functions below that look at every command (the
+# unknown-variable check, the config file's keys) take them as this mapping, by name.
+Commands = Mapping[str, Command]
 
 CONFIG_ENV = "FANOUT_CONFIG"  # the config file, as --config FILE
 
@@ -818,10 +692,10 @@ def _file_env(setting: Setting) -> str:
     return f"{_env_names(setting)[0]}_FILE"
 
 
-def known_env() -> frozenset[str]:
+def known_env(commands: Commands) -> frozenset[str]:
     """Every FANOUT_ variable that means something to some command."""
     names = set(NOT_SETTINGS)
-    for command in COMMANDS.values():
+    for command in commands.values():
         for s in command.settings:
             names.update(_env_names(s))
             if s.sensitive:
@@ -829,11 +703,11 @@ def known_env() -> frozenset[str]:
     return frozenset(names)
 
 
-def check_environment(env: Mapping[str, str]) -> None:
+def check_environment(env: Mapping[str, str], commands: Commands) -> None:
     """Fail on a FANOUT_ variable that is no setting of any command (a typo is otherwise
     silently ignored), naming the closest one. A setting of another command is fine:
     edges and ingest workers often share one environment (docker-compose.yml)."""
-    known = known_env()
+    known = known_env(commands)
     for name in sorted(env):
         if not name.startswith("FANOUT_") or name in known:
             continue
@@ -883,16 +757,16 @@ class ConfigFile:
     sections: Mapping[str, Mapping[str, Any]]
 
 
-def file_sections() -> dict[str, dict[str, Setting]]:
+def file_sections(commands: Commands) -> dict[str, dict[str, Setting]]:
     """section -> key -> setting, over every command: [redis], [edge], [ingest]."""
     sections: dict[str, dict[str, Setting]] = {}
-    for command in COMMANDS.values():
+    for command in commands.values():
         for s in command.settings:
             sections.setdefault(s.section or command.name, {})[s.key] = s
     return sections
 
 
-def read_config_file(path: str) -> ConfigFile:
+def read_config_file(path: str, commands: Commands) -> ConfigFile:
     """Read and check a TOML config file: known sections, known keys (for every command,
     not only the one running), no secrets. Values are parsed later, by `load`."""
     try:
@@ -902,7 +776,7 @@ def read_config_file(path: str) -> ConfigFile:
         raise ConfigError(path, f"cannot read the config file: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML: {exc}") from None
-    known = file_sections()
+    known = file_sections(commands)
     for section, table in data.items():
         if not isinstance(table, dict):
             where = [f"[{name}] {section}" for name, keys in known.items() if section in keys]
@@ -989,7 +863,9 @@ def _has_credentials(url: str) -> bool:
 
 
 def _dest(setting: Setting) -> str:
-    return setting.attr.replace(".", "__")
+    """The flag's argparse dest: the attr, or the file key of a feed's setting (--rate is
+    args.rate, not args.sim__rate)."""
+    return (setting.file_key or setting.attr).replace(".", "__")
 
 
 def _resolve(
@@ -1073,6 +949,7 @@ def config_path(env: Mapping[str, str], args: argparse.Namespace | None = None) 
 
 
 def load(
+    commands: Commands,
     command: str,
     env: Mapping[str, str] | None = None,
     args: argparse.Namespace | None = None,
@@ -1081,11 +958,11 @@ def load(
     """What `fanout <command>` runs with: the environment checked for unknown FANOUT_
     variables, the config file (`path`, else --config, else FANOUT_CONFIG) read and
     checked, then every setting resolved and the command's cross-setting check run."""
-    cmd = COMMANDS[command]
+    cmd = commands[command]
     env = os.environ if env is None else env
-    check_environment(env)
+    check_environment(env, commands)
     path = path or config_path(env, args)
-    file = read_config_file(path) if path else None
+    file = read_config_file(path, commands) if path else None
     values, sources = _resolve(cmd.settings, env, args, file, cmd.name)
     config = _construct(cmd.cls, values)
     cmd.check(config)
@@ -1152,8 +1029,6 @@ def describe(loaded: Loaded) -> list[tuple[str, str, str]]:
 # (pattern on the setting's key, --help group); the first match wins, the rest is "process".
 _GROUPS: tuple[tuple[str, str], ...] = (
     (r"auth_.*", "authentication"),
-    (r"ws_.*", "feed ws (a generic WebSocket JSON feed)"),
-    (r"projectx_.*", "feed projectx"),
     (r"api_.*", "HTTP publish API"),
     (r"namespace.*", "channel namespaces"),
     (r"host|port|node_id|metrics_host|metrics_port", "network"),
@@ -1164,18 +1039,27 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     (r"queue_.*|overflow|max_frame_.*|write_delay|compression|direct_write",
      "queues and delivery"),
     (r"recovery_limit|unpublished_ttl|history|idempotency_ttl", "history and recovery"),
-    (r"feed|symbols|rate|seed|reconnect_.*", "ingest feed"),
+    (r"feed|reconnect_.*", "ingest feed"),
     (r"batch_size|feed_id|lease_.*", "publishing and leader election"),
 )
 
 
-# The order of the groups in --help.
+# The order of the groups in --help. A group not listed (a feed's own, named by its
+# settings: ingest/feeds/) comes right after "ingest feed", in the order of the settings.
 _GROUP_ORDER = [
     "Redis", "network", "heartbeats and timeouts", "connection limits and admission",
     "queues and delivery", "history and recovery", "authentication", "ingest feed",
-    "feed ws (a generic WebSocket JSON feed)", "feed projectx",
     "publishing and leader election", "HTTP publish API", "channel namespaces", "process",
 ]
+_FEED_GROUPS_AFTER = "ingest feed"
+
+
+def _group_rank(group: str, used: list[str]) -> tuple[int, int]:
+    """Where `group` goes in --help: its place in _GROUP_ORDER; an unlisted one (a feed's)
+    after _FEED_GROUPS_AFTER, in the order of first use."""
+    if group in _GROUP_ORDER:
+        return _GROUP_ORDER.index(group), 0
+    return _GROUP_ORDER.index(_FEED_GROUPS_AFTER), 1 + used.index(group)
 
 
 def setting_group(setting: Setting) -> str:
@@ -1222,8 +1106,6 @@ def setting_metavar(setting: Setting) -> str:
         return "ORIGINS"
     if key.endswith("proxies"):
         return "CIDRS"
-    if key in ("symbols",):
-        return "SYMBOLS"
     if key.endswith("prefix"):
         return "NAME"
     if parser.startswith("_int."):
@@ -1256,11 +1138,9 @@ def add_arguments(
     variable and its config file key; values stay strings until `build`, which names
     errors. Secret settings get a hidden flag whose use fails, saying where they go."""
     defaults = cls() if cls is not None else None
-    order = _GROUP_ORDER
-    used = {setting_group(s) for s in settings if not s.secret}
+    used = list(dict.fromkeys(setting_group(s) for s in settings if not s.secret))
     groups = {group: parser.add_argument_group(group)
-              for group in sorted(used, key=lambda g: (order.index(g) if g in order
-                                                       else len(order), g))}
+              for group in sorted(used, key=lambda g: _group_rank(g, used))}
     secrets = [s for s in settings if s.secret]
     for s in settings:
         if s.secret:

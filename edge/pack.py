@@ -116,10 +116,13 @@ class Batch:
         take the whole batch: the same bytes for every such client."""
         wire = self._wire.get(codec)
         if wire is None:
-            chunks = self.chunks(codec, max_bytes, max_messages)
-            wire = self._wire[codec] = pack(
-                [c.part for c in chunks], [c.messages for c in chunks], codec, max_bytes,
-                max_messages,
+            # One frame per chunk, as split made them: packing the chunks again could join
+            # two whose sum fits by pack's count (a separator per part) but not by split's.
+            frames = [coalesce((c.part,), codec, c.messages)
+                      for c in self.chunks(codec, max_bytes, max_messages)]
+            wire = self._wire[codec] = Wire(
+                b"".join(map(encode_frame, frames)), len(frames), len(self.pubs),
+                sum(map(len, frames)),
             )
         return wire
 

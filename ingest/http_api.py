@@ -34,6 +34,7 @@ from common.broker import BrokerUnavailable
 from common.channels import (
     MAX_CHANNEL_LENGTH,
     MAX_KEY_LENGTH,
+    MAX_MESSAGE_ID_LENGTH,
     active_namespaces,
     parse_channel,
     validate_key,
@@ -46,7 +47,6 @@ from ingest.upstream import UpstreamMessage
 DEFAULT_MAX_BODY = 1 << 20  # bytes of one request body
 DEFAULT_MAX_BATCH = 1_000  # messages of one batch request
 DEFAULT_PUBLISH_TIMEOUT = 10.0  # s for the Redis round trip before answering 503
-MAX_MESSAGE_ID_LENGTH = 256  # the publisher's limit
 RETRY_AFTER = "1"  # s, on a 503
 
 MESSAGE_FIELDS = frozenset({"channel", "data", "key", "id", "delete", "if_changed"})

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.broker import Broker, Fence, PublishRequest, PublishStatus, RebaseStatus
-from common.channels import parse_channel, validate_key
+from common.channels import MAX_MESSAGE_ID_LENGTH, parse_channel, validate_key
 from common.config import HistoryPolicy, namespace_history
 from common.errors import BadChannel
 from ingest.upstream import UpstreamMessage
@@ -107,8 +107,9 @@ class Publisher:
                               allow_nan=False)
         except (BadChannel, ValueError, TypeError) as exc:
             raise InvalidMessage(f"{msg.channel!r}: {exc}") from None
-        if len(msg.msg_id) > 256:
-            raise InvalidMessage(f"{msg.channel!r}: message id longer than 256 characters")
+        if len(msg.msg_id) > MAX_MESSAGE_ID_LENGTH:
+            raise InvalidMessage(f"{msg.channel!r}: message id longer than "
+                                 f"{MAX_MESSAGE_ID_LENGTH} characters")
         spec = channel.spec
         policy = self.history.get(channel.namespace) or HistoryPolicy(
             spec.history_length, spec.history_age

@@ -35,8 +35,9 @@ from common.aio import raise_if_cancelling, stop_tasks, wait_event
 from common.backoff import Backoff
 from common.broker import Broker, BrokerUnavailable, Fence
 from common.broker.redisbroker import RedisBroker
-from common.config import IngestConfig, redact_url
+from common.config import redact_url
 from common.namespaces import use_file
+from ingest.config import IngestConfig
 from ingest.feeds import make_upstream, state_metric
 from ingest.health import UpstreamStates, create_ops_app
 from ingest.leader import Leader, LeaderMetrics, NotLeader, Term
@@ -44,6 +45,8 @@ from ingest.publisher import FencedOut, InvalidMessage, Publisher, PublishResult
 from ingest.upstream import Resumable, Upstream, UpstreamMessage
 
 IN_FLIGHT_GRACE = 5.0  # s a publish round trip already sent may take to complete after a term
+# Seconds: a publish round trip; from the upstream to published adds the longer tail.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class IngestMetrics:
@@ -71,14 +74,12 @@ class IngestMetrics:
         )
         self.latency = Histogram(
             "fanout_ingest_publish_latency_seconds", "Time of one publish round trip.",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=registry,
+            buckets=LATENCY_BUCKETS, registry=registry,
         )
         self.upstream_latency = Histogram(
             "fanout_ingest_upstream_latency_seconds", "From receiving a message from the "
             "upstream to Redis having published it (queueing, batching, the round trip).",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5,
-                     10.0),
+            buckets=(*LATENCY_BUCKETS, 2.5, 10.0),
             registry=registry,
         )
         self.batch = Histogram(

@@ -17,7 +17,7 @@ from typing import Any
 
 import websockets
 
-from common.embedded import free_port
+from fanout.embedded import free_port
 
 # Without the networking flags Chromium floods the closed network (field notes).
 FLAGS = (

@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 from common.broker.keys import Keys
 from common.broker.redisbroker import RedisBroker
 from common.config import EdgeConfig, RedisSettings
-from common.embedded import EmbeddedValkey
 from edge.app import Edge
 from edge.server import uvicorn_config
+from fanout.embedded import EmbeddedValkey
 from ingest.publisher import Publisher
 
 

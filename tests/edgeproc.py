@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from common.embedded import free_port, stop_process
+from fanout.embedded import free_port, stop_process
 from tests.httpwait import wait_http_ok
 
 
@@ -59,7 +59,7 @@ class EdgeProcess:
 @contextlib.asynccontextmanager
 async def edge_process(redis_url: str, key_prefix: str, *args: str, pin: bool = False,
                        **env: str) -> AsyncIterator[EdgeProcess]:
-    """`python -m common.cli edge` on a free loopback port (FANOUT_* settings in `env`,
+    """`python -m fanout edge` on a free loopback port (FANOUT_* settings in `env`,
     flags in `args`), ready (/readyz answered 200) when the block starts, stopped after.
     With `pin` (and two CPUs or more), the edge gets a CPU of its own and this process the
     others meanwhile: measure the edge, not the test process competing with it."""
@@ -70,7 +70,7 @@ async def edge_process(redis_url: str, key_prefix: str, *args: str, pin: bool = 
     cpus = sorted(os.sched_getaffinity(0))
     pin = pin and len(cpus) > 1
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "edge", "--port", str(port), *args],
+        [sys.executable, "-m", "fanout", "edge", "--port", str(port), *args],
         env=full_env, stdin=subprocess.DEVNULL, stdout=fd, stderr=subprocess.STDOUT,
         preexec_fn=(lambda: os.sched_setaffinity(0, {cpus[0]})) if pin else None,
     )
@@ -102,12 +102,12 @@ class IngestProcess:
 @contextlib.asynccontextmanager
 async def ingest_process(redis_url: str, key_prefix: str = "fanout",
                          **env: str) -> AsyncIterator[IngestProcess]:
-    """`python -m common.cli ingest` (the simulated feed unless `env` says otherwise) with its
+    """`python -m fanout ingest` (the simulated feed unless `env` says otherwise) with its
     ops port on loopback, answering /healthz when the block starts, stopped after."""
     port = free_port()
     full_env = {**os.environ, "FANOUT_REDIS_URL": redis_url, "FANOUT_KEY_PREFIX": key_prefix,
                 "FANOUT_LOG_LEVEL": "warning", "FANOUT_INGEST_METRICS_PORT": str(port), **env}
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "ingest"], env=full_env,
+    proc = subprocess.Popen([sys.executable, "-m", "fanout", "ingest"], env=full_env,
                             stdin=subprocess.DEVNULL)
     ingest = IngestProcess(proc, port)
     try:

@@ -24,7 +24,8 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from common.broker.keys import Keys
-from common.config import INGEST_SETTINGS, IngestConfig, build
+from common.config import build
+from ingest.config import INGEST_SETTINGS, IngestConfig
 from ingest.worker import run_worker
 from tests.seqfeed import SequenceFeed
 

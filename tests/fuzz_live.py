@@ -714,7 +714,7 @@ async def _fuzz(edge: EdgeProcess, publisher: Publisher, report: Report, frames:
 
 
 def main() -> int:
-    from common.embedded import EmbeddedValkey
+    from fanout.embedded import EmbeddedValkey
 
     p = argparse.ArgumentParser(description="Fuzz a real edge process (see the module doc).")
     p.add_argument("--frames", type=int, default=1_000_000, help="frames to send (1000000)")

@@ -19,7 +19,7 @@ import time
 from collections import Counter, defaultdict, deque
 from typing import Any
 
-from ingest.projectx import DomType, parse_ts, price_key
+from ingest.feeds.projectx import DomType, parse_ts, price_key
 from tests.signalr_server import Call, HubServer
 
 BID_PRICES = [98.0 + 0.25 * i for i in range(9)]  # 98.00 .. 100.00

@@ -1,6 +1,6 @@
 """A SignalR JSON hub protocol server for the tests, on a loopback ephemeral port.
 
-It speaks the real protocol, written apart from the client in `ingest.signalr` so that the
+It speaks the real protocol, written apart from the client in `ingest.feeds.signalr` so that the
 two check each other: negotiate (POST .../negotiate, answered by `process_request`), the
 handshake and its response, invocations answered with completions (results or errors),
 pings every `ping_interval`, Close messages, and server-to-client invocations (the

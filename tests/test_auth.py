@@ -182,7 +182,7 @@ def test_config_names_bad_auth_settings_without_printing_the_secret() -> None:
 def test_fanout_token_command_signs_what_the_edge_accepts() -> None:
     env = {**os.environ, "FANOUT_AUTH_SECRET": SECRET.decode()}
     out = subprocess.run(
-        [sys.executable, "-m", "common.cli", "token", "--sub", "bob", "--ttl", "60",
+        [sys.executable, "-m", "fanout", "token", "--sub", "bob", "--ttl", "60",
          "--accounts", "42", "--channels", "quotes.*"],
         env=env, capture_output=True, text=True, timeout=30, check=True,
     ).stdout.strip()
@@ -190,7 +190,7 @@ def test_fanout_token_command_signs_what_the_edge_accepts() -> None:
     assert claims.subject == "bob" and claims.allows("account.42.orders")
     assert claims.allows("quotes.X") and not claims.allows("trades.X")
     env.pop("FANOUT_AUTH_SECRET")
-    done = subprocess.run([sys.executable, "-m", "common.cli", "token", "--sub", "bob"],
+    done = subprocess.run([sys.executable, "-m", "fanout", "token", "--sub", "bob"],
                           env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "FANOUT_AUTH_SECRET" in done.stderr
 
@@ -198,7 +198,7 @@ def test_fanout_token_command_signs_what_the_edge_accepts() -> None:
 def test_fanout_token_reads_the_secret_from_a_file_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from common.cli import main
+    from fanout.cli import main
 
     path = tmp_path / "secret"
     path.write_bytes(SECRET + b"\n")
@@ -438,7 +438,7 @@ def test_fanout_token_signs_with_a_private_key(
     private.write_bytes(private_pem(keys["p384"]))
     env = {k: v for k, v in os.environ.items() if k != "FANOUT_AUTH_SECRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "common.cli", "token", "--sub", "carol", "--ttl", "60",
+        [sys.executable, "-m", "fanout", "token", "--sub", "carol", "--ttl", "60",
          "--private-key-file", str(private), "--kid", "2024-06"],
         env=env, capture_output=True, text=True, timeout=30, check=True,
     ).stdout.strip()
@@ -448,7 +448,7 @@ def test_fanout_token_signs_with_a_private_key(
                           default_channels=())
     assert claims.subject == "carol"
     done = subprocess.run(
-        [sys.executable, "-m", "common.cli", "token", "--sub", "carol",
+        [sys.executable, "-m", "fanout", "token", "--sub", "carol",
          "--private-key-file", str(private), "--alg", "RS256"],
         env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--alg: 'RS256' does not fit this key" in done.stderr

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from common.auth import sign_token
-from common.embedded import free_port
+from fanout.embedded import free_port
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from tests.cdp import Browser, chromium_path

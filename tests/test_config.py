@@ -19,28 +19,25 @@ from pathlib import Path
 import pytest
 
 from common.config import (
-    COMMANDS,
     DEFAULT_HISTORY,
     DEFAULT_OVERFLOW,
     EDGE_SETTINGS,
-    INGEST_SETTINGS,
     NOT_SETTINGS,
     EdgeConfig,
     HistoryPolicy,
-    IngestConfig,
     RedisSettings,
     Setting,
     Source,
     add_arguments,
     build,
-    check_environment,
-    known_env,
-    load,
     parse_history,
     redact_url,
     setting_metavar,
 )
 from common.errors import ConfigError
+from fanout.config import COMMANDS, check_environment, known_env, load
+from ingest.config import INGEST_SETTINGS, IngestConfig
+from ingest.feeds.sim import SimSettings
 
 
 def parse_flags(settings: tuple[Setting, ...], argv: list[str]) -> argparse.Namespace:
@@ -77,7 +74,7 @@ def test_edge_defaults() -> None:
 def test_ingest_defaults() -> None:
     config = ingest({})
     assert config == IngestConfig()
-    assert config.symbols == ("MNQ", "MES", "NQ", "ES", "M2K", "MYM", "RTY", "YM")
+    assert config.sim.symbols == ("MNQ", "MES", "NQ", "ES", "M2K", "MYM", "RTY", "YM")
     assert config.history == DEFAULT_HISTORY
     assert config.feed == "sim"
     assert config.feed_id == ""  # the leader election uses the feed name then
@@ -201,9 +198,7 @@ def test_ingest_environment_overrides() -> None:
     assert config == IngestConfig(
         redis=RedisSettings("unix:///tmp/redis.sock", meta_ttl=60),
         feed="sim",
-        symbols=("MNQ", "CON.F.US.MNQ.Z25"),
-        rate=0.25,
-        seed=0,
+        sim=SimSettings(symbols=("MNQ", "CON.F.US.MNQ.Z25"), rate=0.25, seed=0),
         batch_size=10_000,
         history={**DEFAULT_HISTORY, "quotes": HistoryPolicy(100, 5.0)},
         idempotency_ttl=1,
@@ -259,7 +254,7 @@ def test_ingest_flags() -> None:
         {"FANOUT_SYMBOLS": "ES"},
         ["--symbols", "NQ,YM", "--history", "bars=10/60"],
     )
-    assert config.symbols == ("NQ", "YM")
+    assert config.sim.symbols == ("NQ", "YM")
     assert config.history["bars"] == HistoryPolicy(10, 60.0)
 
 
@@ -576,7 +571,8 @@ def test_config_error_from_a_bad_url_does_not_echo_it() -> None:
     ("obj", "attr", "value"),
     [
         (EdgeConfig(), "port", 1),
-        (IngestConfig(), "rate", 1.0),
+        (IngestConfig(), "batch_size", 1),
+        (SimSettings(), "rate", 1.0),
         (RedisSettings(), "url", "redis://x/0"),
         (HistoryPolicy(1, 1.0), "max_length", 2),
     ],
@@ -663,11 +659,11 @@ def test_file_values_are_typed_toml_or_strings_for_the_same_parsers(tmp_path: Pa
     assert e.sources["host"] == Source("default")
     i = load("ingest", env={}, path=path).config
     assert i.redis.key_prefix == "md"  # [redis] is shared
-    assert i.symbols == ("ES", "NQ")
+    assert i.sim.symbols == ("ES", "NQ")
     assert i.history["bars"] == HistoryPolicy(10, 60.0)
-    assert i.projectx_accounts == (1, 2)
-    assert json.loads(i.ws_mapping) == {"channel": "quotes.{s}", "id": "seq"}
-    assert json.loads(i.ws_subscribe) == [{"op": "subscribe"}]
+    assert i.projectx.accounts == (1, 2)
+    assert json.loads(i.ws.mapping) == {"channel": "quotes.{s}", "id": "seq"}
+    assert json.loads(i.ws.subscribe) == [{"op": "subscribe"}]
 
 
 def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
@@ -861,7 +857,7 @@ def test_the_expected_settings_are_secret() -> None:
 
 
 def test_secret_flags_are_not_in_help() -> None:
-    from common.cli import _parser
+    from fanout.cli import _parser
 
     for command in COMMANDS:
         text = _subparser(_parser(), command).format_help()
@@ -943,7 +939,7 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_help_shows_every_default_a_metavar_and_a_group(command: str) -> None:
-    from common.cli import _parser
+    from fanout.cli import _parser
 
     sub = _subparser(_parser(), command)
     cmd = COMMANDS[command]
@@ -988,7 +984,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_config_check_prints_every_setting_value_and_source(
     tmp_path: Path, clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from common.cli import main
+    from fanout.cli import main
 
     path = write(tmp_path, "[edge]\nport = 9001\n[redis]\nkey_prefix = 'md'\n")
     clean_environ.setenv("FANOUT_AUTH_SECRET", "topsecret-" * 4)
@@ -1012,7 +1008,7 @@ def test_config_check_prints_every_setting_value_and_source(
 def test_config_check_fails_with_the_error(
     tmp_path: Path, clean_environ: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from common.cli import main
+    from fanout.cli import main
 
     path = write(tmp_path, "[edge]\nport = -1\n")
     assert main(["config", "check", path]) == 2
@@ -1042,7 +1038,7 @@ def test_the_documented_config_file_loads(tmp_path: Path) -> None:
     edge_config = load("edge", env={}, path=path).config
     assert edge_config.auth_secret == "d" * 40
     assert edge_config.overflow["trades"] == "conflate"
-    assert load("ingest", env={}, path=path).config.symbols == ("ES", "NQ")
+    assert load("ingest", env={}, path=path).config.sim.symbols == ("ES", "NQ")
 
 
 def test_docker_compose_environments_load() -> None:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from common.client import FanoutClient, Publication
-from common.embedded import free_port, stop_process
+from fanout.embedded import free_port, stop_process
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from tests.edgeproc import EdgeProcess, edge_process

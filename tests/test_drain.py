@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from common.embedded import free_port, stop_process
+from fanout.embedded import free_port, stop_process
 from tests.httpwait import wait_http_ok
 from tests.wsclient import ProtoClient
 
@@ -26,7 +26,7 @@ async def test_sigterm_drains_connections_gradually_then_exits(
     port = free_port()
     env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
            "FANOUT_LOG_LEVEL": "warning", "FANOUT_DRAIN_SECONDS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "edge", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "fanout", "edge", "--port", str(port)],
                             env=env)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -35,8 +35,8 @@ import pytest
 from redis.asyncio import Redis
 
 from common.broker.keys import Keys
-from common.embedded import free_port
-from ingest.projectx import parse_ts
+from fanout.embedded import free_port
+from ingest.feeds.projectx import parse_ts
 from tests.gateway_sim import GatewaySim
 from tests.seqfeed import Rows, channel_of, check_clean, published
 from tests.signalr_server import HubServer
@@ -58,7 +58,7 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 SEQ_WORKER = ("-m", "tests.failover_worker")  # `fanout ingest`'s worker on SequenceFeed
-INGEST_COMMAND = ("-m", "common.cli", "ingest")  # `fanout ingest` itself
+INGEST_COMMAND = ("-m", "fanout", "ingest")  # `fanout ingest` itself
 
 
 class WorkerProcess:

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from common.embedded import free_port, stop_process
+from fanout.embedded import free_port, stop_process
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from tests.httpwait import metric, wait_http_ok
@@ -64,7 +64,7 @@ async def edge_process(redis_server, key_prefix: str) -> AsyncIterator[EdgeStart
                "FANOUT_KEY_PREFIX": key_prefix, "FANOUT_LOG_LEVEL": "warning",
                "FANOUT_DRAIN_SECONDS": "0", **settings}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "edge", "--port", str(port)], env=env)
+            [sys.executable, "-m", "fanout", "edge", "--port", str(port)], env=env)
         procs.append(proc)
         async with httpx.AsyncClient(timeout=2, trust_env=False) as http:
             await wait_http_ok(http, f"http://127.0.0.1:{port}/readyz", proc=proc)

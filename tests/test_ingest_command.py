@@ -16,9 +16,10 @@ import websockets
 from redis.asyncio import Redis
 
 from common.broker.keys import Keys
-from common.config import INGEST_SETTINGS, IngestConfig, build, check_ingest
-from common.embedded import free_port
+from common.config import build
 from common.errors import ConfigError
+from fanout.embedded import free_port
+from ingest.config import INGEST_SETTINGS, IngestConfig, check_ingest
 
 
 @pytest.mark.parametrize(
@@ -72,7 +73,7 @@ async def test_ws_feed_and_publish_api_in_one_worker(redis_server, key_prefix: s
             "FANOUT_WS_MAPPING": json.dumps(mapping), "FANOUT_API_PORT": str(api_port),
             "FANOUT_API_KEYS": "test-key", "FANOUT_LEASE_TTL": "2",
         }
-        proc = subprocess.Popen([sys.executable, "-m", "common.cli", "ingest"], env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "fanout", "ingest"], env=env)
         redis = Redis.from_url(redis_server.url, decode_responses=True)
         keys = Keys(key_prefix)
         try:

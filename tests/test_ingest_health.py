@@ -9,7 +9,7 @@ import contextlib
 import httpx
 import pytest
 
-from common.embedded import EmbeddedValkey
+from fanout.embedded import EmbeddedValkey
 from tests.edgeproc import ingest_process
 
 pytestmark = pytest.mark.integration

@@ -15,15 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from common.config import (
-    COMMANDS,
-    EDGE_SETTINGS,
-    EdgeConfig,
-    build,
-    known_env,
-    load,
-)
+from common.config import EDGE_SETTINGS, EdgeConfig, build
 from edge.app import create_app
+from fanout.config import COMMANDS, known_env, load
 from tests.test_browser import need
 
 pytestmark = pytest.mark.integration  # runs kubectl

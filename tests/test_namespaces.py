@@ -22,10 +22,8 @@ from common.config import (
     DEFAULT_HISTORY,
     DEFAULT_OVERFLOW,
     EDGE_SETTINGS,
-    INGEST_SETTINGS,
     EdgeConfig,
     HistoryPolicy,
-    IngestConfig,
     build,
 )
 from common.errors import BadChannel, ConfigError
@@ -37,6 +35,7 @@ from common.namespaces import (
     load_namespaces,
     parse_namespaces,
 )
+from ingest.config import INGEST_SETTINGS, IngestConfig
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from tests.wsclient import ProtoClient
@@ -561,7 +560,7 @@ def test_bad_file_stops_the_command_at_start(tmp_path: Path, command: str) -> No
     path = tmp_path / "ns.toml"
     path.write_text('[namespaces.chat]\npattern = "chat.{room:id}"\nsnapshot = "full"\n')
     env = {**os.environ, "FANOUT_NAMESPACES_FILE": str(path)}
-    done = subprocess.run([sys.executable, "-m", "common.cli", command], env=env,
+    done = subprocess.run([sys.executable, "-m", "fanout", command], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert (f"FANOUT_NAMESPACES_FILE: {path}: namespace 'chat': snapshot: must be one of "

@@ -14,7 +14,7 @@ import pytest
 
 from common.backoff import Backoff
 from common.channels import parse_channel
-from ingest.projectx import (
+from ingest.feeds.projectx import (
     DomType,
     ProjectXFeed,
     ProjectXMapper,
@@ -23,7 +23,7 @@ from ingest.projectx import (
     price_key,
     user_items,
 )
-from ingest.signalr import HubState
+from ingest.feeds.signalr import HubState
 from ingest.upstream import Resumable, UpstreamMessage
 from tests.signalr_server import Call, HubServer, wait_for
 
@@ -224,7 +224,7 @@ def test_trade_ids_are_the_same_in_every_process_and_count_equal_trades() -> Non
 
 
 def test_trade_counters_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ingest.projectx.TRADE_STAMPS_KEPT", 3)
+    monkeypatch.setattr("ingest.feeds.projectx.TRADE_STAMPS_KEPT", 3)
     m = mapper()
     first = trade_ids(m, [trade(T0 + i) for i in range(5)])
     assert len(m.markets[MNQ].trade_counts) == 3  # T0 + 2 .. T0 + 4

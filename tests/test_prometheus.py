@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common.embedded import free_port, stop_process
+from fanout.embedded import free_port, stop_process
 from tests.edgeproc import ingest_process
 from tests.httpwait import wait_http_ok
 from tests.test_browser import need

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from common.backoff import Backoff
-from ingest.signalr import (
+from ingest.feeds.signalr import (
     RECORD_SEPARATOR,
     Close,
     Completion,

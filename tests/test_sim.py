@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import Counter
@@ -11,14 +12,15 @@ from typing import Any
 import pytest
 
 from common.channels import parse_channel
-from common.config import IngestConfig
 from ingest.bars import Bar, BarBuilder, interval_label
-from ingest.sim import (
+from ingest.config import IngestConfig
+from ingest.feeds import UnknownFeed, make_upstream
+from ingest.feeds.sim import (
     DEPTH_LEVELS,
     MAX_LAG,
+    SimSettings,
     SimulatedFeed,
     instrument_spec,
-    make_feed,
 )
 from ingest.upstream import Upstream, UpstreamMessage
 
@@ -374,12 +376,16 @@ async def test_max_messages_zero_and_bad_arguments() -> None:
         SimulatedFeed(("MNQ",), 1.0, 1, max_messages=-1)
 
 
-async def test_make_feed_from_config() -> None:
-    feed: Upstream = make_feed(IngestConfig(symbols=("MNQ", "ES"), rate=3.0, seed=5))
+async def test_the_registry_opens_the_sim_feed_from_config() -> None:
+    states: list[tuple[str, str]] = []
+    config = IngestConfig(sim=SimSettings(symbols=("MNQ", "ES"), rate=3.0, seed=5))
+    feed: Upstream = make_upstream(config, logging.getLogger("test"),
+                                   lambda connection, state: states.append((connection, state)))
     assert isinstance(feed, SimulatedFeed)
     assert (feed.name, feed.symbols, feed.rate, feed.seed) == ("sim", ("MNQ", "ES"), 3.0, 5)
-    with pytest.raises(ValueError):
-        make_feed(IngestConfig(feed="other"))
+    assert states == [("sim", "live")]
+    with pytest.raises(UnknownFeed, match="expected one of sim, ws, projectx"):
+        make_upstream(IngestConfig(feed="other"), logging.getLogger("test"))
 
 
 async def test_consumer_can_stop_early() -> None:

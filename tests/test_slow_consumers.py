@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from common.embedded import free_port
+from fanout.embedded import free_port
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from tests.edgeproc import EdgeProcess
@@ -301,7 +301,7 @@ async def test_server_that_stops_pinging_is_detected(redis_server, key_prefix: s
     port = free_port()
     env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
            "FANOUT_PING_INTERVAL": "0.5", "FANOUT_PONG_TIMEOUT": "0.3"}
-    proc = subprocess.Popen([sys.executable, "-m", "common.cli", "edge", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "fanout", "edge", "--port", str(port)],
                             env=env, stderr=subprocess.DEVNULL)
     try:
         async with asyncio.timeout(20):

@@ -17,9 +17,7 @@ import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 
 from common.backoff import Backoff
-from ingest.publisher import Publisher
-from ingest.upstream import Upstream, UpstreamMessage
-from ingest.wsfeed import (
+from ingest.feeds.ws import (
     SKIP_LOG_INTERVAL,
     FeedState,
     FieldMapping,
@@ -28,6 +26,8 @@ from ingest.wsfeed import (
     parse_subscribe,
     safe_url,
 )
+from ingest.publisher import Publisher
+from ingest.upstream import Upstream, UpstreamMessage
 
 integration = pytest.mark.integration
 

@@ -104,10 +104,12 @@ from typing import Any
 from common.aio import wait_event
 from common.backoff import Backoff
 from common.channels import parse_channel, validate_key
-from common.errors import BadChannel
+from common.config import Setting, parse_csv, parse_ints, parse_nonempty
+from common.errors import BadChannel, ConfigError
 from ingest.bars import Bar, BarBuilder
-from ingest.signalr import HubConnection, HubState
-from ingest.upstream import SnapshotReader, UpstreamMessage
+from ingest.feeds import Feed, FeedContext
+from ingest.feeds.signalr import HubConnection, HubState
+from ingest.upstream import SnapshotReader, Upstream, UpstreamMessage
 
 Clock = Callable[[], float]
 BAR_INTERVALS = (1, 60)  # seconds: bars.1s and bars.1m
@@ -916,3 +918,53 @@ class ProjectXFeed:
                 await wait_event(self._bar_opened, delay)
                 continue  # a new bar may close sooner; or it is time
             await self._put(self.mapper.flush_bars(now))
+
+
+# --- settings and registration (ingest/feeds/__init__.py) ----------------------------------
+
+_GROUP = "feed projectx"
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectXSettings:
+    """FANOUT_FEED=projectx: the ProjectX gateway's SignalR hubs."""
+
+    url: str = "https://rtc.topstepx.com"
+    token: str = field(default="", repr=False)
+    contracts: tuple[str, ...] = ()
+    accounts: tuple[int, ...] = ()
+
+
+PROJECTX_SETTINGS = (
+    Setting("projectx.url", "--projectx-url", "FANOUT_PROJECTX_URL", parse_nonempty,
+            "feed projectx: the gateway's base URL", file_key="projectx_url", group=_GROUP),
+    Setting("projectx.token", "--projectx-token", "FANOUT_PROJECTX_TOKEN", parse_nonempty,
+            "feed projectx: the JWT", secret=True, file_key="projectx_token", group=_GROUP),
+    Setting("projectx.contracts", "--projectx-contracts", "FANOUT_PROJECTX_CONTRACTS",
+            parse_csv, "feed projectx: comma-separated contract ids", metavar="IDS",
+            default="none", file_key="projectx_contracts", group=_GROUP),
+    Setting("projectx.accounts", "--projectx-accounts", "FANOUT_PROJECTX_ACCOUNTS",
+            parse_ints, "feed projectx: comma-separated account ids for the user hub",
+            metavar="IDS", default="none", file_key="projectx_accounts", group=_GROUP),
+)
+
+
+def check_projectx(settings: ProjectXSettings) -> None:
+    if not settings.token:
+        raise ConfigError("FANOUT_PROJECTX_TOKEN", "is required with FANOUT_FEED=projectx")
+    if not settings.contracts and not settings.accounts:
+        raise ConfigError(
+            "FANOUT_PROJECTX_CONTRACTS", "name contracts and/or FANOUT_PROJECTX_ACCOUNTS"
+        )
+
+
+def open_projectx(settings: ProjectXSettings, context: FeedContext) -> Upstream:
+    return ProjectXFeed(
+        settings.url, settings.token, settings.contracts, settings.accounts,
+        logger=context.logger.getChild("projectx"),
+        backoff=context.backoff,
+        on_state=lambda hub, state: context.on_state(hub, state.value),
+    )
+
+
+FEED = Feed("projectx", ProjectXSettings, PROJECTX_SETTINGS, open_projectx, check_projectx)

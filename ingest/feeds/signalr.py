@@ -139,14 +139,20 @@ def handshake_request(protocol: str = "json", version: int = 1) -> str:
     return _dumps({"protocol": protocol, "version": version}) + RECORD_SEPARATOR
 
 
-def parse_handshake_response(record: str) -> None:
-    """Accept ``{}``; raise HandshakeError on ``{"error": ...}`` or anything else."""
+def _json_object(record: str, error: type[Exception], what: str) -> dict[str, Any]:
+    """`record` as a JSON object, else `error` saying what it is (`what`: its name)."""
     try:
         body = json.loads(record)
     except ValueError as exc:
-        raise HandshakeError(f"handshake response is not JSON: {record[:200]!r}") from exc
+        raise error(f"{what} is not JSON: {record[:200]!r}") from exc
     if not isinstance(body, dict):
-        raise HandshakeError(f"handshake response is not an object: {record[:200]!r}")
+        raise error(f"{what} is not a JSON object: {record[:200]!r}")
+    return body
+
+
+def parse_handshake_response(record: str) -> None:
+    """Accept ``{}``; raise HandshakeError on ``{"error": ...}`` or anything else."""
+    body = _json_object(record, HandshakeError, "handshake response")
     if body.get("error"):
         raise HandshakeError(str(body["error"]))
 
@@ -188,12 +194,7 @@ def encode_message(message: HubMessage) -> str:
 
 def parse_message(record: str) -> HubMessage:
     """One record (without its separator) as a message; ProtocolError if it is not one."""
-    try:
-        body = json.loads(record)
-    except ValueError as exc:
-        raise ProtocolError(f"record is not JSON: {record[:200]!r}") from exc
-    if not isinstance(body, dict):
-        raise ProtocolError(f"record is not a JSON object: {record[:200]!r}")
+    body = _json_object(record, ProtocolError, "record")
     kind = body.get("type")
     if isinstance(kind, bool) or not isinstance(kind, int):
         raise ProtocolError(f"record without an integer type: {record[:200]!r}")

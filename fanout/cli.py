@@ -8,16 +8,9 @@ import sys
 from collections.abc import Sequence
 
 from common import __version__
-from common.config import (
-    COMMANDS,
-    CONFIG_ENV,
-    Loaded,
-    add_arguments,
-    describe,
-    load,
-    read_secret_file,
-)
+from common.config import CONFIG_ENV, Loaded, add_arguments, describe, read_secret_file
 from common.errors import ConfigError
+from fanout.config import COMMANDS, load
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         "set), one ingest worker on the simulated feed and edge processes; prints the URLs. "
         "Ctrl-C stops everything.",
     )
-    from common import dev as dev_module
+    from fanout import dev as dev_module
 
     dev_module.add_arguments(dev)
 
@@ -207,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(args)
         if args.command == "config":
             return _config_check(args)
-        from common import dev as dev_module
+        from fanout import dev as dev_module
 
         return dev_module.run(args)
     except ConfigError as exc:
@@ -222,6 +215,3 @@ def _logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.channels import parse_channel
-from common.config import IngestConfig
-from common.errors import BadChannel
+from common.config import Setting, parse_float, parse_int
+from common.errors import BadChannel, ConfigError
 from ingest.bars import Bar, BarBuilder
+from ingest.feeds import Feed, FeedContext
 from ingest.upstream import Upstream, UpstreamMessage
 
 Clock = Callable[[], float]
@@ -389,8 +390,46 @@ class SimulatedFeed:
         return min(closes) if closes else None
 
 
-def make_feed(config: IngestConfig) -> Upstream:
-    """The upstream `config` names (only "sim" exists so far)."""
-    if config.feed != "sim":
-        raise ValueError(f"unknown feed {config.feed!r}: expected sim")
-    return SimulatedFeed(config.symbols, config.rate, config.seed)
+
+# --- settings and registration (ingest/feeds/__init__.py) ----------------------------------
+
+
+def parse_symbols(setting: str, text: str) -> tuple[str, ...]:
+    """Comma-separated symbols, each one that makes a valid channel name."""
+    symbols = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not symbols:
+        raise ConfigError(setting, "must name at least one symbol")
+    for symbol in symbols:
+        try:
+            parse_channel(f"quotes.{symbol}")
+        except BadChannel:
+            raise ConfigError(setting, f"bad symbol {symbol!r}") from None
+    return symbols
+
+
+@dataclass(frozen=True, slots=True)
+class SimSettings:
+    """FANOUT_FEED=sim (the default feed): which market it simulates, how fast."""
+
+    symbols: tuple[str, ...] = ("MNQ", "MES", "NQ", "ES", "M2K", "MYM", "RTY", "YM")
+    rate: float = 20.0  # simulated events per second per symbol
+    seed: int = 1
+
+
+SIM_SETTINGS = (
+    Setting("sim.symbols", "--symbols", "FANOUT_SYMBOLS", parse_symbols,
+            "comma-separated symbols of the simulated feed", file_key="symbols",
+            group="ingest feed", metavar="SYMBOLS"),
+    Setting("sim.rate", "--rate", "FANOUT_RATE", parse_float(0),
+            "simulated events per second per symbol", file_key="rate", group="ingest feed"),
+    Setting("sim.seed", "--seed", "FANOUT_SEED", parse_int(0),
+            "random seed of the simulated feed", file_key="seed", group="ingest feed"),
+)
+
+
+def open_sim(settings: SimSettings, context: FeedContext) -> Upstream:
+    context.on_state("sim", "live")  # no connection: live from the start
+    return SimulatedFeed(settings.symbols, settings.rate, settings.seed)
+
+
+FEED = Feed("sim", SimSettings, SIM_SETTINGS, open_sim)

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from common.config import CONFIG_ENV, DEFAULT, config_path, load, redact_url
-from common.embedded import EmbeddedValkey
+from common.config import CONFIG_ENV, DEFAULT, config_path, redact_url
 from common.errors import ConfigError
+from fanout.config import load
+from fanout.embedded import EmbeddedValkey
 
 log = logging.getLogger("fanout.dev")
 
@@ -362,7 +363,7 @@ class Cluster:
         return None
 
     def _spawn(self, name: str, args: Sequence[str], env: Mapping[str, str]) -> Child:
-        cmd = [sys.executable, "-m", "common.cli", *args]
+        cmd = [sys.executable, "-m", "fanout", *args]
         with _sigint_blocked():
             proc = subprocess.Popen(
                 cmd, env=dict(env), stdin=subprocess.DEVNULL, preexec_fn=self._preexec,

@@ -46,13 +46,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from common.backoff import Backoff
-from common.channels import parse_channel, validate_key
-from common.errors import BadChannel
-from ingest.upstream import UpstreamMessage
+from common.channels import MAX_MESSAGE_ID_LENGTH, parse_channel, validate_key
+from common.config import Setting, parse_float, parse_json_object, parse_str
+from common.errors import BadChannel, ConfigError
+from ingest.feeds import Feed, FeedContext
+from ingest.upstream import Upstream, UpstreamMessage
 
 Sleep = Callable[[float], Awaitable[object]]
 
-MAX_MESSAGE_ID_LENGTH = 256  # the publisher's limit
 SKIP_LOG_INTERVAL = 10.0  # s between two warnings of one skip reason
 MAPPING_FIELDS = frozenset({"channel", "key", "id", "payload", "delete", "match", "if_changed"})
 
@@ -69,6 +70,11 @@ class FeedState(StrEnum):
 
 class MappingError(ValueError):
     """A message matched a mapping but cannot become an UpstreamMessage."""
+
+
+def _check_message_id(msg_id: str) -> None:
+    if len(msg_id) > MAX_MESSAGE_ID_LENGTH:
+        raise ValueError(f"id longer than {MAX_MESSAGE_ID_LENGTH} characters")
 
 
 def _path(text: str, what: str) -> tuple[str, ...]:
@@ -212,6 +218,21 @@ class _Rule:
     def matches(self, message: object) -> bool:
         return all(_same(lookup(message, path), value) for path, value in self.match)
 
+    @staticmethod
+    def _text(
+        message: object, path: tuple[str, ...] | None, what: str, check: Callable[[str], object]
+    ) -> str:
+        """The scalar at `path` as text ("" without a path), passed by `check` (which
+        raises ValueError); MappingError naming `what` otherwise."""
+        if path is None:
+            return ""
+        text = _scalar(lookup(message, path), ".".join(path), what)
+        try:
+            check(text)
+        except ValueError as exc:
+            raise MappingError(f"{what}: {exc}") from None
+        return text
+
     def apply(self, message: object) -> UpstreamMessage:
         """The UpstreamMessage of a matching message; MappingError if it cannot be one."""
         what = f"mapping {self.spec.channel!r}"
@@ -224,20 +245,8 @@ class _Rule:
             parse_channel(channel)
         except BadChannel as exc:
             raise MappingError(f"{what}: {exc.message}") from None
-        key = ""
-        if self.key is not None:
-            key = _scalar(lookup(message, self.key), ".".join(self.key), what)
-            try:
-                validate_key(key)
-            except ValueError as exc:
-                raise MappingError(f"{what}: {exc}") from None
-        msg_id = ""
-        if self.msg_id is not None:
-            msg_id = _scalar(lookup(message, self.msg_id), ".".join(self.msg_id), what)
-            if len(msg_id) > MAX_MESSAGE_ID_LENGTH:
-                raise MappingError(
-                    f"{what}: id longer than {MAX_MESSAGE_ID_LENGTH} characters"
-                )
+        key = self._text(message, self.key, what, validate_key)
+        msg_id = self._text(message, self.msg_id, what, _check_message_id)
         data: object = message
         if self.payload is not None:
             data = lookup(message, self.payload)
@@ -527,3 +536,75 @@ class WebSocketFeed:
         self.log.debug("ws feed state feed=%s state=%s", self.name, state.value)
         if self.on_state is not None:
             self.on_state(state)
+
+
+# --- settings and registration (ingest/feeds/__init__.py) ----------------------------------
+
+_GROUP = "feed ws (a generic WebSocket JSON feed)"
+
+
+def parse_ws_url(setting: str, text: str) -> str:
+    if urlsplit(text).scheme not in ("ws", "wss"):
+        raise ConfigError(setting, "must be a ws:// or wss:// URL")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class WsSettings:
+    """FANOUT_FEED=ws: a generic WebSocket JSON feed (docs/architecture.md, "Upstream
+    adapters"). The mapping and subscribe texts are parsed when the feed opens."""
+
+    url: str = field(default="", repr=False)  # may carry credentials in its query
+    subscribe: str = ""  # JSON array of messages sent after each connect
+    mapping: str = ""  # JSON: field mappings to channel, key, id and payload
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  # secrets
+    idle_timeout: float = 30.0  # s without a message before reconnecting
+
+
+WS_SETTINGS = (
+    Setting("ws.url", "--ws-url", "FANOUT_WS_URL", parse_ws_url,
+            "feed ws: the upstream ws:// or wss:// URL (may carry credentials)", secret=True,
+            file_key="ws_url", group=_GROUP),
+    Setting("ws.subscribe", "--ws-subscribe", "FANOUT_WS_SUBSCRIBE", parse_str,
+            "feed ws: JSON array of messages to send after each connect", metavar="JSON",
+            default="none", json=True, file_key="ws_subscribe", group=_GROUP),
+    Setting("ws.mapping", "--ws-mapping", "FANOUT_WS_MAPPING", parse_str,
+            "feed ws: JSON field mappings (see docs/architecture.md)", metavar="JSON",
+            json=True, file_key="ws_mapping", group=_GROUP),
+    Setting("ws.headers", "--ws-headers", "FANOUT_WS_HEADERS", parse_json_object,
+            "feed ws: JSON object of HTTP headers for the connection", secret=True,
+            json=True, file_key="ws_headers", group=_GROUP),
+    Setting("ws.idle_timeout", "--ws-idle-timeout", "FANOUT_WS_IDLE_TIMEOUT", parse_float(0),
+            "feed ws: seconds without a message before reconnecting",
+            file_key="ws_idle_timeout", group=_GROUP),
+)
+
+
+def check_ws(settings: WsSettings) -> None:
+    if not settings.url:
+        raise ConfigError("FANOUT_WS_URL", "is required with FANOUT_FEED=ws")
+    if not settings.mapping:
+        raise ConfigError("FANOUT_WS_MAPPING", "is required with FANOUT_FEED=ws")
+
+
+def open_ws(settings: WsSettings, context: FeedContext) -> Upstream:
+    """The feed; ConfigError for a mapping or subscribe text it cannot use."""
+    try:
+        mappings = parse_mappings(settings.mapping)
+    except ValueError as exc:
+        raise ConfigError("FANOUT_WS_MAPPING", str(exc)) from None
+    try:
+        subscribe = parse_subscribe(settings.subscribe) if settings.subscribe else ()
+    except ValueError as exc:
+        raise ConfigError("FANOUT_WS_SUBSCRIBE", str(exc)) from None
+    return WebSocketFeed(
+        settings.url, subscribe, mappings,
+        logger=context.logger.getChild("ws"),
+        backoff=context.backoff(),
+        idle_timeout=settings.idle_timeout,
+        headers=dict(settings.headers),
+        on_state=lambda state: context.on_state("ws", state.value),
+    )
+
+
+FEED = Feed("ws", WsSettings, WS_SETTINGS, open_ws, check_ws)

@@ -1,0 +1,7 @@
+"""`python -m fanout`: the same as the `fanout` console script."""
+
+import sys
+
+from fanout.cli import main
+
+sys.exit(main())
