@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,7 +61,7 @@ def client_venv(tmp: Path) -> Path:
 
 
 async def test_client_alone_in_its_venv_against_a_real_edge(
-    tmp_path: Path, edge: object, publisher: Publisher
+    tmp_path: Path, edge: Any, publisher: Publisher
 ) -> None:
     python = await asyncio.to_thread(client_venv, tmp_path)
     installed = await asyncio.to_thread(
@@ -72,8 +73,7 @@ async def test_client_alone_in_its_venv_against_a_real_edge(
     channel = "trades.VENV"
     for i in range(5):
         await publisher.publish(UpstreamMessage(channel, {"price": 100 + i, "size": 1}))
-    url = getattr(edge, "url")
-    assert isinstance(url, str)
+    url: str = edge.url
     proc = await asyncio.create_subprocess_exec(
         str(python), "-I", str(CLIENT / "tests" / "smoke.py"), url, channel, "10",
         cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
