@@ -11,7 +11,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY requirements/build.txt requirements/runtime.txt requirements/
 RUN pip install --require-hashes -r requirements/build.txt
-# .dockerignore lets in only what the package needs: pyproject.toml, the README, sources
+# .dockerignore lets in only what the package needs: pyproject.toml, setup.py, the README,
+# sources (with the browser client, clients/js/src, which the wheel's edge/static carries)
 # and the lock files.
 COPY . .
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .

@@ -8,7 +8,6 @@ import logging
 import os
 import random
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,7 +20,6 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from common.broker import Broker
@@ -35,9 +33,9 @@ from edge.hub import Hub
 from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
 from edge.tokens import TokenVerifier
+from edge.webstatic import STATIC, static_files
 from edge.wire import RawSendMiddleware
 
-STATIC = Path(__file__).parent / "static"
 WS_PATH = "/ws"
 
 
@@ -191,7 +189,7 @@ def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Star
             Route("/readyz", edge.readyz),
             Route("/metrics", edge.metrics),
             WebSocketRoute(WS_PATH, edge.websocket),
-            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+            Mount("/static", static_files(), name="static"),
         ],
         middleware=[Middleware(RawSendMiddleware)],
         lifespan=lifespan,

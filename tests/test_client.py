@@ -1,4 +1,4 @@
-"""common/client.py: the Python client's reconnect, recovery, resync, close-code and
+"""fanout_client (clients/python): the Python client's reconnect, recovery, resync, close-code and
 heartbeat behaviour, against real edges (and one silent fake server)."""
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ from typing import Any
 
 import pytest
 import websockets
-from redis.exceptions import RedisError
-from websockets.asyncio.server import ServerConnection
-
-from common.auth import sign_token
-from common.backoff import Backoff
-from common.client import (
+from fanout_client import (
+    Backoff,
     ClientState,
+    ClosedBadRequest,
     Event,
     FanoutClient,
     FanoutClosed,
@@ -28,6 +25,10 @@ from common.client import (
     Resync,
     Subscription,
 )
+from redis.exceptions import RedisError
+from websockets.asyncio.server import ServerConnection
+
+from common.auth import sign_token
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from tests.wsclient import ProtoClient, wait_until
@@ -70,24 +71,6 @@ class Collector:
         self.task.cancel()
         with contextlib.suppress(BaseException):
             await self.task
-
-
-# --- unit: backoff schedule, no wall time ---------------------------------------------------
-
-
-def test_backoff_schedule_with_injected_random() -> None:
-    seen: list[tuple[float, float]] = []
-
-    def top(lo: float, hi: float) -> float:
-        seen.append((lo, hi))
-        return hi
-
-    backoff = Backoff(base=0.5, cap=4.0, rand=top)
-    delays = [backoff.next_delay() for _ in range(6)]
-    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    assert all(lo == 0.0 for lo, _ in seen)  # full jitter: anywhere from 0
-    backoff.reset()
-    assert backoff.next_delay() == 0.5
 
 
 async def test_reconnect_delays_come_from_the_backoff_and_cycle_urls() -> None:
@@ -235,7 +218,7 @@ async def test_bad_frame_close_stops_the_client(edge) -> None:
     assert client._ws is not None
     await client._ws.send("{not json")  # the edge closes with 3500
     await col.wait_for(lambda: col.task.done())
-    assert isinstance(col.error, FanoutClosed) and col.error.code == 3500
+    assert isinstance(col.error, ClosedBadRequest) and col.error.code == 3500
     assert client.state == ClientState.CLOSED
     assert client.counters.reconnects == 0
     await client.close()
@@ -247,7 +230,7 @@ async def test_bad_connect_raises_from_connect(edge) -> None:
     with pytest.raises(FanoutClosed) as info:
         async with asyncio.timeout(10):
             await client.connect()
-    assert info.value.code == 3500
+    assert type(info.value) is ClosedBadRequest and info.value.code == 3500
     assert client.state == ClientState.CLOSED
     await client.close()
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fanout_client import FanoutClient, Publication
 
-from common.client import FanoutClient, Publication
 from fanout.embedded import free_port, stop_process
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage

@@ -692,7 +692,7 @@ def test_disconnect_truncates_a_multibyte_reason_within_123_bytes(char: str) -> 
 
 
 def test_disconnect_advises_a_reconnect_delay_in_the_reason() -> None:
-    from common.client import advised_delay
+    from fanout_client import advised_delay
 
     exc = Disconnect(CloseCode.SLOW_CONSUMER, "slow consumer", retry_after=1.5)
     assert exc.reason == "slow consumer retry_after_ms=1500"

@@ -1,5 +1,7 @@
-// The demo page: live quotes, a trades tape, 1-minute bars of the selected symbol and the
-// client's state, from fanout.js.
+// The demo page: live quotes, a trades tape, 1-minute bars and the depth ladder of the
+// selected symbol, and the client's state: a showcase of the browser client, the npm package
+// @fanout/client (clients/js), imported here from the copy every edge serves at
+// /static/fanout.js.
 //
 // Messages only update plain objects and mark what changed; the DOM is written at most once
 // per animation frame, and only the cells whose text changed.
@@ -9,7 +11,7 @@
 // For browser tests: window.fanout is the client (positions(), counters, state);
 // window.fanoutDemo holds the page's view of the data.
 
-import { FanoutClient } from "./fanout.js";
+import { FanoutClient } from "/static/fanout.js";
 
 const DEFAULT_SYMBOLS = ["MNQ", "MES", "NQ", "ES", "M2K", "MYM", "RTY", "YM"];
 const TAPE_LENGTH = 20;
@@ -120,6 +122,7 @@ function render() {
   if (tapeDirty) renderTape();
   tapeDirty = false;
   renderCounters();
+  if (depth.dirty) renderDepth();
   if (chart.dirty) {
     try {
       drawChart();
@@ -254,8 +257,10 @@ function subscribeSymbol(symbol) {
 // --- 1-minute bar chart of the selected symbol ------------------------------------------------
 //
 // bars.1m.<SYM> of the selected symbol only (the previous one is unsubscribed). The snapshot
-// holds the last closed bar (key ""); messages are closed bars, and on recovery older bars
-// replay as ordinary messages: bars are kept by start time, so a replay replaces, never doubles.
+// holds the last closed bar (key ""); the subscribe reply's offset is the newest bar's, so a
+// `history` request for the MAX_BARS offsets up to it fills the chart on open (once per
+// epoch). Messages are closed bars, and on recovery older bars replay as ordinary messages:
+// bars are kept by start time, so a replay or the history reply replaces, never doubles.
 // The bar still forming is drawn from the symbol's trades until its closed bar arrives.
 
 const BAR_MS = 60_000;
@@ -266,9 +271,32 @@ const chart = {
   bars: [], // closed bars, oldest first, at most MAX_BARS, unique `t`
   live: null, // {t, o, h, l, c, v, n}: the bar forming from trades, newer than every closed bar
   offset: null,
+  history: { epoch: null, state: "none", bars: 0 }, // the last history load: loading, done, failed
   dirty: false,
   size: { w: 0, h: 0, dpr: 1 },
 };
+
+// The recent bars before `info.offset` (the newest at subscribe time), once per epoch.
+function loadBars(channel, symbol, info) {
+  if (chart.history.epoch === info.epoch || info.offset < 1) return;
+  const from = Math.max(1, info.offset - MAX_BARS + 1);
+  chart.history = { epoch: info.epoch, state: "loading", bars: 0 };
+  client.history(channel, from, info.offset, info.epoch).then(
+    (pubs) => {
+      if (chart.symbol !== symbol || chart.history.epoch !== info.epoch) return;
+      for (const pub of pubs) putBar(pub.data);
+      chart.history = { epoch: info.epoch, state: "done", bars: pubs.length };
+      markChart();
+    },
+    (err) => {
+      // history_unavailable (trimmed meanwhile): the snapshot and live bars still draw.
+      if (chart.symbol !== symbol) return;
+      chart.history = { epoch: info.epoch, state: "failed", bars: 0, code: err.code };
+      console.warn("[demo] bars history:", err.code || err.message);
+      if (err.code !== "history_unavailable") chart.history.epoch = null; // retry next time
+    },
+  );
+}
 
 function validBar(b) {
   return b && num(b.t) && num(b.o) && num(b.h) && num(b.l) && num(b.c);
@@ -313,8 +341,10 @@ function selectSymbol(symbol) {
   const prev = quotes.get(chart.symbol);
   if (prev) prev.cells[0].parentNode.classList.remove("selected");
   quotes.get(symbol).cells[0].parentNode.classList.add("selected");
-  Object.assign(chart, { symbol, bars: [], live: null, offset: null, sub: null });
+  Object.assign(chart, { symbol, bars: [], live: null, offset: null, sub: null,
+    history: { epoch: null, state: "none", bars: 0 } });
   setText($("chart-symbol"), symbol);
+  selectDepth(symbol);
   const channel = `bars.1m.${symbol}`;
   const mine = () => chart.symbol === symbol; // late callbacks of a previous selection
   try {
@@ -339,6 +369,7 @@ function selectSymbol(symbol) {
       onSubscribed(info) {
         if (!mine()) return;
         chart.offset = info.offset;
+        loadBars(channel, symbol, info);
         markChart();
       },
       onError(err) {
@@ -491,6 +522,103 @@ function drawChart() {
   }
 }
 
+// --- depth ladder of the selected symbol --------------------------------------------------------
+//
+// depth.<SYM> is keyed: the snapshot maps "bid:<price>" / "ask:<price>" to {side, price, size};
+// a message sets its key, a deleted one (or size 0) removes it. The snapshot replaces the
+// ladder (initial and every resync); "conflate" delivery may skip offsets, each message still
+// carrying its key's latest value, so applying every message keeps the ladder exact.
+
+const DEPTH_LEVELS = 10;
+const depth = {
+  symbol: null,
+  sub: null,
+  levels: new Map(), // key -> {side, price, size}
+  offset: null,
+  updates: 0, // messages applied since the selection
+  dirty: false,
+  rows: [], // 2 * DEPTH_LEVELS rows of [bidSize, price, askSize] cells: asks, then bids
+};
+
+function setLevel(key, level, deleted) {
+  if (deleted || !level || !num(level.price) || !num(level.size) || level.size <= 0) depth.levels.delete(key);
+  else depth.levels.set(key, { side: level.side, price: level.price, size: level.size });
+}
+
+function markDepth() {
+  depth.dirty = true;
+  schedule();
+}
+
+function selectDepth(symbol) {
+  if (depth.sub) depth.sub.unsubscribe();
+  Object.assign(depth, { symbol, sub: null, levels: new Map(), offset: null, updates: 0 });
+  setText($("depth-symbol"), symbol);
+  const mine = () => depth.symbol === symbol;
+  try {
+    depth.sub = client.subscribe(`depth.${symbol}`, {
+      snapshot: true,
+      onResync(snapshot, info) {
+        if (!mine()) return;
+        depth.levels = new Map();
+        for (const [key, level] of Object.entries(snapshot || {})) setLevel(key, level, false);
+        depth.offset = info.offset;
+        markDepth();
+      },
+      onMessage(data, meta) {
+        if (!mine()) return;
+        setLevel(meta.key, data, meta.deleted);
+        depth.offset = meta.offset;
+        depth.updates += 1;
+        markDepth();
+      },
+      onSubscribed(info) {
+        if (mine()) depth.offset = info.offset;
+        markDepth();
+      },
+      onError(err) {
+        if (mine()) setText($("depth-detail"), `${err.code}: ${err.message}`);
+      },
+    });
+  } catch (err) {
+    console.warn("[demo] depth subscribe:", err);
+  }
+  markDepth();
+}
+
+// The best DEPTH_LEVELS of each side: bids highest first, asks lowest first.
+function ladder() {
+  const bids = [], asks = [];
+  for (const level of depth.levels.values()) (level.side === "ask" ? asks : bids).push(level);
+  bids.sort((a, b) => b.price - a.price);
+  asks.sort((a, b) => a.price - b.price);
+  return { bids: bids.slice(0, DEPTH_LEVELS), asks: asks.slice(0, DEPTH_LEVELS) };
+}
+
+function renderDepth() {
+  depth.dirty = false;
+  const { bids, asks } = ladder();
+  const maxSize = Math.max(1, ...bids.map((l) => l.size), ...asks.map((l) => l.size));
+  // Asks from the DEPTH_LEVELS-th best down to the best, then bids from the best down.
+  const rows = [];
+  for (let i = DEPTH_LEVELS - 1; i >= 0; i--) rows.push(asks[i] ? { ...asks[i], side: "ask" } : null);
+  for (let i = 0; i < DEPTH_LEVELS; i++) rows.push(bids[i] ? { ...bids[i], side: "bid" } : null);
+  rows.forEach((level, i) => {
+    const [bidSize, px, askSize] = depth.rows[i];
+    const tr = bidSize.parentNode;
+    tr.dataset.side = level ? level.side : "";
+    tr.dataset.price = level ? String(level.price) : "";
+    setText(bidSize, level && level.side === "bid" ? int(level.size) : "");
+    setText(px, level ? price(level.price) : "");
+    setText(askSize, level && level.side === "ask" ? int(level.size) : "");
+    const pct = level ? Math.round((level.size / maxSize) * 100) : 0;
+    tr.style.setProperty("--fill", `${pct}%`);
+  });
+  setText($("depth-detail"), depth.symbol
+    ? `${bids.length + asks.length} levels${depth.offset != null ? ` · offset ${depth.offset}` : ""}`
+    : "");
+}
+
 // --- connection state ---------------------------------------------------------------------
 
 let countdown = null;
@@ -537,6 +665,8 @@ function build() {
       channels.set(channel, { offset: null, epoch: null, cells });
     }
   }
+  const dBody = $("depth").tBodies[0];
+  for (let i = 0; i < 2 * DEPTH_LEVELS; i++) depth.rows.push(row(dBody, ["bid-size", "price", "ask-size"]));
   const tBody = $("trades").tBodies[0];
   for (let i = 0; i < TAPE_LENGTH; i++) tapeCells.push(row(tBody, ["l time", "l sym", "l side", "", ""]));
 }
@@ -576,7 +706,9 @@ window.fanoutDemo = {
   counters: client.counters,
   frames: () => frame,
   received: () => Object.fromEntries(received),
-  chart: () => ({ symbol: chart.symbol, bars: chart.bars.slice(), live: chart.live && { ...chart.live } }),
+  chart: () => ({ symbol: chart.symbol, bars: chart.bars.slice(), live: chart.live && { ...chart.live },
+    history: { ...chart.history } }),
+  depth: () => ({ symbol: depth.symbol, offset: depth.offset, updates: depth.updates, ...ladder() }),
   select: (symbol) => selectSymbol(symbol),
 };
 

@@ -1,5 +1,7 @@
 """An asyncio client for fanout's edges, with the browser client's (fanout.js) semantics.
 
+The package fanout-client (clients/python); it depends on websockets and msgpack only.
+
 Why a client library and not raw frames: the protocol leaves correctness to the client.
 It must remember a position (epoch, offset) per channel, resubscribe with ``recover``
 after every reconnect, tell a duplicate from a skip from a real gap depending on the
@@ -34,24 +36,32 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from common.backoff import Backoff
-from common.protocol import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Position
+from fanout_client.backoff import Backoff
+from fanout_client.errors import (
+    ConnectionLost,
+    FanoutClosed,
+    TokenUnavailable,
+    closed_error,
+    request_error,
+)
 
 __all__ = [
     "ClientState",
     "Counters",
     "Event",
     "FanoutClient",
-    "FanoutClosed",
     "Gap",
-    "HistoryError",
     "Position",
     "Publication",
-    "RequestFailed",
     "Resync",
     "Subscription",
-    "SubscriptionError",
+    "advised_delay",
+    "retry_after",
 ]
+
+# The WebSocket subprotocols of docs/protocol.md.
+SUBPROTOCOL_JSON = "fanout.json"
+SUBPROTOCOL_MSGPACK = "fanout.msgpack"
 
 # Codes the client uses for connections it ends itself (as fanout.js: never sent by edges).
 CLOSE_CONNECT_FAILED = 4000
@@ -88,6 +98,14 @@ class ClientState:
 
 
 # --- events ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where a client is in a channel: the last offset it saw, in which epoch."""
+
+    offset: int
+    epoch: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,39 +155,6 @@ class Counters:
     reconnects: int = 0  # connection attempts after the first
     duplicates: int = 0  # pubs at or below the position, dropped
     messages: int = 0  # publications delivered
-
-
-# --- errors ----------------------------------------------------------------------------
-
-
-class TokenUnavailable(Exception):
-    """The token function failed at connect: this attempt fails, the next one retries."""
-
-
-class FanoutClosed(Exception):
-    """The client stopped for good: a 3500-3999 close (reconnecting would fail again)."""
-
-    def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(f"closed with {code}: {reason}")
-        self.code = code
-        self.reason = reason
-
-
-class RequestFailed(Exception):
-    """An ``error`` reply: ``code`` is the protocol's stable error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-class HistoryError(RequestFailed):
-    """A ``history`` request failed (``history_unavailable``: the range is gone)."""
-
-
-class SubscriptionError(RequestFailed):
-    """A subscribe failed for good (bad channel, ...); raised by the subscription's iterator."""
 
 
 # --- subscriptions -----------------------------------------------------------------------
@@ -317,7 +302,7 @@ class FanoutClient:
         if self._fatal is not None:
             raise self._fatal
         if self._state != ClientState.OPEN and self._runner.done():
-            raise FanoutClosed(CLOSE_CLIENT, "client closed")
+            raise closed_error(CLOSE_CLIENT, "client closed")
 
     async def close(self) -> None:
         """Close for good; iterators end after what they hold. Positions are kept."""
@@ -380,8 +365,8 @@ class FanoutClient:
     ) -> list[Publication]:
         """Backfill ``from_``..``to`` (a gap's range) in the subscription's epoch.
 
-        Raises HistoryError with the server's code (``history_unavailable``: gone, do not
-        retry); ConnectionError if the connection is lost meanwhile."""
+        Raises the RequestFailed subclass of the server's code (HistoryUnavailable: gone,
+        do not retry); ConnectionLost if the connection is lost meanwhile."""
         if epoch is None:
             sub = self._subs.get(channel)
             if sub is None or sub.position is None:
@@ -394,7 +379,8 @@ class FanoutClient:
                               "epoch": epoch, "from": from_, "to": to})
             reply = await fut
         if reply.get("type") == "error":
-            raise HistoryError(str(reply.get("code")), str(reply.get("message")))
+            raise request_error(str(reply.get("code")), str(reply.get("message")),
+                                request="history", channel=channel)
         return [_publication(p) for p in reply.get("publications") or []]
 
     # --- the connection loop -------------------------------------------------------------
@@ -615,7 +601,8 @@ class FanoutClient:
             else:
                 self.log.error("subscribe_failed channel=%s code=%s", sub.channel, code)
                 self._subs.pop(sub.channel, None)
-                sub._finish(lambda: SubscriptionError(code, text))
+                sub._finish(lambda: request_error(code, text, request="subscribe",
+                                                  channel=sub.channel))
             return
         sub.phase = "live"
         sub.delivery = str(msg.get("delivery", "all"))
@@ -679,7 +666,7 @@ class FanoutClient:
     async def _send(self, obj: dict[str, Any]) -> None:
         ws = self._ws
         if ws is None:
-            raise ConnectionError("not connected")
+            raise ConnectionLost("not connected")
         if self.binary:
             await ws.send(msgpack.packb(obj, use_bin_type=True))
         else:
@@ -736,14 +723,14 @@ class FanoutClient:
         pending, self._pending = self._pending, {}
         for p in pending.values():
             if p.future is not None and not p.future.done():
-                p.future.set_exception(ConnectionError("connection lost"))
+                p.future.set_exception(ConnectionLost("connection lost"))
 
     async def _wait_open(self) -> None:
         while self._state != ClientState.OPEN:
             if self._fatal is not None:
                 raise self._fatal
             if self._runner is None:
-                raise ConnectionError("client is closed")
+                raise ConnectionLost("client is closed")
             self._opened.clear()
             await self._opened.wait()
 
@@ -769,11 +756,11 @@ class FanoutClient:
 
     def _stop_fatal(self, code: int, reason: str) -> None:
         self.log.error("closed_for_good code=%d reason=%r", code, reason)
-        self._fatal = FanoutClosed(code, reason)
+        self._fatal = closed_error(code, reason)
         self._set_state(ClientState.CLOSED)
         self._opened.set()
         for sub in self._subs.values():
-            sub._finish(functools.partial(FanoutClosed, code, reason))
+            sub._finish(functools.partial(closed_error, code, reason))
 
 
 def _publication(msg: dict[str, Any]) -> Publication:

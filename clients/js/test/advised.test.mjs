@@ -1,7 +1,7 @@
 // A delay the server advises in its close reason ("... retry_after_ms=N") is honoured.
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { advisedDelay } from "../fanout.js";
+import { advisedDelay } from "../src/fanout.js";
 import { handshake, makeClient } from "./harness.mjs";
 
 test("advisedDelay reads the token, and only a well-formed one", () => {

@@ -4,7 +4,7 @@
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 
-import { makeHooks } from "../react.js";
+import { makeHooks } from "../src/react.js";
 import { makeClient, handshake, replySubscribed, pub } from "./harness.mjs";
 
 const CH = "quotes.MNQ";

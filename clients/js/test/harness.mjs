@@ -1,7 +1,7 @@
 // Test helpers for fanout.js: a fake WebSocket and a scripted server side.
 // Not a test file itself (it has no tests), but it lives in test/ so `node --test` loads it too.
 
-import { FanoutClient } from "../fanout.js";
+import { FanoutClient } from "../src/fanout.js";
 
 /** A fresh fake WebSocket class; every instance it creates is pushed onto `sockets`. */
 export function fakeWebSocket() {

@@ -4,7 +4,7 @@
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 
-import { FanoutClient, shouldReconnect } from "../fanout.js";
+import { FanoutClient, shouldReconnect } from "../src/fanout.js";
 import { makeClient, handshake, SESSION } from "./harness.mjs";
 
 const reconnecting = (states) => states.filter((s) => s.state === "reconnecting");

@@ -4,7 +4,7 @@
 import { test, describe } from "node:test";
 import assert from "node:assert/strict";
 
-import { bindChannel } from "../zustand.js";
+import { bindChannel } from "../src/zustand.js";
 import { makeClient, handshake, replySubscribed, pub } from "./harness.mjs";
 
 /** A minimal Zustand-like store: getState, setState(partial | fn) merged shallowly. */

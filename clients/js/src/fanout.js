@@ -1,8 +1,9 @@
 // fanout.js: a small, dependency-free browser client for the fanout edge WebSocket.
 //
 // Plain ES module, no build step. Types: fanout.d.ts. Wire protocol: docs/protocol.md.
+// The npm package @fanout/client (clients/js); every edge also serves it at /static/fanout.js.
 //
-//   import { FanoutClient } from "/static/fanout.js";
+//   import { FanoutClient } from "@fanout/client";    // or "/static/fanout.js" from an edge
 //   const client = new FanoutClient();           // ws(s)://<location.host>/ws
 //   client.subscribe("quotes.MNQ", { snapshot: true, onResync, onMessage });
 //   client.connect();

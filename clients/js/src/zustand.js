@@ -2,7 +2,7 @@
 // getState() and setState(partial | fn) works (zustand/vanilla createStore, useStore's api).
 //
 //   import { createStore } from "zustand/vanilla";
-//   import { bindChannel } from "/static/zustand.js";
+//   import { bindChannel } from "@fanout/client/zustand"; // or "/static/zustand.js"
 //   const store = createStore(() => ({}));
 //   const unbind = bindChannel(store, client, "quotes.MNQ", { key: "mnq" });
 //   // store.getState().mnq -> the quote; unbind() unsubscribes.

@@ -1,4 +1,4 @@
-// Types for fanout.js, the browser client of the fanout edge WebSocket protocol.
+// Types for fanout.js (@fanout/client), the browser client of the fanout edge WebSocket protocol.
 
 /** Where a client is in a channel: the last offset delivered, in which epoch. */
 export interface Position {
@@ -246,6 +246,9 @@ export interface FanoutEvents {
 
 /** Whether a close code says to reconnect (all but 3500-3999). */
 export function shouldReconnect(code: number): boolean;
+
+/** The reconnect delay (ms) a server advises in a close reason (`retry_after_ms=N`), or 0. */
+export function advisedDelay(reason: string | null | undefined): number;
 
 export class FanoutClient {
   /** Default URL: ws(s)://<location.host>/ws. A list of URLs is cycled through on reconnects. */

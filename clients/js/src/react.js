@@ -1,7 +1,7 @@
 // React hooks for fanout.js. React is not bundled or imported: pass yours in.
 //
 //   import React from "react";
-//   import { makeHooks } from "/static/react.js";
+//   import { makeHooks } from "@fanout/client/react"; // or "/static/react.js"
 //   const { useChannel, useConnectionState } = makeHooks(React);
 //
 //   function Quote({ client, symbol }) {
