@@ -81,7 +81,7 @@ bench: $(VENV)/.dev
 
 # The long fuzz run: the hypothesis targets with many examples, then FUZZ_FRAMES frames of
 # mutated requests, garbage and broken framing at a real edge process over many connections
-# (tests/fuzz_live.py; the suite runs both briefly). Prints what it sent and saw, and
+# (tests/support/fuzz_live.py; the suite runs both briefly). Prints what it sent and saw, and
 # fails on a crash, exception text, an undocumented answer, a bystander's miss, or the
 # edge's RSS growing past FUZZ_RSS_MIB.
 FUZZ_FRAMES ?= 1000000
@@ -91,8 +91,8 @@ FUZZ_CONCURRENCY ?= 16
 FUZZ_RSS_MIB ?= 64
 fuzz: $(VENV)/.dev
 	FANOUT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider \
-		tests/test_fuzz.py -k "not live"
-	$(BIN)/python -m tests.fuzz_live --frames $(FUZZ_FRAMES) --seed $(FUZZ_SEED) \
+		tests/unit/test_fuzz.py -k "not live"
+	$(BIN)/python -m tests.support.fuzz_live --frames $(FUZZ_FRAMES) --seed $(FUZZ_SEED) \
 		--concurrency $(FUZZ_CONCURRENCY) --rss-limit-mib $(FUZZ_RSS_MIB)
 
 # dev.txt is resolved first; the smaller sets are resolved with it as a constraint, so a

@@ -37,7 +37,8 @@ channel (which only they read) fill their sockets, transports and send queues, s
 the run the edge has N stuck clients on the readers' channel (trades.*: policy drop, so they
 stay connected and every message is dropped for them). A table gives the readers' p50/p99
 without and with them, median and range over the runs. The tests check that a frozen client
-delays nobody by the order of events (tests/test_slow_consumers.py); this is the latency.
+delays nobody by the order of events (tests/integration/test_slow_consumers.py); this is the
+latency.
 
     .venv/bin/python bench/fanout.py [--clients 500] [--rates 50,100,200,400,800] [--client c]
                                      [--channels 1] [--frozen 0 [--frozen-runs 3]]
