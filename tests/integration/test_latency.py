@@ -10,18 +10,9 @@ import time
 import httpx
 import pytest
 
-from edge.stats import Histogram
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from tests.support.wsclient import ProtoClient
-
-
-def test_histogram_buckets_are_cumulative_and_le() -> None:
-    hist = Histogram((0.1, 1.0))
-    for value in (0.05, 0.1, 0.5, 2.0):
-        hist.observe(value)
-    assert hist.buckets() == [("0.1", 2), ("1.0", 3), ("+Inf", 4)]  # 0.1 is in le="0.1"
-    assert hist.total == pytest.approx(2.65)
 
 
 def samples(text: str, name: str) -> dict[str, float]:

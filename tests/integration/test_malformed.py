@@ -9,14 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 
 import pytest
 from websockets.frames import Opcode
 
-from common import protocol
-from common.errors import Disconnect
-from common.protocol import Codec
 from tests.support.edgeproc import edge_process
 from tests.support.wsclient import ProtoClient
 
@@ -181,22 +177,3 @@ async def test_type_that_is_not_a_string(edge, kind: object) -> None:
     reply = await client.request({"pad": 1})
     assert reply["message"] == "missing type"
     await client.close()
-
-
-# --- the decoder itself (pure) ------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text", ["NaN", "-Infinity", '{"a":[1,Infinity]}', '{"a":NaN}'])
-def test_decoder_refuses_nan_and_infinity(text: str) -> None:
-    with pytest.raises(Disconnect) as info:
-        protocol.decode_frame(text, Codec.JSON)
-    assert info.value.code == 3500
-    with pytest.raises(Disconnect):
-        protocol.decode_frame(text.encode(), Codec.JSON)  # a binary frame of JSON
-
-
-def test_decoder_keeps_big_and_float_numbers() -> None:
-    obj = protocol.decode_frame('{"a":1e308,"b":-0.0,"c":123456789012345678901234567890}',
-                                Codec.JSON)
-    assert obj["a"] == 1e308 and math.copysign(1, obj["b"]) == -1
-    assert obj["c"] == 123456789012345678901234567890

@@ -20,10 +20,9 @@ from common.embedded import free_port, stop_process
 from tests.integration.test_browser import need
 from tests.support.edgeproc import ingest_process
 from tests.support.httpwait import wait_http_ok
+from tests.unit.test_prometheus import DASHBOARD, PROMETHEUS
 
 pytestmark = pytest.mark.integration
-
-PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 METRIC = re.compile(r"\b(fanout_[a-z_]+)")
 
 
@@ -74,9 +73,6 @@ async def exit_stack() -> AsyncIterator[contextlib.AsyncExitStack]:
         yield stack
 
 
-DASHBOARD = PROMETHEUS.parent / "grafana" / "dashboards" / "fanout.json"
-
-
 def dashboard_metrics() -> dict[str, set[str]]:
     """Metric name -> titles of the panels whose queries name it."""
     found: dict[str, set[str]] = {}
@@ -85,19 +81,6 @@ def dashboard_metrics() -> dict[str, set[str]]:
             for name in METRIC.findall(target["expr"]):
                 found.setdefault(name, set()).add(panel["title"])
     return found
-
-
-def test_dashboard_is_importable_anywhere() -> None:
-    """No hard-coded datasource: every panel and query uses the `datasource` variable, so
-    the JSON imports into any Grafana and picks that Grafana's Prometheus."""
-    board = json.loads(DASHBOARD.read_text())
-    (var,) = [v for v in board["templating"]["list"] if v["name"] == "datasource"]
-    assert var["type"] == "datasource" and var["query"] == "prometheus"
-    for panel in board["panels"]:
-        for holder in [panel, *panel.get("targets", [])]:
-            if "datasource" in holder:
-                assert holder["datasource"]["uid"] == "${datasource}", panel["title"]
-    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
 
 
 async def test_every_dashboard_and_alert_metric_reaches_a_real_prometheus(

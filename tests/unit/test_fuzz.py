@@ -1,7 +1,6 @@
-"""Fuzzing, in the normal suite: hypothesis drives the protocol decoder (pure) and a
-session's request handling (in process: a real `Session` over a scripted WebSocket and a
-scripted hub), and a short live run sends mutated requests, garbage and broken framing to a
-real edge process over many connections (tests/support/fuzz_live.py; `make fuzz` runs it long).
+"""Fuzzing, in the normal suite: hypothesis drives the protocol decoder and a session's
+request handling (a real `Session` over a scripted WebSocket and a scripted hub); the short
+live run against a real edge process is tests/integration/test_fuzz.py.
 
 Whatever a client sends, it gets only documented answers: an object (or an array of them)
 of a server message type, error codes from the table, close codes from the table, and never
@@ -170,18 +169,3 @@ def test_a_session_answers_any_frames_only_as_documented(
             assert msg["code"] in ERROR_CODES, msg
         text = json.dumps(msg, default=repr)
         assert exception_text(text) is None, msg
-
-
-# --- live: a real edge process ---------------------------------------------------------------
-
-
-@pytest.mark.integration
-async def test_live_fuzz_short(redis_server, key_prefix: str) -> None:
-    """A few seconds of tests/support/fuzz_live.py against a real edge: see its doc."""
-    from tests.support.fuzz_live import run_live_fuzz
-
-    report = await run_live_fuzz(redis_server.url, key_prefix,
-                                 frames=int(os.environ.get("FANOUT_FUZZ_FRAMES", "20000")),
-                                 seed=int(os.environ.get("FANOUT_FUZZ_SEED", "1")))
-    print(report.text())
-    report.check()

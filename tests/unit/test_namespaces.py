@@ -1,46 +1,34 @@
 """Channel namespaces as configuration (common/namespaces.py): the file format and its
-errors, the pattern syntax, the shipped file, precedence of FANOUT_HISTORY/FANOUT_OVERFLOW,
-and a namespace defined by a file driven end to end through a real edge and Valkey."""
+errors, the pattern syntax, the shipped file. Files of tests' own: tests/inprocess; through
+a real edge and Valkey: tests/integration."""
 
 from __future__ import annotations
 
-import asyncio
 import re
-import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from common.auth import Claims, permits, sign_token
-from common.channels import SnapshotMode, active_namespaces, parse_channel
+from common.auth import Claims, permits
+from common.channels import SnapshotMode, parse_channel
 from common.config import (
     DEFAULT_HISTORY,
     DEFAULT_OVERFLOW,
     EDGE_SETTINGS,
-    INGEST_SETTINGS,
     EdgeConfig,
     HistoryPolicy,
-    IngestConfig,
     build,
 )
 from common.errors import BadChannel, ConfigError
-from common.keys import Keys
 from common.namespaces import (
     DEFAULT,
     DEFAULT_FILE,
     NamespacesError,
     activate,
-    load_namespaces,
     parse_namespaces,
 )
-from ingest.publisher import Publisher
-from ingest.upstream import UpstreamMessage
-from tests.support.wsclient import ProtoClient
-
-SECRET = b"0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture(autouse=True)
@@ -281,114 +269,9 @@ def test_bad_files_name_the_file_namespace_and_field(
     assert problem in err.problem
 
 
-def test_unreadable_file_names_it(tmp_path: Path) -> None:
-    missing = str(tmp_path / "nope.toml")
-    with pytest.raises(ConfigError) as info:
-        load_namespaces(missing)
-    assert info.value.setting == "FANOUT_NAMESPACES_FILE" and missing in info.value.problem
-
-
-# --- the setting, and precedence of FANOUT_HISTORY / FANOUT_OVERFLOW ------------------------
-
-
-CHAT = """
-[namespaces.chat]
-pattern = "chat.{room:id:32}"
-snapshot = "none"
-history_length = 100
-history_age = 600
-overflow = "drop"
-subscribe = "public"
-
-[namespaces.alerts]
-pattern = "alerts.{desk:id}"
-snapshot = "last"
-history_length = 50
-history_age = 60
-overflow = "conflate"
-subscribe = "account"
-account_segment = "desk"
-account_claims = ["accounts", "sub"]
-recovery = false
-max_rate = 5
-"""
-
-
-@pytest.fixture
-def chat_file(tmp_path: Path) -> str:
-    path = tmp_path / "namespaces.toml"
-    path.write_text(CHAT)
-    return str(path)
-
-
-def test_setting_loads_the_file_for_ingest(chat_file: str) -> None:
-    config = build(IngestConfig, INGEST_SETTINGS, env={"FANOUT_NAMESPACES_FILE": chat_file})
-    assert config.namespaces_file == chat_file
-    assert active_namespaces().names == ("chat", "alerts")
-    assert dict(config.history) == {"chat": HistoryPolicy(100, 600.0),
-                                    "alerts": HistoryPolicy(50, 60.0)}
-    assert parse_channel("chat.lobby").spec.snapshot == "none"
-
-
-def test_history_and_overflow_settings_override_the_file(chat_file: str) -> None:
-    ingest = build(IngestConfig, INGEST_SETTINGS, env={
-        "FANOUT_NAMESPACES_FILE": chat_file, "FANOUT_HISTORY": "chat=10/5"})
-    assert dict(ingest.history) == {"chat": HistoryPolicy(10, 5.0),
-                                    "alerts": HistoryPolicy(50, 60.0)}
-    edge = build(EdgeConfig, EDGE_SETTINGS, env={
-        "FANOUT_NAMESPACES_FILE": chat_file, "FANOUT_OVERFLOW": "alerts=disconnect"})
-    assert dict(edge.overflow) == {"chat": "drop", "alerts": "disconnect"}
-
-
-def test_overrides_must_name_namespaces_of_the_file(chat_file: str) -> None:
-    with pytest.raises(ConfigError) as info:
-        build(IngestConfig, INGEST_SETTINGS, env={
-            "FANOUT_NAMESPACES_FILE": chat_file, "FANOUT_HISTORY": "quotes=10/5"})
-    assert info.value.setting == "FANOUT_HISTORY"
-
-
-def test_flag_selects_the_file_too(chat_file: str) -> None:
-    import argparse
-
-    from common.config import add_arguments
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, EDGE_SETTINGS)
-    config = build(EdgeConfig, EDGE_SETTINGS, env={},
-                   args=parser.parse_args(["--namespaces-file", chat_file]))
-    assert config.namespaces_file == chat_file and dict(config.overflow)["chat"] == "drop"
-
-
-def test_bad_file_fails_the_build_naming_file_namespace_and_field(tmp_path: Path) -> None:
-    path = tmp_path / "bad.toml"
-    path.write_text('[namespaces.chat]\npattern = "chat.{room:id}"\noverflow = "block"\n')
-    with pytest.raises(ConfigError) as info:
-        build(EdgeConfig, EDGE_SETTINGS, env={"FANOUT_NAMESPACES_FILE": str(path)})
-    assert info.value.setting == "FANOUT_NAMESPACES_FILE"
-    assert str(path) in str(info.value) and "'chat': overflow:" in str(info.value)
-    assert active_namespaces() is DEFAULT  # nothing activated
-
-
 def test_without_the_setting_the_shipped_namespaces_are_used() -> None:
     config = build(EdgeConfig, EDGE_SETTINGS, env={})
     assert config.namespaces_file == "" and dict(config.overflow) == DEFAULT_OVERFLOW
-
-
-# --- permissions ---------------------------------------------------------------------------
-
-
-def test_permits_per_subscribe_mode(chat_file: str) -> None:
-    activate(load_namespaces(chat_file))
-    nobody = Claims("nobody", 0.0, ("quotes.*",))
-    d1 = Claims("d1", 0.0, ())
-    trader = Claims("t", 0.0, (), ("d3",))
-    admin = Claims("admin", 0.0, ("alerts.*",))
-    assert permits(nobody, parse_channel("chat.lobby"))  # public
-    assert not permits(nobody, parse_channel("alerts.d1"))
-    assert permits(d1, parse_channel("alerts.d1")) and not permits(d1, parse_channel("alerts.d2"))
-    assert permits(trader, parse_channel("alerts.d3"))
-    assert not permits(trader, parse_channel("alerts.d1"))
-    assert permits(admin, parse_channel("alerts.d9"))  # token patterns grant too
 
 
 def test_permits_with_the_shipped_namespaces_is_the_claims_check() -> None:
@@ -400,134 +283,6 @@ def test_permits_with_the_shipped_namespaces_is_the_claims_check() -> None:
     assert not permits(claims, parse_channel("account.42.orders"))
 
 
-# --- end to end: a namespace from a file, through a real edge and Valkey --------------------
-
-
-async def _open(url: str, token: str, *, rcvbuf: int | None = None) -> ProtoClient:
-    kwargs: dict[str, Any] = {}
-    if rcvbuf is not None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        host, port = url.split("//")[1].split("/")[0].split(":")
-        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-        kwargs["sock"] = sock
-    client = await ProtoClient.open(url, connect=False, **kwargs)
-    reply = await client.request({"type": "connect", "token": token})
-    assert reply["type"] == "connected", reply
-    return client
-
-
-def _token(**claims: Any) -> str:
-    return sign_token({"exp": time.time() + 300, **claims}, SECRET)
-
-
-@pytest.fixture
-async def chat_edge(edge_factory: Any, chat_file: str) -> Any:
-    config = build(EdgeConfig, EDGE_SETTINGS, env={"FANOUT_NAMESPACES_FILE": chat_file})
-    return await edge_factory(
-        namespaces_file=chat_file, overflow=config.overflow, auth_secret=SECRET.decode(),
-        queue_max_messages=50, queue_max_bytes=64 * 1024,
-    )
-
-
-@pytest.mark.integration
-async def test_namespace_from_a_file_end_to_end(
-    chat_edge: Any, redis: Any, key_prefix: str
-) -> None:
-    keys = Keys(key_prefix)
-    publisher = Publisher(redis, keys)  # the file's history: chat 100
-    channel = "chat.lobby"
-    first = await publisher.publish(UpstreamMessage(channel, {"text": "hi"}))
-    assert first.offset == 1
-
-    # public: a token whose channels claim does not name chat reads it
-    alice = await _open(chat_edge.url, _token(sub="alice", channels=["quotes.*"]))
-    reply = await alice.subscribe(channel, snapshot=True)
-    assert reply["type"] == "subscribed" and reply["offset"] == 1
-    assert reply["snapshot"] == {}  # snapshot "none": nothing kept ...
-    assert not await redis.exists(keys.snapshot(channel))  # ... not even in Redis
-    assert reply["delivery"] == "drop"
-    second = await publisher.publish(UpstreamMessage(channel, {"text": "there"}))
-    await alice.wait_for(lambda: alice.offsets[channel] == [second.offset])
-    position = alice.positions[channel]
-    await alice.close()
-
-    # recover with an offset: the messages published while away, exactly
-    missed = [await publisher.publish(UpstreamMessage(channel, {"n": i})) for i in range(3)]
-    back = await _open(chat_edge.url, _token(sub="alice", channels=[]))
-    reply = await back.subscribe(channel, recover=position)
-    assert reply["recovered"] is True and not reply.get("snapshot")
-    await back.wait_for(lambda: back.offsets[channel] == [m.offset for m in missed])
-
-    # history 100: a position older than that is not recovered (and the snapshot is empty)
-    await publisher.publish_batch([UpstreamMessage(channel, {"n": i}) for i in range(120)])
-    assert await redis.xlen(keys.stream(channel)) == 100
-    late = await _open(chat_edge.url, _token(sub="bob"))
-    reply = await late.subscribe(channel, recover=position)
-    assert reply["recovered"] is False and reply["snapshot"] == {}
-
-    # names of another file are not channels here
-    bad = await late.request({"type": "subscribe", "channel": "quotes.MNQ"})
-    assert bad["code"] == "bad_channel"
-    assert bad["message"] == "unknown namespace 'quotes': expected one of chat, alerts"
-    await back.close()
-    await late.close()
-
-
-@pytest.mark.integration
-async def test_namespace_from_a_file_slow_consumer_drops(
-    chat_edge: Any, redis: Any, key_prefix: str
-) -> None:
-    publisher = Publisher(redis, Keys(key_prefix))
-    channel = "chat.busy"
-    slow = await _open(chat_edge.url, _token(sub="slow"), rcvbuf=4096)
-    reply = await slow.subscribe(channel)
-    assert reply["delivery"] == "drop"
-    slow.ws.transport.pause_reading()
-    pad = "x" * 2000
-    total = 0
-    for _ in range(60):  # ~12 MB: more than the socket buffers and the queue (64 KiB) hold
-        results = await publisher.publish_batch(
-            [UpstreamMessage(channel, {"pad": pad}) for _ in range(100)]
-        )
-        total = results[-1].offset
-        await asyncio.sleep(0)
-    slow.ws.transport.resume_reading()
-
-    await slow.wait_for(lambda: len(slow.covered(channel)) >= total, 30)
-    assert any(m.get("type") == "gap" for m in slow.messages), "the client was never slow"
-    # each offset once: received, or dropped and told
-    assert sorted(slow.covered(channel)) == list(range(1, total + 1))
-    assert not slow.closed.done()  # drop, not disconnect
-    assert chat_edge.edge.stats.dropped.get("chat", 0) > 0
-    await slow.close()
-
-
-@pytest.mark.integration
-async def test_namespace_without_recovery_account_permission_and_max_rate(
-    chat_edge: Any, redis: Any, key_prefix: str
-) -> None:
-    publisher = Publisher(redis, Keys(key_prefix))
-    await publisher.publish(UpstreamMessage("alerts.d1", {"level": 1}))
-    d1 = await _open(chat_edge.url, _token(sub="d1"))  # account_claims: sub
-    reply = await d1.subscribe("alerts.d1")
-    assert reply["type"] == "subscribed"
-    assert reply["delivery"] == "conflate"  # max_rate 5 by default
-    position = (reply["offset"], reply["epoch"])
-    denied = await d1.request({"type": "subscribe", "channel": "alerts.d2"})
-    assert denied["code"] == "permission_denied"
-    await d1.close()
-
-    await publisher.publish(UpstreamMessage("alerts.d1", {"level": 2}))
-    trader = await _open(chat_edge.url, _token(sub="t", accounts=["d1"]))  # accounts claim
-    reply = await trader.subscribe("alerts.d1", recover=position)
-    # recovery = false: a recovering subscribe starts over from the snapshot
-    assert reply["recovered"] is False and reply["snapshot"] == {"": {"level": 2}}
-    assert reply["offset"] == 2
-    await trader.close()
-
-
 def test_the_documented_example_file_loads() -> None:
     text = Path("docs/protocol.md").read_text()
     block = re.search(r"```toml\n(.*?)```", text, re.S)
@@ -535,48 +290,3 @@ def test_the_documented_example_file_loads() -> None:
     spaces = parse_namespaces(block.group(1), "protocol.md")
     assert spaces.parse("risk.d7.alerts").spec.recovery is False
     assert spaces.parse("chat.lobby").spec.rate(100) == 50
-
-
-@pytest.mark.integration
-async def test_snapshot_none_publishes_every_message_even_if_changed_only(
-    chat_file: str, redis: Any, key_prefix: str
-) -> None:
-    activate(load_namespaces(chat_file))
-    keys = Keys(key_prefix)
-    publisher = Publisher(redis, keys)
-    msg = UpstreamMessage("chat.x", {"same": 1}, if_changed=True)
-    offsets = [(await publisher.publish(msg)).offset for _ in range(3)]
-    assert offsets == [1, 2, 3]  # no state kept: nothing is "unchanged"
-    assert not await redis.exists(keys.snapshot("chat.x"))
-    assert await redis.xlen(keys.stream("chat.x")) == 3
-
-
-@pytest.mark.parametrize("command", ["edge", "ingest"])
-def test_bad_file_stops_the_command_at_start(tmp_path: Path, command: str) -> None:
-    import os
-    import subprocess
-    import sys
-
-    path = tmp_path / "ns.toml"
-    path.write_text('[namespaces.chat]\npattern = "chat.{room:id}"\nsnapshot = "full"\n')
-    env = {**os.environ, "FANOUT_NAMESPACES_FILE": str(path)}
-    done = subprocess.run([sys.executable, "-m", "common.cli", command], env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2
-    assert (f"FANOUT_NAMESPACES_FILE: {path}: namespace 'chat': snapshot: must be one of "
-            "merge, last, keyed, none, got 'full'") in done.stderr
-
-
-def test_openapi_document_describes_the_loaded_namespaces(chat_file: str) -> None:
-    from ingest.http_api import CHANNEL_PATTERN, openapi_document
-
-    def pattern() -> str:
-        doc = openapi_document(1 << 20, 1000)
-        channel = doc["components"]["schemas"]["Message"]["properties"]["channel"]
-        return str(channel["pattern"])
-
-    assert pattern() == CHANNEL_PATTERN == DEFAULT.openapi_pattern
-    activate(load_namespaces(chat_file))
-    assert pattern() == active_namespaces().openapi_pattern
-    assert re.search(pattern()[:-1] + r"\Z", "chat.lobby")
-    assert not re.search(pattern()[:-1] + r"\Z", "quotes.MNQ")
