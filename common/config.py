@@ -788,10 +788,10 @@ NOT_SETTINGS: dict[str, str] = {
     CONFIG_ENV: "the config file (--config)",
     "FANOUT_ARTIFACTS": "tests/integration/test_browser.py: where screenshots and traces go",
     "FANOUT_PROPERTY_EXAMPLES": "tests/integration/test_recovery_property.py: hypothesis examples",
-    # make fuzz (tests/unit/test_fuzz.py, tests/support/fuzz_live.py): the run's size, seed and log.
+    # make fuzz (tests/*/test_fuzz.py, tests/support/fuzz_live.py): the run's size, seed and log.
     "FANOUT_FUZZ_EXAMPLES": "tests/unit/test_fuzz.py: hypothesis examples per fuzz target",
-    "FANOUT_FUZZ_FRAMES": "tests/unit/test_fuzz.py: frames the live fuzzer sends",
-    "FANOUT_FUZZ_SEED": "tests/unit/test_fuzz.py: the live fuzzer's random seed",
+    "FANOUT_FUZZ_FRAMES": "tests/integration/test_fuzz.py: frames the live fuzzer sends",
+    "FANOUT_FUZZ_SEED": "tests/integration/test_fuzz.py: the live fuzzer's random seed",
     "FANOUT_FUZZ_LOG": "tests/support/fuzz_live.py: where the fuzzed edge's log goes",
     "FANOUT_FUZZ_EDGE_GC": "tests/support/fuzz_live.py: the fuzzed edge's collector thresholds",
 }
