@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import hypothesis  # noqa: F401  (loaded up front: a lazy import at session end trips a CPython 3.11 AST bug)
 import pytest
@@ -122,6 +123,13 @@ class EdgeServer:
         self.sock.close()
 
 
+class EdgeFactory(Protocol):
+    """What the `edge_factory` fixture gives: start an edge with these EdgeConfig fields
+    changed (keyword arguments); the fixture stops it after the test."""
+
+    async def __call__(self, **overrides: Any) -> EdgeServer: ...
+
+
 @pytest.fixture
 def edge_config(redis_server: RedisServer, key_prefix: str) -> EdgeConfig:
     return EdgeConfig(
@@ -132,11 +140,11 @@ def edge_config(redis_server: RedisServer, key_prefix: str) -> EdgeConfig:
 
 
 @pytest.fixture
-async def edge_factory(edge_config: EdgeConfig) -> AsyncIterator[object]:
+async def edge_factory(edge_config: EdgeConfig) -> AsyncIterator[EdgeFactory]:
     started: list[EdgeServer] = []
 
-    async def make(**overrides: object) -> EdgeServer:
-        server = EdgeServer(replace(edge_config, **overrides))  # type: ignore[arg-type]
+    async def make(**overrides: Any) -> EdgeServer:
+        server = EdgeServer(replace(edge_config, **overrides))
         await server.start()
         started.append(server)
         return server
@@ -147,6 +155,5 @@ async def edge_factory(edge_config: EdgeConfig) -> AsyncIterator[object]:
 
 
 @pytest.fixture
-async def edge(edge_factory: object) -> EdgeServer:
-    server: EdgeServer = await edge_factory()  # type: ignore[operator]
-    return server
+async def edge(edge_factory: EdgeFactory) -> EdgeServer:
+    return await edge_factory()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import pytest
 import websockets
@@ -16,6 +17,7 @@ from websockets.exceptions import InvalidStatus
 from edge.admission import RETRY_AFTER
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory
 from tests.support.httpwait import metric
 from tests.support.wsclient import ProtoClient, http_upgrade, upgrade_request
 
@@ -35,7 +37,7 @@ def refusals(reason: str) -> str:
 
 
 @integration
-async def test_a_foreign_origin_gets_403_before_the_upgrade(edge_factory) -> None:
+async def test_a_foreign_origin_gets_403_before_the_upgrade(edge_factory: EdgeFactory) -> None:
     edge = await edge_factory(allowed_origins=("https://app.example.com",
                                                "https://*.example.com"))
     answer = await http_upgrade("127.0.0.1", edge.port, headers=[("Origin", "http://evil.example")])
@@ -57,7 +59,7 @@ async def test_a_foreign_origin_gets_403_before_the_upgrade(edge_factory) -> Non
 
 
 @integration
-async def test_without_origin_refused_when_not_allowed(edge_factory) -> None:
+async def test_without_origin_refused_when_not_allowed(edge_factory: EdgeFactory) -> None:
     edge = await edge_factory(allowed_origins=("https://app.example.com",),
                               allow_no_origin=False)
     assert (await refused(edge.url)).response.status_code == 403
@@ -68,7 +70,7 @@ async def test_without_origin_refused_when_not_allowed(edge_factory) -> None:
 
 @integration
 async def test_unset_allows_any_origin_with_a_warning(
-    edge_factory, caplog: pytest.LogCaptureFixture
+    edge_factory: EdgeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, "fanout.edge"):
         edge = await edge_factory()
@@ -79,7 +81,7 @@ async def test_unset_allows_any_origin_with_a_warning(
 
 @integration
 async def test_total_limit_answers_503_with_retry_after_and_frees_up(
-    edge_factory, publisher: Publisher
+    edge_factory: EdgeFactory, publisher: Publisher
 ) -> None:
     edge = await edge_factory(max_connections=3)
     clients = [await ProtoClient.open(edge.url) for _ in range(3)]
@@ -105,12 +107,12 @@ async def test_total_limit_answers_503_with_retry_after_and_frees_up(
 
 
 @integration
-async def test_forwarded_for_counts_only_from_trusted_proxies(edge_factory) -> None:
+async def test_forwarded_for_counts_only_from_trusted_proxies(edge_factory: EdgeFactory) -> None:
     """127.0.0.1 plays the load balancer; 127.0.0.2 is a client that sends the header
     itself. Linux routes all of 127.0.0.0/8 to loopback."""
     edge = await edge_factory(trusted_proxies=("127.0.0.1/32",), max_connections_per_ip=2)
 
-    def xff(value: str) -> dict[str, object]:
+    def xff(value: str) -> dict[str, Any]:
         return {"additional_headers": {"X-Forwarded-For": value}}
 
     held = [await ProtoClient.open(edge.url, **xff("203.0.113.7")) for _ in range(2)]
@@ -118,7 +120,7 @@ async def test_forwarded_for_counts_only_from_trusted_proxies(edge_factory) -> N
     held.append(await ProtoClient.open(edge.url, **xff("203.0.113.8")))
     held.append(await ProtoClient.open(edge.url, **xff("198.51.100.1, 203.0.113.9")))
     # From an untrusted peer the header is ignored: counted as the peer itself.
-    spoofer = {"local_addr": ("127.0.0.2", 0)}
+    spoofer: dict[str, Any] = {"local_addr": ("127.0.0.2", 0)}
     held += [await ProtoClient.open(edge.url, **xff("203.0.113.7"), **spoofer)
              for _ in range(2)]
     assert (await refused(edge.url, **xff("203.0.113.50"), **spoofer)).response.status_code == 503
@@ -132,7 +134,9 @@ async def test_forwarded_for_counts_only_from_trusted_proxies(edge_factory) -> N
 
 
 @integration
-async def test_slots_are_given_back_on_every_path(edge_factory, publisher: Publisher) -> None:
+async def test_slots_are_given_back_on_every_path(
+    edge_factory: EdgeFactory, publisher: Publisher,
+) -> None:
     """Many connections at once, ending every way there is; afterwards nothing is counted."""
     edge = await edge_factory(max_connections_per_ip=1000, connect_timeout=0.5)
     limiter = edge.edge.admission.limiter
@@ -190,7 +194,7 @@ async def test_slots_are_given_back_on_every_path(edge_factory, publisher: Publi
 
 @integration
 async def test_other_paths_are_not_counted_and_direct_writes_still_work(
-    edge_factory, publisher: Publisher
+    edge_factory: EdgeFactory, publisher: Publisher
 ) -> None:
     edge = await edge_factory(allowed_origins=("https://app.example.com",),
                               max_connections=1)
@@ -222,7 +226,7 @@ async def closed_after(reader: asyncio.StreamReader, timeout: float = 10.0) -> b
 
 @integration
 async def test_a_connection_without_a_whole_request_is_closed_at_the_deadline(
-    edge_factory,
+    edge_factory: EdgeFactory,
 ) -> None:
     edge = await edge_factory(handshake_timeout=0.5)
     loop = asyncio.get_running_loop()
@@ -249,7 +253,7 @@ async def test_a_connection_without_a_whole_request_is_closed_at_the_deadline(
 
 
 @integration
-async def test_a_slow_but_timely_handshake_is_served(edge_factory) -> None:
+async def test_a_slow_but_timely_handshake_is_served(edge_factory: EdgeFactory) -> None:
     edge = await edge_factory(handshake_timeout=1.0)
     reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
     request = upgrade_request(f"127.0.0.1:{edge.port}")
@@ -262,7 +266,7 @@ async def test_a_slow_but_timely_handshake_is_served(edge_factory) -> None:
 
 
 @integration
-async def test_websockets_client_sees_refusals_as_invalid_status(edge_factory) -> None:
+async def test_websockets_client_sees_refusals_as_invalid_status(edge_factory: EdgeFactory) -> None:
     """What a non-browser client library gets: the status and Retry-After."""
     edge = await edge_factory(max_connections=1)
     async with websockets.connect(edge.url) as first:

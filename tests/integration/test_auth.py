@@ -24,6 +24,7 @@ from common.config import EDGE_SETTINGS, EdgeConfig, build, check_edge
 from common.errors import ConfigError
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory, EdgeServer
 from tests.support.jwtkeys import pem, private_pem
 from tests.support.wsclient import ProtoClient
 from tests.unit.test_auth import SECRET, jwks_of
@@ -152,7 +153,7 @@ async def _connect(edge: Any, tok: object) -> tuple[ProtoClient, dict[str, Any] 
      ("expired", "token expired"), ("forged", "invalid token")],
 )
 async def test_connect_without_a_valid_token_is_closed_3501(
-    edge_factory, tok: str | None, reason: str
+    edge_factory: EdgeFactory, tok: str | None, reason: str
 ) -> None:
     edge = await edge_factory(auth_secret=SECRET.decode())
     if tok == "expired":
@@ -167,7 +168,7 @@ async def test_connect_without_a_valid_token_is_closed_3501(
 
 @pytest.mark.integration
 async def test_subscribes_and_history_follow_the_claims(
-    edge_factory, publisher: Publisher
+    edge_factory: EdgeFactory, publisher: Publisher
 ) -> None:
     edge = await edge_factory(auth_secret=SECRET.decode())
     now = time.time()
@@ -198,7 +199,7 @@ async def test_subscribes_and_history_follow_the_claims(
 
 
 @pytest.mark.integration
-async def test_connection_closes_3006_when_its_token_expires(edge_factory) -> None:
+async def test_connection_closes_3006_when_its_token_expires(edge_factory: EdgeFactory) -> None:
     edge = await edge_factory(auth_secret=SECRET.decode())
     # exp 31 s ago is still accepted (30 s of leeway): the connection may live 1 more s.
     tok = sign_token({"sub": "a", "exp": time.time() - 29}, SECRET)
@@ -211,7 +212,7 @@ async def test_connection_closes_3006_when_its_token_expires(edge_factory) -> No
 
 
 @pytest.mark.integration
-async def test_without_a_secret_everyone_reads_everything(edge) -> None:
+async def test_without_a_secret_everyone_reads_everything(edge: EdgeServer) -> None:
     client, reply = await _connect(edge, None)
     assert reply is not None and reply["type"] == "connected"
     assert (await client.subscribe("account.7.orders"))["type"] == "subscribed"
@@ -219,7 +220,9 @@ async def test_without_a_secret_everyone_reads_everything(edge) -> None:
 
 
 @pytest.mark.integration
-async def test_refresh_extends_the_connection_for_the_same_subject(edge_factory) -> None:
+async def test_refresh_extends_the_connection_for_the_same_subject(
+    edge_factory: EdgeFactory,
+) -> None:
     edge = await edge_factory(auth_secret=SECRET.decode())
     now = time.time()
     # Accepted thanks to the leeway, with about a second to live.
@@ -235,7 +238,9 @@ async def test_refresh_extends_the_connection_for_the_same_subject(edge_factory)
 
 
 @pytest.mark.integration
-async def test_refresh_refusals_keep_the_connection_and_its_token(edge_factory) -> None:
+async def test_refresh_refusals_keep_the_connection_and_its_token(
+    edge_factory: EdgeFactory,
+) -> None:
     edge = await edge_factory(auth_secret=SECRET.decode())
     now = time.time()
     client, reply = await _connect(edge, sign_token(
@@ -258,7 +263,7 @@ async def test_refresh_refusals_keep_the_connection_and_its_token(edge_factory) 
 
 
 @pytest.mark.integration
-async def test_refresh_without_authentication_is_a_bad_request(edge) -> None:
+async def test_refresh_without_authentication_is_a_bad_request(edge: EdgeServer) -> None:
     client, reply = await _connect(edge, None)
     assert reply is not None and "expires_in" not in reply
     answer = await client.request({"type": "refresh", "token": "x.y.z"})

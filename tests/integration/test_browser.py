@@ -23,6 +23,7 @@ from common.auth import sign_token
 from common.embedded import free_port
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory, EdgeServer
 from tests.support.cdp import Browser, chromium_path
 
 pytestmark = pytest.mark.integration
@@ -79,9 +80,11 @@ async def publish_forever(publisher: Publisher, symbols: list[str], stop: asynci
         await asyncio.sleep(0.05)
 
 
-async def test_dashboard_shows_live_quotes(edge, publisher: Publisher, browser: Browser) -> None:
+async def test_dashboard_shows_live_quotes(
+    edge: EdgeServer, publisher: Publisher, browser: Browser,
+) -> None:
     symbols = [f"B{os.urandom(2).hex().upper()}"]
-    stop, last = asyncio.Event(), {}
+    stop, last = asyncio.Event(), dict[str, int]()
     pub = asyncio.create_task(publish_forever(publisher, symbols, stop, last))
     try:
         await browser.goto(f"{edge.http}/?symbols={symbols[0]}")
@@ -99,7 +102,7 @@ async def test_dashboard_shows_live_quotes(edge, publisher: Publisher, browser: 
 
 
 async def test_edge_killed_under_the_page_loses_nothing(
-    edge_factory, publisher: Publisher, browser: Browser
+    edge_factory: EdgeFactory, publisher: Publisher, browser: Browser
 ) -> None:
     port = free_port()
     # The page comes from HAProxy: only that origin may connect (FANOUT_ALLOWED_ORIGINS).
@@ -107,7 +110,7 @@ async def test_edge_killed_under_the_page_loses_nothing(
              for _ in range(2)]
     proxy = await haproxy(port, [e.port for e in edges])
     symbols = [f"K{os.urandom(2).hex().upper()}" for _ in range(2)]
-    stop, last = asyncio.Event(), {}
+    stop, last = asyncio.Event(), dict[str, int]()
     pub = asyncio.create_task(publish_forever(publisher, symbols, stop, last))
     try:
         await browser.goto(f"http://127.0.0.1:{port}/?symbols={','.join(symbols)}")
@@ -147,7 +150,7 @@ async def test_edge_killed_under_the_page_loses_nothing(
 
 
 async def test_a_page_of_another_origin_cannot_connect(
-    edge_factory, browser: Browser
+    edge_factory: EdgeFactory, browser: Browser
 ) -> None:
     """The demo page served by an edge whose allow-list names only another site: Chromium
     sends the page's origin with the handshake, the edge answers 403 before the upgrade,
@@ -162,10 +165,10 @@ async def test_a_page_of_another_origin_cannot_connect(
 
 
 async def test_reload_recovers_from_session_storage(
-    edge, publisher: Publisher, browser: Browser
+    edge: EdgeServer, publisher: Publisher, browser: Browser
 ) -> None:
     symbol = f"R{os.urandom(2).hex().upper()}"
-    stop, last = asyncio.Event(), {}
+    stop, last = asyncio.Event(), dict[str, int]()
     pub = asyncio.create_task(publish_forever(publisher, [symbol], stop, last))
     try:
         await browser.goto(f"{edge.http}/?symbols={symbol}")
@@ -196,7 +199,7 @@ async def test_reload_recovers_from_session_storage(
 
 
 async def test_page_with_a_token_function_reads_its_account_and_refreshes(
-    edge_factory, publisher: Publisher, browser: Browser
+    edge_factory: EdgeFactory, publisher: Publisher, browser: Browser
 ) -> None:
     """fanout.js in Chromium against an edge with authentication: the page's token function
     is called at connect and again to refresh the first token (which has about a second

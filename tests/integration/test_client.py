@@ -30,6 +30,7 @@ from common.client import (
 )
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory, EdgeServer, RedisServer
 from tests.support.wsclient import ProtoClient, wait_until
 
 log = logging.getLogger("test.client")
@@ -119,7 +120,7 @@ async def test_reconnect_delays_come_from_the_backoff_and_cycle_urls() -> None:
 
 
 @pytest.mark.integration
-async def test_live_messages_in_order(edge, publisher: Publisher) -> None:
+async def test_live_messages_in_order(edge: EdgeServer, publisher: Publisher) -> None:
     async with FanoutClient(edge.url, logger=log, backoff=fast_backoff()) as client:
         assert client.state == ClientState.OPEN
         col = Collector(client.subscribe("account.A1.orders"))
@@ -135,7 +136,7 @@ async def test_live_messages_in_order(edge, publisher: Publisher) -> None:
 
 
 @pytest.mark.integration
-async def test_snapshot_comes_as_first_resync(edge, publisher: Publisher) -> None:
+async def test_snapshot_comes_as_first_resync(edge: EdgeServer, publisher: Publisher) -> None:
     await publisher.publish(UpstreamMessage("quotes.NQ", {"bid": 1}))
     async with FanoutClient(edge.url, binary=True, backoff=fast_backoff()) as client:
         col = Collector(client.subscribe("quotes.NQ", snapshot=True))
@@ -155,7 +156,7 @@ async def client_subscribed(client: FanoutClient, channel: str, timeout: float =
 
 @pytest.mark.integration
 async def test_reconnects_to_next_url_and_recovers_contiguously(
-    edge_factory, publisher: Publisher
+    edge_factory: EdgeFactory, publisher: Publisher
 ) -> None:
     first = await edge_factory()
     second = await edge_factory()
@@ -193,7 +194,9 @@ async def test_reconnects_to_next_url_and_recovers_contiguously(
 
 
 @pytest.mark.integration
-async def test_resync_after_history_lost(edge, publisher: Publisher, redis_server) -> None:
+async def test_resync_after_history_lost(
+    edge: EdgeServer, publisher: Publisher, redis_server: RedisServer,
+) -> None:
     channel = "quotes.ES"
     async with FanoutClient(edge.url, logger=log, backoff=fast_backoff()) as client:
         col = Collector(client.subscribe(channel, snapshot=True))
@@ -227,7 +230,7 @@ async def test_resync_after_history_lost(edge, publisher: Publisher, redis_serve
 
 
 @pytest.mark.integration
-async def test_bad_frame_close_stops_the_client(edge) -> None:
+async def test_bad_frame_close_stops_the_client(edge: EdgeServer) -> None:
     client = FanoutClient(edge.url, logger=log, backoff=fast_backoff())
     await client.connect()
     col = Collector(client.subscribe("quotes.MNQ"))
@@ -242,7 +245,7 @@ async def test_bad_frame_close_stops_the_client(edge) -> None:
 
 
 @pytest.mark.integration
-async def test_bad_connect_raises_from_connect(edge) -> None:
+async def test_bad_connect_raises_from_connect(edge: EdgeServer) -> None:
     client = FanoutClient(edge.url, token=123, backoff=fast_backoff())  # type: ignore[arg-type]
     with pytest.raises(FanoutClosed) as info:
         async with asyncio.timeout(10):
@@ -254,7 +257,7 @@ async def test_bad_connect_raises_from_connect(edge) -> None:
 
 @pytest.mark.integration
 async def test_a_refusal_before_the_upgrade_is_retried_after_its_retry_after(
-    edge_factory, caplog: pytest.LogCaptureFixture
+    edge_factory: EdgeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A full edge answers 503 with Retry-After (5-10 s): the client waits at least that
     long before its next attempt, however short its own backoff."""
@@ -394,7 +397,7 @@ async def test_a_recovery_reply_and_its_replay_in_one_frame_are_applied_in_order
 
 @pytest.mark.integration
 async def test_not_recovered_after_history_lost_while_away(
-    edge, publisher: Publisher, redis_server
+    edge: EdgeServer, publisher: Publisher, redis_server: RedisServer
 ) -> None:
     """Positions survive close(); a recover into a lost epoch answers with a Resync."""
     channel = "quotes.YM"
@@ -431,7 +434,7 @@ async def test_not_recovered_after_history_lost_while_away(
 
 @pytest.mark.integration
 async def test_token_function_refreshes_the_token_before_it_expires(
-    edge_factory, publisher: Publisher
+    edge_factory: EdgeFactory, publisher: Publisher
 ) -> None:
     """The first token has about a second left (its exp is within the edge's 30 s leeway):
     the client asks the function for a new one half way and sends `refresh`; the
@@ -463,7 +466,7 @@ async def test_token_function_refreshes_the_token_before_it_expires(
 
 @pytest.mark.integration
 async def test_without_a_fresh_token_the_client_reconnects_after_3006(
-    edge_factory, publisher: Publisher, caplog: pytest.LogCaptureFixture
+    edge_factory: EdgeFactory, publisher: Publisher, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The token function fails for 1.5 s after its first call: the refreshes fail, the
     edge closes with 3006 at the first token's end, connect attempts fail until the

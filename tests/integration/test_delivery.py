@@ -9,13 +9,14 @@ import pytest
 
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeServer
 from tests.support.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
 
 
 async def test_max_rate_limits_frames_and_keeps_the_latest_value(
-    edge, publisher: Publisher
+    edge: EdgeServer, publisher: Publisher
 ) -> None:
     client = await ProtoClient.open(edge.url)
     reply = await client.subscribe("quotes.MES", snapshot=True)
@@ -50,13 +51,13 @@ async def test_max_rate_limits_frames_and_keeps_the_latest_value(
     [("quotes.X", "conflate"), ("depth.X", "conflate"), ("trades.X", "drop"),
      ("bars.1m.X", "drop"), ("account.1.orders", "all")],
 )
-async def test_reply_says_the_delivery(edge, channel: str, delivery: str) -> None:
+async def test_reply_says_the_delivery(edge: EdgeServer, channel: str, delivery: str) -> None:
     client = await ProtoClient.open(edge.url)
     assert (await client.subscribe(channel))["delivery"] == delivery
     await client.close()
 
 
-async def test_bad_max_rate(edge) -> None:
+async def test_bad_max_rate(edge: EdgeServer) -> None:
     client = await ProtoClient.open(edge.url)
     for bad in (0, -1, 1001, "5", True):
         reply = await client.request({"type": "subscribe", "channel": "quotes.X", "max_rate": bad})

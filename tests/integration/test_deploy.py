@@ -15,7 +15,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ from common.client import FanoutClient, Publication
 from common.embedded import free_port, stop_process
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory, EdgeServer, RedisServer
 from tests.integration.test_browser import need
 from tests.integration.test_client import Collector, client_subscribed
 from tests.support.edgeproc import EdgeProcess, edge_process
@@ -83,7 +86,7 @@ async def deploy_haproxy(edge_port: int) -> AsyncIterator[int]:
         stop_process(proc)
 
 
-async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
+async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge: EdgeServer) -> None:
     async with deploy_haproxy(edge.port) as www:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{www}", timeout=5) as http:
             assert (await http.get("/metrics")).status_code == 404
@@ -96,7 +99,7 @@ async def test_deploy_haproxy_passes_websockets_and_hides_metrics(edge) -> None:
 
 
 async def test_edge_killed_behind_haproxy_every_client_resumes_on_its_first_attempt(
-    redis_server, key_prefix: str, publisher: Publisher
+    redis_server: RedisServer, key_prefix: str, publisher: Publisher
 ) -> None:
     """kill -9 of one of two edges behind the shipped config: HAProxy sends every reconnect
     to the live edge (retries + redispatch) although its checks still see the dead one up,
@@ -108,6 +111,14 @@ async def test_edge_killed_behind_haproxy_every_client_resumes_on_its_first_atte
             redis_server.url, key_prefix, FANOUT_LOG_LEVEL="warning",
             FANOUT_MAX_CONNECTIONS_PER_IP="0")) for _ in range(2)]
         await _kill_one_behind_haproxy(edges, publisher)
+
+
+def has_pubs(reader: Collector, n: int) -> bool:
+    return len(reader.pubs()) >= n
+
+
+def reached(reader: Collector, offset: int) -> bool:
+    return bool(reader.pubs()) and reader.pubs()[-1].offset >= offset
 
 
 async def _kill_one_behind_haproxy(edges: list[EdgeProcess], publisher: Publisher) -> None:
@@ -144,7 +155,7 @@ async def _kill_one_behind_haproxy(edges: list[EdgeProcess], publisher: Publishe
 
         pub = asyncio.create_task(publish())
         for reader in readers:
-            await reader.wait_for(lambda r=reader: len(r.pubs()) >= 5, 30)
+            await reader.wait_for(partial(has_pubs, reader, 5), 30)
 
         victim = edges[0].proc
         killed_at = time.monotonic()
@@ -157,13 +168,12 @@ async def _kill_one_behind_haproxy(edges: list[EdgeProcess], publisher: Publishe
                 p.offset >= first_after[ch] for p in readers[i].pubs())
 
         for i, reader in enumerate(readers):
-            await reader.wait_for(lambda i=i: resumed(i), 30)
+            await reader.wait_for(partial(resumed, i), 30)
         stop.set()
         await pub
         for i, reader in enumerate(readers):
             last = published[channels[i % len(channels)]]
-            await reader.wait_for(lambda r=reader, n=last: bool(r.pubs())
-                                  and r.pubs()[-1].offset >= n, 30)
+            await reader.wait_for(partial(reached, reader, last), 30)
 
         moved = [i for i, c in enumerate(clients) if c.counters.reconnects]
         assert moved, "no client was on the killed edge"
@@ -194,7 +204,7 @@ async def _kill_one_behind_haproxy(edges: list[EdgeProcess], publisher: Publishe
             stop_process(proxy)
 
 
-async def test_edges_count_the_clients_haproxy_forwards_for(edge_factory) -> None:
+async def test_edges_count_the_clients_haproxy_forwards_for(edge_factory: EdgeFactory) -> None:
     """HAProxy (option forwardfor) connects from 127.0.0.1, the trusted proxy; browsers come
     from 127.0.0.2 and 127.0.0.3 (all of 127.0.0.0/8 is loopback on Linux). The per-IP
     limit counts the browsers, a 503 from the edge reaches them through HAProxy, and a
@@ -202,7 +212,7 @@ async def test_edges_count_the_clients_haproxy_forwards_for(edge_factory) -> Non
     edge = await edge_factory(trusted_proxies=("127.0.0.1/32",), max_connections_per_ip=2)
     async with deploy_haproxy(edge.port) as www:
         url = f"ws://127.0.0.1:{www}/ws"
-        forged = {"additional_headers": {"X-Forwarded-For": "203.0.113.7"}}
+        forged: dict[str, Any] = {"additional_headers": {"X-Forwarded-For": "203.0.113.7"}}
         held = [await ProtoClient.open(url, local_addr=("127.0.0.2", 0), **forged),
                 await ProtoClient.open(url, local_addr=("127.0.0.2", 0))]
         answer = await http_upgrade("127.0.0.1", www, local_addr=("127.0.0.2", 0))

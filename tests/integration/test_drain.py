@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from common.embedded import free_port, stop_process
+from tests.integration.conftest import RedisServer
 from tests.support.httpwait import wait_http_ok
 from tests.support.wsclient import ProtoClient
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_sigterm_drains_connections_gradually_then_exits(
-    redis_server, key_prefix: str
+    redis_server: RedisServer, key_prefix: str
 ) -> None:
     port = free_port()
     env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,

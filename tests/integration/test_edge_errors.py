@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import msgpack
@@ -11,13 +13,14 @@ import pytest
 
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory, EdgeServer
 from tests.support.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def bystander(edge, publisher: Publisher):
+async def bystander(edge: EdgeServer, publisher: Publisher) -> AsyncIterator[ProtoClient]:
     """A client reading quotes.ES throughout; must see every message."""
     client = await ProtoClient.open(edge.url)
     await client.subscribe("quotes.ES")
@@ -49,7 +52,8 @@ async def check_bystander(client: ProtoClient, publisher: Publisher) -> None:
     ],
 )
 async def test_request_errors_keep_the_connection(
-    edge, publisher: Publisher, bystander: ProtoClient, request_: dict, code: str
+    edge: EdgeServer, publisher: Publisher, bystander: ProtoClient, request_: dict[str, Any],
+    code: str,
 ) -> None:
     client = await ProtoClient.open(edge.url)
     reply = await client.request(request_)
@@ -60,7 +64,9 @@ async def test_request_errors_keep_the_connection(
     await client.close()
 
 
-async def test_subscribe_twice(edge, publisher: Publisher, bystander: ProtoClient) -> None:
+async def test_subscribe_twice(
+    edge: EdgeServer, publisher: Publisher, bystander: ProtoClient,
+) -> None:
     client = await ProtoClient.open(edge.url)
     assert (await client.subscribe("trades.ES"))["type"] == "subscribed"
     reply = await client.subscribe("trades.ES")
@@ -77,7 +83,7 @@ async def test_subscribe_twice(edge, publisher: Publisher, bystander: ProtoClien
     ["{not json", "[1, 2]", '"hello"', "null", b"\xff\xfe binary garbage"],
 )
 async def test_malformed_frames_close_with_3500(
-    edge, publisher: Publisher, bystander: ProtoClient, frame: str | bytes
+    edge: EdgeServer, publisher: Publisher, bystander: ProtoClient, frame: str | bytes
 ) -> None:
     client = await ProtoClient.open(edge.url)
     await client.ws.send(frame)
@@ -87,7 +93,7 @@ async def test_malformed_frames_close_with_3500(
 
 
 async def test_oversized_frame_closes_with_1009(
-    edge, publisher: Publisher, bystander: ProtoClient
+    edge: EdgeServer, publisher: Publisher, bystander: ProtoClient
 ) -> None:
     client = await ProtoClient.open(edge.url)
     await client.ws.send(json.dumps({"type": "ping", "pad": "x" * 70_000}))
@@ -96,21 +102,21 @@ async def test_oversized_frame_closes_with_1009(
     await check_bystander(bystander, publisher)
 
 
-async def test_first_frame_must_be_connect(edge) -> None:
+async def test_first_frame_must_be_connect(edge: EdgeServer) -> None:
     client = await ProtoClient.open(edge.url, connect=False)
     await client.send({"type": "subscribe", "channel": "quotes.ES", "id": 1})
     code, _ = await asyncio.wait_for(client.closed, 5)
     assert code == 3500
 
 
-async def test_connect_timeout(edge_factory) -> None:
+async def test_connect_timeout(edge_factory: EdgeFactory) -> None:
     edge = await edge_factory(connect_timeout=0.3)
     client = await ProtoClient.open(edge.url, connect=False)
     code, _ = await asyncio.wait_for(client.closed, 5)
     assert code == 3005
 
 
-async def test_no_pong_closes_within_interval_plus_timeout(edge_factory) -> None:
+async def test_no_pong_closes_within_interval_plus_timeout(edge_factory: EdgeFactory) -> None:
     edge = await edge_factory(ping_interval=0.4, pong_timeout=0.3)
     client = await ProtoClient.open(edge.url)
     client.answer_pings = False
@@ -126,7 +132,7 @@ async def test_no_pong_closes_within_interval_plus_timeout(edge_factory) -> None
     await ok.close()
 
 
-async def test_msgpack_subprotocol(edge, publisher: Publisher) -> None:
+async def test_msgpack_subprotocol(edge: EdgeServer, publisher: Publisher) -> None:
     client = await ProtoClient.open(edge.url, binary=True)
     assert client.ws.subprotocol == "fanout.msgpack"
     reply = await client.subscribe("trades.MNQ")
@@ -141,7 +147,7 @@ async def test_msgpack_subprotocol(edge, publisher: Publisher) -> None:
     assert msgpack  # the client decoded binary frames with msgpack
 
 
-async def test_health_ready_and_metrics(edge, publisher: Publisher) -> None:
+async def test_health_ready_and_metrics(edge: EdgeServer, publisher: Publisher) -> None:
     client = await ProtoClient.open(edge.url)
     await client.subscribe("quotes.M2K")
     await publisher.publish(UpstreamMessage("quotes.M2K", {"bid": 1}))
@@ -162,7 +168,7 @@ async def test_health_ready_and_metrics(edge, publisher: Publisher) -> None:
 
 
 async def test_a_burst_of_subscribes_waits_for_redis_connections_instead_of_failing(
-    edge,
+    edge: EdgeServer,
 ) -> None:
     """300 subscribes at once (a reconnect storm, or watchlists subscribing together): each
     reads history from Redis; more than the connection pool holds must wait their turn,

@@ -9,13 +9,14 @@ from redis.exceptions import RedisError
 
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeServer, RedisServer
 from tests.support.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
 
 
 async def test_epoch_change_gives_resync_and_not_recovered(
-    edge, publisher: Publisher, redis_server
+    edge: EdgeServer, publisher: Publisher, redis_server: RedisServer
 ) -> None:
     client = await ProtoClient.open(edge.url)
     await client.subscribe("quotes.ES", snapshot=True)
@@ -54,7 +55,9 @@ async def test_epoch_change_gives_resync_and_not_recovered(
     await client.close()
 
 
-async def test_position_ahead_of_channel_is_not_recovered(edge, publisher: Publisher) -> None:
+async def test_position_ahead_of_channel_is_not_recovered(
+    edge: EdgeServer, publisher: Publisher,
+) -> None:
     r = await publisher.publish(UpstreamMessage("trades.YM", {"p": 1}))
     client = await ProtoClient.open(edge.url)
     reply = await client.subscribe("trades.YM", recover=(50, r.epoch))

@@ -40,6 +40,7 @@ from ingest.projectx import parse_ts
 from tests.support.gateway_sim import GatewaySim
 from tests.support.seqfeed import Rows, channel_of, check_clean, published
 from tests.support.signalr_server import HubServer
+from tests.support.streams import get, hgetall, xrange, xrevrange
 from tests.support.wsclient import ProtoClient
 
 pytestmark = [
@@ -137,7 +138,7 @@ async def until(cond: Callable[[], object], timeout: float, what: str) -> None:
 
 
 async def lease_token(redis: Redis, keys: Keys, feed: str = FEED_ID) -> int:
-    value = await redis.get(keys.lease(feed))
+    value = await get(redis, keys.lease(feed))
     return int(value.split(":", 1)[0]) if value else 0
 
 
@@ -159,7 +160,7 @@ async def first_publish_ms(redis: Redis, keys: Keys, worker: str) -> int | None:
     """The server time (the stream entry's `t`) of the first message `worker` published."""
     firsts = []
     for ch in CHANNELS:
-        for _, fields in await redis.xrange(keys.stream(ch)):
+        for _, fields in await xrange(redis, keys.stream(ch)):
             if f'"w":"{worker}"' in fields["d"]:
                 firsts.append(int(fields["t"]))
                 break
@@ -346,7 +347,7 @@ Entry = tuple[int, str, bool, Any]  # offset, key, deleted, data
 async def entries(redis: Redis, keys: Keys, channel: str) -> list[Entry]:
     return [
         (int(entry_id.split("-")[0]), f["k"], f["x"] == "1", json.loads(f["d"]))
-        for entry_id, f in await redis.xrange(keys.stream(channel))
+        for entry_id, f in await xrange(redis, keys.stream(channel))
     ]
 
 
@@ -370,7 +371,7 @@ def repeats(stream: list[Entry], mode: str) -> list[int]:
 
 
 async def snapshot(redis: Redis, keys: Keys, channel: str) -> dict[str, Any]:
-    raw = await redis.hgetall(keys.snapshot(channel))
+    raw = await hgetall(redis, keys.snapshot(channel))
     return {k: json.loads(v) for k, v in raw.items()}
 
 
@@ -378,7 +379,7 @@ async def px_converged(redis: Redis, keys: Keys, sim: GatewaySim) -> bool:
     """The snapshots say what the gateway says, and its last trade is published."""
     depth = await snapshot(redis, keys, f"depth.{PX_CONTRACT}")
     quote = (await snapshot(redis, keys, f"quotes.{PX_CONTRACT}")).get("", {})
-    last_trades = await redis.xrevrange(keys.stream(PX_TRADES), count=1)
+    last_trades = await xrevrange(redis, keys.stream(PX_TRADES), count=1)
     trade = sim.recent[-1][-1] if sim.recent else None
     return (
         {k: v["size"] for k, v in depth.items()} == sim.expected_depth()

@@ -29,6 +29,7 @@ import pytest
 from common.embedded import free_port, stop_process
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import RedisServer
 from tests.support.httpwait import metric, wait_http_ok
 from tests.support.wsclient import ProtoClient
 
@@ -53,7 +54,7 @@ EdgeStarter = Callable[..., Awaitable[tuple[int, int]]]
 
 
 @pytest.fixture
-async def edge_process(redis_server, key_prefix: str) -> AsyncIterator[EdgeStarter]:
+async def edge_process(redis_server: RedisServer, key_prefix: str) -> AsyncIterator[EdgeStarter]:
     """`await start(FANOUT_MAX_CONNECTIONS="5")`: a `fanout edge` process; its port and pid."""
     procs: list[subprocess.Popen[bytes]] = []
 

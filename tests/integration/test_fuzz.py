@@ -8,11 +8,13 @@ import os
 
 import pytest
 
+from tests.integration.conftest import RedisServer
+
 # --- live: a real edge process ---------------------------------------------------------------
 
 
 @pytest.mark.integration
-async def test_live_fuzz_short(redis_server, key_prefix: str) -> None:
+async def test_live_fuzz_short(redis_server: RedisServer, key_prefix: str) -> None:
     """A few seconds of tests/support/fuzz_live.py against a real edge: see its doc."""
     from tests.support.fuzz_live import run_live_fuzz
 

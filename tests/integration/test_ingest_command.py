@@ -17,10 +17,14 @@ from redis.asyncio import Redis
 
 from common.embedded import free_port
 from common.keys import Keys
+from tests.integration.conftest import RedisServer
+from tests.support.streams import xrange
 
 
 @pytest.mark.integration
-async def test_ws_feed_and_publish_api_in_one_worker(redis_server, key_prefix: str) -> None:
+async def test_ws_feed_and_publish_api_in_one_worker(
+    redis_server: RedisServer, key_prefix: str,
+) -> None:
     sent: list[dict[str, Any]] = []
 
     async def upstream(ws: Any) -> None:
@@ -51,7 +55,7 @@ async def test_ws_feed_and_publish_api_in_one_worker(redis_server, key_prefix: s
                 while await redis.hget(keys.meta("quotes.ES"), "top") != "20":
                     assert proc.poll() is None, "ingest exited"
                     await asyncio.sleep(0.05)
-            entries = await redis.xrange(keys.stream("quotes.ES"))
+            entries = await xrange(redis, keys.stream("quotes.ES"))
             assert [json.loads(e[1]["d"]) for e in entries] == sent
             async with asyncio.timeout(30), httpx.AsyncClient(timeout=5) as http:
                 while True:

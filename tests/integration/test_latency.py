@@ -12,6 +12,7 @@ import pytest
 
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory
 from tests.support.wsclient import ProtoClient
 
 
@@ -27,7 +28,7 @@ def samples(text: str, name: str) -> dict[str, float]:
 
 @pytest.mark.integration
 async def test_delivery_latency_counts_from_the_upstream_receive_time(
-    edge_factory, publisher: Publisher
+    edge_factory: EdgeFactory, publisher: Publisher
 ) -> None:
     edge = await edge_factory(ping_interval=0.2, pong_timeout=5.0)
     client = await ProtoClient.open(edge.url)

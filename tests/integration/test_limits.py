@@ -9,12 +9,13 @@ import pytest
 
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory
 from tests.support.wsclient import ProtoClient
 
 
 @pytest.mark.integration
 async def test_flooding_client_is_closed_3007_and_others_are_served(
-    edge_factory, publisher: Publisher
+    edge_factory: EdgeFactory, publisher: Publisher
 ) -> None:
     edge = await edge_factory(request_rate=20.0, request_burst=50)
     bystander = await ProtoClient.open(edge.url)

@@ -13,6 +13,7 @@ import logging
 import pytest
 from websockets.frames import Opcode
 
+from tests.integration.conftest import EdgeServer, RedisServer
 from tests.support.edgeproc import edge_process
 from tests.support.wsclient import ProtoClient
 
@@ -44,7 +45,7 @@ def masked(first_byte: int, payload: bytes, key: bytes = b"\x12\x34\x56\x78") ->
 
 
 async def test_oversized_frame_closes_with_1009_even_with_more_frames_right_behind(
-    redis_server, key_prefix: str
+    redis_server: RedisServer, key_prefix: str
 ) -> None:
     """The edge must not close the socket with the client's data unread: the kernel then
     resets the connection, which destroys the close frame (the client saw 1006 instead of
@@ -73,7 +74,7 @@ async def test_oversized_frame_closes_with_1009_even_with_more_frames_right_behi
     ids=["invalid-byte", "bad-continuation", "surrogate", "five-bytes"],
 )
 async def test_text_frame_that_is_not_utf8_closes_with_3500_without_a_traceback(
-    edge, caplog: pytest.LogCaptureFixture, payload: bytes
+    edge: EdgeServer, caplog: pytest.LogCaptureFixture, payload: bytes
 ) -> None:
     client = await ProtoClient.open(edge.url)
     await raw_frame(client, Opcode.TEXT, payload)
@@ -84,7 +85,7 @@ async def test_text_frame_that_is_not_utf8_closes_with_3500_without_a_traceback(
     no_tracebacks(caplog)
 
 
-async def test_fragmented_text_not_utf8_across_fragments_closes_with_3500(edge) -> None:
+async def test_fragmented_text_not_utf8_across_fragments_closes_with_3500(edge: EdgeServer) -> None:
     client = await ProtoClient.open(edge.url)
     await raw_frame(client, Opcode.TEXT, b'{"type":"ping","x":"\xe2', fin=False)
     await raw_frame(client, Opcode.CONT, b'\x28\xa1"}')
@@ -92,7 +93,7 @@ async def test_fragmented_text_not_utf8_across_fragments_closes_with_3500(edge) 
     assert code == 3500
 
 
-async def test_fragmented_valid_text_is_one_request(edge) -> None:
+async def test_fragmented_valid_text_is_one_request(edge: EdgeServer) -> None:
     client = await ProtoClient.open(edge.url)
     await raw_frame(client, Opcode.TEXT, b'{"type":"ping",', fin=False)
     await raw_frame(client, Opcode.CONT, b'"id":7}')
@@ -113,7 +114,7 @@ async def test_fragmented_valid_text_is_one_request(edge) -> None:
     ids=["lone-cont", "long-ping", "fragmented-ping", "close-1-byte", "close-999"],
 )
 async def test_broken_framing_closes_with_1002(
-    edge, caplog: pytest.LogCaptureFixture, opcode: Opcode, payload: bytes, fin: bool
+    edge: EdgeServer, caplog: pytest.LogCaptureFixture, opcode: Opcode, payload: bytes, fin: bool
 ) -> None:
     client = await ProtoClient.open(edge.url)
     await raw_frame(client, opcode, payload, fin)
@@ -123,7 +124,7 @@ async def test_broken_framing_closes_with_1002(
 
 
 @pytest.mark.parametrize("first_byte", [0x83, 0x8B, 0xC1, 0xB1])
-async def test_reserved_opcodes_and_bits_close_with_1002(edge, first_byte: int) -> None:
+async def test_reserved_opcodes_and_bits_close_with_1002(edge: EdgeServer, first_byte: int) -> None:
     """Opcodes 3 and 11 are reserved; RSV1 without a negotiated extension, RSV3 too."""
     client = await ProtoClient.open(edge.url)
     client.ws.transport.write(masked(first_byte, b""))
@@ -131,7 +132,7 @@ async def test_reserved_opcodes_and_bits_close_with_1002(edge, first_byte: int) 
     assert code == 1002
 
 
-async def test_unmasked_client_frame_closes_with_1002(edge) -> None:
+async def test_unmasked_client_frame_closes_with_1002(edge: EdgeServer) -> None:
     client = await ProtoClient.open(edge.url)
     client.ws.transport.write(b"\x81\x02{}")
     code, _ = await asyncio.wait_for(client.closed, 5)
@@ -143,7 +144,7 @@ async def test_unmasked_client_frame_closes_with_1002(edge) -> None:
     ['{"type":"ping","id":NaN}', '{"type":"ping","x":Infinity}', '{"type":"ping","x":-Infinity}',
      '{"type":"subscribe","channel":"quotes.X","max_rate":NaN}', "NaN", "[Infinity]"],
 )
-async def test_non_standard_json_closes_with_3500(edge, text: str) -> None:
+async def test_non_standard_json_closes_with_3500(edge: EdgeServer, text: str) -> None:
     client = await ProtoClient.open(edge.url)
     await client.ws.send(text)
     code, reason = await asyncio.wait_for(client.closed, 5)
@@ -151,7 +152,9 @@ async def test_non_standard_json_closes_with_3500(edge, text: str) -> None:
 
 
 @pytest.mark.parametrize("text", ['{"type":"connect","x":NaN}', "Infinity"])
-async def test_non_standard_json_as_first_frame_closes_with_3500(edge, text: str) -> None:
+async def test_non_standard_json_as_first_frame_closes_with_3500(
+    edge: EdgeServer, text: str,
+) -> None:
     client = await ProtoClient.open(edge.url, connect=False)
     await client.ws.send(text)
     code, _ = await asyncio.wait_for(client.closed, 5)
@@ -159,7 +162,7 @@ async def test_non_standard_json_as_first_frame_closes_with_3500(edge, text: str
 
 
 @pytest.mark.parametrize("rid", ["zz", -1, 1.5, 2**53, True, [1], None, 3])
-async def test_pong_gets_no_reply_whatever_its_id(edge, rid: object) -> None:
+async def test_pong_gets_no_reply_whatever_its_id(edge: EdgeServer, rid: object) -> None:
     client = await ProtoClient.open(edge.url)
     await client.send({"type": "pong", "id": rid})
     reply = await client.request({"type": "ping"})  # the next thing that comes back
@@ -169,7 +172,7 @@ async def test_pong_gets_no_reply_whatever_its_id(edge, rid: object) -> None:
 
 
 @pytest.mark.parametrize("kind", [5, None, True, 1.5, ["ping"], {"a": 1}])
-async def test_type_that_is_not_a_string(edge, kind: object) -> None:
+async def test_type_that_is_not_a_string(edge: EdgeServer, kind: object) -> None:
     client = await ProtoClient.open(edge.url)
     reply = await client.request({"type": kind})
     assert reply["type"] == "error" and reply["code"] == "bad_request"

@@ -11,6 +11,8 @@ from redis.asyncio import Redis
 from common.keys import Keys
 from ingest.publisher import Fence, FencedOut, Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeServer
+from tests.support.streams import xrange
 from tests.support.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
@@ -20,7 +22,7 @@ def quote(i: int) -> dict[str, float]:
     return {"bid": 100.0 + i, "ask": 100.25 + i}
 
 
-async def test_live_messages_arrive_in_order(edge, publisher: Publisher) -> None:
+async def test_live_messages_arrive_in_order(edge: EdgeServer, publisher: Publisher) -> None:
     client = await ProtoClient.open(edge.url)
     reply = await client.subscribe("quotes.MNQ", snapshot=True)
     assert reply["type"] == "subscribed" and reply["recovered"] is False
@@ -31,7 +33,9 @@ async def test_live_messages_arrive_in_order(edge, publisher: Publisher) -> None
     await client.close()
 
 
-async def test_recovery_replays_exactly_the_missed_messages(edge, publisher: Publisher) -> None:
+async def test_recovery_replays_exactly_the_missed_messages(
+    edge: EdgeServer, publisher: Publisher,
+) -> None:
     client = await ProtoClient.open(edge.url)
     await client.subscribe("trades.ES")
     for i in range(10):
@@ -56,7 +60,9 @@ async def test_recovery_replays_exactly_the_missed_messages(edge, publisher: Pub
     await again.close()
 
 
-async def test_snapshot_merges_quotes_and_keeps_keys(edge, publisher: Publisher) -> None:
+async def test_snapshot_merges_quotes_and_keeps_keys(
+    edge: EdgeServer, publisher: Publisher,
+) -> None:
     await publisher.publish(UpstreamMessage("quotes.NQ", {"bid": 1.0, "ask": 2.0, "last": 1.5}))
     await publisher.publish(UpstreamMessage("quotes.NQ", {"bid": 1.25}))
     await publisher.publish(UpstreamMessage("account.A1.orders", {"id": 7, "qty": 1}, key="7"))
@@ -93,7 +99,7 @@ async def test_idempotent_publish(publisher: Publisher) -> None:
 
 
 async def test_history_trim_gives_not_recovered_with_snapshot(
-    edge, redis, key_prefix: str
+    edge: EdgeServer, redis: Redis, key_prefix: str
 ) -> None:
     from common.config import DEFAULT_HISTORY, HistoryPolicy
     from common.keys import Keys
@@ -122,7 +128,7 @@ async def test_history_trim_gives_not_recovered_with_snapshot(
     await third.close()
 
 
-async def test_history_trim_by_age(redis, key_prefix: str) -> None:
+async def test_history_trim_by_age(redis: Redis, key_prefix: str) -> None:
     from common.config import DEFAULT_HISTORY, HistoryPolicy
     from common.keys import Keys
 
@@ -133,15 +139,15 @@ async def test_history_trim_by_age(redis, key_prefix: str) -> None:
     assert await redis.xlen(keys.stream("trades.RTY")) == 5
     await _server_clock_passes(redis, 0.25)
     await pub.publish(UpstreamMessage("trades.RTY", {"p": 5}))
-    entries = await redis.xrange(keys.stream("trades.RTY"))
+    entries = await xrange(redis, keys.stream("trades.RTY"))
     assert [e[0] for e in entries] == ["6-0"]
 
 
-async def _server_clock_passes(redis, seconds: float) -> None:
+async def _server_clock_passes(redis: Redis, seconds: float) -> None:
     """Wait until the server's own clock (which the script trims by) has advanced."""
     import asyncio
 
-    def now(t: list[int]) -> float:
+    def now(t: tuple[int, int]) -> float:
         return int(t[0]) + int(t[1]) / 1e6
 
     start = now(await redis.time())
@@ -179,7 +185,8 @@ class LiveTap:
 
 
 async def stream_offsets(redis: Redis, keys: Keys, channel: str) -> list[int]:
-    return [int(entry_id.split("-")[0]) for entry_id, _ in await redis.xrange(keys.stream(channel))]
+    entries = await xrange(redis, keys.stream(channel))
+    return [int(entry_id.split("-")[0]) for entry_id, _ in entries]
 
 
 async def test_if_changed_skips_a_keyed_state_the_snapshot_holds(
@@ -322,7 +329,7 @@ async def test_if_changed_keeps_fencing_first_and_ids_their_meaning(
 
 
 async def test_a_channel_created_by_a_subscribe_lives_an_hour_until_published(
-    edge, publisher: Publisher, redis: Redis, key_prefix: str
+    edge: EdgeServer, publisher: Publisher, redis: Redis, key_prefix: str
 ) -> None:
     """Any valid name a client subscribes to creates the channel's meta; names nobody
     publishes to expire after FANOUT_UNPUBLISHED_TTL (1 h), not meta_ttl (30 d). The first

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from common.embedded import free_port, stop_process
+from tests.integration.conftest import EdgeServer, RedisServer
 from tests.integration.test_browser import need
 from tests.support.edgeproc import ingest_process
 from tests.support.httpwait import wait_http_ok
@@ -57,7 +58,9 @@ def exported(text: str) -> set[str]:
     return names
 
 
-async def test_every_metric_the_rules_name_is_exported(edge, redis_server, key_prefix) -> None:
+async def test_every_metric_the_rules_name_is_exported(
+    edge: EdgeServer, redis_server: RedisServer, key_prefix: str,
+) -> None:
     wanted = set(METRIC.findall((PROMETHEUS / "rules.yml").read_text()))
     assert wanted, "no fanout metric in rules.yml?"
     async with ingest_process(redis_server.url, key_prefix) as ingest, \
@@ -84,7 +87,8 @@ def dashboard_metrics() -> dict[str, set[str]]:
 
 
 async def test_every_dashboard_and_alert_metric_reaches_a_real_prometheus(
-    edge, redis_server, key_prefix: str, tmp_path: Path, exit_stack: contextlib.AsyncExitStack
+    edge: EdgeServer, redis_server: RedisServer, key_prefix: str, tmp_path: Path,
+    exit_stack: contextlib.AsyncExitStack,
 ) -> None:
     """A real Prometheus scrapes a running edge and ingest worker; every metric a dashboard
     panel or an alert queries must be known to it (as a series, or as a metric family

@@ -5,6 +5,7 @@ resync instead of silently holding other messages under the same offsets."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -12,12 +13,14 @@ from redis.asyncio import Redis
 from common.keys import Keys
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeServer
+from tests.support.streams import xrange
 from tests.support.wsclient import ProtoClient
 
 
 @pytest.mark.integration
 async def test_lost_writes_give_the_channel_a_new_epoch_and_clients_resync(
-    edge, publisher: Publisher, redis: Redis, key_prefix: str
+    edge: EdgeServer, publisher: Publisher, redis: Redis, key_prefix: str
 ) -> None:
     channel = "trades.RB"
     keys = Keys(key_prefix)
@@ -29,10 +32,10 @@ async def test_lost_writes_give_the_channel_a_new_epoch_and_clients_resync(
 
     # Redis "comes back" without the last two writes (as after an AOF everysec crash): meta,
     # stream and snapshot as they were after offset 3.
-    kept = await redis.xrange(keys.stream(channel), "-", "3-0")
+    kept = await xrange(redis, keys.stream(channel), "-", "3-0")
     await redis.delete(keys.stream(channel))
     for entry_id, fields in kept:
-        await redis.xadd(keys.stream(channel), fields, id=entry_id)
+        await redis.xadd(keys.stream(channel), cast(dict[Any, Any], fields), id=entry_id)
     await redis.hset(keys.meta(channel), "top", 3)
     await redis.hset(keys.snapshot(channel), "", '{"n":3}')
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory
 from tests.support.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
@@ -30,7 +31,8 @@ schedule_st = st.lists(st.lists(session_st, min_size=1, max_size=5), min_size=6,
 )
 @given(schedules=schedule_st, seed=st.integers(0, 2**32))
 async def test_clients_see_every_offset_once_across_reconnects(
-    edge_factory, publisher: Publisher, schedules: list[list[tuple[int, int, bool]]], seed: int
+    edge_factory: EdgeFactory, publisher: Publisher, schedules: list[list[tuple[int, int, bool]]],
+    seed: int,
 ) -> None:
     edges = [await edge_factory(), await edge_factory()]
     # An exact-delivery channel: account channels never drop or conflate (policy disconnect).

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from edge.hub import Hub, Publication
 from edge.stats import EdgeStats
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory, EdgeServer
 from tests.support.wsclient import ProtoClient
 
 pytestmark = pytest.mark.integration
@@ -54,7 +56,8 @@ def after_reply(client: ProtoClient, rid: int) -> tuple[int, list[tuple[int, int
 @pytest.mark.parametrize("direct_write", [True, False], ids=["direct", "queued"])
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "msgpack"])
 async def test_replay_is_packed_into_frames_within_the_bounds_reply_first(
-    edge_factory, publisher: Publisher, redis: Redis, key_prefix: str, direct_write: bool,
+    edge_factory: EdgeFactory, publisher: Publisher, redis: Redis, key_prefix: str,
+    direct_write: bool,
     binary: bool,
 ) -> None:
     edge = await edge_factory(direct_write=direct_write, max_frame_bytes=MAX_FRAME_BYTES,
@@ -85,7 +88,8 @@ async def test_replay_is_packed_into_frames_within_the_bounds_reply_first(
 
 @pytest.mark.parametrize("direct_write", [True, False], ids=["direct", "queued"])
 async def test_live_messages_during_replays_are_neither_lost_doubled_nor_reordered(
-    edge_factory, publisher: Publisher, redis: Redis, key_prefix: str, direct_write: bool
+    edge_factory: EdgeFactory, publisher: Publisher, redis: Redis, key_prefix: str,
+    direct_write: bool,
 ) -> None:
     """Replays of thousands of messages while the channel keeps publishing: each client
     gets its reply, then every offset after its position exactly once, in order."""
@@ -121,8 +125,11 @@ async def test_live_messages_during_replays_are_neither_lost_doubled_nor_reorder
     finally:
         running.clear()
         await task
+    def caught_up(c: ProtoClient) -> bool:
+        return c.offsets[channel][-1:] == [last]
+
     for client, since, rid in clients:
-        await client.wait_for(lambda c=client: c.offsets[channel][-1:] == [last], 20)
+        await client.wait_for(partial(caught_up, client), 20)
         assert client.offsets[channel] == list(range(since + 1, last + 1))
         index, _ = after_reply(client, rid)
         assert all(m["type"] != "pub" for m in client.messages[:index])
@@ -131,7 +138,7 @@ async def test_live_messages_during_replays_are_neither_lost_doubled_nor_reorder
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "msgpack"])
 async def test_history_reply_holds_exactly_from_to_however_far_the_channel_moved_on(
-    edge, publisher: Publisher, redis: Redis, key_prefix: str, binary: bool
+    edge: EdgeServer, publisher: Publisher, redis: Redis, key_prefix: str, binary: bool
 ) -> None:
     channel = "trades.HIST"
     await publish(publisher, channel, 3_000)

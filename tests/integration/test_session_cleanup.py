@@ -14,13 +14,14 @@ from edge.wire import RawWebSocket
 from edge.wsprotocol import EdgeWebSocketProtocol
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeServer
 from tests.integration.test_malformed import masked
 from tests.support.wsclient import ProtoClient
 
 
 @pytest.mark.integration
 async def test_an_ended_connection_is_freed_at_once_not_by_the_garbage_collector(
-    edge, publisher: Publisher
+    edge: EdgeServer, publisher: Publisher
 ) -> None:
     """Reference counting frees a connection's session and protocol as soon as it ends,
     whichever way it ends. The edge raises the collector's thresholds (edge/server.py), so

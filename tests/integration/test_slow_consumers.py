@@ -20,6 +20,7 @@ import pytest
 from common.embedded import free_port
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import RedisServer
 from tests.support.edgeproc import EdgeProcess
 from tests.support.edgeproc import edge_process as edge_process_
 from tests.support.wsclient import ProtoClient
@@ -65,7 +66,7 @@ async def gauges(edge: EdgeProcess) -> EdgeGauges:
 
 
 @pytest.fixture
-async def edge_process(redis_server, key_prefix: str) -> AsyncIterator[EdgeProcess]:
+async def edge_process(redis_server: RedisServer, key_prefix: str) -> AsyncIterator[EdgeProcess]:
     async with edge_process_(
         redis_server.url, key_prefix, pin=True, FANOUT_LOG_LEVEL="warning",
         # No application pings: a frozen client cannot answer one, and would be closed
@@ -297,7 +298,9 @@ async def test_dropping_client_is_told_exactly_what_it_missed(
     await slow.close()
 
 
-async def test_server_that_stops_pinging_is_detected(redis_server, key_prefix: str) -> None:
+async def test_server_that_stops_pinging_is_detected(
+    redis_server: RedisServer, key_prefix: str,
+) -> None:
     port = free_port()
     env = {**os.environ, "FANOUT_REDIS_URL": redis_server.url, "FANOUT_KEY_PREFIX": key_prefix,
            "FANOUT_PING_INTERVAL": "0.5", "FANOUT_PONG_TIMEOUT": "0.3"}

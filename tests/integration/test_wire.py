@@ -4,12 +4,14 @@ path a frame took."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import httpx
 import pytest
 
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
+from tests.integration.conftest import EdgeFactory, EdgeServer
 from tests.support.wsclient import ProtoClient
 
 
@@ -44,14 +46,17 @@ async def _publish_and_collect(
         last = (await publisher.publish_batch(batch))[-1].offset
         if i % 7 == 0:
             await asyncio.sleep(0)
+    def caught_up(c: ProtoClient) -> bool:
+        return c.offsets["trades.WIRE"][-1:] == [last]
+
     for client in clients:
-        await client.wait_for(lambda c=client: c.offsets["trades.WIRE"][-1:] == [last], 10)
+        await client.wait_for(partial(caught_up, client), 10)
     return last
 
 
 @pytest.mark.integration
 async def test_clients_of_both_codecs_get_everything_in_order_through_direct_writes(
-    edge, publisher: Publisher
+    edge: EdgeServer, publisher: Publisher
 ) -> None:
     clients = [await ProtoClient.open(edge.url), await ProtoClient.open(edge.url, binary=True)]
     last = await _publish_and_collect(edge, publisher, 60, clients)
@@ -69,7 +74,7 @@ async def test_clients_of_both_codecs_get_everything_in_order_through_direct_wri
 @pytest.mark.integration
 @pytest.mark.parametrize("overrides", [{"direct_write": False}, {"compression": True}])
 async def test_queue_path_when_direct_writes_are_off_or_compressing(
-    edge_factory, publisher: Publisher, overrides: dict[str, object]
+    edge_factory: EdgeFactory, publisher: Publisher, overrides: dict[str, object]
 ) -> None:
     edge = await edge_factory(**overrides)
     # websockets offers permessage-deflate by default: with compression on it is used.
@@ -89,7 +94,7 @@ async def test_queue_path_when_direct_writes_are_off_or_compressing(
 @pytest.mark.parametrize(("binary", "max_frame_messages"), [(False, 1000), (True, 1000),
                                                            (False, 4)])
 async def test_a_clients_channels_of_one_turn_go_out_in_one_frame(
-    edge_factory, publisher: Publisher, binary: bool, max_frame_messages: int
+    edge_factory: EdgeFactory, publisher: Publisher, binary: bool, max_frame_messages: int
 ) -> None:
     """A watchlist: one client on 6 channels, each publish round touching all 6 in one
     pipelined batch (so the edge gets them in one read, one flush). Every channel's
@@ -104,8 +109,11 @@ async def test_a_clients_channels_of_one_turn_go_out_in_one_frame(
     rounds = 20
     for i in range(rounds):
         await publisher.publish_batch([UpstreamMessage(ch, {"i": i}) for ch in channels])
+    def all_of(ch: str) -> bool:
+        return len(client.offsets[ch]) == rounds
+
     for ch in channels:
-        await client.wait_for(lambda ch=ch: len(client.offsets[ch]) == rounds, 10)
+        await client.wait_for(partial(all_of, ch), 10)
         assert client.offsets[ch] == list(range(1, rounds + 1))
     after = await _counters(edge, "frames_sent", "writes")
     frames = after["frames_sent"] - before["frames_sent"]

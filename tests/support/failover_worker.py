@@ -43,7 +43,7 @@ def stop_before_writing(message_id: str, log: logging.Logger) -> None:
             log.warning("resumed, writing the batch of %s", message_id)
         return await original(self, connection, commands, *args)
 
-    Pipeline._execute_pipeline = execute  # type: ignore[method-assign]
+    Pipeline._execute_pipeline = execute  # type: ignore[method-assign,assignment]
 
 
 def _text(value: Any) -> str:

@@ -613,7 +613,7 @@ async def run_live_fuzz(
     env = {"FANOUT_LOG_LEVEL": "info"}
     if os.environ.get("FANOUT_FUZZ_EDGE_GC"):  # e.g. "700,10,10": the edge's collector
         env["FANOUT_GC_THRESHOLDS"] = os.environ["FANOUT_FUZZ_EDGE_GC"]
-    async with edge_process(redis_url, key_prefix, **env) as edge:
+    async with edge_process(redis_url, key_prefix, pin=False, **env) as edge:
         report.rss_start = report.rss_max = edge.rss_kib()
         redis = Redis.from_url(redis_url, decode_responses=True)
         publisher = Publisher(redis, Keys(key_prefix))

@@ -164,5 +164,5 @@ def frames(draw: st.DrawFn, codec: Codec, objects_only: bool = False) -> str | b
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=draw(st.booleans()))
     if kind == "flipped" and text:
         i = draw(st.integers(0, len(text) - 1))
-        text = text[:i] + draw(st.characters(exclude_categories=("Cs",))) + text[i + 1:]
+        text = text[:i] + draw(st.characters(exclude_categories=["Cs"])) + text[i + 1:]
     return text.encode() if draw(st.booleans()) and kind != "flipped" else text

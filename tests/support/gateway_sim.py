@@ -164,7 +164,7 @@ class GatewaySim:
         """A trade event: one trade, or now and then two equal ones in one timestamp."""
         rng = self.rng
         kind = rng.randint(0, 1)
-        trade = {"symbolId": "F.US.MNQ", "price": 100.0 + 0.25 * rng.randint(-4, 4),
+        trade: dict[str, Any] = {"symbolId": "F.US.MNQ", "price": 100.0 + 0.25 * rng.randint(-4, 4),
                  "timestamp": stamp, "type": kind, "volume": rng.randint(1, 5)}
         event = [trade] * (2 if rng.random() < 0.2 else 1)
         self.recent.append(event)

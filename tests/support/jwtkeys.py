@@ -48,9 +48,13 @@ def jwks_document(keys: dict[str, PrivateKey], **kids: str) -> dict[str, Any]:
     out = []
     for name, kid in kids.items():
         public = keys[name].public_key()
-        codec = (RSAAlgorithm if name.startswith("rsa") else
-                 OKPAlgorithm if name == "ed25519" else ECAlgorithm)
-        out.append({**codec.to_jwk(public, as_dict=True), "kid": kid, "use": "sig"})
+        if isinstance(public, rsa.RSAPublicKey):
+            jwk = RSAAlgorithm.to_jwk(public, as_dict=True)
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            jwk = ECAlgorithm.to_jwk(public, as_dict=True)
+        else:
+            jwk = OKPAlgorithm.to_jwk(public, as_dict=True)
+        out.append({**jwk, "kid": kid, "use": "sig"})
     return {"keys": out}
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -64,8 +65,7 @@ class SequenceFeed:
             last = await self.redis.xrevrange(self.keys.stream(channel), count=1)
             out[channel] = -1
             if last:
-                fields = last[0][1]
-                out[channel] = int(json.loads(fields.get("d", fields.get(b"d")))["i"])
+                out[channel] = int(json.loads(_field(last[0][1], "d"))["i"])
         return out
 
     async def resume_position(self) -> tuple[int, int]:
@@ -108,10 +108,9 @@ async def published(redis: Redis, keys: Keys, channels: int = 4) -> Rows:
         channel = channel_of(c, channels)
         entries = await redis.xrange(keys.stream(channel))
         rows = []
-        for entry_id, fields in entries:
-            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            data = json.loads(fields.get("d", fields.get(b"d")))
-            rows.append((int(entry_id.split("-")[0]), int(data["i"]), str(data["w"])))
+        for entry_id, fields in entries or []:
+            data = json.loads(_field(fields, "d"))
+            rows.append((int(_text(entry_id).split("-")[0]), int(data["i"]), str(data["w"])))
         out[channel] = rows
     return out
 
@@ -130,3 +129,13 @@ def check_clean(streams: Rows) -> int:
     assert len(seen) == len(set(seen)), "a message published twice"
     assert sorted(seen) == list(range(len(seen))), "a message lost"
     return len(seen)
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _field(fields: Mapping[Any, Any] | None, name: str) -> str:
+    """A stream entry's field, whether the client decodes replies or not."""
+    assert fields is not None
+    return _text(fields.get(name, fields.get(name.encode())))

@@ -12,7 +12,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -22,16 +23,18 @@ CALL_FAILED = pytest.StashKey[bool]()
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item) -> Iterator[pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item,
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     """Note whether the test itself failed, so a refusal is reported once."""
-    report: pytest.TestReport = yield
+    report = yield
     if report.when == "call":
         item.stash[CALL_FAILED] = report.failed
     return report
 
 
 def _from_event_loop_self_pipe() -> bool:
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(4):  # socketpair() -> socket() -> __init__: a few frames up at most
         if frame is None:
             return False

@@ -309,7 +309,9 @@ def test_jwks_parsing_reads_signature_keys_only(keys: dict[str, PrivateKey]) -> 
     from jwt.algorithms import RSAAlgorithm
 
     doc = jwks_document(keys, rsa="r1", p256="e1")
-    private = RSAAlgorithm.to_jwk(keys["rsa2"], as_dict=True)
+    rsa2 = keys["rsa2"]
+    assert isinstance(rsa2, rsa.RSAPrivateKey)
+    private = RSAAlgorithm.to_jwk(rsa2, as_dict=True)
     weak = RSAAlgorithm.to_jwk(rsa.generate_private_key(public_exponent=65537, key_size=1024)
                                .public_key(), as_dict=True)
     doc["keys"] += [

@@ -261,7 +261,7 @@ def test_add_arguments_defaults_are_none_and_help_names_env() -> None:
     args = parser.parse_args([])
     assert args.redis__url is None
     assert args.port is None
-    helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+    helps = {a.option_strings[0]: a.help or "" for a in parser._actions if a.option_strings}
     assert helps["--port"] == (
         "port to listen on [env FANOUT_EDGE_PORT; file edge.port; default 8000]"
     )

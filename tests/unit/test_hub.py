@@ -36,6 +36,9 @@ class FakeSession:
     def deliver(self, sub: Subscription, batch: Batch, start: int) -> None:
         self.frames += [pub.frame(self.codec) for pub in batch.pubs[start:]]
 
+    def flush_out(self) -> None:
+        """Nothing is held back: `deliver` keeps every frame at once."""
+
     def fail(self, exc: Disconnect) -> None:
         self.failed = exc
 
@@ -60,7 +63,7 @@ def make_hub(reader: Callable[[Hub, int], Awaitable[HistoryResult]]) -> Hub:
               node_id="n")
 
     async def read_history(
-        name: str, since: int, snapshot: str, epoch: str = ""
+        name: str, since: int, snapshot: str, epoch: str = "", until: int | None = None
     ) -> HistoryResult:
         return await reader(hub, since)
 

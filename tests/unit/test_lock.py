@@ -119,7 +119,7 @@ def test_the_venv_is_exactly_the_dev_lock() -> None:
     """What `pip freeze` shows equals the lock: no package more, none less, none other."""
     locked = {n: p.version for lock in ("dev.txt", "build.txt")
               for n, p in read_lock(lock).items() if p.applies()}
-    installed = {canonicalize_name(d.metadata["Name"]): d.version
+    installed: dict[str, str] = {canonicalize_name(d.metadata["Name"]): d.version
                  for d in metadata.distributions()}
     installed.pop("fanout")
     installed.pop("pip")  # the venv's own installer, from ensurepip
