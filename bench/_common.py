@@ -405,4 +405,4 @@ def source_state() -> str:
 
 
 if __name__ == "__main__":
-    print("bench/_common.py holds helpers; run bench/publish.py or bench/fanout.py")
+    print("bench/_common.py holds helpers; run bench/publish.py or bench/delivery.py")

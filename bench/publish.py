@@ -39,8 +39,8 @@ from redis.asyncio import Redis
 
 from common.broker.keys import Keys
 from common.broker.redisbroker import RedisBroker
-from ingest.publisher import Publisher
 from ingest.feeds.sim import SimulatedFeed
+from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 from ingest.worker import IngestMetrics, Worker
 

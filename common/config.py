@@ -660,14 +660,14 @@ CONFIG_ENV = "FANOUT_CONFIG"  # the config file, as --config FILE
 # allowed in any environment, so that the unknown-variable check never trips on them.
 NOT_SETTINGS: dict[str, str] = {
     CONFIG_ENV: "the config file (--config)",
-    "FANOUT_ARTIFACTS": "tests/test_browser.py: where screenshots and traces go",
-    "FANOUT_PROPERTY_EXAMPLES": "tests/test_recovery_property.py: hypothesis examples",
-    # make fuzz (tests/test_fuzz.py, tests/fuzz_live.py): the run's size, seed and log.
-    "FANOUT_FUZZ_EXAMPLES": "tests/test_fuzz.py: hypothesis examples per fuzz target",
-    "FANOUT_FUZZ_FRAMES": "tests/test_fuzz.py: frames the live fuzzer sends",
-    "FANOUT_FUZZ_SEED": "tests/test_fuzz.py: the live fuzzer's random seed",
-    "FANOUT_FUZZ_LOG": "tests/fuzz_live.py: where the fuzzed edge's log goes",
-    "FANOUT_FUZZ_EDGE_GC": "tests/fuzz_live.py: the fuzzed edge's collector thresholds",
+    "FANOUT_ARTIFACTS": "tests/integration/test_browser.py: where screenshots and traces go",
+    "FANOUT_PROPERTY_EXAMPLES": "tests/integration/test_recovery_property.py: hypothesis examples",
+    # make fuzz (tests/*/test_fuzz.py, tests/support/fuzz_live.py): the run's size, seed and log.
+    "FANOUT_FUZZ_EXAMPLES": "tests/unit/test_fuzz.py: hypothesis examples per fuzz target",
+    "FANOUT_FUZZ_FRAMES": "tests/integration/test_fuzz.py: frames the live fuzzer sends",
+    "FANOUT_FUZZ_SEED": "tests/integration/test_fuzz.py: the live fuzzer's random seed",
+    "FANOUT_FUZZ_LOG": "tests/support/fuzz_live.py: where the fuzzed edge's log goes",
+    "FANOUT_FUZZ_EDGE_GC": "tests/support/fuzz_live.py: the fuzzed edge's collector thresholds",
 }
 
 # Kubernetes gives every pod variables for the Services of its namespace (service links,

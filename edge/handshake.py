@@ -22,7 +22,7 @@ the number of admitted TCP connections still open, exact without any bookkeeping
 
 This relies on uvicorn's internals (``handle_events``, ``handle_websocket_upgrade``,
 ``self.scope``/``self.headers`` set per request, ``self.conn`` being h11's, the upgrade
-switching the transport's protocol), which tests/test_admission.py exercises against the
+switching the transport's protocol), which tests/integration/test_admission.py exercises against the
 installed uvicorn.
 """
 

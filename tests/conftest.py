@@ -1,153 +1,75 @@
-"""Shared fixtures: a real Valkey server (or REDIS_URL), edges served by uvicorn on
-ephemeral loopback ports, and a publisher.
-
-With REDIS_URL set, tests run against that server instead of starting one; each test uses
-a key prefix of its own, and only the epoch-change tests empty the database (FLUSHDB), so
-point REDIS_URL at a disposable database.
+"""The three tiers, by folder: tests/unit (no I/O at all; enforced by tests/unit/conftest.py),
+tests/inprocess (ASGI apps over httpx, socketpairs, fakes of servers, temporary files) and
+tests/integration (a real Valkey, servers on loopback ports, subprocesses, browsers). Each
+test gets its folder's marker, so `-m unit` or `-m "not integration"` select by tier; the
+fixtures that start servers live in tests/integration/conftest.py, so the other tiers never
+load them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import socket
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from pathlib import Path
 
 import hypothesis  # noqa: F401  (loaded up front: a lazy import at session end trips a CPython 3.11 AST bug)
 import pytest
-import uvicorn
-from redis.asyncio import Redis
 
-from common.broker.keys import Keys
-from common.broker.redisbroker import RedisBroker
-from common.config import EdgeConfig, RedisSettings
-from edge.app import Edge
-from edge.server import uvicorn_config
-from fanout.embedded import EmbeddedValkey
-from ingest.publisher import Publisher
+from common.auth import PrivateKey
+from tests.support.jwtkeys import generate_keys
+
+TIERS = ("unit", "inprocess", "integration")
+HERE = Path(__file__).resolve().parent
 
 
-@dataclass
-class RedisServer:
-    url: str
-    embedded: EmbeddedValkey | None
-
-    async def wipe(self) -> None:
-        """Lose everything, as a Redis restart without persistence does."""
-        if self.embedded is not None:
-            await asyncio.to_thread(self.embedded.restart)
-        else:
-            client = Redis.from_url(self.url)
-            await client.flushdb()
-            await client.aclose()
-
-
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield RedisServer(url, None)
-        return
-    server = EmbeddedValkey()
-    server.start()
-    try:
-        yield RedisServer(server.url, server)
-    finally:
-        server.stop()
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with the tier of its folder; a test outside the three folders, or
+    marked with another tier than its folder's, is an error rather than a silent mix."""
+    for item in items:
+        path = item.path.resolve()
+        if not path.is_relative_to(HERE):
+            continue  # another project's tests (clients/...): not tiered here
+        parts = path.relative_to(HERE).parts
+        tier = parts[0] if len(parts) > 1 else None
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests go in tests/{{{','.join(TIERS)}}}/")
+        others = [m.name for m in item.iter_markers() if m.name in TIERS and m.name != tier]
+        if others:
+            raise pytest.UsageError(f"{item.nodeid} is in tests/{tier}/ but marked {others[0]}")
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture
-def key_prefix(request: pytest.FixtureRequest) -> str:
-    return f"t{os.urandom(4).hex()}"
+def keys() -> dict[str, PrivateKey]:
+    """RSA 2048 (two), EC P-256 and P-384, Ed25519: generated in the test process."""
+    return generate_keys()
+
+
+CHAT = """
+[namespaces.chat]
+pattern = "chat.{room:id:32}"
+snapshot = "none"
+history_length = 100
+history_age = 600
+overflow = "drop"
+subscribe = "public"
+
+[namespaces.alerts]
+pattern = "alerts.{desk:id}"
+snapshot = "last"
+history_length = 50
+history_age = 60
+overflow = "conflate"
+subscribe = "account"
+account_segment = "desk"
+account_claims = ["accounts", "sub"]
+recovery = false
+max_rate = 5
+"""
 
 
 @pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_server.url, decode_responses=True)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def publisher(redis: Redis, key_prefix: str) -> Publisher:
-    return Publisher(RedisBroker(redis, Keys(key_prefix)))
-
-
-class EdgeServer:
-    """An edge served by uvicorn on an ephemeral loopback port, in this event loop."""
-
-    def __init__(self, config: EdgeConfig) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.config = replace(config, port=self.port)
-        self.server = uvicorn.Server(uvicorn_config(self.config))
-        self.task: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def edge(self) -> Edge:
-        app = self.server.config.loaded_app if self.server.config.loaded else None
-        target = getattr(app, "app", app)
-        while target is not None and not hasattr(target, "state"):
-            target = getattr(target, "app", None)
-        assert target is not None
-        edge: Edge = target.state.edge
-        return edge
-
-    async def start(self) -> None:
-        self.task = asyncio.create_task(self.server.serve(sockets=[self.sock]))
-        async with asyncio.timeout(10):
-            while not self.server.started:
-                if self.task.done():
-                    self.task.result()
-                await asyncio.sleep(0.01)
-            while not self.edge.hub or not self.edge.hub.ready:
-                await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        self.server.should_exit = True
-        if self.task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.task, 10)
-        self.sock.close()
-
-
-@pytest.fixture
-def edge_config(redis_server: RedisServer, key_prefix: str) -> EdgeConfig:
-    return EdgeConfig(
-        redis=RedisSettings(url=redis_server.url, key_prefix=key_prefix),
-        ping_interval=25.0,
-        pong_timeout=10.0,
-    )
-
-
-@pytest.fixture
-async def edge_factory(edge_config: EdgeConfig) -> AsyncIterator[object]:
-    started: list[EdgeServer] = []
-
-    async def make(**overrides: object) -> EdgeServer:
-        server = EdgeServer(replace(edge_config, **overrides))  # type: ignore[arg-type]
-        await server.start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        await server.stop()
-
-
-@pytest.fixture
-async def edge(edge_factory: object) -> EdgeServer:
-    server: EdgeServer = await edge_factory()  # type: ignore[operator]
-    return server
+def chat_file(tmp_path: Path) -> str:
+    """A namespaces file of two namespaces unlike the shipped ones (the inprocess and the
+    integration namespace tests load it)."""
+    path = tmp_path / "namespaces.toml"
+    path.write_text(CHAT)
+    return str(path)

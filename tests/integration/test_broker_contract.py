@@ -28,7 +28,7 @@ from common.broker.keys import Keys
 from common.broker.live import decode_live, encode_live
 from common.broker.memory import MemoryBroker
 from common.broker.redisbroker import RedisBroker
-from tests.conftest import RedisServer
+from tests.integration.conftest import RedisServer
 
 TTL = 3600
 CH = "trades.C"

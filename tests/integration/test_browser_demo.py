@@ -17,8 +17,8 @@ import pytest
 
 from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
-from tests.cdp import Browser, chromium_path
-from tests.test_browser import ARTIFACTS, need
+from tests.integration.test_browser import ARTIFACTS, need
+from tests.support.cdp import Browser, chromium_path
 
 pytestmark = pytest.mark.integration
 
