@@ -25,7 +25,8 @@
    deques and an Event's deque, ~3 KiB) for the application's receive events and an
    ``asyncio.Event`` (a deque, ~0.8 KiB) for write backpressure; at 10,000 idle connections
    that is ~37 MiB of empty deques. `LightQueue` and `LightEvent` do the same with a list,
-   and a waiter future only while someone waits.
+   and a waiter future only while someone waits. The handshake's request and response
+   (headers, ~3 KiB) are dropped once the connection is accepted.
 
 `RawWebSocket` (edge/wire.py) works on this protocol as on uvicorn's: it is a subclass.
 """
@@ -191,6 +192,14 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
         if self._failed and message["type"] == "websocket.send":
             raise ClientDisconnected()  # as for a connection lost (uvicorn: a RuntimeError)
         await super().send(message)
+        if message["type"] == "websocket.accept" and self.handshake_complete:
+            # The handshake's request and response, and the scope's copy of the request
+            # headers, are never read again (uvicorn keeps them for the connection's life;
+            # the edge reads the headers only for admission, before the upgrade): ~3 KiB
+            # per connection.
+            self.request = None  # type: ignore[assignment]
+            self.response = None  # type: ignore[assignment]
+            self.scope["headers"] = []
 
     def handle_parser_exception(self) -> None:
         """websockets refused a frame and queued its close frame (1009, 1002, ...)."""
