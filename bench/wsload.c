@@ -9,7 +9,9 @@
  *          [--concurrency 50] [--timeout 30] [--name bench]
  *
  * --channels 1 (the default): every client subscribes to C. --channels K > 1: to C0 ... C{K-1}
- * (C followed by the decimal index), K subscribe requests after `connect`. A message's
+ * (C followed by the decimal index), K subscribe requests after `connect`. With --per-client,
+ * client i subscribes only to C{i mod K} (one subscriber per channel when K = N: the shape of
+ * per-account channels); a pub of another channel is counted as `other_channel`. A message's
  * channel is mapped to its index by the fixed prefix C and the number after it (no table
  * search); every count below is per client and per channel, summed.
  *
@@ -232,7 +234,8 @@ static struct {
     const char *host, *path, *channel, *name;
     int port, clients, concurrency, channels;
     double timeout;
-} opt = {"127.0.0.1", "/ws", NULL, "bench", 0, 0, 50, 1, 30.0};
+    bool per_client; /* client i on channel i mod channels only */
+} opt = {"127.0.0.1", "/ws", NULL, "bench", 0, 0, 50, 1, 30.0, false};
 
 #define MAX_CHANNELS 10000
 
@@ -241,6 +244,17 @@ static int64_t *lasts; /* clients x channels, client-major */
 static int ep;
 static size_t channel_len; /* of --channel: the whole name (1 channel) or the prefix */
 static struct sockaddr_in addr;
+
+/* Last offsets kept per client: one per channel, or one (its own channel) with --per-client. */
+static inline int nlast(void) { return opt.per_client ? 1 : opt.channels; }
+/* The channel a --per-client client is on. */
+static inline int own_channel(const client *c) { return (int)(c - cl) % opt.channels; }
+/* Where a client keeps channel `chan`'s last offset, or NULL if it is not on it. */
+static inline int64_t *last_of(client *c, int chan) {
+    if (chan < 0) return NULL;
+    if (!opt.per_client) return &c->last[chan];
+    return chan == own_channel(c) ? &c->last[0] : NULL;
+}
 
 /* totals over all clients */
 static uint64_t t_pubs, t_frames, t_bytes, t_gaps, t_dups, t_announced, t_resyncs, t_errors;
@@ -644,6 +658,7 @@ static void subscribed(client *c) {
  * subscribes with `unavailable` when ~100 are in flight: its Redis pool's limit). */
 static void send_subscribe(client *c, int j) {
     char buf[400];
+    if (opt.per_client) j = own_channel(c);
     if (opt.channels == 1)
         snprintf(buf, sizeof buf, "{\"type\":\"subscribe\",\"id\":2,\"channel\":\"%s\"}",
                  opt.channel);
@@ -656,7 +671,8 @@ static void send_subscribe(client *c, int j) {
 /* One message; false if the client is gone. */
 static bool on_message(client *c, const msg *m, int64_t now) {
     if (IS(type, "pub")) {
-        if (m->chan < 0) {
+        int64_t *last = last_of(c, m->chan);
+        if (!last) {
             t_other_channel++;
             return true;
         }
@@ -665,7 +681,6 @@ static bool on_message(client *c, const msg *m, int64_t now) {
             sample("client %d: pub without an offset", (int)(c - cl));
             return true;
         }
-        int64_t *last = &c->last[m->chan];
         if (*last < -1) {
             t_errors++; /* before the subscribe reply */
             sample("client %d: pub before subscribed (channel %d)", (int)(c - cl), m->chan);
@@ -686,24 +701,25 @@ static bool on_message(client *c, const msg *m, int64_t now) {
     } else if (IS(type, "connected")) {
         send_subscribe(c, 0);
     } else if (IS(type, "subscribed")) {
-        if (m->chan < 0 || !m->has_offset) {
+        int64_t *last = last_of(c, m->chan);
+        if (!last || !m->has_offset) {
             fail(c, "bad subscribed reply");
             return false;
         }
-        if (c->last[m->chan] >= -1) {
+        if (*last >= -1) {
             fail(c, "a second subscribed reply for channel %d", m->chan);
             return false;
         }
-        c->last[m->chan] = m->offset;
-        if (++c->nsubs == opt.channels) {
+        *last = m->offset;
+        if (++c->nsubs == (opt.per_client ? 1 : opt.channels)) {
             c->state = SUBSCRIBED;
             subscribed(c);
         } else {
             send_subscribe(c, c->nsubs);
         }
     } else if (IS(type, "resync") || IS(type, "gap")) {
-        if (m->chan < 0) return true;
-        int64_t *last = &c->last[m->chan];
+        int64_t *last = last_of(c, m->chan);
+        if (!last) return true;
         if (*last < -1) {
             t_errors++;
             sample("client %d: %.*s before subscribed", (int)(c - cl), (int)m->type_len,
@@ -953,7 +969,7 @@ static void start_client(client *c) {
     c->fd = fd;
     c->state = CONNECTING;
     c->nsubs = 0;
-    for (int j = 0; j < opt.channels; j++) c->last[j] = -2;
+    for (int j = 0; j < nlast(); j++) c->last[j] = -2;
     c->deadline = clock_ns(CLOCK_MONOTONIC) + (int64_t)(opt.timeout * 1e9);
     n_open++;
     struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = (uint64_t)(c - cl)};
@@ -1050,6 +1066,11 @@ static void cmd_stats(void) {
         client *c = &cl[i];
         if (c->state == CLOSED || c->state == IDLE) continue;
         open++;
+        if (opt.per_client) {
+            int j = own_channel(c);
+            if (c->last[0] < min_lasts[j]) min_lasts[j] = c->last[0];
+            continue;
+        }
         for (int j = 0; j < opt.channels; j++)
             if (c->last[j] < min_lasts[j]) min_lasts[j] = c->last[j];
     }
@@ -1171,7 +1192,8 @@ static void on_stdin(void) {
 /* --- main ------------------------------------------------------------------------------- */
 
 static void usage(void) {
-    fputs("usage: wsload --port P --channel C --clients N [--channels 1] [--host 127.0.0.1]\n"
+    fputs("usage: wsload --port P --channel C --clients N [--channels 1] [--per-client]\n"
+          "              [--host 127.0.0.1]\n"
           "              [--path /ws] [--concurrency 50] [--timeout 30] [--name bench]\n"
           "stdin commands: window <lo> <hi> | until <hi> | stats | quit\n",
           stderr);
@@ -1183,7 +1205,7 @@ int main(int argc, char **argv) {
         {"host", 1, 0, 'h'},        {"port", 1, 0, 'p'},    {"path", 1, 0, 'P'},
         {"channel", 1, 0, 'c'},     {"clients", 1, 0, 'n'}, {"concurrency", 1, 0, 'k'},
         {"timeout", 1, 0, 't'},     {"name", 1, 0, 'N'},    {"channels", 1, 0, 'C'},
-        {0, 0, 0, 0},
+        {"per-client", 0, 0, 'I'},  {0, 0, 0, 0},
     };
     for (int ch; (ch = getopt_long(argc, argv, "", longs, NULL)) != -1;) {
         switch (ch) {
@@ -1196,6 +1218,7 @@ int main(int argc, char **argv) {
         case 't': opt.timeout = atof(optarg); break;
         case 'N': opt.name = optarg; break;
         case 'C': opt.channels = atoi(optarg); break;
+        case 'I': opt.per_client = true; break;
         default: usage();
         }
     }
@@ -1228,12 +1251,12 @@ int main(int argc, char **argv) {
     rng_state = (uint64_t)clock_ns(CLOCK_REALTIME) ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
     cl = calloc((size_t)opt.clients, sizeof *cl);
     if (!cl) die("out of memory");
-    lasts = calloc((size_t)opt.clients * (size_t)opt.channels, sizeof *lasts);
+    lasts = calloc((size_t)opt.clients * (size_t)nlast(), sizeof *lasts);
     if (!lasts) die("out of memory");
     for (int i = 0; i < opt.clients; i++) {
         cl[i].fd = -1;
-        cl[i].last = lasts + (size_t)i * (size_t)opt.channels;
-        for (int j = 0; j < opt.channels; j++) cl[i].last[j] = -2;
+        cl[i].last = lasts + (size_t)i * (size_t)nlast();
+        for (int j = 0; j < nlast(); j++) cl[i].last[j] = -2;
     }
     rcap = 256 * 1024;
     rbuf = xrealloc(NULL, rcap);

@@ -259,9 +259,16 @@ class Session:
             asyncio.create_task(self.writer.run()),
             self._done,
         ]
+        # Until the first of them ends: `_done` is set by `fail`, or by either task's end.
+        # (Not `asyncio.wait`: its waiter, set and callbacks stay for the connection's whole
+        # life, ~1.5 KiB per idle connection.)
+        for task in tasks[:2]:
+            task.add_done_callback(self._task_ended)
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
+            await self._done  # a cancel of this task (shutdown) cancels it: nothing else awaits it
+            for task in tasks[:2]:
+                if not task.done():
+                    continue
                 exc = task.exception()
                 if isinstance(exc, Disconnect):
                     self.fail(exc)
@@ -312,6 +319,10 @@ class Session:
                 # Its traceback, and what it was raised from (a decoder's error), hold the
                 # tasks' frames and so the session: dropped for the same reason.
                 close.__traceback__ = close.__context__ = close.__cause__ = None
+
+    def _task_ended(self, task: asyncio.Future[Any]) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
 
     async def _receive(self) -> Frame | None:
         message = await self.ws.receive()

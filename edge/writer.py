@@ -23,6 +23,7 @@ from edge.pack import Batch, Wire, coalesce, pack
 from edge.sendqueue import SendQueue
 from edge.stats import EdgeStats
 from edge.wire import RawWebSocket, encode_frame
+from edge.wsprotocol import LightEvent
 
 
 class Writer:
@@ -41,7 +42,7 @@ class Writer:
             # The stats' method, not one of the session's (see the module doc).
             codec, config.queue_max_messages, config.queue_max_bytes, stats.count_queue
         )
-        self._wakeup = asyncio.Event()
+        self._wakeup = LightEvent()  # asyncio.Event's deque is ~0.8 KiB per connection
         # Direct writes to the transport (edge/wire.py), when the server allows them...
         self._raw = RawWebSocket.attach(ws.scope) if config.direct_write else None
         # ... and past the queue when it is empty, unless the writer is to wait and gather.
