@@ -170,6 +170,14 @@ class EdgeConfig:
     request_burst: int = 1_000  # ... and how many it may send at once (3007 beyond)
     queue_max_messages: int = 10_000  # per client send queue
     queue_max_bytes: int = 1024 * 1024  # per client send queue
+    # A client whose ping is unanswered this long while it still reads is a slow consumer:
+    # its queue's policy applies as if it were full, until it answers (edge/heartbeat.py).
+    # Measured in time, so that it counts the backlog in the kernel's buffers too. 0 = off.
+    max_lag: float = 3.0
+    # TCP_NOTSENT_LOWAT: bytes a client's socket may hold unsent (not counting what is in
+    # flight), so that a slow client's backlog stays where the policy reaches it
+    # (edge/tcpinfo.py). 0 = the kernel's default (no limit).
+    socket_unsent_limit: int = 16 * 1024
     overflow: Mapping[str, str] = field(default_factory=namespace_overflow)
     max_frame_messages: int = 1_000  # messages coalesced into one frame (1 = no coalescing)
     max_frame_bytes: int = 65_536  # a coalesced frame's size; a single larger message goes alone
@@ -522,6 +530,12 @@ EDGE_SETTINGS = (
             "most bytes in a client's send queue"),
     Setting("recovery_limit", "--recovery-limit", "FANOUT_RECOVERY_LIMIT", _int(1),
             "most messages one subscribe may replay"),
+    Setting("max_lag", "--max-lag", "FANOUT_MAX_LAG", _float(0, strict=False),
+            "seconds a ping may stay unanswered while the client still reads before its "
+            "queue's overflow policy applies as if it were full (0 = off)"),
+    Setting("socket_unsent_limit", "--socket-unsent-limit", "FANOUT_SOCKET_UNSENT_LIMIT",
+            _int(0), "most bytes a client's socket may hold unsent (TCP_NOTSENT_LOWAT), "
+            "beyond what is in flight; 0 = the kernel's default"),
     Setting("overflow", "--overflow", "FANOUT_OVERFLOW", parse_overflow,
             "slow-client policy per namespace, <namespace>=<disconnect|conflate|drop>,...; "
             "namespaces not named keep theirs", metavar="POLICIES"),
@@ -1036,7 +1050,7 @@ _GROUPS: tuple[tuple[str, str], ...] = (
      "heartbeats and timeouts"),
     (r"max_message_size|max_subscriptions|request_rate|request_burst|max_connections.*"
      r"|.*origins?|.*prox(y|ies)", "connection limits and admission"),
-    (r"queue_.*|overflow|max_frame_.*|write_delay|compression|direct_write",
+    (r"queue_.*|max_lag|socket_.*|overflow|max_frame_.*|write_delay|compression|direct_write",
      "queues and delivery"),
     (r"recovery_limit|unpublished_ttl|history|idempotency_ttl", "history and recovery"),
     (r"feed|reconnect_.*", "ingest feed"),

@@ -14,6 +14,11 @@ does not keep up is decided per channel namespace:
 * ``drop``: over the bounds, new messages are dropped and the client gets a ``gap`` notice
   naming exactly the offsets it missed, placed where they would have been.
 
+A client found `lagging` (edge/heartbeat.py: its ping unanswered for ``max_lag`` while it
+still reads, its backlog maybe in the kernel's buffers rather than here) is treated as
+over the bounds for publications until it answers; its gap notices wait until then (or the
+channel's next queued message), so that it gets one per range rather than one per batch.
+
 Sizes are ``len()`` of the encoded frame: bytes for msgpack, characters for JSON text.
 """
 
@@ -91,6 +96,7 @@ class SendQueue:
         self._latest: dict[tuple[str, str], Entry] = {}  # conflatable entries by key
         self._gaps: dict[str, list[int]] = {}  # channel -> [from, to] dropped, not announced
         self._on_size = on_size  # (delta messages, delta bytes), for the node's gauges
+        self.lagging = False  # the client is behind in time: full for publications
 
     def __len__(self) -> int:
         return self._alive
@@ -109,7 +115,8 @@ class SendQueue:
         return bool(self._gaps)
 
     def _full(self, size: int) -> bool:
-        return self._alive >= self.max_messages or self._bytes + size > self.max_bytes
+        return (self._alive >= self.max_messages or self._bytes + size > self.max_bytes
+                or self.lagging)
 
     def _count(self, messages: int, size: int) -> None:
         self._alive += messages
@@ -221,7 +228,7 @@ class SendQueue:
         """The next parts to send and how many messages they hold, oldest first: the first
         frame they make under the frame bounds (edge/pack.py `split`), at least one part
         if any."""
-        if not self._alive and self._gaps:
+        if not self._alive and self._gaps and not self.lagging:
             self._announce_all_gaps()
         entries = self._entries
         alive = (e for e in entries if e.alive)
@@ -244,7 +251,7 @@ class SendQueue:
         else:
             count = 0
             entries.clear()  # only tombstones
-        if not self._alive and self._gaps:
+        if not self._alive and self._gaps and not self.lagging:
             self._announce_all_gaps()
         return out, count
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -45,6 +46,7 @@ from edge.limits import TokenBucket
 from edge.pack import Batch
 from edge.sendqueue import Outcome, Policy
 from edge.stats import EdgeStats
+from edge.tcpinfo import acked_bytes, connection_socket, limit_unsent
 from edge.throttle import Offer, Throttle
 from edge.tokens import TokenVerifier
 from edge.writer import Writer
@@ -130,7 +132,8 @@ class Session:
         self.writer = Writer(ws, codec, config, stats)
         self.queue = self.writer.queue
         self.credentials = Credentials(verifier, logger, client_id)
-        self.heartbeat = Heartbeat(config.ping_interval, config.pong_timeout)
+        self.heartbeat = Heartbeat(config.ping_interval, config.pong_timeout,
+                                   max_lag=config.max_lag)
         # FANOUT_OVERFLOW, or the namespaces file's (config.overflow has both, resolved);
         # a namespace missing there (a config built by hand) has its file's.
         self._policies = {ns: Policy(p) for ns, p in config.overflow.items()}
@@ -165,7 +168,7 @@ class Session:
         if start == 0 and writer.take(batch):
             return
         queue = writer.queue
-        if feed.policy is Policy.CONFLATE and len(queue):
+        if feed.policy is Policy.CONFLATE and (len(queue) or queue.lagging):
             for pub in batch.pubs[start:]:
                 self._push(feed, pub)
                 if self._close is not None:
@@ -191,6 +194,13 @@ class Session:
         if feed is not None and feed.throttle is not None:
             feed.throttle.reset()
         self.enqueue(frame)
+
+    def behind(self) -> None:
+        """The client is `max_lag` behind and still reading (edge/heartbeat.py): a slow
+        consumer, whose queue's policy applies as if it were full until its pong."""
+        if self._close is None and not self.writer.lagging:
+            self.writer.lag(True)
+            self.stats.clients_behind += 1
 
     def fail(self, exc: Disconnect) -> None:
         """End the session with `exc`'s close code (from any task)."""
@@ -356,8 +366,12 @@ class Session:
             command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout,
             self.credentials.expires_in(),
         ), self.codec))
+        sock = connection_socket(self.ws.scope)
+        if sock is not None:
+            limit_unsent(sock, self.config.socket_unsent_limit)
         pinger = asyncio.create_task(self.heartbeat.run(
-            protocol.encode(protocol.ping(), self.codec), self.enqueue, self.fail
+            protocol.encode(protocol.ping(), self.codec), self.enqueue, self.fail,
+            self.behind, None if sock is None else functools.partial(acked_bytes, sock),
         ))
         bucket = TokenBucket(self.config.request_rate, self.config.request_burst,
                              self._loop.time())
@@ -441,6 +455,8 @@ class Session:
             lag = self.heartbeat.pong()
             if lag is not None:
                 self.stats.client_lag.observe(lag)
+                if self.writer.lagging:  # it reached the ping: caught up
+                    self.writer.lag(False)
             return None
         if isinstance(command, protocol.Ping):
             return protocol.pong(command.id)

@@ -82,6 +82,9 @@ class EdgeStats:
     request_errors: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # by namespace
     conflated: dict[str, int] = field(default_factory=dict)  # by namespace
+    # Clients found max_lag behind while still reading (edge/heartbeat.py): their queue's
+    # policy applied until they caught up.
+    clients_behind: int = 0
     jwks_fetches: dict[str, int] = field(default_factory=dict)  # by result: ok, error
     jwks_keys: int = 0  # keys of the JWKS in use
 
@@ -164,6 +167,9 @@ class EdgeCollector(Collector):
         yield counter("resyncs", "Channel resyncs pushed (epoch change, history lost).",
                       s.resyncs)
         yield counter("pubsub_reconnects", "Redis pub/sub reconnects.", s.pubsub_reconnects)
+        yield counter("clients_behind", "Clients found max_lag behind while still reading "
+                      "(slow consumers: their queue's policy applied until they caught up).",
+                      s.clients_behind)
         yield gauge("queue_messages", "Messages queued for clients.", s.queue_messages)
         yield gauge("queue_bytes", "Bytes queued for clients.", s.queue_bytes)
         disc = CounterMetricFamily(

@@ -51,6 +51,19 @@ class Writer:
         # when the hub's turn ends (`end_turn`).
         self._out: list[Batch | Frame] | None = None
 
+    @property
+    def lagging(self) -> bool:
+        return self.queue.lagging
+
+    def lag(self, lagging: bool) -> None:
+        """The client is (no longer) behind in time (edge/heartbeat.py). While it is,
+        everything goes through the queue, whose policy treats it as full for
+        publications; when it catches up, the writer announces what was dropped."""
+        self.queue.lagging = lagging
+        self._direct = None if lagging or self.delay else self._raw
+        if not lagging:
+            self._wakeup.set()
+
     def wake(self) -> None:
         """Something was queued: the writer task drains it."""
         self._wakeup.set()

@@ -73,3 +73,95 @@ def test_a_pong_without_a_ping_measures_nothing() -> None:
     clock.now += 0.25
     assert hb.pong() == 0.25
     assert hb.pong() is None
+
+
+class Acks:
+    """The bytes a client's TCP acknowledged, as edge/tcpinfo.py reads them: grows by
+    `rate` per second of the clock while the client reads."""
+
+    def __init__(self, clock: Clock, rate: float) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.start = clock.now
+
+    def __call__(self) -> int:
+        return int((self.clock.now - self.start) * self.rate)
+
+
+async def test_a_client_still_reading_is_behind_not_dead() -> None:
+    """Its ping waits behind a backlog it reads slowly: at max_lag it is behind (its
+    queue's policy applies), at the pong timeout it is waited for, and its late pong
+    ends that."""
+    clock = Clock()
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, sleep=clock.sleep,
+                   uniform=lambda lo, hi: lo)
+    acks = Acks(clock, 1000.0)
+    behind: list[float] = []
+    failed: list[Disconnect] = []
+    lags: list[float | None] = []
+    pinged: list[float] = []
+
+    def on_behind() -> None:
+        behind.append(clock.now)
+        if len(behind) == 3:  # it reaches the ping 9 s after it was sent, and answers
+            clock.now += 1.0
+            lags.append(hb.pong())
+
+    with pytest.raises(Stop):
+        await hb.run("ping", lambda f: pinged.append(clock.now), failed.append, on_behind, acks)
+    assert failed == []
+    assert pinged[0] == 105.0
+    # behind at max_lag (106), at the timeout (109), again a timeout later (113) ...
+    assert behind[:3] == [106.0, 109.0, 113.0]
+    assert lags == [9.0]  # ... then its pong, 9 s after the ping
+    assert clock.sleeps[:5] == [5.0, 1.0, 3.0, 4.0, 4.0]
+    # The pong came during the third wait (105 + 1 + 3 + 4 + 4 = 117, plus the pong's 1 s):
+    # 12 s waited, past the interval, so the next ping goes at once.
+    assert pinged[1] == 118.0
+
+
+async def test_a_client_that_takes_nothing_is_dead() -> None:
+    """No pong and no byte acknowledged since the ping: 3003 at the pong timeout, and not
+    `behind` (a dead client is no slow consumer)."""
+    clock = Clock()
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, sleep=clock.sleep,
+                   uniform=lambda lo, hi: lo)
+    behind: list[float] = []
+    failed: list[Disconnect] = []
+    await hb.run("ping", lambda f: None, failed.append, lambda: behind.append(clock.now),
+                 Acks(clock, 0.0))
+    assert behind == []
+    assert [f.code for f in failed] == [CloseCode.NO_PONG]
+    assert clock.sleeps == [5.0, 1.0, 3.0]
+
+
+async def test_a_client_that_stops_reading_is_closed_one_timeout_later() -> None:
+    """It read for a while after the ping, then nothing: waited for while it read, 3003
+    after a whole timeout without a byte."""
+    clock = Clock()
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, sleep=clock.sleep,
+                   uniform=lambda lo, hi: lo)
+
+    def progress() -> int:  # reads from the ping (105) until 110, then nothing
+        return int((min(clock.now, 110.0) - 105.0) * 1000)
+
+    failed: list[Disconnect] = []
+    await hb.run("ping", lambda f: None, failed.append, lambda: None, progress)
+    assert [f.code for f in failed] == [CloseCode.NO_PONG]
+    # 109: took data since the ping, waited for; 113: took data since 109 (until 110),
+    # waited for; 117: nothing for a whole timeout.
+    assert clock.now == 117.0
+
+
+async def test_without_kernel_counts_the_ping_alone_decides() -> None:
+    """Where the kernel does not say (progress None): behind at max_lag, 3003 at the
+    timeout, as before."""
+    clock = Clock()
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, sleep=clock.sleep,
+                   uniform=lambda lo, hi: lo)
+    behind: list[float] = []
+    failed: list[Disconnect] = []
+    await hb.run("ping", lambda f: None, failed.append, lambda: behind.append(clock.now),
+                 lambda: None)
+    assert behind == [106.0]
+    assert [f.code for f in failed] == [CloseCode.NO_PONG]

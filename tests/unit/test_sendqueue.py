@@ -1002,3 +1002,57 @@ def test_batch_chunks_split_by_frame_size_and_keep_order() -> None:
         frame = coalesce([part], Codec.MSGPACK, count)  # a msgpack array of `count`
         decoded += msgpack.unpackb(frame) if count > 1 else [msgpack.unpackb(frame)]
     assert [m["offset"] for m in decoded] == [16, 17, 18, 19, 20]
+
+
+# --- a lagging client (edge/heartbeat.py: behind in time, maybe with an empty queue) -------
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_lagging_drops_with_an_empty_queue_and_announces_one_gap_when_caught_up(
+    codec: Codec,
+) -> None:
+    q, gauge = make(codec)
+    q.push_control(protocol.encode(protocol.ping(), codec))
+    q.lagging = True
+    assert push(q, "trades.A", 1, "1", Policy.DROP) is Outcome.DROPPED
+    # The queue drains (the ping goes out) while the client is still behind: no notice yet.
+    assert q.pop_batch(10, BIG) == [protocol.encode(protocol.ping(), codec)]
+    assert push(q, "trades.A", 2, "2", Policy.DROP) is Outcome.DROPPED
+    assert q.pop_batch(10, BIG) == []
+    assert q.busy  # the writer must come back for the notice
+    assert push(q, "trades.A", 3, "3", Policy.DROP) is Outcome.DROPPED
+    q.lagging = False  # its pong: caught up
+    assert q.pop_batch(10, BIG) == [gap_frame(codec, "trades.A", 1, 3)]  # one notice
+    assert push(q, "trades.A", 4, "4", Policy.DROP) is Outcome.QUEUED
+    assert q.pop_batch(10, BIG) == [pub(codec, "trades.A", 4, "", "4")]
+    check_sizes(q, gauge)
+
+
+def test_lagging_gap_goes_before_the_next_accepted_message_of_its_channel() -> None:
+    q, _ = make()
+    q.lagging = True
+    assert push(q, "trades.A", 1, "1", Policy.DROP) is Outcome.DROPPED
+    q.lagging = False
+    assert push(q, "trades.A", 2, "2", Policy.DROP) is Outcome.QUEUED
+    assert q.pop_batch(10, BIG) == [gap_frame(Codec.JSON, "trades.A", 1, 1),
+                                    pub(Codec.JSON, "trades.A", 2, "", "2")]
+
+
+def test_lagging_disconnect_overflows_with_an_empty_queue() -> None:
+    q, _ = make()
+    q.lagging = True
+    assert push(q, "account.u.orders", 1, "1", Policy.DISCONNECT) is Outcome.OVERFLOW
+    assert q.push_chunk("account.u.orders", 1, 2, '{"a":1},{"a":2}', 2,
+                        Policy.DISCONNECT) is Outcome.OVERFLOW
+    assert len(q) == 0
+
+
+def test_lagging_conflate_keeps_the_latest_value_per_key() -> None:
+    q, gauge = make(max_messages=2)
+    q.lagging = True
+    for i in range(1, 7):
+        outcome = push(q, "quotes.A", i, json.dumps({"bid": i}), Policy.CONFLATE, merge=True)
+        assert outcome is (Outcome.QUEUED if i == 1 else Outcome.CONFLATED)
+    assert push(q, "quotes.B", 7, '{"bid":7}', Policy.CONFLATE) is Outcome.QUEUED
+    assert [decode(f, Codec.JSON)["offset"] for f in q.pop_batch(10, BIG)] == [6, 7]
+    check_sizes(q, gauge)
