@@ -1,9 +1,10 @@
 """Publishing through the broker's atomic publish, pipelined.
 
-One round trip carries up to `batch_size` messages; the broker (Redis: the publish script)
-runs each atomically and in order, so offsets are assigned in the order messages were
-given. A failed batch can be
-sent again: messages with an upstream id are published once however often they are sent.
+One round trip carries up to `batch_size` messages; the broker runs each atomically and,
+per channel, in order, so a channel's offsets are assigned in the order its messages were
+given (Redis: one publish script call per channel of the batch carries that channel's
+messages; the results come back in the batch's order). A failed batch can be sent again:
+messages with an upstream id are published once however often they are sent.
 
 A leader publishes with its `Fence` (fencing token and lease deadline, see
 ingest/leader.py): the script then writes nothing for a token lower than the highest one

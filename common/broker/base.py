@@ -91,7 +91,8 @@ class Broker(Protocol):
         self, batch: Sequence[PublishRequest], fence: Fence | None = None, *,
         meta_ttl: int, idempotency_ttl: int,
     ) -> list[PublishReply]:
-        """Publish in order, atomically per message, in one round trip: assign the next
+        """Publish each channel's messages in batch order (messages of different channels
+        have no order to keep), atomically per message, in one round trip: assign the next
         offset, append to the history (trimmed by length and age), update the snapshot,
         remember the message id, notify live subscribers. A channel without an epoch gets
         a new one. `meta_ttl` (s): an idle channel's state expires after it."""

@@ -24,6 +24,7 @@ from common.broker.live import decode_live
 from common.broker.scripts import (
     HISTORY_INLINE_ARG,
     acquire_call,
+    group_publishes,
     history_call,
     publish_call,
     rebase_call,
@@ -130,14 +131,41 @@ class RedisBroker:
         self, batch: Sequence[PublishRequest], fence: Fence | None = None, *,
         meta_ttl: int, idempotency_ttl: int,
     ) -> list[PublishReply]:
+        """One publish.lua call per channel (see `group_publishes`), all in one pipeline;
+        replies in batch order. Calls that come back NOSCRIPT ran nothing: the script is
+        loaded and they are sent again, in order."""
         epoch = new_epoch()  # used only by a channel that has no epoch yet
-        async with _unavailable(), self.redis.pipeline(transaction=False) as pipe:
-            for req in batch:
-                keys, args = publish_call(self.keys, req, epoch, fence, meta_ttl=meta_ttl,
-                                          idempotency_ttl=idempotency_ttl)
-                await self._publish(keys=keys, args=args, client=pipe)
-            raw = await pipe.execute()
-        return [PublishReply(int(r[0]), _text(r[1]), PublishStatus(int(r[2]))) for r in raw]
+        calls = group_publishes(batch)
+        args = [publish_call(self.keys, call, batch, epoch, fence, meta_ttl=meta_ttl,
+                             idempotency_ttl=idempotency_ttl) for call in calls]
+        replies: list[PublishReply | None] = [None] * len(batch)
+        todo = list(range(len(calls)))
+        script = self._publish
+        async with _unavailable():
+            for attempt in range(2):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for c in todo:
+                        script.queue(pipe, *args[c])
+                    raw = await pipe.execute(raise_on_error=False)
+                again = []
+                for c, reply in zip(todo, raw, strict=True):
+                    if script.missing(reply) and attempt == 0:
+                        again.append(c)
+                        continue
+                    if isinstance(reply, Exception):
+                        raise reply
+                    indexes = calls[c].indexes
+                    for j, i in enumerate(indexes):
+                        replies[i] = PublishReply(int(reply[3 * j]), _text(reply[3 * j + 1]),
+                                                  PublishStatus(int(reply[3 * j + 2])))
+                if not again:
+                    break
+                self.log.info("publish script not on the server: loading it calls=%d",
+                              len(again))
+                await script.load()
+                todo = again
+        assert all(r is not None for r in replies)
+        return replies  # type: ignore[return-value]
 
     async def rebase(
         self, channel: str, old_epoch: str, token: int | None, *, meta_ttl: int

@@ -1,23 +1,34 @@
-"""The Lua scripts (common/broker/lua/<name>.lua), loaded once and run by SHA, and their
-KEYS/ARGV built by name in one place: each script's header documents the same order.
+"""The Lua scripts (common/broker/lua/<name>.lua), run by SHA, and their KEYS/ARGV built by
+name in one place: each script's header documents the same order.
 
-redis-py's `Script` sends EVALSHA and, on NOSCRIPT (a restarted or new server), loads the
-script and retries, also inside pipelines.
+`Script` sends EVALSHA and, on NOSCRIPT (a new or restarted server, a failover, a
+`SCRIPT FLUSH`), loads the script once with SCRIPT LOAD and sends it again. Pipelines queue
+EVALSHA only (`Script.queue`); the caller reloads and resends what came back NOSCRIPT
+(`Script.missing`). Nothing is checked before sending: redis-py's own `Script` sends
+`SCRIPT EXISTS` before every pipeline, an extra round trip per publish batch.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from common.broker.keys import Keys
 from common.broker.types import Fence, PublishRequest, SnapshotWant
 
 Call = tuple[list[str], list[str | int]]  # KEYS, ARGV
+
+# Most messages of one channel in one publish.lua call: a call blocks the server while it
+# runs (~10-20 µs per message), so a channel's share of a big batch is split.
+MAX_CALL_MESSAGES = 1000
 
 
 @cache
@@ -27,37 +38,116 @@ def source(name: str) -> str:
             .read_text(encoding="utf-8"))
 
 
-def register(client: Redis[Any] | Redis, name: str) -> AsyncScript:  # type: ignore[type-arg]
+class Script:
+    """One Lua script, run by SHA on `client` (or on the client given per call)."""
+
+    def __init__(self, client: Redis, name: str) -> None:
+        self.client = client
+        self.name = name
+        self.source = source(name)
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+    async def load(self, client: Redis | None = None) -> None:
+        """SCRIPT LOAD: after a NOSCRIPT, EVALSHA finds it again."""
+        sha = await (client or self.client).script_load(self.source)
+        if sha != self.sha:
+            raise RuntimeError(f"{self.name}.lua: the server computed SHA {sha}, not "
+                               f"{self.sha}")
+
+    async def __call__(
+        self, keys: Sequence[str], args: Sequence[str | int], client: Redis | None = None
+    ) -> Any:
+        redis = client or self.client
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load(redis)
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+
+    def queue(self, pipe: Pipeline, keys: Sequence[str], args: Sequence[str | int]) -> None:
+        """Queue one EVALSHA in `pipe` (execute it with raise_on_error=False and look for
+        `missing` replies)."""
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
+    @staticmethod
+    def missing(reply: object) -> bool:
+        """Whether a pipelined reply says the server does not have the script."""
+        return isinstance(reply, NoScriptError)
+
+
+def register(client: Redis, name: str) -> Script:
     """A script object bound to `client`, run by SHA."""
-    return client.register_script(source(name))
+    return Script(client, name)
+
+
+@dataclass(slots=True)
+class PublishCall:
+    """One publish.lua call: messages of one channel with one history policy and snapshot
+    mode, in batch order; `indexes` are their positions in the batch."""
+
+    channel: str
+    policy: tuple[str, int, int]  # snapshot mode, max length, max age (ms)
+    indexes: list[int] = field(default_factory=list)
+
+
+PUBLISH_FIRST_MESSAGE_ARG = 9  # index of ARGV[10], the first message's data
+PUBLISH_ARGS_PER_MESSAGE = 6
+
+
+def group_publishes(batch: Sequence[PublishRequest]) -> list[PublishCall]:
+    """The calls that publish `batch`: per channel, in the order channels first appear, its
+    messages in batch order, in as few calls as its policy (the same for every message of a
+    channel unless the caller mixes them) and `MAX_CALL_MESSAGES` allow. Running the calls
+    in this order publishes every channel's messages in batch order; messages of different
+    channels are no longer interleaved as in the batch (they have no order to keep)."""
+    open_calls: dict[str, PublishCall] = {}
+    calls: list[PublishCall] = []
+    for i, req in enumerate(batch):
+        policy = (req.snapshot_mode, req.max_length, req.max_age_ms)
+        call = open_calls.get(req.channel)
+        if call is None or call.policy != policy or len(call.indexes) >= MAX_CALL_MESSAGES:
+            call = open_calls[req.channel] = PublishCall(req.channel, policy)
+            calls.append(call)
+        call.indexes.append(i)
+    return calls
 
 
 def publish_call(
-    keys: Keys, req: PublishRequest, new_epoch: str, fence: Fence | None, *,
-    meta_ttl: int, idempotency_ttl: int,
+    keys: Keys, call: PublishCall, batch: Sequence[PublishRequest], new_epoch: str,
+    fence: Fence | None, *, meta_ttl: int, idempotency_ttl: int,
 ) -> Call:
-    name = req.channel
-    return (
-        [keys.meta(name), keys.stream(name), keys.snapshot(name),
-         keys.idempotency(name, req.msg_id)],
-        [
-            req.data,  # 1
-            req.key,  # 2
-            req.msg_id,  # 3
-            req.snapshot_mode,  # 4
-            req.max_length,  # 5
-            req.max_age_ms,  # 6
-            meta_ttl,  # 7
-            idempotency_ttl,  # 8
-            keys.live(name),  # 9
-            new_epoch,  # 10
-            "1" if req.delete else "0",  # 11
-            "" if fence is None else fence.token,  # 12
-            "" if fence is None or fence.deadline_ms is None else fence.deadline_ms,  # 13
-            "1" if req.if_changed else "0",  # 14
-            req.received_ms,  # 15
-        ],
-    )
+    name = call.channel
+    mode, max_length, max_age_ms = call.policy
+    key_list = [keys.meta(name), keys.stream(name), keys.snapshot(name)]
+    args: list[str | int] = [
+        mode,  # 1
+        max_length,  # 2
+        max_age_ms,  # 3
+        meta_ttl,  # 4
+        idempotency_ttl,  # 5
+        keys.live(name),  # 6
+        new_epoch,  # 7
+        "" if fence is None else fence.token,  # 8
+        "" if fence is None or fence.deadline_ms is None else fence.deadline_ms,  # 9
+    ]
+    idem: dict[str, int] = {}  # message id -> its key's index in KEYS (1-based)
+    for i in call.indexes:
+        req = batch[i]
+        slot = 0
+        if req.msg_id:
+            slot = idem.get(req.msg_id, 0)
+            if not slot:
+                key_list.append(keys.idempotency(name, req.msg_id))
+                slot = idem[req.msg_id] = len(key_list)
+        args += (
+            req.data,  # +0
+            req.key,  # +1
+            slot,  # +2
+            "1" if req.delete else "0",  # +3
+            "1" if req.if_changed else "0",  # +4
+            req.received_ms or "",  # +5
+        )
+    return key_list, args
 
 
 HISTORY_INLINE_ARG = 6  # index of ARGV[7] (inline) in `history_call`'s ARGV

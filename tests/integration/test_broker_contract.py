@@ -155,6 +155,98 @@ async def test_snapshot_modes(broker: Broker) -> None:
     assert await broker.snapshot("trades.Z") == {}
 
 
+async def test_a_batch_across_channels_keeps_each_channels_order(broker: Broker) -> None:
+    # Redis: one publish.lua call per channel; replies still come in batch order.
+    names = ["trades.A", "trades.B", "trades.C"]
+    batch = [req({"n": i}, names[i % 3 if i < 9 else 0]) for i in range(12)]
+    replies = await pub(broker, *batch)
+    assert [r.status for r in replies] == [P.PUBLISHED] * 12
+    expected = {"trades.A": [0, 3, 6, 9, 10, 11], "trades.B": [1, 4, 7], "trades.C": [2, 5, 8]}
+    for name, indexes in expected.items():
+        assert [replies[i].offset for i in indexes] == list(range(1, len(indexes) + 1))
+        r = await hist(broker, 0, channel=name)
+        assert [json.loads(p.data)["n"] for p in r.entries] == indexes
+
+
+async def test_idempotent_replays_inside_one_batch(broker: Broker) -> None:
+    first = await pub(broker, req(1, msg_id="m1"), req(2, msg_id="m2"),
+                      req(1, msg_id="m1"),  # the same id twice in one batch
+                      req(3), req(4, msg_id="m4"))
+    epoch = first[0].epoch
+    assert first == [PublishReply(1, epoch, P.PUBLISHED), PublishReply(2, epoch, P.PUBLISHED),
+                     PublishReply(1, epoch, P.DUPLICATE), PublishReply(3, epoch, P.PUBLISHED),
+                     PublishReply(4, epoch, P.PUBLISHED)]
+    # The batch sent again (a retry after a lost reply), with a new message in the middle.
+    again = await pub(broker, req(1, msg_id="m1"), req(2, msg_id="m2"), req(5, msg_id="m5"),
+                      req(4, msg_id="m4"), req(5, msg_id="m5"))
+    assert again == [PublishReply(1, epoch, P.DUPLICATE), PublishReply(2, epoch, P.DUPLICATE),
+                     PublishReply(5, epoch, P.PUBLISHED), PublishReply(4, epoch, P.DUPLICATE),
+                     PublishReply(5, epoch, P.DUPLICATE)]
+    r = await hist(broker, 0)
+    assert [p.data for p in r.entries] == ["1", "2", "3", "4", "5"]
+    # Ids are per channel: the same id on another channel in the same batch is news there.
+    other = await pub(broker, req(9, "trades.O", msg_id="m1"), req(1, msg_id="m1"))
+    assert [r.status for r in other] == [P.PUBLISHED, P.DUPLICATE]
+
+
+async def test_a_partly_fenced_batch(broker: Broker) -> None:
+    await pub(broker, req(0, "trades.F"), fence=Fence(5))  # a newer leader wrote trades.F
+    await pub(broker, req(0, "trades.G"), fence=Fence(3))
+    replies = await pub(broker, req(1, "trades.F"), req(1, "trades.G"), req(2, "trades.F"),
+                        req(2, "trades.G", msg_id="g2"), fence=Fence(4))
+    epoch_g = replies[1].epoch
+    assert replies[0] == replies[2] == PublishReply(0, "5", P.FENCED)
+    assert replies[1] == PublishReply(2, epoch_g, P.PUBLISHED)
+    assert replies[3] == PublishReply(3, epoch_g, P.PUBLISHED)
+    assert (await hist(broker, -1, channel="trades.F")).top == 1  # nothing written
+    # trades.G's fence is 4 now, from the first message of the batch on: 3 is refused.
+    assert (await pub(broker, req(3, "trades.G"), fence=Fence(3)))[0].status is P.FENCED
+    # A duplicate answered to a newer leader inside a batch raises the fence too.
+    dup = await pub(broker, req(2, "trades.G", msg_id="g2"), fence=Fence(6))
+    assert dup[0] == PublishReply(3, epoch_g, P.DUPLICATE)
+    assert (await pub(broker, req(4, "trades.G"), fence=Fence(5)))[0] == PublishReply(
+        0, "6", P.FENCED)
+    past = int(time.time() * 1000) - 1000
+    expired = await pub(broker, req(5, "trades.G"), req(5, "trades.H"), fence=Fence(9, past))
+    assert expired == [PublishReply(0, "", P.EXPIRED)] * 2
+
+
+async def test_state_changes_inside_one_batch(broker: Broker) -> None:
+    m, k = "account.3.balance", "depth.S"
+    merge = {"snapshot_mode": "merge", "if_changed": True}
+    replies = await pub(
+        broker,
+        req({"a": 1, "b": 1}, m, **merge),
+        req({"b": 2}, m, **merge),
+        req({"a": 1}, m, **merge),  # unchanged: a merge earlier in the batch set it
+        req({"b": 1}, m, **merge),  # A, B, A: news
+        req({"a": 1, "b": 1}, m, **merge),  # unchanged again
+        req([1, 2], m, **merge),  # not an object: replaces the state
+        req([1, 2], m, **merge),  # the same text
+        req({"c": 1}, m, **merge),  # on an array: replaces it
+        req({"x": 1}, k, key="x", snapshot_mode="keyed", if_changed=True),
+        req({}, k, key="x", snapshot_mode="keyed", delete=True, if_changed=True),
+        req({}, k, key="x", snapshot_mode="keyed", delete=True, if_changed=True),
+        req({"x": 1}, k, key="x", snapshot_mode="keyed", if_changed=True),
+        req({"y": 1}, k, key="y", snapshot_mode="keyed", if_changed=True),
+        req({"y": 1}, k, key="y", snapshot_mode="keyed", if_changed=True),
+    )
+    assert [r.status for r in replies] == [
+        P.PUBLISHED, P.PUBLISHED, P.UNCHANGED, P.PUBLISHED, P.UNCHANGED, P.PUBLISHED,
+        P.UNCHANGED, P.PUBLISHED,
+        P.PUBLISHED, P.PUBLISHED, P.UNCHANGED, P.PUBLISHED, P.PUBLISHED, P.UNCHANGED]
+    assert [r.offset for r in replies] == [1, 2, 2, 3, 3, 4, 4, 5, 1, 2, 2, 3, 4, 4]
+    assert {key: json.loads(v) for key, v in (await broker.snapshot(m)).items()} == {
+        "": {"c": 1}}
+    assert {key: json.loads(v) for key, v in (await broker.snapshot(k)).items()} == {
+        "x": {"x": 1}, "y": {"y": 1}}
+    merged = await pub(broker, req({"a": 1}, m, snapshot_mode="merge"),
+                       req({"b": {"z": [1]}}, m, snapshot_mode="merge"),
+                       req({"a": 2}, m, snapshot_mode="merge"))
+    assert [r.offset for r in merged] == [6, 7, 8]
+    assert json.loads((await broker.snapshot(m))[""]) == {"c": 1, "a": 2, "b": {"z": [1]}}
+
+
 # --- history -----------------------------------------------------------------------------
 
 

@@ -1,36 +1,48 @@
--- publish.lua: assign the next offset of a channel, append to its history, update its
--- snapshot and notify the edges, atomically. See docs/architecture.md.
+-- publish.lua: publish messages of one channel, in order: for each, assign the next offset,
+-- append it to the history, update the snapshot and notify the edges. The whole call is
+-- atomic (so is each message in it). See docs/architecture.md.
 --
--- KEYS[1] meta hash     KEYS[2] stream     KEYS[3] snapshot hash     KEYS[4] idempotency key
--- ARGV[1] data (JSON text)          ARGV[2] snapshot key ("" = unkeyed)
--- ARGV[3] upstream message id ("" = not idempotent)
--- ARGV[4] snapshot mode: merge | last | keyed | none (no snapshot kept)
--- ARGV[5] history max length        ARGV[6] history max age (ms)
--- ARGV[7] meta/snapshot TTL (s)     ARGV[8] idempotency TTL (s)
--- ARGV[9] live pub/sub channel      ARGV[10] epoch to use if the channel has none
--- ARGV[11] "1" = delete the key from a keyed snapshot (the message says so to clients), else "0"
--- ARGV[12] fencing token of the publishing leader ("" or absent = unfenced)
--- ARGV[13] the leader's lease deadline, server clock in ms ("" or absent = none)
--- ARGV[14] "1" = publish only if the message changes the channel's snapshot (a state, such
---          as a depth level or a position: repeating the current state is not news), else
---          "0" ("" or absent = "0")
--- ARGV[15] when the message came from the upstream, wall clock in ms ("" or absent =
---          unknown): passed on to the edges, which measure delivery latency from it
--- Returns {offset, epoch, status}: status 0 = published, 1 = duplicate (the offset and epoch
--- the message id was published at), 2 = fenced (a higher token has published to the
--- channel: nothing written; offset 0, epoch = the channel's fence), 3 = expired (the server
--- clock is past ARGV[13]: nothing written; offset 0, epoch ""), 4 = unchanged (ARGV[14] and
--- the snapshot already holds this state: nothing published; the channel's top offset and
--- epoch, or 0 and "" for a channel that has no epoch yet).
+-- All keys are the channel's (one hash slot, under its {channel} hash tag):
+-- KEYS[1] meta hash     KEYS[2] stream     KEYS[3] snapshot hash
+-- KEYS[4...] the idempotency keys of the messages that have an upstream id
+-- Per call:
+-- ARGV[1] snapshot mode: merge | last | keyed | none (no snapshot kept)
+-- ARGV[2] history max length        ARGV[3] history max age (ms)
+-- ARGV[4] meta/snapshot TTL (s)     ARGV[5] idempotency TTL (s)
+-- ARGV[6] live pub/sub channel      ARGV[7] epoch to use if the channel has none
+-- ARGV[8] fencing token of the publishing leader ("" = unfenced)
+-- ARGV[9] the leader's lease deadline, server clock in ms ("" = none)
+-- Then 6 per message, from ARGV[10] (message i at ARGV[10 + 6 * (i - 1)] ...):
+-- +0 data (JSON text)        +1 snapshot key ("" = unkeyed)
+-- +2 index in KEYS of its idempotency key ("0" = no upstream id: not idempotent)
+-- +3 "1" = delete the key from a keyed snapshot (the message says so to clients), else "0"
+-- +4 "1" = publish only if the message changes the channel's snapshot (a state, such as a
+--    depth level or a position: repeating the current state is not news), else "0"
+-- +5 when the message came from the upstream, wall clock in ms ("" = unknown): passed on to
+--    the edges, which measure delivery latency from it
+-- Returns {offset, epoch, status} per message, flattened: {o1, e1, s1, o2, e2, s2, ...}.
+-- Status 0 = published, 1 = duplicate (the offset and epoch the message id was published
+-- at), 2 = fenced (a higher token has published to the channel: nothing written; offset 0,
+-- epoch = the channel's fence), 3 = expired (the server clock is past ARGV[9]: nothing
+-- written; offset 0, epoch ""), 4 = unchanged (+4 and the snapshot already holds this state:
+-- nothing published; the channel's top offset and epoch, or 0 and "" for a channel that
+-- has no epoch yet).
+--
+-- Each message is decided exactly as if it had been a call of its own, in order (a message
+-- sees what the earlier ones of the call wrote: their offsets, ids and snapshot). What is
+-- per call: one TIME (every entry of the call has the same `t`), the length and age trims
+-- of the history and the TTLs, and the snapshot's writes, which are kept in a table and
+-- written once per key at the end (merge mode decodes a stored value once and encodes the
+-- result once, however many messages of the call merge into it).
 
-local meta, stream, snap, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local data, key, msgid, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local maxlen, maxage = tonumber(ARGV[5]), tonumber(ARGV[6])
-local meta_ttl, idem_ttl = tonumber(ARGV[7]), tonumber(ARGV[8])
-
-local token, deadline = ARGV[12] or '', ARGV[13] or ''
-local if_changed = ARGV[14] == '1'
-local delete = ARGV[11] == '1'
+local meta, stream, snap = KEYS[1], KEYS[2], KEYS[3]
+local mode = ARGV[1]
+local maxlen, maxage = tonumber(ARGV[2]), tonumber(ARGV[3])
+local meta_ttl, idem_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local live = ARGV[6]
+local token, deadline = ARGV[8], ARGV[9]
+local FIRST, PER = 10, 6
+local count = (#ARGV - FIRST + 1) / PER
 
 -- JSON equality of two decoded values (key order does not matter; cjson.null is a value).
 local function same(a, b)
@@ -46,19 +58,97 @@ local function same(a, b)
   return true
 end
 
--- Whether publishing `data` leaves the snapshot entry `field` as it is.
-local function unchanged(field)
+-- The JSON object `text` decodes to, or false (not JSON, or not an object: arrays are not).
+local function as_object(text)
+  local ok, v = pcall(cjson.decode, text)
+  if ok and type(v) == 'table' and next(v) ~= 1 then
+    return v
+  end
+  return false
+end
+
+local out = {}
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- Fencing, before anything else: a deposed leader writes nothing, not even a duplicate.
+-- The meta's fence only grows with this token, so the answer is the same for every message.
+local fence = nil  -- the meta's `fence` field as this call leaves it (nil = none)
+if token ~= '' then
+  token = tonumber(token)
+  fence = tonumber(redis.call('HGET', meta, 'fence') or '0')
+  if token < fence then
+    for i = 1, count do
+      out[#out + 1] = 0; out[#out + 1] = tostring(fence); out[#out + 1] = 2
+    end
+    return out
+  end
+else
+  token = nil
+end
+if deadline ~= '' and now >= tonumber(deadline) then
+  for i = 1, count do
+    out[#out + 1] = 0; out[#out + 1] = ''; out[#out + 1] = 3
+  end
+  return out
+end
+
+local state = redis.call('HMGET', meta, 'epoch', 'top')
+local epoch = state[1]
+local top = tonumber(state[2] or '0')
+local fence_dirty = false  -- fence to write at the end (top: when something was published)
+
+-- A newer leader's token becomes the channel's fence (when it publishes, or is answered
+-- as a duplicate or unchanged): from then on older tokens are rejected here.
+local function raise_fence()
+  if token and token > (fence or 0) then
+    fence = token
+    fence_dirty = true
+  end
+end
+
+-- The snapshot as this call sees it: field -> {text = the stored JSON text, false if
+-- absent, nil if `obj` holds a merged value not encoded yet; obj = the decoded object of
+-- `text` (false: not an object; nil: not decoded yet); dirty = to write at the end}.
+local cache = {}
+
+local function entry(field)
+  local e = cache[field]
+  if not e then
+    e = {text = redis.call('HGET', snap, field), dirty = false}
+    cache[field] = e
+  end
+  return e
+end
+
+local function object_of(e)
+  if e.obj == nil then
+    e.obj = as_object(e.text)
+  end
+  return e.obj
+end
+
+-- Whether publishing `data` leaves the snapshot entry `field` as it is. `cur` returns the
+-- message's data decoded as an object (or false), decoding it at most once.
+local function unchanged(field, data, delete, cur)
   if mode == 'none' then
     return false  -- no state kept: every message is news
   end
+  local e = entry(field)
   if mode == 'keyed' and delete then
-    return redis.call('HEXISTS', snap, field) == 0
+    return e.text == false
   end
-  local old = redis.call('HGET', snap, field)
-  if not old then
+  if e.text == false then
     return false
   end
-  if old == data then
+  if e.text == nil then
+    -- A merge of this call not encoded yet: compare with what storing it gives (cjson's
+    -- number precision), as a separate call would have read it back.
+    e.text = cjson.encode(e.obj)
+    e.obj = nil
+  end
+  if e.text == data then
     return true
   end
   if mode ~= 'merge' then
@@ -67,139 +157,166 @@ local function unchanged(field)
   -- merge: unchanged iff every top-level field of data already has that value (merged as
   -- the snapshot update below does: objects only, not arrays; otherwise data replaces the
   -- value, and the text comparison above decided).
-  local ok_old, prev = pcall(cjson.decode, old)
-  local ok_new, cur = pcall(cjson.decode, data)
-  if not (ok_old and ok_new and type(prev) == 'table' and type(cur) == 'table'
-      and next(cur) ~= 1 and next(prev) ~= 1) then
+  local prev, new = object_of(e), cur()
+  if not (prev and new) then
     return false
   end
-  for k, v in pairs(cur) do
+  for k, v in pairs(new) do
     if not same(prev[k], v) then return false end
   end
   return true
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
--- Fencing, before anything else: a deposed leader writes nothing, not even a duplicate.
-local fence = nil
-if token ~= '' then
-  token = tonumber(token)
-  fence = tonumber(redis.call('HGET', meta, 'fence') or '0')
-  if token < fence then
-    return {0, tostring(fence), 2}
+local function update_snapshot(field, data, delete, cur)
+  if mode == 'none' then
+    return  -- no snapshot: a subscribe with snapshot gets an empty one
   end
-end
-if deadline ~= '' and now >= tonumber(deadline) then
-  return {0, '', 3}
-end
-
-local epoch = redis.call('HGET', meta, 'epoch')
-
-if msgid ~= '' and epoch then
-  local prev = redis.call('GET', idem)
-  if prev then
-    local e, o = string.match(prev, '^([^:]+):(%d+)$')
-    if e == epoch then
-      if fence and token > fence then
-        redis.call('HSET', meta, 'fence', token)  -- a newer leader replaying: fence it here too
+  if mode == 'merge' then
+    local e = entry(field)
+    if e.text ~= false then
+      local prev, new = object_of(e), cur()
+      if prev and new then
+        for k, v in pairs(new) do prev[k] = v end
+        e.text = nil  -- encoded once, at the end
+        e.dirty = true
+        return
       end
-      return {tonumber(o), epoch, 1}
     end
-  end
-end
-
-if if_changed then
-  -- A channel without an epoch has an empty snapshot (creating the epoch empties it): only
-  -- a keyed delete leaves it unchanged. Checked after fencing and idempotency: a deposed
-  -- leader is refused, and a known id is a duplicate, whatever the state.
-  local same_state
-  if epoch then
-    same_state = unchanged(key)
+    cache[field] = {text = data, obj = cur(), dirty = true}
+  elseif mode == 'keyed' and delete then
+    cache[field] = {text = false, dirty = true}
   else
-    same_state = mode == 'keyed' and delete
+    cache[field] = {text = data, dirty = true}
   end
-  if same_state then
+end
+
+local published = 0
+
+for i = 0, count - 1 do
+  local base = FIRST + i * PER
+  local data, key, idx = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2])
+  local deleted = ARGV[base + 3]
+  local delete = deleted == '1'
+  local decoded = nil
+  local function cur()
+    if decoded == nil then
+      decoded = as_object(data)
+    end
+    return decoded
+  end
+  local offset, status = nil, nil
+
+  if idx > 0 and epoch then
+    local prev = redis.call('GET', KEYS[idx])
+    if prev then
+      local e, o = string.match(prev, '^([^:]+):(%d+)$')
+      if e == epoch then
+        raise_fence()  -- a newer leader replaying: fence it here too
+        offset, status = tonumber(o), 1
+      end
+    end
+  end
+
+  if not status and ARGV[base + 4] == '1' then
+    -- A channel without an epoch has an empty snapshot (creating the epoch empties it):
+    -- only a keyed delete leaves it unchanged. Checked after fencing and idempotency: a
+    -- deposed leader is refused, and a known id is a duplicate, whatever the state.
+    if epoch then
+      if unchanged(key, data, delete, cur) then
+        raise_fence()  -- as for a duplicate: the state is current
+        offset, status = top, 4
+      end
+    elseif mode == 'keyed' and delete then
+      offset, status = 0, 4
+    end
+  end
+
+  if not status then
     if not epoch then
-      return {0, '', 4}
+      -- A new channel, or its state was lost (Redis restarted empty, or the meta expired):
+      -- a new epoch, and nothing of an older epoch may survive next to it.
+      epoch = ARGV[7]
+      redis.call('DEL', meta, stream, snap)
+      redis.call('HSET', meta, 'epoch', epoch)
+      top, fence, cache = 0, nil, {}
     end
-    if fence and token > fence then
-      redis.call('HSET', meta, 'fence', token)  -- as for a duplicate: the state is current
+    top = top + 1
+    offset, status = top, 0
+    raise_fence()
+    published = published + 1
+    redis.call('XADD', stream, offset .. '-0', 'd', data, 'k', key, 't', now, 'x', deleted)
+    update_snapshot(key, data, delete, cur)
+    if idx > 0 then
+      redis.call('SET', KEYS[idx], epoch .. ':' .. offset, 'EX', idem_ttl)
     end
-    return {tonumber(redis.call('HGET', meta, 'top') or '0'), epoch, 4}
+    -- Live message: a newline-separated header (keys hold no control characters), then
+    -- data.
+    redis.call('PUBLISH', live, epoch .. '\n' .. offset .. '\n' .. deleted .. '\n' .. key
+      .. '\n' .. ARGV[base + 5] .. '\n' .. data)
   end
+  out[#out + 1] = offset
+  out[#out + 1] = (status == 4 and not epoch) and '' or epoch
+  out[#out + 1] = status
 end
 
-if not epoch then
-  -- A new channel, or its state was lost (Redis restarted empty, or the meta expired):
-  -- a new epoch, and nothing of an older epoch may survive next to it.
-  epoch = ARGV[10]
-  redis.call('DEL', meta, stream, snap)
-  redis.call('HSET', meta, 'epoch', epoch)
-end
-local offset = redis.call('HINCRBY', meta, 'top', 1)
-if fence and token > fence then
-  -- The first write of a newer leader: from now on older tokens are rejected here.
-  redis.call('HSET', meta, 'fence', token)
+if published > 0 and fence_dirty then
+  redis.call('HSET', meta, 'top', top, 'fence', fence)
+elseif published > 0 then
+  redis.call('HSET', meta, 'top', top)
+elseif fence_dirty then
+  redis.call('HSET', meta, 'fence', fence)
 end
 
-redis.call('XADD', stream, 'MAXLEN', maxlen, offset .. '-0', 'd', data, 'k', key, 't', now,
-  'x', ARGV[11])
+if published > 0 then
+  -- The snapshot's writes, one per key.
+  local sets, dels = {}, {}
+  for field, e in pairs(cache) do
+    if e.dirty then
+      if e.text == false then
+        dels[#dels + 1] = field
+      else
+        sets[#sets + 1] = field
+        sets[#sets + 1] = e.text or cjson.encode(e.obj)
+      end
+      if #sets >= 1000 then
+        redis.call('HSET', snap, unpack(sets))
+        sets = {}
+      end
+      if #dels >= 1000 then
+        redis.call('HDEL', snap, unpack(dels))
+        dels = {}
+      end
+    end
+  end
+  if #sets > 0 then redis.call('HSET', snap, unpack(sets)) end
+  if #dels > 0 then redis.call('HDEL', snap, unpack(dels)) end
 
--- Trim by age: look at the oldest entries, a bounded number per publish.
-local cutoff = now - maxage
-local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-if head[1] and tonumber(head[1][2][6]) < cutoff then
-  local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 128)
-  local keep = nil
-  for _, entry in ipairs(batch) do
-    if tonumber(entry[2][6]) >= cutoff then
-      keep = entry[1]
+  -- Trim by length (exact), then by age: look at the oldest entries, a bounded number
+  -- (128) per message published.
+  redis.call('XTRIM', stream, 'MAXLEN', maxlen)
+  local cutoff = now - maxage
+  for _ = 1, published do
+    local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+    if not (head[1] and tonumber(head[1][2][6]) < cutoff) then
       break
     end
-  end
-  if not keep then
-    local last = batch[#batch][1]
-    keep = (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0'
-  end
-  redis.call('XTRIM', stream, 'MINID', keep)
-end
-redis.call('PEXPIRE', stream, maxage)
-
-local field = key
-if mode == 'none' then
-  -- no snapshot: a subscribe with snapshot (or one that cannot recover) gets an empty one
-elseif mode == 'keyed' then
-  if delete then
-    redis.call('HDEL', snap, field)
-  else
-    redis.call('HSET', snap, field, data)
-  end
-elseif mode == 'merge' then
-  local merged = data
-  local old = redis.call('HGET', snap, field)
-  if old then
-    local ok_old, prev = pcall(cjson.decode, old)
-    local ok_new, cur = pcall(cjson.decode, data)
-    if ok_old and ok_new and type(prev) == 'table' and type(cur) == 'table'
-        and next(cur) ~= 1 and next(prev) ~= 1 then
-      for k, v in pairs(cur) do prev[k] = v end
-      merged = cjson.encode(prev)
+    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 128)
+    local keep = nil
+    for _, item in ipairs(batch) do
+      if tonumber(item[2][6]) >= cutoff then
+        keep = item[1]
+        break
+      end
     end
+    if keep then
+      redis.call('XTRIM', stream, 'MINID', keep)
+      break
+    end
+    local last = batch[#batch][1]
+    redis.call('XTRIM', stream, 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
   end
-  redis.call('HSET', snap, field, merged)
-else
-  redis.call('HSET', snap, field, data)
+  redis.call('PEXPIRE', stream, maxage)
+  redis.call('EXPIRE', meta, meta_ttl)
+  redis.call('EXPIRE', snap, meta_ttl)
 end
-
-redis.call('EXPIRE', meta, meta_ttl)
-redis.call('EXPIRE', snap, meta_ttl)
-if msgid ~= '' then
-  redis.call('SET', idem, epoch .. ':' .. offset, 'EX', idem_ttl)
-end
-
--- Live message: a newline-separated header (keys hold no control characters), then data.
-redis.call('PUBLISH', ARGV[9], epoch .. '\n' .. offset .. '\n' .. ARGV[11] .. '\n' .. key
-  .. '\n' .. (ARGV[15] or '') .. '\n' .. data)
-return {offset, epoch, 0}
+return out
