@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
 from common.broker.keys import Keys
@@ -27,15 +28,18 @@ def source(name: str) -> str:
             .read_text(encoding="utf-8"))
 
 
-def register(client: Redis[Any] | Redis, name: str) -> AsyncScript:  # type: ignore[type-arg]
+def register(
+    client: Redis[Any] | Redis | RedisCluster, name: str  # type: ignore[type-arg]
+) -> AsyncScript:
     """A script object bound to `client`, run by SHA."""
     return client.register_script(source(name))
 
 
 def publish_call(
     keys: Keys, req: PublishRequest, new_epoch: str, fence: Fence | None, *,
-    meta_ttl: int, idempotency_ttl: int,
+    meta_ttl: int, idempotency_ttl: int, sharded: bool = False,
 ) -> Call:
+    """`sharded`: notify with SPUBLISH (Redis Cluster) instead of PUBLISH."""
     name = req.channel
     return (
         [keys.meta(name), keys.stream(name), keys.snapshot(name),
@@ -56,6 +60,7 @@ def publish_call(
             "" if fence is None or fence.deadline_ms is None else fence.deadline_ms,  # 13
             "1" if req.if_changed else "0",  # 14
             req.received_ms,  # 15
+            "1" if sharded else "0",  # 16
         ],
     )
 

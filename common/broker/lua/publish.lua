@@ -16,6 +16,8 @@
 --          "0" ("" or absent = "0")
 -- ARGV[15] when the message came from the upstream, wall clock in ms ("" or absent =
 --          unknown): passed on to the edges, which measure delivery latency from it
+-- ARGV[16] "1" = notify with SPUBLISH (Redis Cluster: sharded pub/sub, the live channel
+--          shares this slot), else PUBLISH ("" or absent = PUBLISH)
 -- Returns {offset, epoch, status}: status 0 = published, 1 = duplicate (the offset and epoch
 -- the message id was published at), 2 = fenced (a higher token has published to the
 -- channel: nothing written; offset 0, epoch = the channel's fence), 3 = expired (the server
@@ -200,6 +202,7 @@ if msgid ~= '' then
 end
 
 -- Live message: a newline-separated header (keys hold no control characters), then data.
-redis.call('PUBLISH', ARGV[9], epoch .. '\n' .. offset .. '\n' .. ARGV[11] .. '\n' .. key
+-- ARGV[16] = '1': sharded pub/sub (Redis Cluster), the live channel is in this slot.
+redis.call(ARGV[16] == '1' and 'SPUBLISH' or 'PUBLISH', ARGV[9], epoch .. '\n' .. offset .. '\n' .. ARGV[11] .. '\n' .. key
   .. '\n' .. (ARGV[15] or '') .. '\n' .. data)
 return {offset, epoch, 0}
