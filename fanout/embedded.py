@@ -333,6 +333,7 @@ class EmbeddedValkeyCluster:
         live = self._live()
         self._wait(lambda: all(len(self._known(i)) == len(live) for i in live), timeout,
                    "every node to know the new one")
+        self.wait_healthy(timeout)  # the new node has the slot table too
         return index
 
     def __enter__(self) -> EmbeddedValkeyCluster:
