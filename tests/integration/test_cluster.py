@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 PER_SHARD = 2  # channels per master
 CLIENTS_PER_EDGE = 3
-CROWD = int(os.environ.get("FANOUT_CLUSTER_CROWD", "500"))  # clients of the node-added test
+CROWD = int(os.environ.get("CLUSTER_TEST_CROWD", "500"))  # clients of the node-added test
 
 
 @dataclass
