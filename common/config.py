@@ -51,15 +51,39 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts)
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
+def cluster_seeds(url: str) -> list[tuple[str, int]]:
+    """The seed nodes of a Redis Cluster URL: `redis+cluster://[user:pass@]host:port,...`
+    (or a plain `redis://host:port` with `cluster = true`: one seed). ValueError if one
+    is not host:port."""
+    netloc = urlsplit(url).netloc.rsplit("@", 1)[-1]
+    seeds: list[tuple[str, int]] = []
+    for item in netloc.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"seed {item!r} is not host:port")
+        seeds.append((host.strip("[]"), int(port)))
+    return seeds
+
+
 def _check_redis_url(setting: str, url: str) -> str:
+    if url.partition("://")[0].lower() in CLUSTER_SCHEMES:
+        try:
+            cluster_seeds(url)
+        except ValueError as exc:
+            raise ConfigError(setting, f"not a valid cluster URL ({exc})") from None
+        return url
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
         raise ConfigError(setting, f"not a valid URL ({exc})") from None
-    scheme = parts.scheme
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(setting, "must be a redis://, rediss:// or unix:// URL")
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            setting, "must be a redis://, rediss://, unix:// or redis+cluster:// URL"
+        )
     return url
 
 
@@ -144,11 +168,19 @@ class RedisSettings:
     # Connections of a process's command client (pub/sub has its own); requests beyond
     # wait for a free one (common/broker/client.py).
     max_connections: int = 64
+    # Redis Cluster (common/broker/cluster.py): also implied by a redis+cluster:// URL;
+    # with a redis:// URL, that node is the one seed.
+    cluster: bool = False
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster or self.url.partition("://")[0].lower() in CLUSTER_SCHEMES
 
     def __repr__(self) -> str:
         return (
             f"RedisSettings(url={redact_url(self.url)!r}, key_prefix={self.key_prefix!r}, "
-            f"meta_ttl={self.meta_ttl}, max_connections={self.max_connections})"
+            f"meta_ttl={self.meta_ttl}, max_connections={self.max_connections}, "
+            f"cluster={self.is_cluster})"
         )
 
 
@@ -479,8 +511,9 @@ parse_name = _prefix  # a name without braces, colons or spaces (key prefix, ids
 REDIS_SETTINGS = (
     Setting(
         "redis.url", "--redis-url", "REDIS_URL", _check_redis_url,
-        "Redis/Valkey URL: redis://, rediss:// or unix:// (one with a password only from "
-        "the environment)",
+        "Redis/Valkey URL: redis://, rediss:// or unix://, or a Redis Cluster's seed nodes "
+        "as redis+cluster://host:port,host:port (one with a password only from the "
+        "environment)",
         url_secret=True,
     ),
     Setting(
@@ -494,6 +527,11 @@ REDIS_SETTINGS = (
     Setting(
         "redis.max_connections", "--redis-max-connections", "FANOUT_REDIS_MAX_CONNECTIONS",
         _int(1), "most Redis connections of the command client; more requests wait",
+    ),
+    Setting(
+        "redis.cluster", "--redis-cluster", "FANOUT_REDIS_CLUSTER", _bool,
+        "Redis Cluster mode (sharded pub/sub, scripts on each channel's slot) with the "
+        "URL's node as seed; a redis+cluster:// URL implies it",
     ),
 )
 

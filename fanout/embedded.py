@@ -7,6 +7,7 @@ restart without persistence looks like to fanout).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import subprocess
@@ -57,11 +58,15 @@ class EmbeddedValkey:
         host: str = "127.0.0.1",
         extra_args: tuple[str, ...] = (),
         logger: logging.Logger | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.extra_args = extra_args
         self.log = logger or log
+        # A directory of the caller's (kept across restarts: a cluster node's nodes.conf),
+        # else a temporary one per start.
+        self.data_dir = data_dir
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -76,16 +81,20 @@ class EmbeddedValkey:
     def start(self, timeout: float = 10.0) -> None:
         if self._proc is not None:
             raise RuntimeError("already started")
-        self._dir = tempfile.TemporaryDirectory(prefix="fanout-valkey-")
+        if self.data_dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="fanout-valkey-")
+            workdir = self._dir.name
+        else:
+            workdir = str(self.data_dir)
         args = [
             str(valkey_binary()),
             "--port", str(self.port),
             "--bind", self.host,
             "--save", "",
             "--appendonly", "no",
-            "--dir", self._dir.name,
+            "--dir", workdir,
             "--protected-mode", "no",
-            "--logfile", str(Path(self._dir.name) / "valkey.log"),
+            "--logfile", str(Path(workdir) / "valkey.log"),
             *self.extra_args,
         ]
         self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
@@ -126,7 +135,8 @@ class EmbeddedValkey:
         self.stop()
 
     def restart(self, timeout: float = 10.0) -> None:
-        """Kill and start again on the same port, empty."""
+        """Kill and start again on the same port, empty (but for what a caller's
+        `data_dir` keeps, such as a cluster node's nodes.conf)."""
         self.kill()
         self.start(timeout)
 
@@ -138,3 +148,302 @@ class EmbeddedValkey:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+SLOTS = 16384
+
+
+class NodeError(Exception):
+    """An error reply of a cluster node (RESP `-...`)."""
+
+
+class _Conn:
+    """A minimal RESP2 client for cluster administration (no client library here: this
+    module is used by `fanout dev` and must not need one; replies as Python values)."""
+
+    def __init__(self, host: str, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self.buf.close()
+        self.sock.close()
+
+    def call(self, *args: str | int) -> Any:
+        parts = [f"*{len(args)}\r\n".encode()]
+        for arg in args:
+            data = str(arg).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self.sock.sendall(b"".join(parts))
+        return self._read()
+
+    def _read(self) -> Any:
+        line = self.buf.readline()
+        if not line:
+            raise ConnectionError("connection closed")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise NodeError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = self.buf.read(n + 2)[:-2]
+            return data.decode()
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise ConnectionError(f"unexpected reply {line!r}")
+
+
+def _info(text: str) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+class EmbeddedValkeyCluster:
+    """A real Valkey cluster of `masters` shards with `replicas` replicas each, every node
+    an `EmbeddedValkey` with `--cluster-enabled yes` on a loopback ephemeral port. Formed
+    with CLUSTER ADDSLOTSRANGE / MEET / REPLICATE (no valkey-cli), the slots split evenly.
+
+    `node_timeout_ms` is cluster-node-timeout: a master that does not answer for that long
+    is failed over to its replica. Full coverage is not required, so the other shards keep
+    serving while one fails over. Nodes can be killed (SIGKILL) and started again (they
+    keep their nodes.conf, so they rejoin: a failed master comes back as a replica), added,
+    and slots migrated between masters (IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE)."""
+
+    def __init__(
+        self, masters: int = 3, replicas: int = 1, host: str = "127.0.0.1",
+        node_timeout_ms: int = 1500, logger: logging.Logger | None = None,
+    ) -> None:
+        self.host = host
+        self.n_masters = masters
+        self.n_replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.log = logger or log
+        self.nodes: list[EmbeddedValkey] = []
+        self.running: list[bool] = []
+        self.bus_ports: list[int] = []
+        self._root: tempfile.TemporaryDirectory[str] | None = None
+
+    # --- addresses ------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """redis+cluster://host:port,host:port,... of every node (seeds)."""
+        return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+
+    def address(self, index: int) -> str:
+        return f"{self.host}:{self.nodes[index].port}"
+
+    def index_of(self, address: str) -> int:
+        for i, node in enumerate(self.nodes):
+            if f"{node.host}:{node.port}" == address:
+                return i
+        raise KeyError(address)
+
+    def call(self, index: int, *args: str | int) -> Any:
+        conn = _Conn(self.host, self.nodes[index].port)
+        try:
+            return conn.call(*args)
+        finally:
+            conn.close()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def _new_node(self) -> int:
+        assert self._root is not None
+        index = len(self.nodes)
+        data_dir = Path(self._root.name) / f"node{index}"
+        data_dir.mkdir()
+        bus_port = free_port(self.host)
+        self.bus_ports.append(bus_port)
+        node = EmbeddedValkey(
+            host=self.host, logger=self.log, data_dir=data_dir,
+            extra_args=(
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                # The bus port defaults to port + 10000: past 65535 for an ephemeral port.
+                "--cluster-port", str(bus_port),
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--cluster-require-full-coverage", "no",
+                # A replica may always take over, however long it was cut off.
+                "--cluster-replica-validity-factor", "0",
+                "--repl-diskless-sync", "yes",
+                "--repl-diskless-sync-delay", "0",
+            ),
+        )
+        node.start()
+        self.nodes.append(node)
+        self.running.append(True)
+        return index
+
+    def start(self, timeout: float = 30.0) -> None:
+        self._root = tempfile.TemporaryDirectory(prefix="fanout-valkey-cluster-")
+        try:
+            total = self.n_masters * (1 + self.n_replicas)
+            for _ in range(total):
+                self._new_node()
+            per = SLOTS // self.n_masters
+            for i in range(self.n_masters):
+                last = SLOTS - 1 if i == self.n_masters - 1 else (i + 1) * per - 1
+                self.call(i, "CLUSTER", "ADDSLOTSRANGE", i * per, last)
+            for i in range(1, total):
+                self.call(i, "CLUSTER", "MEET", self.host, self.nodes[0].port,
+                          self.bus_ports[0])
+            self._wait(lambda: all(len(self._known(i)) == total for i in range(total)),
+                       timeout, "every node to know every other")
+            ids = [self.call(i, "CLUSTER", "MYID") for i in range(self.n_masters)]
+            for r in range(self.n_masters, total):
+                self.call(r, "CLUSTER", "REPLICATE", ids[(r - self.n_masters) % self.n_masters])
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.log.info("valkey cluster started nodes=%s", self.url)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.running = [False] * len(self.nodes)
+        if self._root is not None:
+            self._root.cleanup()
+            self._root = None
+
+    def kill(self, index: int) -> None:
+        """SIGKILL node `index` (its nodes.conf stays: `restart_node` brings it back)."""
+        self.nodes[index].kill()
+        self.running[index] = False
+
+    def restart_node(self, index: int, timeout: float = 10.0) -> None:
+        """Start a killed node again: it rejoins with its old identity, empty (a master
+        that was failed over meanwhile becomes a replica of its successor)."""
+        self.nodes[index].start(timeout)
+        self.running[index] = True
+
+    def add_node(self, timeout: float = 30.0) -> int:
+        """A new empty master (no slots yet) joined to the cluster; its index."""
+        index = self._new_node()
+        seed = self._live()[0]
+        self.call(index, "CLUSTER", "MEET", self.host, self.nodes[seed].port,
+                  self.bus_ports[seed])
+        live = self._live()
+        self._wait(lambda: all(len(self._known(i)) == len(live) for i in live), timeout,
+                   "every node to know the new one")
+        self.wait_healthy(timeout)  # the new node has the slot table too
+        return index
+
+    def __enter__(self) -> EmbeddedValkeyCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _live(self) -> list[int]:
+        return [i for i, up in enumerate(self.running) if up]
+
+    def _nodes(self, index: int) -> list[list[str]]:
+        """CLUSTER NODES of node `index`, one split line per node."""
+        return [line.split() for line in self.call(index, "CLUSTER", "NODES").splitlines()]
+
+    def _known(self, index: int) -> list[list[str]]:
+        """The nodes `index` knows, handshakes done."""
+        return [n for n in self._nodes(index) if "handshake" not in n[2] and n[0]]
+
+    def slot_owners(self, index: int | None = None) -> dict[int, str]:
+        """slot -> address of its master, as node `index` (default: a live one) sees it."""
+        view = self._nodes(self._live()[0] if index is None else index)
+        owners: dict[int, str] = {}
+        for n in view:
+            if "master" not in n[2] or "fail" in n[2].split(","):
+                continue
+            address = n[1].split("@", 1)[0]
+            for part in n[8:]:
+                if part.startswith("["):
+                    continue  # a slot being migrated/imported
+                lo, _, hi = part.partition("-")
+                for slot in range(int(lo), int(hi or lo) + 1):
+                    owners[slot] = address
+        return owners
+
+    def masters(self) -> list[int]:
+        """Indexes of the masters that own slots."""
+        return sorted({self.index_of(a) for a in self.slot_owners().values()})
+
+    def master_of(self, key: str) -> int:
+        slot = int(self.call(self._live()[0], "CLUSTER", "KEYSLOT", key))
+        return self.index_of(self.slot_owners()[slot])
+
+    def keyslot(self, key: str) -> int:
+        return int(self.call(self._live()[0], "CLUSTER", "KEYSLOT", key))
+
+    def healthy(self) -> bool:
+        """Every live node says cluster_state:ok and sees the same slot owners (all slots,
+        live masters); every live replica is in sync with its master."""
+        try:
+            live = self._live()
+            tables = []
+            for i in live:
+                if _info(self.call(i, "CLUSTER", "INFO")).get("cluster_state") != "ok":
+                    return False
+                tables.append(self.slot_owners(i))
+            first = tables[0]
+            if len(first) != SLOTS or any(t != first for t in tables[1:]):
+                return False
+            live_addresses = {self.address(i) for i in live}
+            if not set(first.values()) <= live_addresses:
+                return False
+            for i in live:
+                repl = _info(self.call(i, "INFO", "replication"))
+                if repl.get("role") == "slave" and (
+                    repl.get("master_link_status") != "up"
+                    or repl.get("master_sync_in_progress") != "0"
+                ):
+                    return False
+            return True
+        except (OSError, NodeError):
+            return False
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        self._wait(self.healthy, timeout, "the cluster to be healthy")
+
+    def _wait(self, condition: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    # --- resharding -----------------------------------------------------------------------
+
+    def migrate_slot(self, slot: int, dest: int, batch: int = 100) -> None:
+        """Move `slot` with its keys from its master to master `dest`, as
+        `valkey-cli --cluster reshard` does: IMPORTING on the target, MIGRATING on the
+        source, MIGRATE of its keys, then SETSLOT NODE on both and every other master."""
+        src = self.index_of(self.slot_owners()[slot])
+        if src == dest:
+            return
+        dest_id = self.call(dest, "CLUSTER", "MYID")
+        src_id = self.call(src, "CLUSTER", "MYID")
+        self.call(dest, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        self.call(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dest_id)
+        while True:
+            keys = self.call(src, "CLUSTER", "GETKEYSINSLOT", slot, batch)
+            if not keys:
+                break
+            self.call(src, "MIGRATE", self.host, self.nodes[dest].port, "", 0, 5000,
+                      "REPLACE", "KEYS", *keys)
+        self.call(dest, "CLUSTER", "SETSLOT", slot, "NODE", dest_id)
+        self.call(src, "CLUSTER", "SETSLOT", slot, "NODE", dest_id)
+        for i in self.masters():
+            if i not in (src, dest):
+                with contextlib.suppress(NodeError):
+                    self.call(i, "CLUSTER", "SETSLOT", slot, "NODE", dest_id)

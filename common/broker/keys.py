@@ -9,6 +9,8 @@ in one slot, as the Lua scripts that touch them together require.
     <prefix>:{<channel>}:idem:<id>    string "<epoch>:<offset>" of an upstream message id
     <prefix>:live:{<channel>}         pub/sub channel of live messages for the edges
     <prefix>:probe:<node>             pub/sub channel an edge publishes to itself (liveness)
+    <prefix>:probe:<node>:{<n>}       in Redis Cluster, the same per shard: sharded pub/sub,
+                                      <n> picked so that it hashes to that shard's slots
 
 Per ingest feed (leader election, see ingest/leader.py), both under the hash tag ``{<feed>}``
 so that the lease scripts, which touch both, run in one slot:
@@ -57,6 +59,9 @@ class Keys:
 
     def probe(self, node_id: str) -> str:
         return f"{self.prefix}:probe:{node_id}"
+
+    def shard_probe(self, node_id: str, tag: int) -> str:
+        return f"{self.prefix}:probe:{node_id}:{{{tag}}}"
 
     def lease(self, feed: str) -> str:
         return f"{self.prefix}:lease:{{{feed}}}"

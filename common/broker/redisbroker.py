@@ -14,6 +14,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from common.aio import wait_event
@@ -68,23 +69,28 @@ class RedisBroker:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         keys: Keys | None = None,
         *,
         pubsub_factory: Callable[[], PubSub] | None = None,
         inline_history: int = INLINE_HISTORY,
         logger: logging.Logger | None = None,
         owned: Sequence[Redis] = (),
+        ranges: Redis | RedisCluster | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys or Keys()
         self.log = logger or logging.getLogger("fanout.broker")
-        # The same connections, but XRANGE replies as Redis sent them: redis-py would turn
+        # `ranges`: a client whose XRANGE replies come as Redis sent them (the cluster
+        # broker's). Default: the same connections with that callback; redis-py would turn
         # every entry into a tuple and a dict first (a third of a 10,000-entry read).
-        self._ranges = Redis(connection_pool=redis.connection_pool)
-        self._ranges.set_response_callback("XRANGE", _as_sent)
+        if ranges is None:
+            assert isinstance(redis, Redis)
+            ranges = Redis(connection_pool=redis.connection_pool)
+            ranges.set_response_callback("XRANGE", _as_sent)
+        self._ranges = ranges
         self.inline_history = inline_history
-        self._pubsub_factory = pubsub_factory or redis.pubsub
+        self._pubsub_factory: Callable[[], Any] = pubsub_factory or redis.pubsub
         self._publish = register(redis, "publish")
         self._rebase = register(redis, "rebase")
         self._history = register(redis, "history")
@@ -99,7 +105,13 @@ class RedisBroker:
         logger: logging.Logger | None = None,
     ) -> RedisBroker:
         """A broker with clients of its own (closed by `close`). With `live`, pub/sub gets
-        a connection of its own with no read timeout: it blocks in reads by design."""
+        a connection of its own with no read timeout: it blocks in reads by design.
+        In Redis Cluster mode (`settings.is_cluster`), a RedisClusterBroker."""
+        if settings.is_cluster:
+            from common.broker.cluster import RedisClusterBroker
+
+            return RedisClusterBroker.from_cluster_settings(
+                settings, socket_timeout=socket_timeout, logger=logger)
         redis = redis_client(
             settings, decode_responses=True, socket_timeout=socket_timeout,
             socket_connect_timeout=5.0, health_check_interval=0,
@@ -141,9 +153,11 @@ class RedisBroker:
         replies: list[PublishReply | None] = [None] * len(batch)
         todo = list(range(len(calls)))
         script = self._publish
+        redis = self.redis
+        assert isinstance(redis, Redis)  # RedisClusterBroker has a publish of its own
         async with _unavailable():
             for attempt in range(2):
-                async with self.redis.pipeline(transaction=False) as pipe:
+                async with redis.pipeline(transaction=False) as pipe:
                     for c in todo:
                         script.queue(pipe, *args[c])
                     raw = await pipe.execute(raise_on_error=False)

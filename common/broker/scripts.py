@@ -19,12 +19,14 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from common.broker.keys import Keys
 from common.broker.types import Fence, PublishRequest, SnapshotWant
 
 Call = tuple[list[str], list[str | int]]  # KEYS, ARGV
+Client = Redis | RedisCluster  # a script runs on one server, or on a cluster by its keys' slot
 
 # Most messages of one channel in one publish.lua call: a call blocks the server while it
 # runs (~10-20 µs per message), so a channel's share of a big batch is split.
@@ -41,13 +43,13 @@ def source(name: str) -> str:
 class Script:
     """One Lua script, run by SHA on `client` (or on the client given per call)."""
 
-    def __init__(self, client: Redis, name: str) -> None:
+    def __init__(self, client: Client, name: str) -> None:
         self.client = client
         self.name = name
         self.source = source(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    async def load(self, client: Redis | None = None) -> None:
+    async def load(self, client: Client | None = None) -> None:
         """SCRIPT LOAD: after a NOSCRIPT, EVALSHA finds it again."""
         sha = await (client or self.client).script_load(self.source)
         if sha != self.sha:
@@ -55,7 +57,7 @@ class Script:
                                f"{self.sha}")
 
     async def __call__(
-        self, keys: Sequence[str], args: Sequence[str | int], client: Redis | None = None
+        self, keys: Sequence[str], args: Sequence[str | int], client: Client | None = None
     ) -> Any:
         redis = client or self.client
         try:
@@ -75,7 +77,7 @@ class Script:
         return isinstance(reply, NoScriptError)
 
 
-def register(client: Redis, name: str) -> Script:
+def register(client: Client, name: str) -> Script:
     """A script object bound to `client`, run by SHA."""
     return Script(client, name)
 
@@ -114,8 +116,9 @@ def group_publishes(batch: Sequence[PublishRequest]) -> list[PublishCall]:
 
 def publish_call(
     keys: Keys, call: PublishCall, batch: Sequence[PublishRequest], new_epoch: str,
-    fence: Fence | None, *, meta_ttl: int, idempotency_ttl: int,
+    fence: Fence | None, *, meta_ttl: int, idempotency_ttl: int, sharded: bool = False,
 ) -> Call:
+    """`sharded`: notify with SPUBLISH (Redis Cluster) instead of PUBLISH."""
     name = call.channel
     mode, max_length, max_age_ms = call.policy
     key_list = [keys.meta(name), keys.stream(name), keys.snapshot(name)]
@@ -129,6 +132,7 @@ def publish_call(
         new_epoch,  # 7
         "" if fence is None else fence.token,  # 8
         "" if fence is None or fence.deadline_ms is None else fence.deadline_ms,  # 9
+        "1" if sharded else "0",  # 10
     ]
     idem: dict[str, int] = {}  # message id -> its key's index in KEYS (1-based)
     for i in call.indexes:

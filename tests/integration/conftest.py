@@ -4,6 +4,10 @@ ephemeral loopback ports, and a publisher.
 With REDIS_URL set, tests run against that server instead of starting one; each test uses
 a key prefix of its own, and only the epoch-change tests empty the database (FLUSHDB), so
 point REDIS_URL at a disposable database.
+
+Cluster tests get a real 3-master + 3-replica Valkey cluster (`redis_cluster`, started once
+per session), or the cluster REDIS_CLUSTER_URL names (redis+cluster://host:port,...): then
+the tests that kill nodes or move slots skip, as they need to control the nodes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from common.broker.redisbroker import RedisBroker
 from common.config import EdgeConfig, RedisSettings
 from edge.app import Edge
 from edge.server import uvicorn_config
-from fanout.embedded import EmbeddedValkey
+from fanout.embedded import EmbeddedValkey, EmbeddedValkeyCluster
 from ingest.publisher import Publisher
 
 
@@ -57,6 +61,45 @@ def redis_server() -> Iterator[RedisServer]:
         yield RedisServer(server.url, server)
     finally:
         server.stop()
+
+
+@dataclass
+class ClusterServer:
+    url: str  # redis+cluster://host:port,...
+    embedded: EmbeddedValkeyCluster | None
+
+    def settings(self, key_prefix: str) -> RedisSettings:
+        return RedisSettings(url=self.url, key_prefix=key_prefix)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session() -> Iterator[ClusterServer]:
+    url = os.environ.get("REDIS_CLUSTER_URL")
+    if url:
+        yield ClusterServer(url, None)
+        return
+    # cluster-node-timeout 1.5 s: a killed master is failed over within a few seconds.
+    cluster = EmbeddedValkeyCluster(masters=3, replicas=1, node_timeout_ms=1500)
+    cluster.start()
+    try:
+        yield ClusterServer(cluster.url, cluster)
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: ClusterServer) -> Iterator[ClusterServer]:
+    """The session's cluster, healthy (every slot served, replicas in sync) before and
+    after the test: a test that killed a node gets it started again (as a replica)."""
+    cluster = redis_cluster_session.embedded
+    if cluster is not None:
+        cluster.wait_healthy(60.0)
+    yield redis_cluster_session
+    if cluster is not None:
+        for i, running in enumerate(cluster.running):
+            if not running:
+                cluster.restart_node(i)
+        cluster.wait_healthy(60.0)
 
 
 @pytest.fixture

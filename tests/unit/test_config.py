@@ -23,6 +23,7 @@ from common.config import (
     Setting,
     add_arguments,
     build,
+    cluster_seeds,
     parse_history,
     redact_url,
     setting_metavar,
@@ -304,7 +305,27 @@ def test_bad_redis_url_names_the_setting_used(
     with pytest.raises(ConfigError) as info:
         edge(env, argv)
     assert info.value.setting == setting
-    assert info.value.problem == "must be a redis://, rediss:// or unix:// URL"
+    assert info.value.problem == (
+        "must be a redis://, rediss://, unix:// or redis+cluster:// URL")
+
+
+def test_redis_cluster_mode_from_the_url_or_the_flag() -> None:
+    seeds = "redis+cluster://a:7000,b:7001,[::1]:7002"
+    config = edge({"REDIS_URL": seeds}, None)
+    assert config.redis.is_cluster and not config.redis.cluster
+    assert cluster_seeds(seeds) == [("a", 7000), ("b", 7001), ("::1", 7002)]
+    config = edge({"REDIS_URL": "redis://a:7000/0", "FANOUT_REDIS_CLUSTER": "true"}, None)
+    assert config.redis.is_cluster and cluster_seeds(config.redis.url) == [("a", 7000)]
+    assert not edge({"REDIS_URL": "redis://a:7000/0"}, None).redis.is_cluster
+
+
+@pytest.mark.parametrize("url", ["redis+cluster://a:7000,b", "redis+cluster://a:70000",
+                                 "redis+cluster://", "redis+cluster://a:7000,,b:1"])
+def test_a_bad_cluster_url_names_the_setting(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        edge({"REDIS_URL": url}, None)
+    assert info.value.setting == "REDIS_URL"
+    assert info.value.problem.startswith("not a valid cluster URL (seed ")
 
 
 @pytest.mark.parametrize("url", ["redis://[::1", "redis://[bad/0"])
@@ -540,7 +561,7 @@ def test_redis_settings_repr_hides_the_password() -> None:
     assert "secret" not in repr(settings)
     assert repr(settings) == (
         "RedisSettings(url='redis://u:***@h:1/0', key_prefix='fanout', meta_ttl=2592000, "
-        "max_connections=64)"
+        "max_connections=64, cluster=False)"
     )
 
 

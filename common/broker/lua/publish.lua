@@ -12,7 +12,9 @@
 -- ARGV[6] live pub/sub channel      ARGV[7] epoch to use if the channel has none
 -- ARGV[8] fencing token of the publishing leader ("" = unfenced)
 -- ARGV[9] the leader's lease deadline, server clock in ms ("" = none)
--- Then 6 per message, from ARGV[10] (message i at ARGV[10 + 6 * (i - 1)] ...):
+-- ARGV[10] "1" = notify with SPUBLISH (Redis Cluster: sharded pub/sub; the live channel
+--          shares this slot), else PUBLISH
+-- Then 6 per message, from ARGV[11] (message i at ARGV[11 + 6 * (i - 1)] ...):
 -- +0 data (JSON text)        +1 snapshot key ("" = unkeyed)
 -- +2 index in KEYS of its idempotency key ("0" = no upstream id: not idempotent)
 -- +3 "1" = delete the key from a keyed snapshot (the message says so to clients), else "0"
@@ -41,7 +43,8 @@ local maxlen, maxage = tonumber(ARGV[2]), tonumber(ARGV[3])
 local meta_ttl, idem_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local live = ARGV[6]
 local token, deadline = ARGV[8], ARGV[9]
-local FIRST, PER = 10, 6
+local notify = ARGV[10] == '1' and 'SPUBLISH' or 'PUBLISH'
+local FIRST, PER = 11, 6
 local count = (#ARGV - FIRST + 1) / PER
 
 -- JSON equality of two decoded values (key order does not matter; cjson.null is a value).
@@ -251,7 +254,7 @@ for i = 0, count - 1 do
     end
     -- Live message: a newline-separated header (keys hold no control characters), then
     -- data.
-    redis.call('PUBLISH', live, epoch .. '\n' .. offset .. '\n' .. deleted .. '\n' .. key
+    redis.call(notify, live, epoch .. '\n' .. offset .. '\n' .. deleted .. '\n' .. key
       .. '\n' .. ARGV[base + 5] .. '\n' .. data)
   end
   out[#out + 1] = offset
