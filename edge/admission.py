@@ -51,6 +51,7 @@ RETRY_AFTER = 5  # s: a limit's Retry-After is uniform in [RETRY_AFTER, 2 * RETR
 # s: a connection over the new-connection rate is told to come back in [1, 3] s: the rate
 # frees up within a second, and the jitter spreads a burst over the next few.
 RATE_RETRY_AFTER = (1, 3)
+MAX_ADVICE = 30.0  # s: the longest delay a Gate advises
 LOG_EVERY = 10.0  # s: at most one log line per refusal reason in this long
 FD_RESERVE = 64  # descriptors beyond the connections: Redis, listening socket, files
 
@@ -213,27 +214,57 @@ class Gate:
     pool that times out for everyone. Counts go to `EdgeStats.count_admission(kind, ...)`.
     """
 
-    __slots__ = ("_rand", "_waiters", "held", "kind", "limit", "queue", "retry", "stats")
+    __slots__ = ("_bucket_at", "_clock", "_deferred", "_deferred_before", "_left", "_rand",
+                 "_waiters", "held", "kind", "limit", "queue", "rate", "retry", "stats")
 
     def __init__(self, kind: str, limit: int, queue: int, retry: float, stats: EdgeStats,
-                 rand: Callable[[float, float], float] = random.uniform) -> None:
+                 rand: Callable[[float, float], float] = random.uniform,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.kind = kind  # the metric label: recovery
         self.limit = limit
         self.queue = queue
-        self.retry = retry  # s: a deferred caller is advised to wait in [retry, 2 * retry]
+        self.retry = retry  # s: the shortest delay a deferred caller is advised
         self.stats = stats
         self._rand = rand
+        self._clock = clock
         self.held = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+        # Throughput, for the advice: places given back per second (a moving average over
+        # one-second buckets), and the callers deferred in this bucket and the last one.
+        self.rate = 0.0
+        self._left = 0
+        self._deferred = 0
+        self._deferred_before = 0
+        self._bucket_at = clock()
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
+    def _tick(self) -> None:
+        now = self._clock()
+        elapsed = now - self._bucket_at
+        if elapsed >= 1.0:
+            current = self._left / elapsed
+            self.rate = current if not self.rate else 0.5 * self.rate + 0.5 * current
+            self._left = 0
+            self._deferred_before = self._deferred if elapsed < 2.0 else 0
+            self._deferred = 0
+            self._bucket_at = now
+
     def retry_after(self) -> float:
-        """The delay (s) to advise a deferred caller: random, so that the callers deferred
-        together come back spread over a whole `retry` (and the clients add their own)."""
-        return self._rand(self.retry, 2 * self.retry)
+        """The delay (s) to advise a deferred caller: uniform over the time the gate needs
+        to work through what is ahead (the queue, and the callers deferred in the last
+        second or two, who come back too) at its recent rate, at least `retry`, at most
+        `MAX_ADVICE`. Callers deferred together thus come back spread over the time the
+        edge can serve them, not in one wave that is deferred again."""
+        self._tick()
+        self._deferred += 1
+        backlog = len(self._waiters) + self._deferred + self._deferred_before
+        # Before a rate is known: a read takes a few ms, so a place serves ~20 per second.
+        rate = max(self.rate, 20.0 * (self.limit or 1))
+        drain = min(backlog / rate, MAX_ADVICE)
+        return self._rand(self.retry, max(self.retry * 2, self.retry + drain))
 
     async def enter(self) -> bool:
         """Take a place, waiting in the queue if need be; False: deferred (no place taken).
@@ -261,6 +292,8 @@ class Gate:
 
     def leave(self) -> None:
         """Give a place back; the first waiter (if any) takes it over."""
+        self._left += 1
+        self._tick()
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

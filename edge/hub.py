@@ -278,9 +278,25 @@ class Hub:
             if joined is not None:
                 return sub, joined
         created = state is None
+        gate = self.gate
+        slot = False  # holding a place in the gate until the new channel is confirmed
         if state is None:
-            state = self.channels[name] = ChannelState(name)
-            self.stats.channels = len(self.channels)
+            # A new channel costs a SUBSCRIBE and its confirmation on the pub/sub connection
+            # before its read: admitted like the read (a storm onto an edge that holds none
+            # of its clients' channels would otherwise time them all out).
+            if gate is not None:
+                if not await gate.enter():
+                    raise Unavailable("edge busy recovering, retry", gate.retry_after())
+                raise_if_cancelling()
+                state = self.channels.get(name)  # another subscribe may have made it
+                created = state is None
+                if created:
+                    slot = True
+                else:
+                    gate.leave()
+            if state is None:
+                state = self.channels[name] = ChannelState(name)
+                self.stats.channels = len(self.channels)
         self._keep(state)
         # Pending before the first await: a subscribe that ends early (cancelled) drops a
         # state it created, which would otherwise stay, never confirmed, and make every
@@ -296,6 +312,10 @@ class Hub:
             # which nothing would remove again (it held the session and its socket).
             async with asyncio.timeout(self.subscribe_timeout):
                 await asyncio.shield(state.confirmed)
+            if slot:
+                slot = False
+                assert gate is not None
+                gate.leave()
             if recover is not None:
                 key: ReadKey = (name, recover.offset, "r", recover.epoch, None)
             else:
@@ -303,6 +323,9 @@ class Hub:
             result = await self._shared_read(state, sub, key, recover, want_snapshot)
             raise_if_cancelling()
         except BaseException as exc:
+            if slot:
+                assert gate is not None
+                gate.leave()
             state.pending.remove(sub)
             self._maybe_drop(state)
             if not isinstance(exc, Exception):

@@ -370,6 +370,7 @@ async def test_reads_beyond_the_gate_are_deferred_with_advice(broker: CountingBr
         broker.hold = True
         tasks = [asyncio.create_task(join(hub, FakeSession(), c, snapshot=True))
                  for c in channels]
+        # New channels pass the gate for their SUBSCRIBE, then again for their read.
         await until(lambda: len(broker.reads) == 2 and gate.waiting == 1)
         await settle()
         done = [t for t in tasks if t.done()]
@@ -381,10 +382,12 @@ async def test_reads_beyond_the_gate_are_deferred_with_advice(broker: CountingBr
         replies = await asyncio.gather(*(t for t in tasks if t not in done))
         assert all(r["snapshot"] == {"": {"o": 1}} for r in replies)
         assert gate.held == 0 and gate.waiting == 0
-        assert hub.stats.admission[("recovery", "admitted")] == 3
+        assert hub.stats.admission[("recovery", "admitted")] == 6  # 3 SUBSCRIBEs, 3 reads
         assert hub.stats.admission[("recovery", "deferred")] == 1
         # The deferred one, retried, gets in.
-        assert (await join(hub, FakeSession(), done_channel(channels, tasks, done)))
+        retried = await join(hub, FakeSession(), done_channel(channels, tasks, done),
+                             snapshot=True)
+        assert retried["snapshot"] == {"": {"o": 1}}
     finally:
         await hub.close()
 
@@ -454,3 +457,31 @@ async def test_while_the_live_connection_is_down_subscribes_read_the_broker(
     broker.restore_live()  # each channel is filled from history: 2 reaches both
     await until(lambda: s.offsets()[-1:] == [2] and late.offsets()[-1:] == [2])
     assert late.offsets() == [2]
+
+
+def test_the_advice_spreads_the_backlog_over_the_time_to_work_through_it() -> None:
+    from edge.stats import EdgeStats
+
+    now = [0.0]
+    gate = Gate("recovery", 2, 0, 0.5, EdgeStats(), rand=lambda lo, hi: hi,
+                clock=lambda: now[0])
+    # No rate measured yet: assumed 20 per place per second (40/s).
+    assert gate.retry_after() == 1.0  # at least 2 x retry
+    for _ in range(99):
+        gate.retry_after()
+    assert gate.retry_after() == 0.5 + 101 / 40
+    gate.held = 1000
+    for _ in range(999):  # 1,000 places given back in one second: 1,000/s
+        gate.leave()
+    now[0] = 1.0
+    gate.leave()  # the bucket closes
+    assert gate.rate == 1000.0 and gate.held == 0
+    # Ahead: the 100 deferred in the last bucket, and this one: 0.1 s at 1,000/s.
+    assert gate.retry_after() == 1.0  # still at least 2 x retry
+    for _ in range(1899):
+        gate.retry_after()
+    assert gate.retry_after() == 0.5 + 2002 / 1000  # 100 + 1 + 1,899 + 1 + this one
+    now[0] = 10.0
+    for _ in range(100_000):
+        advice = gate.retry_after()
+    assert advice == 0.5 + 30.0  # capped
