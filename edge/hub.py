@@ -170,6 +170,7 @@ class ChannelState:
         "pending",
         "recent",
         "recent_bytes",
+        "recent_max",
         "recheck",
         "repair",
     )
@@ -188,6 +189,7 @@ class ChannelState:
         # The recent window: consecutive offsets ending at `last`, in `epoch`.
         self.recent: deque[Publication] = deque()
         self.recent_bytes = 0
+        self.recent_max = 0  # the window's length: at most the namespace's history length
         self.linger: asyncio.TimerHandle | None = None  # no subscriber: dropped when it fires
 
     @property
@@ -296,6 +298,9 @@ class Hub:
                     gate.leave()
             if state is None:
                 state = self.channels[name] = ChannelState(name)
+                # Never more than Redis keeps (the namespace's history): recovery from
+                # memory gives what a read would, not more.
+                state.recent_max = min(self.window_messages, channel.spec.history_length)
                 self.stats.channels = len(self.channels)
         self._keep(state)
         # Pending before the first await: a subscribe that ends early (cancelled) drops a
@@ -475,7 +480,7 @@ class Hub:
         recent.append(pub)
         state.recent_bytes += len(pub.data) + WINDOW_OVERHEAD
         self.stats.window_messages += 1
-        while len(recent) > self.window_messages or state.recent_bytes > self.window_bytes:
+        while len(recent) > state.recent_max or state.recent_bytes > self.window_bytes:
             old = recent.popleft()
             state.recent_bytes -= len(old.data) + WINDOW_OVERHEAD
             self.stats.window_messages -= 1
@@ -601,7 +606,7 @@ class Hub:
                 self._start_repair(state, pub, resync=False)
                 return
         state.last = pub.offset
-        if self.window_messages:
+        if state.recent_max:
             self._remember(state, pub)
         for sub in state.pending:
             if sub.buffer is not None:
