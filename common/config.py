@@ -215,6 +215,18 @@ class EdgeConfig:
     max_frame_bytes: int = 65_536  # a coalesced frame's size; a single larger message goes alone
     write_delay: float = 0.0  # s the writer waits to gather more messages into a frame
     recovery_limit: int = 10_000  # most messages one subscribe may replay
+    # Recovery from memory (edge/hub.py): the last publications of each channel the edge
+    # serves, by count and by bytes (payload + 100 per message); 0 messages = none kept.
+    recent_window_messages: int = 64
+    recent_window_bytes: int = 16_384
+    channel_linger: float = 10.0  # s a channel stays subscribed after its last client left
+    # Load admission (edge/admission.py): broker reads of recovering subscribes at once
+    # (0 = no limit), how many may wait for one, and the retry delay advised beyond that.
+    max_recoveries: int = 32
+    recovery_queue: int = 2_000
+    recovery_retry: float = 0.5  # s; advised: random in [x, 2x]
+    connection_rate: float = 0.0  # new connections per second (0 = no limit) ...
+    connection_burst: int = 1_000  # ... and how many at once above it (HTTP 503 beyond)
     compression: bool = False  # permessage-deflate: ~5x the CPU in fan-out, off by default
     direct_write: bool = True  # write finished frames to the transport (edge/wire.py)
     drain_seconds: float = 10.0  # on SIGTERM/SIGINT, close connections spread over this long
@@ -574,6 +586,29 @@ EDGE_SETTINGS = (
     Setting("socket_unsent_limit", "--socket-unsent-limit", "FANOUT_SOCKET_UNSENT_LIMIT",
             _int(0), "most bytes a client's socket may hold unsent (TCP_NOTSENT_LOWAT), "
             "beyond what is in flight; 0 = the kernel's default"),
+    Setting("recent_window_messages", "--recent-window-messages",
+            "FANOUT_RECENT_WINDOW_MESSAGES", _int(0),
+            "publications of each channel kept in memory, from which a client nearly up to "
+            "date is recovered without a Redis read (0 = none)"),
+    Setting("recent_window_bytes", "--recent-window-bytes", "FANOUT_RECENT_WINDOW_BYTES",
+            _int(0), "most bytes (payload + 100 per message) of a channel's recent window"),
+    Setting("channel_linger", "--channel-linger", "FANOUT_CHANNEL_LINGER",
+            _float(0, strict=False),
+            "seconds a channel stays subscribed (and its recent window kept) after its last "
+            "client left, for clients that come back (0 = dropped at once)"),
+    Setting("max_recoveries", "--max-recoveries", "FANOUT_MAX_RECOVERIES", _int(0),
+            "Redis history reads of subscribes and history requests at once (0 = no limit)"),
+    Setting("recovery_queue", "--recovery-queue", "FANOUT_RECOVERY_QUEUE", _int(0),
+            "subscribes that may wait for a history read; more get unavailable with "
+            "retry_after_ms"),
+    Setting("recovery_retry", "--recovery-retry", "FANOUT_RECOVERY_RETRY", _float(0),
+            "seconds a deferred subscribe is advised to wait (random in [x, 2x])"),
+    Setting("connection_rate", "--connection-rate", "FANOUT_CONNECTION_RATE",
+            _float(0, strict=False),
+            "new connections per second this edge accepts; more get HTTP 503 with "
+            "Retry-After 1-3 s (0 = no limit)"),
+    Setting("connection_burst", "--connection-burst", "FANOUT_CONNECTION_BURST", _int(1),
+            "new connections accepted at once above the rate"),
     Setting("overflow", "--overflow", "FANOUT_OVERFLOW", parse_overflow,
             "slow-client policy per namespace, <namespace>=<disconnect|conflate|drop>,...; "
             "namespaces not named keep theirs", metavar="POLICIES"),
@@ -1087,10 +1122,12 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     (r"ping_interval|pong_timeout|connect_timeout|handshake_timeout|.*_timeout",
      "heartbeats and timeouts"),
     (r"max_message_size|max_subscriptions|request_rate|request_burst|max_connections.*"
-     r"|.*origins?|.*prox(y|ies)", "connection limits and admission"),
+     r"|.*origins?|.*prox(y|ies)|max_recoveries|recovery_queue|recovery_retry"
+     r"|connection_rate|connection_burst", "connection limits and admission"),
     (r"queue_.*|max_lag|socket_.*|overflow|max_frame_.*|write_delay|compression|direct_write",
      "queues and delivery"),
-    (r"recovery_limit|unpublished_ttl|history|idempotency_ttl", "history and recovery"),
+    (r"recovery_limit|unpublished_ttl|history|idempotency_ttl|recent_window_.*"
+     r"|channel_linger", "history and recovery"),
     (r"feed|reconnect_.*", "ingest feed"),
     (r"batch_size|feed_id|lease_.*", "publishing and leader election"),
 )

@@ -36,9 +36,11 @@ class ConfigError(FanoutError):
 class RequestError(FanoutError):
     code = "internal"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # s: the server advises retrying no sooner (the reply's `retry_after_ms`)
+        self.retry_after = retry_after
 
 
 class BadRequest(RequestError):
@@ -84,7 +86,8 @@ class HistoryUnavailable(RequestError):
 
 
 class Unavailable(RequestError):
-    """Redis could not be reached in time; retrying later may work."""
+    """Redis could not be reached in time, or the edge defers the request under load
+    (with `retry_after`); retrying later may work."""
 
     code = "unavailable"
 

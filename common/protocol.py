@@ -292,7 +292,11 @@ def ping() -> dict[str, Any]:
 
 
 def error(rid: int | None, exc: RequestError) -> dict[str, Any]:
-    return {"type": "error", "id": rid, "code": exc.code, "message": exc.message}
+    reply: dict[str, Any] = {"type": "error", "id": rid, "code": exc.code,
+                             "message": exc.message}
+    if exc.retry_after is not None:
+        reply["retry_after_ms"] = round(exc.retry_after * 1000)
+    return reply
 
 
 def gap(channel: str, first: int, last: int) -> dict[str, Any]:

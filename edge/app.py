@@ -28,7 +28,7 @@ from common.config import EdgeConfig, redact_url
 from common.errors import CloseCode, Disconnect
 from common.namespaces import use_file
 from common.protocol import SUBPROTOCOLS, Codec
-from edge.admission import Admission
+from edge.admission import Admission, Gate
 from edge.hub import Hub
 from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
@@ -84,6 +84,11 @@ class Edge:
             recovery_limit=self.config.recovery_limit,
             # What a subscribe creates lives this long until a publish refreshes it.
             meta_ttl=min(self.config.redis.meta_ttl, self.config.unpublished_ttl),
+            window_messages=self.config.recent_window_messages,
+            window_bytes=self.config.recent_window_bytes,
+            linger=self.config.channel_linger,
+            gate=Gate("recovery", self.config.max_recoveries, self.config.recovery_queue,
+                      self.config.recovery_retry, self.stats),
         )
         await self.hub.start()
 

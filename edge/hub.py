@@ -16,14 +16,39 @@ live connection and its liveness probe.
 A client joining a channel is first registered as *pending* (live messages are buffered
 for it), then the history after its position is read, and the two are merged by offset
 with no await in between: nothing published during the subscribe is lost or doubled.
+
+Most subscribes need no read at all. Every publication the hub dispatches also goes into
+the channel's *recent window* (the last `window_messages` of them, at most `window_bytes`):
+a run of consecutive offsets ending at `last`, in the channel's epoch. A client whose
+`{offset, epoch}` lies in it (from the window's first offset - 1 up to `last`) is answered
+from memory, synchronously, with no await between taking the window and registering the
+subscriber: what follows `last` reaches it through the ordinary dispatch. So is a subscribe
+with neither recovery nor snapshot (its position is `last`). Only when the channel is
+*live and contiguous here*: confirmed by pub/sub, the live connection up, no repair under
+way (a repair means `last` may be behind or of a stale epoch). Whatever moves `last` other
+than by one (a resync, an epoch change) empties the window, so it never spans a gap.
+
+Reads that are needed are shared: a subscriber waiting for a read with the same arguments
+already under way takes its result, but only if that read was *issued after the subscriber
+was registered as pending*. The merge relies on this: everything dispatched before the
+registration was published before the read ran, so it is in the read's result; everything
+after is in the subscriber's buffer. A later subscriber waits for the next read instead
+(reads of one key follow each other; each serves everyone registered before it began).
+Reads of subscribes are admitted by a `Gate` (edge/admission.py): a bounded number at once,
+a bounded queue, and beyond it `unavailable` with an advised retry delay.
+
+A channel whose last subscriber left lingers for `linger` seconds, subscribed and keeping
+its window, so that clients that come back (a reconnect) are recovered from memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,8 +58,15 @@ from common.broker import Broker, BrokerUnavailable, HistoryResult, Live, Public
 from common.channels import Channel
 from common.errors import CloseCode, Disconnect, Unavailable
 from common.protocol import Codec, Frame, Position
+from edge.admission import Gate
 from edge.pack import Batch
 from edge.stats import EdgeStats
+
+# A window entry's cost in its byte bound, on top of its payload (the object, its fields).
+WINDOW_OVERHEAD = 100
+
+# A broker read's arguments: channel, since, snapshot, epoch, until.
+ReadKey = tuple[str, int, SnapshotWant, str, int | None]
 
 
 class Subscriber(Protocol):
@@ -75,6 +107,7 @@ class Subscription:
     last: int = -1  # highest offset delivered (or covered by the snapshot)
     epoch: str = ""
     buffer: list[Publication] | None = field(default_factory=list)  # while pending
+    seq: int = 0  # when it was registered as pending (Hub._seq): which reads it may share
 
     def deliver(self, batch: Batch) -> None:
         pubs = batch.pubs
@@ -106,6 +139,24 @@ class Joined:
     replay: list[Publication]
 
 
+class Flight:
+    """A broker read under way, shared by the subscribers registered before it began."""
+
+    __slots__ = ("seq", "task")
+
+    def __init__(self, task: asyncio.Task[HistoryResult], seq: int) -> None:
+        self.task = task
+        self.seq = seq  # Hub._seq when it was issued
+
+
+class _Served(Exception):
+    """A pending subscriber was joined from memory while it waited for a read."""
+
+    def __init__(self, joined: Joined) -> None:
+        super().__init__()
+        self.joined = joined
+
+
 class ChannelState:
     __slots__ = (
         "active",
@@ -113,9 +164,13 @@ class ChannelState:
         "confirmed",
         "epoch",
         "last",
+        "linger",
         "name",
         "outbox",
         "pending",
+        "recent",
+        "recent_bytes",
+        "recent_max",
         "recheck",
         "repair",
     )
@@ -131,6 +186,11 @@ class ChannelState:
         self.backlog: list[Publication] = []  # live messages held back during a repair
         self.recheck = False  # pub/sub reconnected during a repair: read history once more
         self.outbox: list[Publication] = []  # dispatched this turn, not yet delivered
+        # The recent window: consecutive offsets ending at `last`, in `epoch`.
+        self.recent: deque[Publication] = deque()
+        self.recent_bytes = 0
+        self.recent_max = 0  # the window's length: at most the namespace's history length
+        self.linger: asyncio.TimerHandle | None = None  # no subscriber: dropped when it fires
 
     @property
     def empty(self) -> bool:
@@ -150,6 +210,10 @@ class Hub:
         subscribe_timeout: float = 5.0,
         probe_interval: float = 5.0,
         probe_timeout: float = 3.0,
+        window_messages: int = 0,
+        window_bytes: int = 0,
+        linger: float = 0.0,
+        gate: Gate | None = None,
     ) -> None:
         self.broker = broker
         self.stats = stats
@@ -166,6 +230,13 @@ class Hub:
         self.live_ok = False  # the live connection answered the last liveness probe
         self._to_flush: list[ChannelState] = []
         self._flush_handle: asyncio.Handle | None = None
+        self.window_messages = window_messages
+        self.window_bytes = window_bytes
+        self.linger = linger
+        # None: subscribes' reads are not bounded (tests; the app always passes one).
+        self.gate = gate
+        self._seq = 0  # counts registrations of subscribers (Subscription.seq)
+        self._flights: dict[ReadKey, Flight] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -179,6 +250,10 @@ class Hub:
         for state in self.channels.values():
             if state.repair is not None:
                 state.repair.cancel()
+            if state.linger is not None:
+                state.linger.cancel()
+        for flight in list(self._flights.values()):
+            flight.task.cancel()
         if self._prober is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._prober
@@ -200,14 +275,40 @@ class Hub:
         name = channel.name
         sub = Subscription(session, name)
         state = self.channels.get(name)
+        if state is not None:
+            joined = self._join_from_memory(state, sub, recover, want_snapshot)
+            if joined is not None:
+                return sub, joined
         created = state is None
+        gate = self.gate
+        slot = False  # holding a place in the gate until the new channel is confirmed
         if state is None:
-            state = self.channels[name] = ChannelState(name)
-            self.stats.channels = len(self.channels)
+            # A new channel costs a SUBSCRIBE and its confirmation on the pub/sub connection
+            # before its read: admitted like the read (a storm onto an edge that holds none
+            # of its clients' channels would otherwise time them all out).
+            if gate is not None:
+                if not await gate.enter():
+                    raise Unavailable("edge busy recovering, retry", gate.retry_after())
+                raise_if_cancelling()
+                state = self.channels.get(name)  # another subscribe may have made it
+                created = state is None
+                if created:
+                    slot = True
+                else:
+                    gate.leave()
+            if state is None:
+                state = self.channels[name] = ChannelState(name)
+                # Never more than Redis keeps (the namespace's history): recovery from
+                # memory gives what a read would, not more.
+                state.recent_max = min(self.window_messages, channel.spec.history_length)
+                self.stats.channels = len(self.channels)
+        self._keep(state)
         # Pending before the first await: a subscribe that ends early (cancelled) drops a
         # state it created, which would otherwise stay, never confirmed, and make every
         # later subscribe of the channel on this node wait out the timeout.
         state.pending.append(sub)
+        self._seq += 1
+        sub.seq = self._seq
         try:
             if created:
                 await self.live.subscribe(name)
@@ -216,15 +317,27 @@ class Hub:
             # which nothing would remove again (it held the session and its socket).
             async with asyncio.timeout(self.subscribe_timeout):
                 await asyncio.shield(state.confirmed)
+            if slot:
+                slot = False
+                assert gate is not None
+                gate.leave()
             if recover is not None:
-                result = await self.read_history(name, recover.offset, "r", recover.epoch)
+                key: ReadKey = (name, recover.offset, "r", recover.epoch, None)
             else:
-                result = await self.read_history(name, -1, "1" if want_snapshot else "0")
+                key = (name, -1, "1" if want_snapshot else "0", "", None)
+            result = await self._shared_read(state, sub, key, recover, want_snapshot)
             raise_if_cancelling()
         except BaseException as exc:
+            if slot:
+                assert gate is not None
+                gate.leave()
             state.pending.remove(sub)
             self._maybe_drop(state)
             if not isinstance(exc, Exception):
+                raise
+            if isinstance(exc, _Served):
+                return sub, exc.joined
+            if isinstance(exc, Unavailable):
                 raise
             self.log.warning("subscribe failed channel=%s error=%r", name, exc)
             raise Unavailable("channel temporarily unavailable, retry") from None
@@ -236,7 +349,7 @@ class Hub:
         replay: list[Publication] = []
         if recover is not None and result.recoverable and recover.epoch == result.epoch:
             recovered = True
-            replay = result.entries
+            replay = list(result.entries)  # a shared result's list is not this one's to extend
             sub.last = recover.offset
         else:
             sub.last = result.top
@@ -259,6 +372,10 @@ class Hub:
         if state.last is None:
             state.last = sub.last
             state.epoch = result.epoch
+            # The window starts as what this subscriber replays, ending at `last`.
+            self._clear_window(state)
+            for pub in replay:
+                self._remember(state, pub)
         state.active[session] = sub
         if state.epoch != result.epoch and state.repair is None:
             # The channel's epoch changed while this subscribe read history (either side may
@@ -288,13 +405,166 @@ class Hub:
     def _maybe_drop(self, state: ChannelState) -> None:
         if not state.empty or self.channels.get(state.name) is not state:
             return
+        if (self.linger > 0 and state.linger is None and state.confirmed.done()
+                and state.last is not None):
+            # Kept a while, live, for clients that come back (recovered from the window).
+            state.linger = asyncio.get_running_loop().call_later(
+                self.linger, self._linger_ended, state)
+            return
+        self._drop(state)
+
+    def _linger_ended(self, state: ChannelState) -> None:
+        state.linger = None
+        if state.empty and self.channels.get(state.name) is state:
+            self._drop(state)
+
+    def _keep(self, state: ChannelState) -> None:
+        """A subscriber arrives: a lingering channel is kept."""
+        if state.linger is not None:
+            state.linger.cancel()
+            state.linger = None
+
+    def _drop(self, state: ChannelState) -> None:
+        if state.linger is not None:
+            state.linger.cancel()
+            state.linger = None
+        self._clear_window(state)
         del self.channels[state.name]
         self.stats.channels = len(self.channels)
         if state.repair is not None:
             state.repair.cancel()
         self.live.unsubscribe(state.name)
 
+    # --- from memory ---------------------------------------------------------------------
+
+    def _join_from_memory(
+        self, state: ChannelState, sub: Subscription, recover: Position | None,
+        want_snapshot: bool,
+    ) -> Joined | None:
+        """Join `sub` from what the hub holds, with no broker read and no await; None if
+        it cannot (see the module's docstring): the caller reads."""
+        last, epoch = state.last, state.epoch
+        if (last is None or epoch is None or state.repair is not None or state.recheck
+                or not state.confirmed.done() or not self.live.connected):
+            return None
+        if recover is None:
+            if want_snapshot:
+                return None
+            replay: list[Publication] = []
+        else:
+            recent = state.recent
+            first = recent[0].offset if recent else last + 1
+            if (recover.epoch != epoch or not first - 1 <= recover.offset <= last
+                    or last - recover.offset > self.recovery_limit):
+                return None
+            skip = recover.offset - first + 1  # entries the client already has
+            replay = [recent[i] for i in range(skip, len(recent))] if skip else list(recent)
+        self._keep(state)
+        sub.buffer = None
+        sub.last = last
+        sub.epoch = epoch
+        state.active[sub.session] = sub
+        stats = self.stats
+        stats.subscriptions += 1
+        stats.subscribe_sources["memory"] += 1
+        if recover is None:
+            stats.subscribes_fresh += 1
+        else:
+            stats.subscribes_recovered += 1
+            stats.messages_recovered += len(replay)
+        return Joined(epoch, last, recover is not None, None, replay)
+
+    def _remember(self, state: ChannelState, pub: Publication) -> None:
+        """Add the publication just dispatched (offset `last`) to the channel's window."""
+        recent = state.recent
+        recent.append(pub)
+        state.recent_bytes += len(pub.data) + WINDOW_OVERHEAD
+        self.stats.window_messages += 1
+        while len(recent) > state.recent_max or state.recent_bytes > self.window_bytes:
+            old = recent.popleft()
+            state.recent_bytes -= len(old.data) + WINDOW_OVERHEAD
+            self.stats.window_messages -= 1
+            if not recent:
+                break
+
+    def _clear_window(self, state: ChannelState) -> None:
+        self.stats.window_messages -= len(state.recent)
+        state.recent.clear()
+        state.recent_bytes = 0
+
+    # --- shared reads --------------------------------------------------------------------
+
+    async def _shared_read(
+        self, state: ChannelState, sub: Subscription, key: ReadKey,
+        recover: Position | None, want_snapshot: bool,
+    ) -> HistoryResult:
+        """The read `key` for a pending subscriber: shared with an identical one issued
+        after the subscriber was registered, or issued now (through the gate). Raises
+        `_Served` when, while it waited, the channel became servable from memory."""
+        while True:
+            flight = self._flights.get(key)
+            if flight is not None:
+                if sub.seq <= flight.seq:
+                    self.stats.subscribe_sources["shared"] += 1
+                    return await asyncio.shield(flight.task)
+                # Issued before this subscriber registered: its result may lack what was
+                # dispatched in between. Wait for it to end, then look again.
+                await asyncio.wait([flight.task])
+                self._try_memory(state, sub, recover, want_snapshot)
+                continue
+            gate = self.gate
+            if gate is not None:
+                if not await gate.enter():
+                    raise Unavailable("edge busy recovering, retry", gate.retry_after())
+                if key in self._flights:  # one began while this waited
+                    gate.leave()
+                    continue
+                try:
+                    self._try_memory(state, sub, recover, want_snapshot)
+                except _Served:
+                    gate.leave()
+                    raise
+            name, since, snapshot, epoch, until = key
+            task = asyncio.create_task(
+                self.read_history(name, since, snapshot, epoch, until), name="hub-read")
+            self._flights[key] = flight = Flight(task, self._seq)
+            task.add_done_callback(functools.partial(self._landed, key, flight))
+            self.stats.subscribe_sources["broker"] += 1
+            return await asyncio.shield(task)
+
+    def _try_memory(self, state: ChannelState, sub: Subscription, recover: Position | None,
+                    want_snapshot: bool) -> None:
+        """While a pending subscriber waited, the channel may have become servable from
+        memory (an earlier subscriber's read set `last`): join it so (raises `_Served`)."""
+        if state.last is None:
+            return
+        joined = self._join_from_memory(state, sub, recover, want_snapshot)
+        if joined is not None:
+            raise _Served(joined)
+
+    def _landed(self, key: ReadKey, flight: Flight, _: object = None) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        if self.gate is not None:
+            self.gate.leave()
+        if not flight.task.cancelled():
+            flight.task.exception()  # retrieved: its waiters (if any) got it
+
     # --- history -------------------------------------------------------------------------
+
+    async def client_history(
+        self, name: str, since: int, epoch: str, until: int,
+    ) -> HistoryResult:
+        """A client's `history` request: a read admitted by the gate like a subscribe's
+        (Unavailable with an advised delay beyond it)."""
+        gate = self.gate
+        if gate is not None and not await gate.enter():
+            raise Unavailable("edge busy recovering, retry", gate.retry_after())
+        try:
+            return await self.read_history(name, since, "0", epoch, until)
+        finally:
+            if gate is not None:
+                gate.leave()
 
     async def read_history(
         self, name: str, since: int, snapshot: SnapshotWant, epoch: str = "",
@@ -303,6 +573,7 @@ class Hub:
         """Position, entries after `since` up to `until` (None: the channel's top) if
         `epoch` is current (or ""), and the snapshot when `snapshot` is "1" (always) or "r"
         (only if not recoverable)."""
+        self.stats.history_reads += 1
         return await self.broker.history(
             name, since, snapshot, epoch=epoch, until=until, limit=self.recovery_limit,
             meta_ttl=self.meta_ttl,
@@ -335,6 +606,8 @@ class Hub:
                 self._start_repair(state, pub, resync=False)
                 return
         state.last = pub.offset
+        if state.recent_max:
+            self._remember(state, pub)
         for sub in state.pending:
             if sub.buffer is not None:
                 sub.buffer.append(pub)
@@ -454,6 +727,7 @@ class Hub:
             session.end_turn()
         state.epoch = result.epoch
         state.last = result.top
+        self._clear_window(state)
         message = protocol.resync(
             state.name, result.epoch, result.top, protocol.snapshot_object(result.snapshot)
         )
@@ -483,9 +757,9 @@ class Hub:
             return
         if not state.confirmed.done():
             state.confirmed.set_result(None)
-        elif state.active:
+        elif state.active or state.linger is not None:
             # Resubscribed after a lost connection: messages published meanwhile are only
-            # in the stream.
+            # in the stream (a lingering channel too: its window must reach the top).
             if state.repair is None:
                 self._start_repair(state, None, resync=False)
             else:

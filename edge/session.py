@@ -504,9 +504,11 @@ class Session:
         name = command.channel.name
         self.credentials.check_allowed(command.channel)
         try:
-            result = await self.hub.read_history(
-                name, command.first - 1, "0", command.epoch, command.last
+            result = await self.hub.client_history(
+                name, command.first - 1, command.epoch, command.last
             )
+        except Unavailable:
+            raise
         except Exception as exc:
             self.log.warning("history failed channel=%s error=%r", name, exc)
             raise Unavailable("history temporarily unavailable, retry") from None

@@ -21,7 +21,14 @@ from prometheus_client.registry import Collector
 
 # Why a connection was refused before it became a WebSocket (docs/architecture.md#metrics);
 # every reason is exported from the start, at 0, so that rates and alerts see them all.
-REFUSAL_REASONS = ("origin", "total_limit", "ip_limit", "handshake_timeout")
+REFUSAL_REASONS = ("origin", "total_limit", "ip_limit", "connection_rate", "handshake_timeout")
+# Load admission (edge/admission.py): what is admitted or deferred (told to retry later).
+ADMISSION_KINDS = ("connection", "recovery")
+ADMISSION_OUTCOMES = ("admitted", "deferred")
+# Where a subscribe's position came from (edge/hub.py): memory (the hub's recent window or
+# its live position, no broker read), shared (an identical broker read already under way),
+# broker (a read of its own).
+SUBSCRIBE_SOURCES = ("memory", "shared", "broker")
 
 
 # Seconds: a delivery takes ~1-50 ms when all is well; seconds mean trouble.
@@ -87,6 +94,12 @@ class EdgeStats:
     clients_behind: int = 0
     jwks_fetches: dict[str, int] = field(default_factory=dict)  # by result: ok, error
     jwks_keys: int = 0  # keys of the JWKS in use
+    admission: dict[tuple[str, str], int] = field(default_factory=lambda: {
+        (k, o): 0 for k in ADMISSION_KINDS for o in ADMISSION_OUTCOMES})
+    subscribe_sources: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(SUBSCRIBE_SOURCES, 0))
+    history_reads: int = 0  # broker history reads (subscribes, history requests, repairs)
+    window_messages: int = 0  # publications held in the hubs' recent windows
 
     # Upstream receive -> written to every client that keeps up, by namespace (edge/hub.py).
     delivery: dict[str, Histogram] = field(default_factory=dict)
@@ -110,6 +123,10 @@ class EdgeStats:
 
     def count_refused(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def count_admission(self, kind: str, outcome: str) -> None:
+        key = (kind, outcome)
+        self.admission[key] = self.admission.get(key, 0) + 1
 
     def count_error(self, code: str) -> None:
         self.request_errors[code] = self.request_errors.get(code, 0) + 1
@@ -162,6 +179,27 @@ class EdgeCollector(Collector):
         subs.add_metric(["recovered"], s.subscribes_recovered)
         subs.add_metric(["not_recovered"], s.subscribes_not_recovered)
         yield subs
+        sources = CounterMetricFamily(
+            "fanout_edge_subscribe_sources",
+            "Subscribes by where their position and replay came from: memory (no broker "
+            "read), shared (an identical read under way), broker (a read of their own).",
+            labels=["source"],
+        )
+        for source, n in sorted(s.subscribe_sources.items()):
+            sources.add_metric([source], n)
+        yield sources
+        yield counter("history_reads", "Broker history reads (subscribes, history requests, "
+                      "gap fills and resyncs).", s.history_reads)
+        yield gauge("window_messages", "Publications held in the channels' recent windows "
+                    "(FANOUT_RECENT_WINDOW_*).", s.window_messages)
+        admission = CounterMetricFamily(
+            "fanout_edge_admission",
+            "Load admission: new connections and recovering subscribes' broker reads, "
+            "admitted or deferred (told to retry later).", labels=["kind", "outcome"],
+        )
+        for (kind, outcome), n in sorted(s.admission.items()):
+            admission.add_metric([kind, outcome], n)
+        yield admission
         yield counter("recovered_messages", "Messages replayed by recovery.", s.messages_recovered)
         yield counter("gaps_filled", "Live gaps filled from the stream.", s.gaps_filled)
         yield counter("resyncs", "Channel resyncs pushed (epoch change, history lost).",

@@ -10,6 +10,7 @@ import json
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
@@ -98,8 +99,11 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def make_hub(broker: MemoryBroker, **kwargs: float) -> Hub:
-    return Hub(broker, EdgeStats(), LOG, node_id="n", **kwargs)  # type: ignore[arg-type]
+def make_hub(broker: MemoryBroker, **kwargs: Any) -> Hub:
+    """A hub with the edge's recent window (every test here runs with it, as edges do)."""
+    kwargs.setdefault("window_messages", 64)
+    kwargs.setdefault("window_bytes", 16_384)
+    return Hub(broker, EdgeStats(), LOG, node_id="n", **kwargs)
 
 
 @pytest.fixture

@@ -107,7 +107,8 @@ def test_node_imports_every_entry_point(scratch: Path) -> None:
     node, _ = _tools()
     exports = json.loads(_ok(_run([node, "check.mjs"], scratch)).splitlines()[-1])
     assert exports == {
-        "root": ["FanoutClient", "advisedDelay", "default", "shouldReconnect"],
+        "root": ["FanoutClient", "advisedDelay", "default", "shouldReconnect",
+                 "subscribeRetryDelay"],
         "react": ["default", "makeHooks", "makeUseChannel", "makeUseConnectionState"],
         "zustand": ["bindChannel", "default"],
     }

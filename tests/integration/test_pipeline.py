@@ -13,7 +13,7 @@ from common.broker.keys import Keys
 from common.broker.redisbroker import RedisBroker
 from ingest.publisher import FencedOut, Publisher
 from ingest.upstream import UpstreamMessage
-from tests.integration.conftest import EdgeServer
+from tests.integration.conftest import EdgeFactory, EdgeServer
 from tests.support.streams import xrange
 from tests.support.wsclient import ProtoClient
 
@@ -101,10 +101,15 @@ async def test_idempotent_publish(publisher: Publisher) -> None:
 
 
 async def test_history_trim_gives_not_recovered_with_snapshot(
-    edge: EdgeServer, redis: Redis, key_prefix: str
+    edge_factory: EdgeFactory, redis: Redis, key_prefix: str
 ) -> None:
     from common.broker.keys import Keys
     from common.config import DEFAULT_HISTORY, HistoryPolicy
+
+    # The publisher trims to 5 while the edge's namespaces file says more: without its
+    # recent window, the edge answers from what Redis holds (with it, it would recover the
+    # client from memory, correctly: tests/inprocess/test_hub_window.py).
+    edge = await edge_factory(recent_window_messages=0)
 
     history = {**DEFAULT_HISTORY, "bars": HistoryPolicy(5, 600.0)}
     pub = Publisher(RedisBroker(redis, Keys(key_prefix)), history)

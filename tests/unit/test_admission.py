@@ -174,7 +174,7 @@ def test_admission_answers_and_slots() -> None:
     slot.release()  # once only
     assert admission.limiter.total == 0
     assert stats.refused == {"origin": 2, "ip_limit": 1, "total_limit": 0,
-                             "handshake_timeout": 0}
+                             "connection_rate": 0, "handshake_timeout": 0}
 
 
 def test_refusals_are_logged_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:

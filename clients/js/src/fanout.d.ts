@@ -250,6 +250,10 @@ export function shouldReconnect(code: number): boolean;
 /** The reconnect delay (ms) a server advises in a close reason (`retry_after_ms=N`), or 0. */
 export function advisedDelay(reason: string | null | undefined): number;
 
+/** When (ms) to resend a subscribe that got a retryable error reply: its `retry_after_ms`
+ * plus up to half again (random), or 1-5 s without advice; at most 60 s plus half. */
+export function subscribeRetryDelay(reply: { retry_after_ms?: number } | null | undefined): number;
+
 export class FanoutClient {
   /** Default URL: ws(s)://<location.host>/ws. A list of URLs is cycled through on reconnects. */
   constructor(urls?: string | string[], options?: FanoutOptions);

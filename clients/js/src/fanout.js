@@ -46,6 +46,20 @@ function defaultUrl() {
 }
 
 /** The reconnect delay (ms) a server advises in a close reason, or 0. */
+/**
+ * When to resend a subscribe that got a retryable error (ms): the server's advice
+ * (`retry_after_ms`, an edge under load) plus up to half again, so that the clients it
+ * deferred together come back spread out; without advice 1-5 s. At most a minute.
+ */
+export function subscribeRetryDelay(reply) {
+  const advised = reply && reply.retry_after_ms;
+  if (Number.isInteger(advised) && advised > 0) {
+    const ms = Math.min(advised, 60000);
+    return ms + Math.random() * ms / 2;
+  }
+  return SUBSCRIBE_RETRY_MS.min + Math.random() * (SUBSCRIBE_RETRY_MS.max - SUBSCRIBE_RETRY_MS.min);
+}
+
 export function advisedDelay(reason) {
   const m = /(?:^|\s)retry_after_ms=(\d{1,7})(?:\s|$)/.exec(reason || "");
   return m ? Number(m[1]) : 0;
@@ -544,7 +558,7 @@ export class FanoutClient {
     this._emit("error", err);
     if (RETRYABLE_ERRORS.has(reply.code)) {
       sub.phase = "idle";
-      const delay = SUBSCRIBE_RETRY_MS.min + Math.random() * (SUBSCRIBE_RETRY_MS.max - SUBSCRIBE_RETRY_MS.min);
+      const delay = subscribeRetryDelay(reply);
       sub.retryTimer = setTimeout(() => {
         if (this._subs.get(sub.channel) === sub && sub.phase === "idle" && this.state === "open") {
           this._sendSubscribe(sub);

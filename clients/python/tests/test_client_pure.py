@@ -4,7 +4,14 @@ and argument checks made before any connection."""
 from __future__ import annotations
 
 import pytest
-from fanout_client import Backoff, FanoutClient, Publication, advised_delay, retry_after
+from fanout_client import (
+    Backoff,
+    FanoutClient,
+    Publication,
+    advised_delay,
+    retry_after,
+    subscribe_retry_delay,
+)
 from fanout_client.client import _publication
 
 
@@ -59,3 +66,15 @@ def test_argument_checks_before_connecting() -> None:
     with pytest.raises(ValueError):
         client.subscribe("quotes.ES")
     assert client.state == "closed" and client.positions() == {}
+
+
+def test_subscribe_retry_delay_follows_the_servers_advice() -> None:
+    def half(lo: float, hi: float) -> float:
+        return (lo + hi) / 2
+
+    assert subscribe_retry_delay({"code": "unavailable", "retry_after_ms": 800}, half) == 1.0
+    assert subscribe_retry_delay({"code": "unavailable"}, half) == 3.0  # 1-5 s
+    assert subscribe_retry_delay({"code": "unavailable", "retry_after_ms": "800"}, half) == 3.0
+    assert subscribe_retry_delay({"code": "unavailable", "retry_after_ms": True}, half) == 3.0
+    assert subscribe_retry_delay({"code": "unavailable", "retry_after_ms": 0}, half) == 3.0
+    assert subscribe_retry_delay({"retry_after_ms": 10**7}, half) == 75.0  # capped at 60 s

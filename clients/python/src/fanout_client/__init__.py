@@ -23,6 +23,7 @@ from fanout_client.client import (
     Subscription,
     advised_delay,
     retry_after,
+    subscribe_retry_delay,
 )
 from fanout_client.errors import (
     AlreadySubscribed,
@@ -83,4 +84,5 @@ __all__ = [
     "__version__",
     "advised_delay",
     "retry_after",
+    "subscribe_retry_delay",
 ]

@@ -57,6 +57,7 @@ __all__ = [
     "Subscription",
     "advised_delay",
     "retry_after",
+    "subscribe_retry_delay",
 ]
 
 # The WebSocket subprotocols of docs/protocol.md.
@@ -82,6 +83,21 @@ def retry_after(value: str | None) -> float:
     if value is None or not value.strip().isdigit():
         return 0.0
     return min(float(value.strip()), 3600.0)
+
+
+SUBSCRIBE_RETRY = (1.0, 5.0)  # s: an unavailable subscribe without advice retries in this
+
+
+def subscribe_retry_delay(reply: dict[str, Any],
+                          rand: Callable[[float, float], float] = random.uniform) -> float:
+    """When to resend a subscribe that got a retryable error: the server's advice
+    (`retry_after_ms`, the edge under load) plus up to half again, so that the clients it
+    deferred together come back spread out; without advice 1-5 s. At most a minute."""
+    advised = reply.get("retry_after_ms")
+    if isinstance(advised, int) and not isinstance(advised, bool) and advised > 0:
+        seconds = min(advised / 1000, 60.0)
+        return seconds + rand(0.0, seconds / 2)
+    return rand(*SUBSCRIBE_RETRY)
 
 
 def advised_delay(reason: str) -> float:
@@ -594,8 +610,10 @@ class FanoutClient:
             code, text = str(msg.get("code")), str(msg.get("message"))
             if code in RETRYABLE_CODES:
                 sub.phase = "idle"
-                self.log.warning("subscribe_retry channel=%s code=%s", sub.channel, code)
-                self._spawn(self._retry_subscribe(sub, self._generation))
+                delay = subscribe_retry_delay(msg, self._rand)
+                self.log.warning("subscribe_retry channel=%s code=%s delay=%.2f",
+                                 sub.channel, code, delay)
+                self._spawn(self._retry_subscribe(sub, self._generation, delay))
             elif code == "already_subscribed":
                 sub.phase = "live"
             else:
@@ -703,8 +721,9 @@ class FanoutClient:
 
         self._spawn(resubscribe())
 
-    async def _retry_subscribe(self, sub: Subscription, generation: int) -> None:
-        await asyncio.sleep(self._rand(1.0, 5.0))
+    async def _retry_subscribe(self, sub: Subscription, generation: int,
+                               delay: float) -> None:
+        await asyncio.sleep(delay)
         if generation == self._generation and self._state == ClientState.OPEN:
             await self._send_subscribe(sub)
 

@@ -1,0 +1,529 @@
+"""Reconnect storm: N clients on two edges all drop at once and come back with `recover`.
+
+Two edges (`python -m fanout edge` subprocesses, pinned to `--edge-cpu`) and an embedded
+Valkey; this process (the clients and the publisher, pinned with Valkey to `--bench-cpu`)
+opens N WebSocket clients, half on each edge, each subscribed to 20 channels: 16 of its own
+(`account.<client>x<j>.<kind>`, 4 accounts x orders/positions/balance/trades) and 4 shared
+(`quotes.STORM<k>`). A publisher keeps publishing (`--rate` messages/s, spread over all the
+channels) the whole time. Then every client's TCP connection is aborted in the same instant
+and each client reconnects at once, to a random edge, sending its 20 subscribes with
+`recover` from the positions it had, as the client packages do. It follows the edges'
+advice: an HTTP 503's Retry-After, an `unavailable` reply's `retry_after_ms` (plus up to
+half again; without advice 1-5 s); connection failures back off 0.1-1 s.
+
+Reported per row: **recovered s** (from the abort until the last client had all 20 channels
+subscribed again), **p50 s** (median client), **recovered/resynced** subscribes, the edges'
+CPU seconds during the storm, **history reads** (Redis history.lua calls, from Valkey's
+INFO commandstats: EVALSHA calls minus the publisher's), deferred (`unavailable` replies
+and 503s the clients got) and what the clients saw: after the storm the publisher stops and
+every client must reach the last published offset of each of its channels with no offset
+missed or repeated (**gaps**, **dups**; both must be 0).
+
+    .venv/bin/python bench/reconnect.py [--clients 1000,5000,10000] [--rate 2000]
+    .venv/bin/python bench/reconnect.py --edge-source /tmp/base  # another checkout's edges
+
+The machine is shared: absolute times are pessimistic; compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import random
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    HOST,
+    EdgeProcess,
+    bench_prefix,
+    cpu_seconds,
+    delete_prefix,
+    environment,
+    pin,
+    progress,
+    redis_server,
+    run_async,
+    sigterm_as_interrupt,
+    source_state,
+    table,
+    wait_ready,
+)
+from redis.asyncio import Redis
+from websockets.client import ClientProtocol
+from websockets.exceptions import InvalidStatus
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
+from ingest.publisher import Publisher
+from ingest.upstream import UpstreamMessage
+
+KINDS = ("orders", "positions", "balance", "trades")
+SHARED = [f"quotes.STORM{k}" for k in range(4)]
+
+
+def own_channels(client: int) -> list[str]:
+    return [f"account.c{client}x{j}.{kind}" for j in range(4) for kind in KINDS]
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.gaps = 0
+        self.dups = 0
+        self.recovered = 0
+        self.resynced = 0
+        self.deferred = 0  # unavailable replies
+        self.refused = 0  # HTTP 503 (or another failed handshake)
+        self.conn_failures = 0
+        self.errors: list[str] = []
+
+
+class Client(asyncio.Protocol):
+    """One WebSocket connection of a bench client (`Bench` reconnects it)."""
+
+    def __init__(self, owner: BenchClient, uri: str) -> None:
+        self.owner = owner
+        self.proto = ClientProtocol(parse_uri(uri), subprotocols=[Subprotocol("fanout.json")],
+                                    max_size=None)
+        self.transport: asyncio.Transport | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.proto.send_request(self.proto.connect())
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"lost: {exc!r}"))
+        self.owner.lost(self)
+
+    def _flush(self) -> None:
+        assert self.transport is not None
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        if (self.closed or self.proto.state is not State.OPEN or self.transport is None
+                or self.transport.is_closing()):
+            return
+        self.proto.send_text(json.dumps(obj, separators=(",", ":")).encode())
+        self._flush()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.proto.receive_data(data)
+        for event in self.proto.events_received():
+            if not isinstance(event, Frame):
+                continue  # the handshake's response
+            if event.opcode is Opcode.TEXT:
+                obj = json.loads(bytes(event.data))
+                for m in obj if isinstance(obj, list) else [obj]:
+                    self.owner.message(self, m)
+        if not self.opened.done():
+            if self.proto.state is State.OPEN:
+                self.opened.set_result(None)
+            elif self.proto.handshake_exc is not None:
+                self.opened.set_exception(self.proto.handshake_exc)
+        self._flush()
+        if self.proto.close_expected() and self.transport is not None:
+            self.transport.close()
+
+
+class BenchClient:
+    """A client's positions across connections; subscribes with recover after each one."""
+
+    def __init__(self, index: int, stats: Stats, rng: random.Random) -> None:
+        self.index = index
+        self.channels = SHARED + own_channels(index)
+        self.stats = stats
+        self.rng = rng
+        self.positions: dict[str, tuple[int, str]] = {}
+        self.live: set[str] = set()  # subscribed on the current connection
+        self.conn: Client | None = None
+        self.ids = 0
+        self.requests: dict[int, str] = {}
+        self.done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+
+    def reset(self) -> None:
+        self.live.clear()
+        self.requests.clear()
+        self.done = asyncio.get_running_loop().create_future()
+
+    async def connect(self, ports: list[int]) -> None:
+        """Connect (retrying as advised) and subscribe every channel; `done` resolves with
+        the moment the last one is subscribed."""
+        loop = asyncio.get_running_loop()
+        while not BenchClient.stopping:
+            port = self.rng.choice(ports)
+            uri = f"ws://{HOST}:{port}/ws"
+            try:
+                _, conn = await loop.create_connection(
+                    functools.partial(Client, self, uri), HOST, port)
+                self.conn = conn
+                await asyncio.wait_for(conn.opened, 30)
+            except InvalidStatus as exc:
+                self.stats.refused += 1
+                after = exc.response.headers.get("Retry-After", "1")
+                delay = float(after) if after.isdigit() else 1.0
+                await asyncio.sleep(delay + self.rng.uniform(0, delay / 2))
+                continue
+            except (OSError, TimeoutError):
+                self.stats.conn_failures += 1
+                await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+                continue
+            conn.send({"type": "connect", "id": 0, "name": "storm"})
+            return
+
+    stopping = False  # the row is over: nobody reconnects
+
+    def lost(self, conn: Client) -> None:
+        if (conn is self.conn and not self.done.done() and self.live != set(self.channels)
+                and not BenchClient.stopping):
+            # Dropped during its recovery (not by us): try again.
+            asyncio.get_running_loop().call_soon(self._again)
+
+    def _again(self) -> None:
+        self.reset()
+        task = asyncio.ensure_future(self.connect(self.ports))
+        task.add_done_callback(lambda t: t.exception())
+
+    ports: list[int] = []
+
+    def subscribe(self, channel: str) -> None:
+        assert self.conn is not None
+        self.ids += 1
+        self.requests[self.ids] = channel
+        req: dict[str, Any] = {"type": "subscribe", "id": self.ids, "channel": channel}
+        pos = self.positions.get(channel)
+        if pos is not None:
+            req["recover"] = {"offset": pos[0], "epoch": pos[1]}
+        self.conn.send(req)
+
+    def message(self, conn: Client, m: dict[str, Any]) -> None:
+        if conn is not self.conn:
+            return
+        kind = m.get("type")
+        if kind == "pub":
+            ch = m["channel"]
+            pos = self.positions.get(ch)
+            if pos is None or ch not in self.live:
+                return
+            offset = m["offset"]
+            if offset <= pos[0]:
+                self.stats.dups += 1
+                return
+            if offset != pos[0] + 1:
+                self.stats.gaps += offset - pos[0] - 1
+            self.positions[ch] = (offset, pos[1])
+        elif kind == "ping":
+            conn.send({"type": "pong"})
+        elif kind == "connected":
+            for ch in self.channels:
+                self.subscribe(ch)
+        elif kind == "subscribed":
+            ch = self.requests.pop(m["id"])
+            pos = self.positions.get(ch)
+            if pos is not None and m.get("recovered") and pos[1] == m["epoch"]:
+                self.stats.recovered += 1
+            else:
+                if pos is not None:
+                    self.stats.resynced += 1
+                self.positions[ch] = (m["offset"], m["epoch"])
+            self.live.add(ch)
+            if len(self.live) == len(self.channels) and not self.done.done():
+                self.done.set_result(time.monotonic())
+        elif kind == "resync":
+            ch = m["channel"]
+            self.stats.resynced += 1
+            self.positions[ch] = (m["offset"], m["epoch"])
+        elif kind == "error":
+            ch = self.requests.pop(m.get("id", -1), None)
+            if ch is None or m.get("code") not in ("unavailable", "internal"):
+                if len(self.stats.errors) < 5:
+                    self.stats.errors.append(str(m))
+                return
+            self.stats.deferred += 1
+            advised = m.get("retry_after_ms")
+            if isinstance(advised, int) and advised > 0:
+                delay = advised / 1000 * (1 + self.rng.random() / 2)
+            else:
+                delay = self.rng.uniform(1.0, 5.0)
+            asyncio.get_running_loop().call_later(delay, self._retry, conn, ch)
+
+    def _retry(self, conn: Client, channel: str) -> None:
+        if conn is self.conn and not conn.closed:
+            self.subscribe(channel)
+
+
+async def commandstats(redis: Redis) -> dict[str, int]:
+    info = await redis.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+
+async def edge_metric(edge: EdgeProcess, name: str) -> float | None:
+    from _common import http_get
+
+    _, text = await asyncio.to_thread(http_get, edge.url("/metrics"))
+    total = None
+    for line in text.splitlines():
+        if line.startswith(name):
+            total = (total or 0.0) + float(line.split()[-1])
+    return total
+
+
+def delta(after: list[float | None], before: list[float | None]) -> object:
+    """The edges' total change of a metric; "-" when the edges do not export it."""
+    if None in after or None in before:
+        return "-"
+    return int(sum(a or 0 for a in after) - sum(b or 0 for b in before))
+
+
+async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[EdgeProcess],
+                prefix: str) -> list[object]:
+    redis = Redis.from_url(redis_url)
+    publisher = Publisher(RedisBroker(Redis.from_url(redis_url), Keys(prefix)))
+    stats = Stats()
+    rng = random.Random(n)
+    ports = [e.port for e in edges]
+    BenchClient.ports = ports
+    BenchClient.stopping = False
+    clients = [BenchClient(i, stats, rng) for i in range(n)]
+    channels = SHARED + [ch for c in range(n) for ch in own_channels(c)]
+    published = 0
+    tops: dict[str, int] = {}
+    publishing = True
+
+    async def publish() -> None:
+        nonlocal published
+        batch_size = max(int(args.rate / 50), 1)
+        while publishing:
+            t0 = time.monotonic()
+            msgs = [UpstreamMessage(ch, {"t": t0})
+                    for ch in (rng.choice(SHARED) if rng.random() < 0.3 else rng.choice(channels)
+                               for _ in range(batch_size))]
+            for msg, res in zip(msgs, await publisher.publish_batch(msgs), strict=True):
+                tops[msg.channel] = res.offset
+            published += len(msgs)
+            await asyncio.sleep(max(0.02 - (time.monotonic() - t0), 0.0))
+
+    try:
+        progress(f"[{n}] connecting {n} clients x {len(clients[0].channels)} channels ...")
+        sem = asyncio.Semaphore(200)
+
+        async def first(c: BenchClient, port: int) -> None:
+            async with sem:
+                await c.connect([port])
+                await asyncio.wait_for(asyncio.shield(c.done), 120)
+
+        pub_task = asyncio.create_task(publish())
+        t0 = time.monotonic()
+        await asyncio.gather(*(first(c, ports[c.index % 2]) for c in clients))
+        progress(f"[{n}] connected in {time.monotonic() - t0:.1f} s; publishing {args.rate}/s")
+        await asyncio.sleep(2.0)
+        memory_name = 'fanout_edge_subscribe_sources_total{source="memory"}'
+        deferred_name = 'fanout_edge_admission_total{kind="recovery",outcome="deferred"}'
+        memory0 = [await edge_metric(e, memory_name) for e in edges]
+        deferred0 = [await edge_metric(e, deferred_name) for e in edges]
+        cpu0 = [cpu_seconds(e.pid) for e in edges]
+        cmd0 = await commandstats(redis)
+        pub0 = published
+        # The storm: every connection aborted at once, every client back at once.
+        start = time.monotonic()
+        for c in clients:
+            conn = c.conn
+            c.conn = None
+            c.reset()
+            if conn is not None:
+                conn.abort()
+        for c in clients:
+            asyncio.ensure_future(c.connect(ports)).add_done_callback(lambda t: t.exception())
+        pending = {c.done for c in clients}
+        done_at: list[float] = []
+        timed_out = False
+        while pending:
+            finished, pending = await asyncio.wait(pending, timeout=max(
+                args.timeout - (time.monotonic() - start), 0.01))
+            done_at += [f.result() - start for f in finished]
+            if not finished:
+                timed_out = True
+                break
+        elapsed = max(done_at) if done_at and not timed_out else None
+        cpu = [cpu_seconds(e.pid) - c0 for e, c0 in zip(edges, cpu0, strict=True)]
+        cmd1 = await commandstats(redis)
+        pub_during = published - pub0
+        reads = cmd1.get("evalsha", 0) - cmd0.get("evalsha", 0) - pub_during
+        publishing = False
+        await pub_task
+        progress(f"[{n}] recovered: {len(done_at)}/{n}; checking every client reaches the tops")
+        deadline = time.monotonic() + 60
+        behind = 0
+        for c in clients:
+            while True:
+                behind = sum(1 for ch in c.channels
+                             if ch in tops and c.positions.get(ch, (0, ""))[0] < tops[ch])
+                if not behind or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            if behind:
+                break
+        memory = delta([await edge_metric(e, memory_name) for e in edges], memory0)
+        deferred = delta([await edge_metric(e, deferred_name) for e in edges], deferred0)
+        BenchClient.stopping = True
+        for c in clients:
+            if c.conn is not None:
+                c.conn.abort()
+        return [
+            n, f"{elapsed:.1f}" if elapsed is not None else f"> {args.timeout:.0f} "
+            f"({len(done_at)} back)",
+            f"{statistics.median(done_at):.1f}" if done_at else "-",
+            stats.recovered, stats.resynced,
+            " / ".join(f"{x:.1f}" for x in cpu), reads,
+            stats.deferred, stats.refused,
+            memory, deferred,
+            stats.gaps, stats.dups, behind,
+        ]
+    finally:
+        publishing = False
+        await redis.aclose()
+        if stats.errors:
+            progress(f"[{n}] errors: {stats.errors}")
+
+
+async def run(args: argparse.Namespace, url: str, edge_cpu: int | None) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for n in args.clients:
+        prefix = bench_prefix("storm")
+        extra = shlex.split(args.edge_args)
+        edges = [SourceEdge(Path(args.edge_source), url, prefix, edge_cpu, extra)
+                 if args.edge_source else EdgeProcess(url, prefix, edge_cpu, extra)
+                 for _ in range(2)]
+        try:
+            for e in edges:
+                e.start()
+            for e in edges:
+                await wait_ready(e)
+            rows.append(await storm(args, n, url, edges, prefix))
+            progress(f"[{n}] {rows[-1]}")
+            for name, e in zip("AB", edges, strict=True):
+                lines = e.output(100_000).splitlines()
+                progress(f"[{n}] edge {name}: {len(lines)} log lines; last ones:")
+                for line in lines[-8:]:
+                    progress(f"    {line[:300]}")
+        finally:
+            for e in edges:
+                e.stop()
+            redis = Redis.from_url(url)
+            with contextlib.suppress(Exception):
+                await delete_prefix(redis, prefix)
+            await redis.aclose()
+    return rows
+
+
+class SourceEdge(EdgeProcess):
+    """An edge run from another checkout (its packages first on sys.path): the base of a
+    comparison."""
+
+    def __init__(self, source: Path, *args: Any) -> None:
+        super().__init__(*args)
+        self.source = source
+
+    def start(self) -> None:
+        import subprocess
+
+        from _common import child_preexec
+
+        cmd = [sys.executable, "-m", "fanout", "edge", "--host", HOST, "--port",
+               str(self.port), "--key-prefix", self.prefix, "--log-level", "warning",
+               "--max-connections", "0", "--max-connections-per-ip", "0", *self.extra]
+        env = {**os.environ, "FANOUT_REDIS_URL": self.redis_url,
+               "PYTHONPATH": str(self.source)}
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.source, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT, preexec_fn=child_preexec(self.cpu),
+            start_new_session=True)
+
+
+def counts(text: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected e.g. 1000,5000, got {text!r}") from None
+    if not values or any(v < 2 for v in values):
+        raise argparse.ArgumentTypeError("counts must be >= 2")
+    return values
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--clients", type=counts, default=[1_000, 5_000, 10_000],
+                   help="clients per row, comma-separated (default 1000,5000,10000)")
+    p.add_argument("--rate", type=float, default=2_000.0,
+                   help="messages published per second (default 2000)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for every client to recover (default 60)")
+    p.add_argument("--edge-cpu", type=int, default=0, help="CPU to pin both edges to")
+    p.add_argument("--bench-cpu", type=int, default=1,
+                   help="CPU to pin this process (clients, publisher) and Valkey to")
+    p.add_argument("--no-pin", action="store_true", help="do not pin anything")
+    p.add_argument("--edge-args", default="", help="more flags for `fanout edge`")
+    p.add_argument("--edge-source", default="",
+                   help="run the edges from this checkout (e.g. a worktree of the base)")
+    p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL"),
+                   help="use this Redis/Valkey instead of an embedded one [env BENCH_REDIS_URL]")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    sigterm_as_interrupt()
+    print(f"fanout reconnect-storm benchmark: {environment()}", flush=True)
+    print(source_state() if not args.edge_source else f"edges from {args.edge_source}",
+          flush=True)
+    notes: list[str] = []
+    edge_cpu: int | None = None
+    can_pin = len(os.sched_getaffinity(0)) >= 2 and args.edge_cpu != args.bench_cpu
+    if not args.no_pin and can_pin and pin(0, args.bench_cpu):
+        edge_cpu = args.edge_cpu
+        notes.append(f"both edges pinned to CPU {args.edge_cpu}; clients, publisher and "
+                     f"Valkey to CPU {args.bench_cpu}")
+    else:
+        notes.append("nothing pinned")
+    try:
+        with redis_server(args.redis_url) as server:
+            if server.embedded is not None and server.pid and edge_cpu is not None:
+                pin(server.pid, args.bench_cpu)
+            rows = run_async(run(args, server.url, edge_cpu))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print()
+    print(table(["clients", "recovered s", "p50 s", "recovered", "resynced",
+                 "edge CPU s (A / B)", "history reads", "unavailable", "503",
+                 "from memory", "deferred (edges)", "gaps", "dups", "behind"], rows))
+    print()
+    print("\n".join(notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
