@@ -205,16 +205,23 @@ async def test_conflating_client_behind_gets_latest_values(
         return all(slow.offsets.get(ch, [0])[-1] == last[ch] for ch in channels)
 
     def fast_done() -> bool:
-        return all(fast.offsets.get(ch) == list(range(1, last[ch] + 1)) for ch in channels)
+        return all(fast.offsets.get(ch, [0])[-1] == last[ch] for ch in channels)
 
     await slow.wait_for(slow_done, DEADLINE)
-    await fast.wait_for(fast_done, DEADLINE)  # the fast one: everything, in order
-    state: dict[str, dict[str, Any]] = {ch: {} for ch in channels}
-    for ch in channels:
-        for data in slow.data[ch]:
-            state[ch].update(data)
-        assert slow.offsets[ch] == sorted(set(slow.offsets[ch]))  # offsets only go up
-    assert state == expected  # the latest value of every field
+    # The fast one too ends with the latest value of every field. It may itself get some of
+    # the burst merged: a whole channel's burst comes in one event-loop turn (publish.lua
+    # publishes a channel's messages in one call), more than any socket takes at once, and
+    # on a conflating channel what waits in a queue is merged, whoever's queue it is.
+    await fast.wait_for(fast_done, DEADLINE)
+    fast_data = {ch: [m["data"] for m in fast.messages
+                      if m.get("type") == "pub" and m.get("channel") == ch] for ch in channels}
+    for offsets, data in ((slow.offsets, slow.data), (fast.offsets, fast_data)):
+        state: dict[str, dict[str, Any]] = {ch: {} for ch in channels}
+        for ch in channels:
+            for update in data[ch]:
+                state[ch].update(update)
+            assert offsets[ch] == sorted(set(offsets[ch]))  # offsets only go up
+        assert state == expected  # the latest value of every field
     received = sum(len(v) for v in slow.offsets.values())
     assert received < published  # some were conflated
     assert not slow.closed.done() and not fast.closed.done()
