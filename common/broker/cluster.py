@@ -43,7 +43,14 @@ from common.aio import wait_event
 from common.broker.base import LiveListener
 from common.broker.keys import Keys
 from common.broker.live import decode_live
-from common.broker.redisbroker import RedisBroker, _as_sent, _text, _unavailable
+from common.broker.redisbroker import (
+    ReaderWake,
+    RedisBroker,
+    _as_sent,
+    _text,
+    _unavailable,
+    pubsub_reader,
+)
 from common.broker.scripts import group_publishes, publish_call, source
 from common.broker.types import (
     BrokerUnavailable,
@@ -182,9 +189,10 @@ class _Shard:
         self.client: Redis | None = None
         self.connected = asyncio.Event()
         self.closing = False
-        self.reconnect = False
+        self.wake = ReaderWake()  # `wake.wake()`: drop the connection now, reconnect
         self.task: asyncio.Task[None] = asyncio.create_task(
             self._run(), name=f"broker-live-shard-{address}")
+        self.wake.task = self.task
 
     async def close(self) -> None:
         self.closing = True
@@ -227,7 +235,7 @@ class _Shard:
         delay = 0.1
         host, _, port = self.address.rpartition(":")
         while not self.closing:
-            self.reconnect = False
+            error: Exception
             try:
                 self.client = Redis(host=host, port=int(port), decode_responses=True,
                                     socket_connect_timeout=5.0, socket_keepalive=True,
@@ -244,26 +252,28 @@ class _Shard:
                 names = sent
                 self.connected.set()
                 listener.on_connected(len(names))
+                read = pubsub_reader(pubsub)
                 while True:
                     try:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=False,
-                                                       timeout=1.0)
+                        reply = await read()
                     except ResponseError as exc:  # MOVED for an SSUBSCRIBE: not ours
                         live.on_redirect(self, str(exc))
                         continue
-                    if self.reconnect:
-                        raise ConnectionError("liveness probe failed")
-                    if msg is None:
-                        continue
                     delay = 0.1
-                    kind = msg["type"]
-                    ch: str = msg["channel"]
-                    if kind == "smessage":
+                    if isinstance(reply, list) and len(reply) == 3 and reply[0] == "smessage":
+                        ch: str = reply[1]
                         if ch.startswith(live_prefix):
-                            on_publication(decode_live(channel_of_live(ch), msg["data"]))
+                            on_publication(decode_live(channel_of_live(ch), reply[2]))
                         elif ch == self.probe_channel:
                             self.probe_seen.set()
-                    elif kind == "ssubscribe" and ch.startswith(live_prefix):
+                        continue
+                    # Confirmations (rare): redis-py's own handling keeps its bookkeeping.
+                    msg = await pubsub.handle_message(reply, ignore_subscribe_messages=False)  # type: ignore[no-untyped-call]
+                    if msg is None:
+                        continue
+                    kind = msg["type"]
+                    ch = msg["channel"]
+                    if kind == "ssubscribe" and ch.startswith(live_prefix):
                         name = channel_of_live(ch)
                         if name in self.channels:
                             listener.on_subscribed(name)
@@ -273,16 +283,23 @@ class _Shard:
                             # Not asked for: the slot moved to another master.
                             live.on_moved_away(self, name)
             except asyncio.CancelledError:
-                raise
+                if not self.wake.woken(self.closing):
+                    raise
+                error = ConnectionError("liveness probe failed")
             except Exception as exc:
-                self.connected.clear()
-                if self.closing:
-                    return
-                listener.on_lost(exc, delay)
+                error = exc
+            self.connected.clear()
+            if self.closing:
+                return
+            listener.on_lost(error, delay)
+            try:
                 await self._drop()
                 live.on_shard_lost(self)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+            except asyncio.CancelledError:
+                if not self.wake.woken(self.closing):
+                    raise
+            delay = min(delay * 2, 1.0)
 
 
 class ClusterLive:
@@ -405,7 +422,7 @@ class ClusterLive:
     def reconnect(self) -> None:
         for shard in self.shards.values():
             if not shard.probe_seen.is_set():
-                shard.reconnect = True
+                shard.wake.wake()
 
     # --- topology -------------------------------------------------------------------------
 

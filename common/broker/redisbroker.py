@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -300,7 +301,7 @@ class RedisLive:
         self._connected = asyncio.Event()
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._reconnect = False
+        self._wake = ReaderWake()
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
 
@@ -359,7 +360,7 @@ class RedisLive:
         return await wait_event(self._probe_seen, timeout)
 
     def reconnect(self) -> None:
-        self._reconnect = True  # the reader reconnects within a second
+        self._wake.wake()  # the reader drops this connection now and reconnects
 
     async def _read_loop(self) -> None:
         delay = 0.1
@@ -368,40 +369,103 @@ class RedisLive:
         channel_of_live = keys.channel_of_live
         listener = self.listener
         on_publication = listener.on_publication
+        probe_channel = self._probe_channel
+        wake = self._wake
+        wake.task = asyncio.current_task()
         while not self._closing:
             pubsub = self._pubsub = self.broker._pubsub_factory()
-            self._reconnect = False
+            error: Exception
             try:
                 names = list(self.channels)
                 await pubsub.subscribe(self._probe_channel, *(keys.live(n) for n in names))
                 self._connected.set()
                 listener.on_connected(len(names))
+                read = pubsub_reader(pubsub)
                 while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
-                    if self._reconnect:
-                        raise ConnectionError("liveness probe failed")
-                    if msg is None:
-                        continue
+                    reply = await read()
                     delay = 0.1
-                    kind = msg["type"]
-                    ch: str = msg["channel"]
-                    if kind == "message":
-                        if ch.startswith(live_prefix):
-                            on_publication(decode_live(channel_of_live(ch), msg["data"]))
-                        elif ch == self._probe_channel:
-                            self._probe_seen.set()
-                    elif kind == "subscribe" and ch.startswith(live_prefix):
-                        listener.on_subscribed(channel_of_live(ch))
+                    if isinstance(reply, list) and len(reply) == 3 and reply[0] == "message":
+                        ch: str = reply[1]
+                        data: str = reply[2]
+                    else:  # confirmations (rare): redis-py's handling keeps its bookkeeping
+                        msg = await pubsub.handle_message(reply, ignore_subscribe_messages=False)
+                        if msg is None:
+                            continue
+                        ch = msg["channel"]
+                        if msg["type"] != "message":
+                            if msg["type"] == "subscribe" and ch.startswith(live_prefix):
+                                listener.on_subscribed(channel_of_live(ch))
+                            continue
+                        data = msg["data"]
+                    if ch.startswith(live_prefix):
+                        on_publication(decode_live(channel_of_live(ch), data))
+                    elif ch == probe_channel:
+                        self._probe_seen.set()
             except asyncio.CancelledError:
-                raise
+                if not wake.woken(self._closing):
+                    raise
+                error = ConnectionError("liveness probe failed")
             except Exception as exc:
-                self._connected.clear()
-                listener.on_lost(exc, delay)
+                error = exc
+            self._connected.clear()
+            listener.on_lost(error, delay)
+            try:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
                 self._pubsub = None
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            except asyncio.CancelledError:
+                if not wake.woken(self._closing):
+                    raise
+            delay = min(delay * 2, 5.0)
+
+
+class ReaderWake:
+    """Wakes a pub/sub reader blocked in a read (no per-read timeout, no polling): `wake`
+    cancels its task; the reader, catching the CancelledError, asks `woken` whether that
+    was this wake (then it drops its connection and reconnects) or a real cancellation."""
+
+    __slots__ = ("_pending", "task")
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self._pending = False
+
+    def wake(self) -> None:
+        task = self.task
+        if task is None or task.done() or self._pending:
+            return
+        self._pending = True
+        task.cancel()
+
+    def woken(self, closing: bool) -> bool:
+        """In the reader's `except CancelledError`: True if the cancellation was `wake`'s
+        (and it is undone), False if it must propagate."""
+        if closing or not self._pending:
+            return False
+        self._pending = False
+        task = self.task
+        if task is not None:
+            task.uncancel()
+        return True
+
+
+def pubsub_reader(pubsub: PubSub) -> Callable[[], Awaitable[Any]]:
+    """The next reply of a subscribed pub/sub connection, read straight from its parser:
+    no per-read timer (blocks until a reply), no retry wrapper, no per-message telemetry
+    or handler lookup (`PubSub.get_message` does all that per message). A broken
+    connection raises (ConnectionError) rather than reconnecting behind the caller's back:
+    the caller resubscribes and reports the loss. A `-ERR`/`-MOVED` reply raises
+    ResponseError, as `get_message` would."""
+    conn = pubsub.connection
+    if conn is None:
+        raise ConnectionError("pubsub not connected")
+    read_response = conn.read_response
+
+    def read() -> Awaitable[Any]:
+        return read_response(timeout=math.inf, disconnect_on_error=False, push_request=True)
+
+    return read
 
 
 def _text(value: str | bytes | int) -> str:

@@ -370,6 +370,39 @@ async def test_live_messages_in_order(broker: Broker) -> None:
         await live.close()
 
 
+async def test_reconnect_wakes_a_reader_blocked_in_its_read(broker: Broker) -> None:
+    """`reconnect()` (the hub's liveness probe failed) drops the pub/sub connection of a
+    reader blocked in a read with nothing arriving, reports the loss, resubscribes every
+    channel and delivers again; closing afterwards still ends the reader."""
+    if not isinstance(broker, RedisBroker) or isinstance(broker, RedisClusterBroker):
+        pytest.skip("one pub/sub connection: RedisLive")
+    lost: list[BaseException] = []
+
+    class Losing(Listener):
+        def on_lost(self, error: BaseException, retry_in: float) -> None:
+            lost.append(error)
+
+    listener = Losing()
+    live = broker.live(listener, "node")
+    await live.start()
+    try:
+        await asyncio.wait_for(live.wait_connected(), 5)
+        await live.subscribe(CH)
+        await until(lambda: listener.subscribed == [CH])
+        live.reconnect()
+        live.reconnect()  # twice before the reader runs: one reconnect
+        await until(lambda: listener.connected == 2 and live.connected)
+        assert len(lost) == 1 and "liveness probe failed" in repr(lost[0])
+        await until(lambda: listener.subscribed == [CH, CH])  # resubscribed
+        assert await live.probe(2.0)
+        await pub(broker, req(1))
+        await until(lambda: [p.offset for p in listener.pubs] == [1])
+        assert listener.connected == 2 and len(lost) == 1
+    finally:
+        await live.close()
+    assert live._reader is not None and live._reader.done()
+
+
 def test_the_live_codec_round_trips() -> None:
     text = encode_live("e1", 7, "bid:1", '{"a":"x\\ny"}\n', deleted=True, received_ms=1500)
     p = decode_live("depth.X", text)
