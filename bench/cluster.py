@@ -29,14 +29,10 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import websockets
-
-from bench._common import (
+from _common import (
     EdgeProcess,
     cpu_seconds,
     environment,
@@ -46,6 +42,7 @@ from bench._common import (
     wait_ready,
     watchdog,
 )
+
 from common.broker.redisbroker import RedisBroker
 from common.config import RedisSettings
 from fanout.embedded import EmbeddedValkey, EmbeddedValkeyCluster
