@@ -29,11 +29,9 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from _common import (
     HOST,
@@ -57,27 +55,17 @@ from redis.asyncio import Redis
 
 from common.broker.keys import Keys
 from common.broker.redisbroker import RedisBroker
-from fanout.embedded import free_port
 from ingest.publisher import Publisher
 
 RELAY = Path(__file__).resolve().parent / "relay.py"
 
 
-class RelayProcess:
-    """bench/relay.py on a free loopback port, pinned like the edge, killed with us."""
+class RelayProcess(EdgeProcess):
+    """bench/relay.py on a free loopback port, pinned like the edge, killed with us: an
+    edge's lifecycle (stop, output, pid), another command."""
 
     def __init__(self, redis_url: str, prefix: str, cpu: int | None) -> None:
-        self.port = free_port(HOST)
-        self.redis_url = redis_url
-        self.prefix = prefix
-        self.cpu = cpu
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log: IO[bytes] = tempfile.TemporaryFile(prefix="bench-relay-")  # noqa: SIM115
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        super().__init__(redis_url, prefix, cpu, [])
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -101,22 +89,6 @@ class RelayProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"relay not ready after {timeout:.0f} s")
             await asyncio.sleep(0.1)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.log.close()
-
-    def output(self, limit: int = 3_000) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-limit:]
 
 
 @dataclass
