@@ -684,6 +684,9 @@ class Hub:
         delay = 0.05
         try:
             while self.channels.get(state.name) is state:
+                # Held-back messages received before the read is issued were published
+                # before it ran: one of another epoch than the read's is of an older one.
+                before = len(state.backlog)
                 try:
                     if not resync and state.last is not None:
                         result = await self._fill_read(state)
@@ -710,6 +713,8 @@ class Hub:
                 backlog, state.backlog = state.backlog, []
                 for i, pub in enumerate(backlog):
                     if pub.epoch != state.epoch:
+                        if i < before:
+                            continue  # stale (resyncing for it again would never end)
                         resync = True
                     elif state.last is not None and pub.offset > state.last + 1:
                         resync = False

@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from common import protocol
-from common.broker import BrokerUnavailable, HistoryResult, PublishRequest, SnapshotWant
+from common.broker import (
+    BrokerUnavailable,
+    HistoryResult,
+    Publication,
+    PublishRequest,
+    SnapshotWant,
+)
 from common.broker.memory import MemoryBroker
 from common.channels import parse_channel
 from common.errors import Disconnect, Unavailable
@@ -652,3 +658,28 @@ async def test_a_fill_that_finds_the_same_message_at_last_fills(
     broker.restore_live()
     await until(lambda: s.offsets() == [1, 2, 3, 4])
     assert hub.stats.lost_writes == 0 and hub.stats.resyncs == 0
+
+
+async def test_a_message_of_the_old_epoch_held_back_during_a_resync_is_dropped(
+    hub: Hub, broker: MemoryBroker
+) -> None:
+    """A live message of the old epoch that arrives while the channel resyncs (a publisher
+    that had not seen the rebase yet) is stale once the resync read has been issued after
+    it: it is dropped, not resynced for again and again."""
+    s = FakeSession()
+    reply = await join(hub, s)
+    old = str(reply["epoch"])
+    await publish(broker, CH, 1, 2)
+    await until(lambda: s.offsets() == [1, 2])
+    new = (await broker.rebase(CH, old, None, meta_ttl=TTL)).epoch
+    broker.available = False  # the resync's read fails and is retried
+    await publish_unavailable(broker, 3)
+    await until(lambda: hub.channels[CH].repair is not None)
+    hub.on_publication(Publication(CH, old, 3, "", '{"o":30}'))
+    broker.available = True
+    await until(lambda: hub.channels[CH].repair is None)
+    await settle()
+    assert [m["epoch"] for m in s.resyncs()] == [new]
+    assert hub.stats.resyncs == 1 and hub.channels[CH].epoch == new
+    assert await publish(broker, CH, 4) == [4]
+    await until(lambda: s.offsets() == [1, 2, 4])
