@@ -479,3 +479,46 @@ async def test_failover_that_loses_acknowledged_writes(
           f"{len(clients)}, channels that lost writes {len(on_victim)}, resyncs {resyncs} "
           f"(all contiguous otherwise); publisher rebases {load.publisher.rebased}, "
           f"edge detections {detected}")
+
+
+async def test_a_publish_batch_goes_to_every_master_at_once(
+    redis_cluster: ClusterServer, key_prefix: str, embedded: EmbeddedValkeyCluster,
+) -> None:
+    """One batch over channels of every master is sent to the masters concurrently (one
+    pipeline each), not one master after the other: with the first master's writes paused
+    (CLIENT PAUSE WRITE), the others' channels are published while the batch still waits
+    for it; each channel's messages keep their order."""
+    keys = Keys(key_prefix)
+    channels = spread_channels(embedded, keys)
+    first = embedded.master_of(keys.meta(channels[0]))
+    # The stalled master's channels first: a sequential sender would wait on it first.
+    channels.sort(key=lambda ch: embedded.master_of(keys.meta(ch)) != first)
+    others = [ch for ch in channels if embedded.master_of(keys.meta(ch)) != first]
+    broker = RedisClusterBroker.from_cluster_settings(
+        redis_cluster.settings(key_prefix), socket_timeout=30.0)
+    publisher = Publisher(broker)
+    try:
+        await publisher.publish_batch([UpstreamMessage(ch, {"n": 0}) for ch in channels])
+
+        def top(ch: str) -> int:
+            master = embedded.master_of(keys.meta(ch))
+            return int(embedded.call(master, "HGET", keys.meta(ch), "top") or 0)
+
+        embedded.call(first, "CLIENT", "PAUSE", 30_000, "WRITE")
+        try:
+            batch = [UpstreamMessage(ch, {"n": n}) for n in (1, 2) for ch in channels]
+            task = asyncio.create_task(publisher.publish_batch(batch))
+            await asyncio.to_thread(
+                embedded._wait, lambda: all(top(ch) == 3 for ch in others), 10.0,
+                "the other masters' channels to be published")
+            assert not task.done()
+            assert all(top(ch) == 1 for ch in channels if ch not in others)
+        finally:
+            embedded.call(first, "CLIENT", "UNPAUSE")
+        results = await asyncio.wait_for(task, 10)
+        assert [r.offset for r in results] == [2] * len(channels) + [3] * len(channels)
+        for ch in channels:
+            history = await broker.history(ch, 0, "0", limit=10, meta_ttl=3600)
+            assert [json.loads(p.data)["n"] for p in history.entries] == [0, 1, 2]
+    finally:
+        await broker.close()
