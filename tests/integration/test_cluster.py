@@ -371,7 +371,6 @@ async def test_failover_that_loses_acknowledged_writes(
             while any(load.last[ch] < cut[ch] + burst for ch in on_victim):
                 await asyncio.sleep(0.01)
         acked = {ch: load.last[ch] for ch in on_victim}
-        epoch_before = {ch: load.epochs[ch] for ch in on_victim}
         for client in clients + leavers:  # delivered, not only acknowledged
             await client.wait_for(functools.partial(
                 reached, client, {ch: acked[ch] - 1 for ch in on_victim}), 30)
@@ -401,12 +400,13 @@ async def test_failover_that_loses_acknowledged_writes(
     await asyncio.to_thread(embedded.wait_healthy, 60.0)
     healthy = time.monotonic() - killed_at
     assert embedded.master_of(keys.meta(on_victim[0])) == replica
-    # The promoted replica lacks the burst: the channel's offsets went back, same epoch.
+    # The promoted replica lacks the burst: the channel's offsets went back (in the same
+    # epoch, unless an edge that resubscribed meanwhile noticed and rebased it: a rebase
+    # keeps `top`).
     lost = {}
     for ch in on_victim:
         top = int(embedded.call(replica, "HGET", keys.meta(ch), "top"))
-        epoch = embedded.call(replica, "HGET", keys.meta(ch), "epoch")
-        assert top < acked[ch] and epoch == epoch_before[ch], (ch, top, acked[ch], epoch)
+        assert top < acked[ch], (ch, top, acked[ch])
         lost[ch] = acked[ch] - top
 
     # Publishing resumes, past the offsets lost: every client gets new messages in the
@@ -428,6 +428,7 @@ async def test_failover_that_loses_acknowledged_writes(
     for client in clients:
         await client.wait_for(functools.partial(caught_up, client), 30)
     delivered = time.monotonic() - released
+    since_kill = time.monotonic() - killed_at
 
     # A client back with its pre-failover position is not told it recovered: on the
     # edges that knew the channel, and on one that did not.
@@ -475,7 +476,8 @@ async def test_failover_that_loses_acknowledged_writes(
     print(f"\nlost writes ({publisher_after} publisher): replica promoted ({how}) "
           f"{promoted:.2f} s after the kill, cluster healthy {healthy:.2f} s; publishing "
           f"released, every client past the lost offsets in the current epoch "
-          f"{delivered:.2f} s later; lost per channel {sorted(lost.values())}; clients "
+          f"{delivered:.2f} s later ({since_kill:.2f} s after the kill); lost per channel "
+          f"{sorted(lost.values())}; clients "
           f"{len(clients)}, channels that lost writes {len(on_victim)}, resyncs {resyncs} "
           f"(all contiguous otherwise); publisher rebases {load.publisher.rebased}, "
           f"edge detections {detected}")
