@@ -683,3 +683,19 @@ async def test_a_message_of_the_old_epoch_held_back_during_a_resync_is_dropped(
     assert hub.stats.resyncs == 1 and hub.channels[CH].epoch == new
     assert await publish(broker, CH, 4) == [4]
     await until(lambda: s.offsets() == [1, 2, 4])
+
+
+async def test_a_fill_whose_message_at_last_was_trimmed_still_fills(
+    hub: Hub, broker: MemoryBroker
+) -> None:
+    """Nothing to compare when the entry at `last` is trimmed away but the ones after it
+    are kept: the fill goes on as before the check (no resync, no rebase)."""
+    s = FakeSession()
+    await join(hub, s)
+    await publish(broker, CH, 1, 2, 3, max_length=2)
+    await until(lambda: s.offsets() == [1, 2, 3])
+    broker.disconnect_live()
+    await publish(broker, CH, 4, 5, max_length=2)  # the stream keeps 4 and 5 only
+    broker.restore_live()
+    await until(lambda: s.offsets() == [1, 2, 3, 4, 5])
+    assert hub.stats.lost_writes == 0 and hub.stats.resyncs == 0
