@@ -462,6 +462,10 @@ class EmbeddedValkeyCluster:
 
         self._wait(ok, timeout, "the cluster to be healthy", lambda: reason[0])
 
+    def wait_until(self, condition: Any, timeout: float, what: str) -> None:
+        """Poll `condition` (a callable) until it holds; TimeoutError naming `what`."""
+        self._wait(condition, timeout, what)
+
     def _wait(self, condition: Any, timeout: float, what: str,
               why: Any = None) -> None:
         """Poll `condition` until it holds; after `timeout` s TimeoutError naming `what`

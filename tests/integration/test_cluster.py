@@ -391,7 +391,7 @@ async def test_failover_that_loses_acknowledged_writes(
     how = "automatic"
     try:
         await asyncio.to_thread(
-            embedded._wait, lambda: embedded.role(replica) == "master", 20.0,
+            embedded.wait_until, lambda: embedded.role(replica) == "master", 20.0,
             f"replica {replica} to be promoted")
     except TimeoutError:
         how = "takeover"
@@ -511,7 +511,7 @@ async def test_a_publish_batch_goes_to_every_master_at_once(
             batch = [UpstreamMessage(ch, {"n": n}) for n in (1, 2) for ch in channels]
             task = asyncio.create_task(publisher.publish_batch(batch))
             await asyncio.to_thread(
-                embedded._wait, lambda: all(top(ch) == 3 for ch in others), 10.0,
+                embedded.wait_until, lambda: all(top(ch) == 3 for ch in others), 10.0,
                 "the other masters' channels to be published")
             assert not task.done()
             assert all(top(ch) == 1 for ch in channels if ch not in others)
