@@ -10,6 +10,12 @@ which it has dispatched every message, so what it hands to subscribers is gaples
 * after the live connection was lost, each channel is filled from the stream, since
   pub/sub drops whatever was published while nobody listened.
 
+A fill also checks that the stream still holds what the hub delivered: after a failover
+to a replica that lacked the last writes (asynchronous replication), the stream's `top`
+is below `last`, or the entry at `last` is another message, in the same epoch. The hub
+then gives the channel a new epoch (`Broker.rebase`: clients holding positions of the
+lost history are not told later that they recovered) and resyncs every subscriber.
+
 The message store is reached only through the broker (common/broker/): history reads, the
 live connection and its liveness probe.
 
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -173,6 +180,7 @@ class ChannelState:
         "recent_max",
         "recheck",
         "repair",
+        "tail",
     )
 
     def __init__(self, name: str) -> None:
@@ -181,6 +189,7 @@ class ChannelState:
         self.pending: list[Subscription] = []
         self.last: int | None = None
         self.epoch: str | None = None
+        self.tail: Publication | None = None  # the publication at `last`, if known
         self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.repair: asyncio.Task[None] | None = None  # a fill or resync under way
         self.backlog: list[Publication] = []  # live messages held back during a repair
@@ -372,6 +381,7 @@ class Hub:
         if state.last is None:
             state.last = sub.last
             state.epoch = result.epoch
+            state.tail = replay[-1] if replay else None
             # The window starts as what this subscriber replays, ending at `last`.
             self._clear_window(state)
             for pub in replay:
@@ -606,6 +616,7 @@ class Hub:
                 self._start_repair(state, pub, resync=False)
                 return
         state.last = pub.offset
+        state.tail = pub
         if state.recent_max:
             self._remember(state, pub)
         for sub in state.pending:
@@ -673,11 +684,16 @@ class Hub:
         delay = 0.05
         try:
             while self.channels.get(state.name) is state:
+                # Held-back messages received before the read is issued were published
+                # before it ran: one of another epoch than the read's is of an older one.
+                before = len(state.backlog)
                 try:
                     if not resync and state.last is not None:
-                        result = await self.read_history(
-                            state.name, state.last, "0", state.epoch or ""
-                        )
+                        result = await self._fill_read(state)
+                        if result is None:  # the stream lost what was delivered
+                            await self._rebase(state)
+                            resync = True
+                            continue
                         if result.recoverable and result.epoch == state.epoch:
                             self.stats.gaps_filled += 1
                             for pub in result.entries:
@@ -697,6 +713,8 @@ class Hub:
                 backlog, state.backlog = state.backlog, []
                 for i, pub in enumerate(backlog):
                     if pub.epoch != state.epoch:
+                        if i < before:
+                            continue  # stale (resyncing for it again would never end)
                         resync = True
                     elif state.last is not None and pub.offset > state.last + 1:
                         resync = False
@@ -715,6 +733,50 @@ class Hub:
         finally:
             state.repair = None
 
+    async def _fill_read(self, state: ChannelState) -> HistoryResult | None:
+        """The stream after `last`, for a fill; None if, in the same epoch, it no longer
+        holds what the hub delivered: its top is below `last`, or the entry at `last` (read
+        too, when the hub knows what it delivered there) is another message."""
+        name, last, epoch, tail = state.name, state.last, state.epoch or "", state.tail
+        assert last is not None
+        known = tail is not None and tail.offset == last and last > 0
+        result = await self.read_history(name, last - 1 if known else last, "0", epoch)
+        if result.epoch != epoch:
+            return result  # a new epoch: the caller resyncs
+        if result.top < last:
+            self._lost(state, result, f"top {result.top} below {last}")
+            return None
+        if not known:
+            return result
+        assert tail is not None
+        if not result.recoverable:
+            # The entry at `last` is trimmed away (or more than the limit is missing):
+            # nothing to compare; read as a plain fill would.
+            return await self.read_history(name, last, "0", epoch)
+        entries = result.entries
+        head = entries[0] if entries else None
+        if head is None or head.offset != last or (head.key, head.data, head.deleted) != (
+                tail.key, tail.data, tail.deleted):
+            self._lost(state, result, f"another message at {last}")
+            return None
+        return dataclasses.replace(result, entries=entries[1:])  # from `last + 1`
+
+    def _lost(self, state: ChannelState, result: HistoryResult, what: str) -> None:
+        self.stats.lost_writes += 1
+        self.log.error(
+            "stream lost delivered messages: Redis lost acknowledged writes channel=%s "
+            "epoch=%s last=%d top=%d found=%s subscribers=%d", state.name, state.epoch,
+            state.last, result.top, what, len(state.active))
+
+    async def _rebase(self, state: ChannelState) -> None:
+        """A new epoch for a channel whose stream lost what was delivered (if it is still
+        in the hub's epoch: another edge, or the publisher, may have done it)."""
+        if state.epoch:
+            reply = await self.broker.rebase(state.name, state.epoch, None,
+                                             meta_ttl=self.meta_ttl)
+            self.log.info("channel rebased channel=%s old_epoch=%s epoch=%s status=%s",
+                          state.name, state.epoch, reply.epoch, reply.status.name)
+
     def _resync(self, state: ChannelState, result: HistoryResult) -> None:
         self.log.info(
             "resync channel=%s epoch=%s offset=%d subscribers=%d",
@@ -727,6 +789,7 @@ class Hub:
             session.end_turn()
         state.epoch = result.epoch
         state.last = result.top
+        state.tail = None
         self._clear_window(state)
         message = protocol.resync(
             state.name, result.epoch, result.top, protocol.snapshot_object(result.snapshot)

@@ -80,6 +80,7 @@ class EdgeStats:
     messages_recovered: int = 0
     gaps_filled: int = 0
     resyncs: int = 0
+    lost_writes: int = 0  # channels whose stream lost what this edge had delivered
     pubsub_reconnects: int = 0
     queue_messages: int = 0
     queue_bytes: int = 0
@@ -204,6 +205,9 @@ class EdgeCollector(Collector):
         yield counter("gaps_filled", "Live gaps filled from the stream.", s.gaps_filled)
         yield counter("resyncs", "Channel resyncs pushed (epoch change, history lost).",
                       s.resyncs)
+        yield counter("lost_writes", "Channels found to have lost messages this edge had "
+                      "delivered (Redis lost acknowledged writes): given a new epoch, resynced.",
+                      s.lost_writes)
         yield counter("pubsub_reconnects", "Redis pub/sub reconnects.", s.pubsub_reconnects)
         yield counter("clients_behind", "Clients found max_lag behind while still reading "
                       "(slow consumers: their queue's policy applied until they caught up).",

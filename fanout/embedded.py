@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -318,6 +320,20 @@ class EmbeddedValkeyCluster:
         self.nodes[index].kill()
         self.running[index] = False
 
+    def pause_node(self, index: int) -> None:
+        """SIGSTOP node `index`: it holds its connections open but answers nothing (a
+        replica that lags; a master stalled). `resume_node` continues it."""
+        self._signal(index, signal.SIGSTOP)
+
+    def resume_node(self, index: int) -> None:
+        self._signal(index, signal.SIGCONT)
+
+    def _signal(self, index: int, sig: signal.Signals) -> None:
+        pid = self.nodes[index].pid
+        if pid is None:
+            raise RuntimeError(f"node {index} is not running")
+        os.kill(pid, sig)
+
     def restart_node(self, index: int, timeout: float = 10.0) -> None:
         """Start a killed node again: it rejoins with its old identity, empty (a master
         that was failed over meanwhile becomes a replica of its successor)."""
@@ -374,6 +390,19 @@ class EmbeddedValkeyCluster:
                     owners[slot] = address
         return owners
 
+    def replicas_of(self, index: int) -> list[int]:
+        """Indexes of the live replicas of master `index`, as a live node sees them."""
+        master_id = self.call(index, "CLUSTER", "MYID")
+        view = self._nodes(self._live()[0])
+        addresses = [n[1].split("@", 1)[0] for n in view
+                     if "slave" in n[2].split(",") and n[3] == master_id]
+        return sorted(i for i in map(self.index_of, addresses) if self.running[i])
+
+    def role(self, index: int) -> str:
+        """"master" or "slave", as node `index` says (ROLE)."""
+        role: str = self.call(index, "ROLE")[0]
+        return role
+
     def masters(self) -> list[int]:
         """Indexes of the masters that own slots."""
         return sorted({self.index_of(a) for a in self.slot_owners().values()})
@@ -388,38 +417,65 @@ class EmbeddedValkeyCluster:
     def healthy(self) -> bool:
         """Every live node says cluster_state:ok and sees the same slot owners (all slots,
         live masters); every live replica is in sync with its master."""
+        return self.unhealthy() is None
+
+    def unhealthy(self) -> str | None:
+        """Why the cluster is not healthy (see `healthy`), or None if it is."""
         try:
             live = self._live()
             tables = []
             for i in live:
-                if _info(self.call(i, "CLUSTER", "INFO")).get("cluster_state") != "ok":
-                    return False
+                state = _info(self.call(i, "CLUSTER", "INFO")).get("cluster_state")
+                if state != "ok":
+                    return f"node {i} ({self.address(i)}) cluster_state:{state}"
                 tables.append(self.slot_owners(i))
             first = tables[0]
-            if len(first) != SLOTS or any(t != first for t in tables[1:]):
-                return False
+            if len(first) != SLOTS:
+                return f"node {live[0]} sees {len(first)} of {SLOTS} slots served"
+            for i, table in zip(live[1:], tables[1:], strict=True):
+                if table != first:
+                    return f"node {i} and node {live[0]} disagree on the slot owners"
             live_addresses = {self.address(i) for i in live}
-            if not set(first.values()) <= live_addresses:
-                return False
+            dead = set(first.values()) - live_addresses
+            if dead:
+                return f"slots owned by nodes that are not running: {sorted(dead)}"
             for i in live:
                 repl = _info(self.call(i, "INFO", "replication"))
                 if repl.get("role") == "slave" and (
                     repl.get("master_link_status") != "up"
                     or repl.get("master_sync_in_progress") != "0"
                 ):
-                    return False
-            return True
-        except (OSError, NodeError):
-            return False
+                    return (f"replica {i} not in sync: master_link_status:"
+                            f"{repl.get('master_link_status')} master_sync_in_progress:"
+                            f"{repl.get('master_sync_in_progress')}")
+            return None
+        except (OSError, NodeError) as exc:
+            return f"a node did not answer: {exc!r}"
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        self._wait(self.healthy, timeout, "the cluster to be healthy")
+        """Until `healthy`; TimeoutError after about `timeout` s, saying what was not."""
+        reason: list[str | None] = [None]
 
-    def _wait(self, condition: Any, timeout: float, what: str) -> None:
+        def ok() -> bool:
+            reason[0] = self.unhealthy()
+            return reason[0] is None
+
+        self._wait(ok, timeout, "the cluster to be healthy", lambda: reason[0])
+
+    def wait_until(self, condition: Any, timeout: float, what: str) -> None:
+        """Poll `condition` (a callable) until it holds; TimeoutError naming `what`."""
+        self._wait(condition, timeout, what)
+
+    def _wait(self, condition: Any, timeout: float, what: str,
+              why: Any = None) -> None:
+        """Poll `condition` until it holds; after `timeout` s TimeoutError naming `what`
+        and, if given, what `why()` says is still missing."""
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for {what}")
+                reason = f": {why()}" if why is not None else ""
+                raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}"
+                                   f"{reason}")
             time.sleep(0.05)
 
     # --- resharding -----------------------------------------------------------------------

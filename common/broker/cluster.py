@@ -135,8 +135,11 @@ class RedisClusterBroker(RedisBroker):
         meta_ttl: int, idempotency_ttl: int,
     ) -> list[PublishReply]:
         """One publish.lua call per channel (`group_publishes`; a call's keys are in one
-        slot), all in one pipeline: redis-py sends each node its commands at once, in order
-        (a channel's calls, all on one slot, keep theirs), and follows MOVED/ASK. A
+        slot), all in one pipeline: redis-py's ClusterPipeline sends each node its commands
+        at once, in order (a channel's calls, all on one slot, keep theirs), to every node
+        concurrently (a task per node, gathered: a slow master delays only its own
+        channels' replies, test_cluster.py checks it), and then sends the commands that got
+        MOVED/ASK again one by one, in order. A
         promoted replica has no scripts (SCRIPT LOAD is not replicated): the calls that got
         NOSCRIPT, which ran nothing, are sent again after loading it on every master."""
         epoch = new_epoch()

@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 
 from common import protocol
-from common.broker import BrokerUnavailable, HistoryResult, PublishRequest, SnapshotWant
+from common.broker import (
+    BrokerUnavailable,
+    HistoryResult,
+    Publication,
+    PublishRequest,
+    SnapshotWant,
+)
 from common.broker.memory import MemoryBroker
 from common.channels import parse_channel
 from common.errors import Disconnect, Unavailable
@@ -592,3 +598,104 @@ async def test_the_broker_errors_are_its_own(broker: MemoryBroker) -> None:
     broker.available = False
     with pytest.raises(BrokerUnavailable):
         await broker.history(CH, -1, "0", limit=1, meta_ttl=TTL)
+
+
+# --- the store lost what was delivered (an asynchronous replica promoted) ----------------
+
+
+def lose_tail(broker: MemoryBroker, channel: str, keep: int) -> None:
+    """The store comes back without the writes after offset `keep`, in the same epoch (a
+    replica promoted before it had the master's last writes)."""
+    ch = broker._channels[channel]
+    ch.stream = [e for e in ch.stream if e.offset <= keep]
+    ch.top = keep
+    ch.snapshot = {"": json.dumps({"o": keep})}
+
+
+@pytest.mark.parametrize("republished", [0, 4], ids=["top-below-last", "other-messages"])
+async def test_a_fill_that_finds_delivered_messages_lost_rebases_and_resyncs(
+    hub: Hub, broker: MemoryBroker, republished: int
+) -> None:
+    """After the live connection was lost, the stream no longer holds what the hub
+    delivered: its top is below it, or (a new publisher went on in the same epoch) other
+    messages are at those offsets. Every subscriber is resynced into a new epoch, and a
+    client back with a position of the lost history is not told it recovered."""
+    s = FakeSession()
+    reply = await join(hub, s)
+    old = str(reply["epoch"])
+    await publish(broker, CH, 1, 2, 3, 4, 5)
+    await until(lambda: s.offsets() == [1, 2, 3, 4, 5])
+    broker.disconnect_live()
+    lose_tail(broker, CH, 3)
+    if republished:  # offsets 4..7 again, other messages, in the old epoch
+        assert await publish(broker, CH, *range(40, 40 + republished)) == [4, 5, 6, 7]
+    broker.restore_live()
+    await until(resynced(s))
+    resync = s.resyncs()[0]
+    top = 3 + republished
+    assert resync["epoch"] != old and resync["offset"] == top
+    assert hub.stats.lost_writes == 1
+    assert (await broker.history(CH, -1, "0", limit=10, meta_ttl=TTL)).epoch == resync["epoch"]
+    await settle()
+    assert s.offsets() == [1, 2, 3, 4, 5]  # nothing of the other history without a resync
+    assert await publish(broker, CH, 9) == [top + 1]
+    await until(lambda: s.offsets()[-1:] == [top + 1])
+    late = FakeSession()
+    back = await join(hub, late, recover=Position(5, old))
+    assert back["recovered"] is False and back["epoch"] == resync["epoch"]
+
+
+async def test_a_fill_that_finds_the_same_message_at_last_fills(
+    hub: Hub, broker: MemoryBroker
+) -> None:
+    """The check compares the message at `last`: a plain lost connection fills."""
+    s = FakeSession()
+    await join(hub, s)
+    await publish(broker, CH, 1, 2)
+    await until(lambda: s.offsets() == [1, 2])
+    broker.disconnect_live()
+    await publish(broker, CH, 3, 4)
+    broker.restore_live()
+    await until(lambda: s.offsets() == [1, 2, 3, 4])
+    assert hub.stats.lost_writes == 0 and hub.stats.resyncs == 0
+
+
+async def test_a_message_of_the_old_epoch_held_back_during_a_resync_is_dropped(
+    hub: Hub, broker: MemoryBroker
+) -> None:
+    """A live message of the old epoch that arrives while the channel resyncs (a publisher
+    that had not seen the rebase yet) is stale once the resync read has been issued after
+    it: it is dropped, not resynced for again and again."""
+    s = FakeSession()
+    reply = await join(hub, s)
+    old = str(reply["epoch"])
+    await publish(broker, CH, 1, 2)
+    await until(lambda: s.offsets() == [1, 2])
+    new = (await broker.rebase(CH, old, None, meta_ttl=TTL)).epoch
+    broker.available = False  # the resync's read fails and is retried
+    await publish_unavailable(broker, 3)
+    await until(lambda: hub.channels[CH].repair is not None)
+    hub.on_publication(Publication(CH, old, 3, "", '{"o":30}'))
+    broker.available = True
+    await until(lambda: hub.channels[CH].repair is None)
+    await settle()
+    assert [m["epoch"] for m in s.resyncs()] == [new]
+    assert hub.stats.resyncs == 1 and hub.channels[CH].epoch == new
+    assert await publish(broker, CH, 4) == [4]
+    await until(lambda: s.offsets() == [1, 2, 4])
+
+
+async def test_a_fill_whose_message_at_last_was_trimmed_still_fills(
+    hub: Hub, broker: MemoryBroker
+) -> None:
+    """Nothing to compare when the entry at `last` is trimmed away but the ones after it
+    are kept: the fill goes on as before the check (no resync, no rebase)."""
+    s = FakeSession()
+    await join(hub, s)
+    await publish(broker, CH, 1, 2, 3, max_length=2)
+    await until(lambda: s.offsets() == [1, 2, 3])
+    broker.disconnect_live()
+    await publish(broker, CH, 4, 5, max_length=2)  # the stream keeps 4 and 5 only
+    broker.restore_live()
+    await until(lambda: s.offsets() == [1, 2, 3, 4, 5])
+    assert hub.stats.lost_writes == 0 and hub.stats.resyncs == 0
