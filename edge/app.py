@@ -1,4 +1,9 @@
-"""The edge's Starlette application: /ws, the demo page, health and metrics."""
+"""The edge's ASGI application: /ws, the demo page, health and metrics.
+
+A WebSocket connection to /ws goes straight from the server to the edge (`EdgeApp`), past
+Starlette's middleware stack and router: each layer is a coroutine frame that stays for the
+connection's whole life (~3.5 KiB per idle connection for the six of them). Everything else
+(the HTTP routes, lifespan, WebSockets to other paths) is Starlette's, as before."""
 
 from __future__ import annotations
 
@@ -16,10 +21,11 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
+from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from common.broker import Broker
@@ -34,7 +40,7 @@ from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
 from edge.tokens import TokenVerifier
 from edge.webstatic import STATIC, static_files
-from edge.wire import RawSendMiddleware
+from edge.wire import RAW_SEND
 
 WS_PATH = "/ws"
 
@@ -175,7 +181,38 @@ class Edge:
         return FileResponse(STATIC / "index.html")
 
 
-def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Starlette:
+class EdgeApp:
+    """WebSocket connections to /ws straight to `Edge.websocket`, with the server's own
+    ``send`` in the scope (edge/wire.py); anything else to the Starlette app. An exception
+    of the endpoint reaches the server as it did through Starlette (whose middleware
+    re-raises everything but its own HTTP/WebSocket exceptions on a WebSocket): uvicorn
+    logs it and closes with 1011."""
+
+    def __init__(self, edge: Edge, app: Starlette) -> None:
+        self.edge = edge
+        self.app = app
+        self.state: State = app.state
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        """The Starlette app's routes, and /ws."""
+        return self.app.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket" or scope["path"] != WS_PATH:
+            await self.app(scope, receive, send)
+            return
+        scope[RAW_SEND] = send
+        try:
+            await self.edge.websocket(WebSocket(scope, receive, send))
+        finally:
+            # uvicorn's protocol holds this scope, and `send` is its own method: left in
+            # place, every connection would end as a reference cycle (protocol, transport,
+            # buffers) that only a full garbage collection frees.
+            scope.pop(RAW_SEND, None)
+
+
+def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> EdgeApp:
     use_file(config.namespaces_file)  # channel names are parsed with these from now on
     edge = Edge(config, logger)
 
@@ -193,14 +230,15 @@ def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Star
             Route("/healthz", edge.healthz),
             Route("/readyz", edge.readyz),
             Route("/metrics", edge.metrics),
+            # Not reached from a server (`EdgeApp` takes /ws first): listed for the
+            # route table (tests/integration/test_k8s.py) and `url_path_for`.
             WebSocketRoute(WS_PATH, edge.websocket),
             Mount("/static", static_files(), name="static"),
         ],
-        middleware=[Middleware(RawSendMiddleware)],
         lifespan=lifespan,
     )
     app.state.edge = edge
-    return app
+    return EdgeApp(edge, app)
 
 
-__all__ = ["SUBPROTOCOLS", "Edge", "create_app"]
+__all__ = ["SUBPROTOCOLS", "Edge", "EdgeApp", "create_app"]

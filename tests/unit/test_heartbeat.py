@@ -4,51 +4,72 @@ pong."""
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Callable
 
 from common.errors import CloseCode, Disconnect
 from common.protocol import Frame
 from edge.heartbeat import Heartbeat
 
 
-class Stop(Exception):
-    """Ends a heartbeat that would otherwise ping forever."""
+class Timer:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
 class Clock:
-    """Time that passes only when the heartbeat sleeps."""
+    """Time that passes only when the heartbeat's timer fires (`run`)."""
 
     def __init__(self) -> None:
         self.now = 100.0
-        self.sleeps: list[float] = []
+        self.sleeps: list[float] = []  # the delay of every timer, in order
+        self.due: tuple[float, Callable[[], None], Timer] | None = None
 
     def __call__(self) -> float:
         return self.now
 
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-        if len(self.sleeps) > 20:
-            raise Stop
+    def schedule(self, delay: float, callback: Callable[[], None]) -> Timer:
+        assert self.due is None or self.due[2].cancelled, "one timer at a time"
+        timer = Timer()
+        self.sleeps.append(delay)
+        self.due = (delay, callback, timer)
+        return timer
+
+    def run(self, limit: int = 20) -> bool:
+        """Fire timers in order, at most `limit`: whether one is still pending (a heartbeat
+        that goes on pinging)."""
+        fired = 0
+        while self.due is not None and fired < limit:
+            delay, callback, timer = self.due
+            self.due = None
+            if timer.cancelled:
+                continue
+            self.now += delay
+            fired += 1
+            callback()
+        return self.due is not None and not self.due[2].cancelled
 
 
 def make(clock: Clock, interval: float = 10.0, timeout: float = 4.0) -> Heartbeat:
-    return Heartbeat(interval, timeout, clock=clock, sleep=clock.sleep,
+    return Heartbeat(interval, timeout, clock=clock, schedule=clock.schedule,
                      uniform=lambda lo, hi: lo)
 
 
-async def test_missing_pong_fails_with_no_pong_after_the_timeout() -> None:
+def test_missing_pong_fails_with_no_pong_after_the_timeout() -> None:
     clock = Clock()
     hb = make(clock)
     sent: list[Frame] = []
     failed: list[Disconnect] = []
-    await hb.run("ping", sent.append, failed.append)
+    hb.start("ping", sent.append, failed.append)
+    assert not clock.run()  # stopped: closed
     assert sent == ["ping"]
     assert clock.sleeps == [5.0, 4.0]  # a random point of the first interval, the timeout
     assert [f.code for f in failed] == [CloseCode.NO_PONG]
 
 
-async def test_pongs_keep_it_going_and_measure_the_lag() -> None:
+def test_pongs_keep_it_going_and_measure_the_lag() -> None:
     clock = Clock()
     hb = make(clock)
     lags: list[float | None] = []
@@ -58,8 +79,8 @@ async def test_pongs_keep_it_going_and_measure_the_lag() -> None:
         clock.now += 1.5  # the client answers 1.5 s after the ping was sent
         lags.append(hb.pong())
 
-    with pytest.raises(Stop):
-        await hb.run("ping", send, failed.append)
+    hb.start("ping", send, failed.append)
+    assert clock.run()  # still pinging
     assert failed == []
     assert lags[:3] == [1.5, 1.5, 1.5]
     assert clock.sleeps[:5] == [5.0, 4.0, 6.0, 4.0, 6.0]  # timeout, then the interval's rest
@@ -88,12 +109,12 @@ class Acks:
         return int((self.clock.now - self.start) * self.rate)
 
 
-async def test_a_client_still_reading_is_behind_not_dead() -> None:
+def test_a_client_still_reading_is_behind_not_dead() -> None:
     """Its ping waits behind a backlog it reads slowly: at max_lag it is behind (its
     queue's policy applies), at the pong timeout it is waited for, and its late pong
     ends that."""
     clock = Clock()
-    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, sleep=clock.sleep,
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, schedule=clock.schedule,
                    uniform=lambda lo, hi: lo)
     acks = Acks(clock, 1000.0)
     behind: list[float] = []
@@ -107,8 +128,8 @@ async def test_a_client_still_reading_is_behind_not_dead() -> None:
             clock.now += 1.0
             lags.append(hb.pong())
 
-    with pytest.raises(Stop):
-        await hb.run("ping", lambda f: pinged.append(clock.now), failed.append, on_behind, acks)
+    hb.start("ping", lambda f: pinged.append(clock.now), failed.append, on_behind, acks)
+    assert clock.run()  # still pinging
     assert failed == []
     assert pinged[0] == 105.0
     # behind at max_lag (106), at the timeout (109), again a timeout later (113) ...
@@ -120,48 +141,67 @@ async def test_a_client_still_reading_is_behind_not_dead() -> None:
     assert pinged[1] == 118.0
 
 
-async def test_a_client_that_takes_nothing_is_dead() -> None:
+def test_a_client_that_takes_nothing_is_dead() -> None:
     """No pong and no byte acknowledged since the ping: 3003 at the pong timeout, and not
     `behind` (a dead client is no slow consumer)."""
     clock = Clock()
-    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, sleep=clock.sleep,
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, schedule=clock.schedule,
                    uniform=lambda lo, hi: lo)
     behind: list[float] = []
     failed: list[Disconnect] = []
-    await hb.run("ping", lambda f: None, failed.append, lambda: behind.append(clock.now),
+    hb.start("ping", lambda f: None, failed.append, lambda: behind.append(clock.now),
                  Acks(clock, 0.0))
+    assert not clock.run()  # stopped: closed
     assert behind == []
     assert [f.code for f in failed] == [CloseCode.NO_PONG]
     assert clock.sleeps == [5.0, 1.0, 3.0]
 
 
-async def test_a_client_that_stops_reading_is_closed_one_timeout_later() -> None:
+def test_a_client_that_stops_reading_is_closed_one_timeout_later() -> None:
     """It read for a while after the ping, then nothing: waited for while it read, 3003
     after a whole timeout without a byte."""
     clock = Clock()
-    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, sleep=clock.sleep,
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, schedule=clock.schedule,
                    uniform=lambda lo, hi: lo)
 
     def progress() -> int:  # reads from the ping (105) until 110, then nothing
         return int((min(clock.now, 110.0) - 105.0) * 1000)
 
     failed: list[Disconnect] = []
-    await hb.run("ping", lambda f: None, failed.append, lambda: None, progress)
+    hb.start("ping", lambda f: None, failed.append, lambda: None, progress)
+    assert not clock.run()  # stopped: closed
     assert [f.code for f in failed] == [CloseCode.NO_PONG]
     # 109: took data since the ping, waited for; 113: took data since 109 (until 110),
     # waited for; 117: nothing for a whole timeout.
     assert clock.now == 117.0
 
 
-async def test_without_kernel_counts_the_ping_alone_decides() -> None:
+def test_without_kernel_counts_the_ping_alone_decides() -> None:
     """Where the kernel does not say (progress None): behind at max_lag, 3003 at the
     timeout, as before."""
     clock = Clock()
-    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, sleep=clock.sleep,
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, schedule=clock.schedule,
                    uniform=lambda lo, hi: lo)
     behind: list[float] = []
     failed: list[Disconnect] = []
-    await hb.run("ping", lambda f: None, failed.append, lambda: behind.append(clock.now),
+    hb.start("ping", lambda f: None, failed.append, lambda: behind.append(clock.now),
                  lambda: None)
+    assert not clock.run()  # stopped: closed
     assert behind == [106.0]
     assert [f.code for f in failed] == [CloseCode.NO_PONG]
+
+
+def test_stop_cancels_the_timer_and_lets_the_callbacks_go() -> None:
+    """The session stops its heartbeat when it ends: no ping after that, and nothing of the
+    session is held by the loop's timer or by the heartbeat (no reference cycle)."""
+    clock = Clock()
+    hb = make(clock)
+    sent: list[Frame] = []
+    hb.start("ping", sent.append, lambda d: None)
+    assert clock.due is not None
+    timer = clock.due[2]
+    hb.stop()
+    assert timer.cancelled
+    assert not clock.run()
+    assert sent == []
+    assert hb._send is None and hb._fail is None and hb._timer is None
