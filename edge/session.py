@@ -392,7 +392,9 @@ class Session:
         data: bytes = message.get("bytes") or b""
         return data
 
-    async def _read_loop(self) -> None:
+    async def _connect(self) -> bool:
+        """The first message, `connect`: whether the session goes on. (A method of its
+        own: its locals, the request and its token, end with it, not kept while idle.)"""
         # (`asyncio.timeout`, not `wait_for`: in Python 3.11 that runs the receive as a
         # task of its own.)
         try:
@@ -401,7 +403,7 @@ class Session:
         except TimeoutError:
             raise Disconnect(CloseCode.CONNECT_TIMEOUT, "no connect in time") from None
         if first is None or self._stopped:
-            return
+            return False
         obj = protocol.decode_frame(first, self.codec)
         try:
             command = protocol.parse_command(obj)
@@ -411,11 +413,16 @@ class Session:
             raise Disconnect(CloseCode.BAD_REQUEST, "first message must be connect")
         await self.credentials.authenticate(command.token, self.fail)
         if self._stopped:
-            return
+            return False
         self.enqueue(protocol.encode(protocol.connected(
             command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout,
             self.credentials.expires_in(),
         ), self.codec))
+        return True
+
+    async def _read_loop(self) -> None:
+        if not await self._connect():
+            return
         sock = connection_socket(self.ws.scope)
         if sock is not None:
             limit_unsent(sock, self.config.socket_unsent_limit)
@@ -434,6 +441,7 @@ class Session:
                 raise Disconnect(CloseCode.TOO_MANY_REQUESTS, "too many requests",
                                  TOO_MANY_RETRY_AFTER)
             await self._handle(protocol.decode_frame(frame, self.codec))
+            frame = None  # not kept while the connection idles
             raise_if_cancelling()  # a history read's Redis call may swallow a cancel
 
     def _policy(self, channel: Channel) -> Policy:

@@ -4,56 +4,45 @@ pong."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
 
 from common.errors import CloseCode, Disconnect
 from common.protocol import Frame
-from edge.heartbeat import Heartbeat
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
+from edge.heartbeat import Heartbeat, Target, Timers
 
 
 class Clock:
-    """Time that passes only when the heartbeat's timer fires (`run`)."""
+    """Time that passes only when the heartbeat's timer fires (`run`); the heartbeat's
+    `Timers`, with one entry at a time."""
 
     def __init__(self) -> None:
         self.now = 100.0
         self.sleeps: list[float] = []  # the delay of every timer, in order
-        self.due: tuple[float, Callable[[], None], Timer] | None = None
+        self.due: tuple[float, Target] | None = None
 
     def __call__(self) -> float:
         return self.now
 
-    def schedule(self, delay: float, callback: Callable[[], None]) -> Timer:
-        assert self.due is None or self.due[2].cancelled, "one timer at a time"
-        timer = Timer()
+    def schedule(self, delay: float, target: Target) -> None:
+        assert self.due is None, "one timer at a time"
         self.sleeps.append(delay)
-        self.due = (delay, callback, timer)
-        return timer
+        self.due = (delay, target)
 
     def run(self, limit: int = 20) -> bool:
-        """Fire timers in order, at most `limit`: whether one is still pending (a heartbeat
-        that goes on pinging)."""
+        """Fire timers in order, at most `limit`: whether one is still pending for a
+        running heartbeat (one that goes on pinging)."""
         fired = 0
         while self.due is not None and fired < limit:
-            delay, callback, timer = self.due
+            delay, target = self.due
             self.due = None
-            if timer.cancelled:
-                continue
             self.now += delay
             fired += 1
-            callback()
-        return self.due is not None and not self.due[2].cancelled
+            target.fire()
+        return self.due is not None
 
 
 def make(clock: Clock, interval: float = 10.0, timeout: float = 4.0) -> Heartbeat:
-    return Heartbeat(interval, timeout, clock=clock, schedule=clock.schedule,
+    return Heartbeat(interval, timeout, clock=clock, timers=clock,
                      uniform=lambda lo, hi: lo)
 
 
@@ -114,7 +103,7 @@ def test_a_client_still_reading_is_behind_not_dead() -> None:
     queue's policy applies), at the pong timeout it is waited for, and its late pong
     ends that."""
     clock = Clock()
-    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, schedule=clock.schedule,
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, timers=clock,
                    uniform=lambda lo, hi: lo)
     acks = Acks(clock, 1000.0)
     behind: list[float] = []
@@ -145,7 +134,7 @@ def test_a_client_that_takes_nothing_is_dead() -> None:
     """No pong and no byte acknowledged since the ping: 3003 at the pong timeout, and not
     `behind` (a dead client is no slow consumer)."""
     clock = Clock()
-    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, schedule=clock.schedule,
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, timers=clock,
                    uniform=lambda lo, hi: lo)
     behind: list[float] = []
     failed: list[Disconnect] = []
@@ -161,7 +150,7 @@ def test_a_client_that_stops_reading_is_closed_one_timeout_later() -> None:
     """It read for a while after the ping, then nothing: waited for while it read, 3003
     after a whole timeout without a byte."""
     clock = Clock()
-    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, schedule=clock.schedule,
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, timers=clock,
                    uniform=lambda lo, hi: lo)
 
     def progress() -> int:  # reads from the ping (105) until 110, then nothing
@@ -180,7 +169,7 @@ def test_without_kernel_counts_the_ping_alone_decides() -> None:
     """Where the kernel does not say (progress None): behind at max_lag, 3003 at the
     timeout, as before."""
     clock = Clock()
-    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, schedule=clock.schedule,
+    hb = Heartbeat(10.0, 4.0, max_lag=1.0, clock=clock, timers=clock,
                    uniform=lambda lo, hi: lo)
     behind: list[float] = []
     failed: list[Disconnect] = []
@@ -191,17 +180,55 @@ def test_without_kernel_counts_the_ping_alone_decides() -> None:
     assert [f.code for f in failed] == [CloseCode.NO_PONG]
 
 
-def test_stop_cancels_the_timer_and_lets_the_callbacks_go() -> None:
+def test_stop_ends_it_and_lets_the_callbacks_go() -> None:
     """The session stops its heartbeat when it ends: no ping after that, and nothing of the
-    session is held by the loop's timer or by the heartbeat (no reference cycle)."""
+    session is held by the heartbeat (no reference cycle)."""
     clock = Clock()
     hb = make(clock)
     sent: list[Frame] = []
     hb.start("ping", sent.append, lambda d: None)
     assert clock.due is not None
-    timer = clock.due[2]
     hb.stop()
-    assert timer.cancelled
-    assert not clock.run()
+    clock.run()  # the pending entry fires and finds it stopped
     assert sent == []
-    assert hb._send is None and hb._fail is None and hb._timer is None
+    assert clock.due is None
+    assert hb._send is None and hb._fail is None
+
+
+class Recorder:
+    def __init__(self, log: list[tuple[str, float]], name: str,
+                 loop: asyncio.AbstractEventLoop, fail: bool = False) -> None:
+        self.log = log
+        self.name = name
+        self.loop = loop
+        self.fail = fail
+
+    def fire(self) -> None:
+        self.log.append((self.name, self.loop.time()))
+        if self.fail:
+            raise RuntimeError("boom")
+
+
+async def test_timers_fire_in_order_on_one_loop_timer() -> None:
+    """Every heartbeat of a loop shares one timer: entries fire in time order, none early,
+    and one that raises does not stop the others."""
+    loop = asyncio.get_running_loop()
+    timers = Timers(loop)
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        log: list[tuple[str, float]] = []
+        start = loop.time()
+        timers.schedule(0.06, Recorder(log, "c", loop))
+        timers.schedule(0.02, Recorder(log, "a", loop, fail=True))
+        timers.schedule(0.04, Recorder(log, "b", loop))
+        timers.schedule(0.04, Recorder(log, "b2", loop))  # same time: scheduled order
+        while len(log) < 4:
+            await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(None)
+    assert [name for name, _ in log] == ["a", "b", "b2", "c"]
+    for (name, at), delay in zip(log, (0.02, 0.04, 0.04, 0.06), strict=True):
+        assert at >= start + delay - 0.002, name
+    assert len(errors) == 1 and isinstance(errors[0]["exception"], RuntimeError)
+    assert len(timers) == 0
