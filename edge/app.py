@@ -32,6 +32,7 @@ from common.broker import Broker
 from common.broker.redisbroker import RedisBroker
 from common.config import EdgeConfig, redact_url
 from common.errors import CloseCode, Disconnect
+from common.loop import loop_name
 from common.namespaces import use_file
 from common.protocol import SUBPROTOCOLS, Codec
 from edge.admission import Admission, Gate
@@ -72,7 +73,8 @@ class Edge:
 
     async def start(self) -> None:
         url = self.config.redis.url
-        self.log.info("edge starting node=%s redis=%s", self.node_id, redact_url(url))
+        self.log.info("edge starting node=%s redis=%s loop=%s", self.node_id, redact_url(url),
+                      loop_name(asyncio.get_running_loop()))
         if self.verifier is None:
             self.log.warning("authentication is off (no FANOUT_AUTH_SECRET, "
                              "FANOUT_AUTH_PUBLIC_KEY_FILE or FANOUT_AUTH_JWKS_URL): any client "

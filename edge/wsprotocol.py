@@ -169,7 +169,8 @@ class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
         # callback), and with it the socket object and buffers, once the connection is lost.
         if self.conn.parser_exc is not None:
             self.conn.parser_exc.__traceback__ = None
-        state = vars(self.transport)
+        # (asyncio's transport only: uvloop's is a C object, without that attribute.)
+        state = getattr(self.transport, "__dict__", None) or {}
         if state.get("_read_ready_cb") is not None:
             state["_read_ready_cb"] = None
 
