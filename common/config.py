@@ -769,6 +769,7 @@ NOT_SETTINGS: dict[str, str] = {
     CONFIG_ENV: "the config file (--config)",
     "FANOUT_ARTIFACTS": "tests/integration/test_browser.py: where screenshots and traces go",
     "FANOUT_PROPERTY_EXAMPLES": "tests/integration/test_recovery_property.py: hypothesis examples",
+    "FANOUT_TEST_LOOP": "tests/integration/conftest.py: uvloop runs the tests on uvloop",
     # make fuzz (tests/*/test_fuzz.py, tests/support/fuzz_live.py): the run's size, seed and log.
     "FANOUT_FUZZ_EXAMPLES": "tests/unit/test_fuzz.py: hypothesis examples per fuzz target",
     "FANOUT_FUZZ_FRAMES": "tests/integration/test_fuzz.py: frames the live fuzzer sends",
