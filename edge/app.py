@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -133,27 +133,42 @@ class Edge:
 
     # --- endpoints -----------------------------------------------------------------------
 
-    async def websocket(self, ws: WebSocket) -> None:
-        """A connection admitted by the server's protocol (edge/handshake.py: origin and
-        connection limits are decided there, before the upgrade)."""
+    async def connection(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket connection to /ws admitted by the server's protocol
+        (edge/handshake.py: origin and connection limits are decided there, before the
+        upgrade), called by `EdgeApp` as the ASGI app itself: no frame in between (each
+        stays for the connection's life)."""
         assert self.hub is not None
-        offered = list(ws.scope.get("subprotocols") or [])
-        codec, subprotocol = Codec.for_subprotocols(offered)
-        await ws.accept(subprotocol=subprotocol)
-        if self.draining:  # the load balancer has not noticed yet: try another edge
-            await ws.close(int(CloseCode.SHUTDOWN), "server shutting down")
-            return
-        session = Session(
-            ws, self.hub, self.config, self.stats, self.log.getChild("session"), codec,
-            f"{self.node_id}-{os.urandom(6).hex()}", self.verifier,
-        )
-        task = asyncio.current_task()
-        assert task is not None
-        self.sessions[session] = task
+        scope[RAW_SEND] = send  # the server's own send: its protocol (edge/wire.py)
         try:
-            await session.run()
+            ws: WebSocket = WebSocket(scope, receive, send)
+            offered = list(scope.get("subprotocols") or [])
+            codec, subprotocol = Codec.for_subprotocols(offered)
+            await ws.accept(subprotocol=subprotocol)
+            if self.draining:  # the load balancer has not noticed yet: try another edge
+                await ws.close(int(CloseCode.SHUTDOWN), "server shutting down")
+                return
+            session = Session(
+                ws, self.hub, self.config, self.stats, self.log.getChild("session"), codec,
+                f"{self.node_id}-{os.urandom(6).hex()}", self.verifier,
+            )
+            task = asyncio.current_task()
+            assert task is not None
+            self.sessions[session] = task
+            try:
+                await session.run()
+            finally:
+                self.sessions.pop(session, None)
         finally:
-            self.sessions.pop(session, None)
+            # uvicorn's protocol holds this scope, and `send` is its own method: left in
+            # place, every connection would end as a reference cycle (protocol, transport,
+            # buffers) that only a full garbage collection frees.
+            scope.pop(RAW_SEND, None)
+
+    async def websocket(self, ws: WebSocket) -> None:
+        """The same as a Starlette endpoint (its route is listed, but `EdgeApp` serves
+        /ws itself)."""
+        await self.connection(ws.scope, ws._receive, ws._send)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.node_id})
@@ -184,7 +199,7 @@ class Edge:
 
 
 class EdgeApp:
-    """WebSocket connections to /ws straight to `Edge.websocket`, with the server's own
+    """WebSocket connections to /ws straight to `Edge.connection`, with the server's own
     ``send`` in the scope (edge/wire.py); anything else to the Starlette app. An exception
     of the endpoint reaches the server as it did through Starlette (whose middleware
     re-raises everything but its own HTTP/WebSocket exceptions on a WebSocket): uvicorn
@@ -200,18 +215,11 @@ class EdgeApp:
         """The Starlette app's routes, and /ws."""
         return self.app.routes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket" or scope["path"] != WS_PATH:
-            await self.app(scope, receive, send)
-            return
-        scope[RAW_SEND] = send
-        try:
-            await self.edge.websocket(WebSocket(scope, receive, send))
-        finally:
-            # uvicorn's protocol holds this scope, and `send` is its own method: left in
-            # place, every connection would end as a reference cycle (protocol, transport,
-            # buffers) that only a full garbage collection frees.
-            scope.pop(RAW_SEND, None)
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine itself: the server awaits the edge's (or Starlette's) directly.
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            return self.edge.connection(scope, receive, send)
+        return self.app(scope, receive, send)
 
 
 def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> EdgeApp:

@@ -29,6 +29,9 @@ def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
     edge: Edge = app.state.edge
     return uvicorn.Config(
         app,
+        # EdgeApp's __call__ is no coroutine function (edge/app.py): uvicorn would take it
+        # for an ASGI2 app.
+        interface="asgi3",
         host=config.host,
         port=config.port,
         http=edge_http_protocol(edge.admission, config.handshake_timeout, WS_PATH),
