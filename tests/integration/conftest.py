@@ -37,7 +37,6 @@ from edge.server import uvicorn_config
 from fanout.embedded import EmbeddedValkey, EmbeddedValkeyCluster
 from ingest.publisher import Publisher
 
-
 if os.environ.get("FANOUT_TEST_LOOP", "asyncio") == "uvloop":
     def pytest_asyncio_loop_factories(
         config: pytest.Config, item: pytest.Item
