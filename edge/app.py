@@ -150,7 +150,7 @@ class Edge:
                 return
             session = Session(
                 ws, self.hub, self.config, self.stats, self.log.getChild("session"), codec,
-                f"{self.node_id}-{os.urandom(6).hex()}", self.verifier,
+                f"{self.node_id}-{os.urandom(6).hex()}", self.verifier, receive,
             )
             task = asyncio.current_task()
             assert task is not None

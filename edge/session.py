@@ -120,6 +120,7 @@ class Session:
         codec: Codec,
         client_id: str,
         verifier: TokenVerifier | None = None,
+        receive: Receive | None = None,
     ) -> None:
         self.ws = ws
         self.hub = hub
@@ -130,10 +131,10 @@ class Session:
         self.client_id = client_id
         self.subscriptions: dict[str, Feed] = {}
         self._subscribing: dict[str, asyncio.Task[None]] = {}
-        # The server's ASGI receive, past Starlette's `WebSocket.receive` (whose checks
-        # are of no use past the accept): one coroutine frame less while the connection
-        # idles.
-        self._asgi_receive: Receive = ws._receive
+        # The server's ASGI receive, if given, past Starlette's `WebSocket.receive` (whose
+        # checks are of no use past the accept): one coroutine frame less while the
+        # connection idles.
+        self._asgi_receive: Receive = receive or ws.receive
         self.writer = Writer(ws, codec, config, stats)
         self.queue = self.writer.queue
         self.credentials = Credentials(verifier, logger, client_id)
