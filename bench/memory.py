@@ -10,6 +10,12 @@ connections are idle (the edge's pings, every `ping_interval`, are answered). Ki
 connection = (RSS after - RSS before) / N. Socket buffers are kernel memory, not in the RSS.
 
     .venv/bin/python bench/memory.py [--connections 1000,5000,10000] [--channels-per N]
+    .venv/bin/python bench/memory.py --connections 2000 --tracemalloc 15   # where it goes
+
+`--tracemalloc F` runs the edge under tracemalloc (F frames per traceback: slower, and its
+RSS is not comparable) and prints, per connection, the Python allocations that the N
+connections added, by source line and by file (snapshots before and after, each after a
+full garbage collection; bench/tracededge.py).
 """
 
 from __future__ import annotations
@@ -18,15 +24,24 @@ import argparse
 import asyncio
 import contextlib
 import os
+import pickle
 import resource
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+import tracemalloc
 from pathlib import Path
+from typing import Any
 
 from _common import (
+    HOST,
     EdgeProcess,
     bench_prefix,
+    child_preexec,
     delete_prefix,
     environment,
     pin,
@@ -34,12 +49,79 @@ from _common import (
     redis_server,
     run_async,
     sigterm_as_interrupt,
+    source_root,
     source_state,
     table,
     wait_ready,
 )
 from delivery import CClients, SetupError, build_wsload
 from redis.asyncio import Redis
+
+TRACED = Path(__file__).resolve().parent / "tracededge.py"
+
+
+class TracedEdge(EdgeProcess):
+    """The edge under tracemalloc (bench/tracededge.py): `snapshot()` writes one."""
+
+    def __init__(self, frames: int, *args: Any) -> None:
+        super().__init__(*args)
+        self.frames = frames
+        self.dir = tempfile.mkdtemp(prefix="bench-tracemalloc-")
+        self.taken = 0
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable, str(TRACED), f"{self.dir}/snap", str(self.frames), "edge",
+            "--host", HOST, "--port", str(self.port), "--key-prefix", self.prefix,
+            "--log-level", "warning", "--max-connections", "0",
+            "--max-connections-per-ip", "0", *self.extra,
+        ]
+        env = {**os.environ, "FANOUT_REDIS_URL": self.redis_url}
+        env.pop("FANOUT_REDIS_URL_FILE", None)
+        self.proc = subprocess.Popen(
+            cmd, cwd=source_root(), env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT, preexec_fn=child_preexec(self.cpu),
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @staticmethod
+    def _load(path: Path) -> tracemalloc.Snapshot:
+        snap = tracemalloc.Snapshot.load(str(path))
+        path.unlink()
+        return snap
+
+    async def snapshot(self) -> tracemalloc.Snapshot:
+        path = Path(f"{self.dir}/snap.{self.taken}")
+        self.taken += 1
+        os.kill(self.pid, signal.SIGUSR1)
+        for _ in range(600):  # written by the edge after a full collection
+            await asyncio.sleep(0.1)
+            with contextlib.suppress(OSError, EOFError, pickle.UnpicklingError):
+                return await asyncio.to_thread(self._load, path)
+        raise RuntimeError("no tracemalloc snapshot from the edge")
+
+
+def breakdown(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, n: int,
+              top: int) -> list[str]:
+    """What the connections added, per connection: by line, then by file."""
+    lines = []
+    for key in ("lineno", "filename"):
+        stats = after.compare_to(before, key)
+        total = sum(s.size_diff for s in stats)
+        lines.append(f"tracemalloc, by {key}: {total / n / 1024:.2f} KiB per connection")
+        for stat in stats[:top]:
+            frame = stat.traceback[0]
+            where = frame.filename.split("site-packages/")[-1].split("/python3.11/")[-1]
+            where = where.removeprefix(str(source_root()) + "/")
+            if key == "lineno":
+                where += f":{frame.lineno}"
+            lines.append(f"  {stat.size_diff / n:7.0f} B {stat.count_diff / n:6.2f} blocks  "
+                         f"{where}")
+    return lines
 
 
 def rss_kib(pid: int) -> int:
@@ -54,7 +136,9 @@ def rss_kib(pid: int) -> int:
 async def measure(args: argparse.Namespace, url: str, wsload: Path, n: int,
                   cpus: tuple[int | None, int | None]) -> list[object]:
     prefix = bench_prefix("memory")
-    edge = EdgeProcess(url, prefix, cpus[0], shlex.split(args.edge_args))
+    edge_args = (url, prefix, cpus[0], shlex.split(args.edge_args))
+    edge = TracedEdge(args.tracemalloc, *edge_args) if args.tracemalloc else EdgeProcess(
+        *edge_args)
     redis = Redis.from_url(url, decode_responses=True)
     side: CClients | None = None
     try:
@@ -62,6 +146,7 @@ async def measure(args: argparse.Namespace, url: str, wsload: Path, n: int,
         await wait_ready(edge)
         await asyncio.sleep(args.settle)
         before = rss_kib(edge.pid)
+        snap_before = await edge.snapshot() if isinstance(edge, TracedEdge) else None
         channels = args.channels or n
         ns = argparse.Namespace(channel=args.channel, channels=channels, clients=n,
                                 connect_concurrency=args.connect_concurrency)
@@ -75,6 +160,9 @@ async def measure(args: argparse.Namespace, url: str, wsload: Path, n: int,
             raise RuntimeError(f"only {snap.open} of {n} clients subscribed")
         await asyncio.sleep(args.settle)
         after = rss_kib(edge.pid)
+        if isinstance(edge, TracedEdge) and snap_before is not None:
+            print("\n".join(breakdown(snap_before, await edge.snapshot(), n, args.top)),
+                  flush=True)
         snap = await side.snapshot()
         progress(f"  {n:,} connections: {before / 1024:.1f} -> {after / 1024:.1f} MiB, "
                  f"{(after - before) / n:.1f} KiB each (connected in {took:.1f} s)")
@@ -115,6 +203,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bench-cpu", type=int, default=1)
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--edge-args", default="", help="extra flags for `fanout edge`")
+    p.add_argument("--tracemalloc", type=int, default=0, metavar="FRAMES",
+                   help="trace the edge's allocations (FRAMES per traceback) and print "
+                        "where the connections' memory goes (0 = off)")
+    p.add_argument("--top", type=int, default=30, help="lines of the --tracemalloc breakdown")
     p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL"))
     args = p.parse_args()
     args.connections = [int(c) for c in args.connections.split(",") if c.strip()]

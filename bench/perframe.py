@@ -55,6 +55,7 @@ from redis.asyncio import Redis
 
 from common.broker.keys import Keys
 from common.broker.redisbroker import RedisBroker
+from common.loop import LOOPS, resolve
 from ingest.publisher import Publisher
 
 RELAY = Path(__file__).resolve().parent / "relay.py"
@@ -64,13 +65,14 @@ class RelayProcess(EdgeProcess):
     """bench/relay.py on a free loopback port, pinned like the edge, killed with us: an
     edge's lifecycle (stop, output, pid), another command."""
 
-    def __init__(self, redis_url: str, prefix: str, cpu: int | None) -> None:
+    def __init__(self, redis_url: str, prefix: str, cpu: int | None, loop: str) -> None:
         super().__init__(redis_url, prefix, cpu, [])
+        self.loop = loop
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(RELAY), "--host", HOST, "--port", str(self.port),
-             "--redis-url", self.redis_url, "--key-prefix", self.prefix],
+             "--redis-url", self.redis_url, "--key-prefix", self.prefix, "--loop", self.loop],
             cwd=source_root(), stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=subprocess.STDOUT, preexec_fn=child_preexec(self.cpu),
             start_new_session=True,
@@ -153,8 +155,9 @@ async def _main(args: argparse.Namespace, url: str, valkey_pid: int | None, wslo
                 cpus: tuple[int | None, int | None]) -> list[str]:
     prefix = bench_prefix("perframe")
     redis = Redis.from_url(url, decode_responses=True)
-    edge = EdgeProcess(url, prefix, cpus[0], shlex.split(args.edge_args))
-    relay = RelayProcess(url, prefix, cpus[0])
+    # The same event loop for both, so that the comparison stays fair.
+    edge = EdgeProcess(url, prefix, cpus[0], ["--loop", args.loop, *shlex.split(args.edge_args)])
+    relay = RelayProcess(url, prefix, cpus[0], resolve(args.loop))
     runs: list[Run] = []
     try:
         publisher = Publisher(RedisBroker(redis, Keys(prefix)))
@@ -219,6 +222,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bench-cpu", type=int, default=1)
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--edge-args", default="", help="extra flags for `fanout edge`")
+    p.add_argument("--loop", default="auto", choices=LOOPS,
+                   help="event loop of both the edge (--loop) and the relay")
     p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL"))
     args = p.parse_args()
     args.channels = args.channels or args.clients
@@ -246,7 +251,7 @@ def main() -> int:
     print(f"{args.clients} clients on {args.channels} channels ({args.channel}0 ...), "
           f"client i on channel i mod {args.channels}; servers pinned to CPU {cpus[0]}, "
           f"clients, publisher and Valkey to CPU {cpus[1]}; {args.warmup:g} s warm-up + "
-          f"{args.duration:g} s per run", flush=True)
+          f"{args.duration:g} s per run; event loop {resolve(args.loop)} for both", flush=True)
     try:
         with redis_server(args.redis_url) as server:
             if server.pid and cpus[1] is not None:

@@ -32,6 +32,7 @@ from websockets.typing import Subprotocol
 
 from common.broker.keys import Keys
 from common.broker.live import decode_live
+from common.loop import LOOPS, loop_factory
 from common.protocol import pub_json
 
 
@@ -114,6 +115,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--redis-url", required=True)
     p.add_argument("--key-prefix", required=True)
+    p.add_argument("--loop", default="asyncio", choices=LOOPS,
+                   help="event loop (as the edge's FANOUT_LOOP, common/loop.py)")
     return p.parse_args()
 
 
@@ -122,4 +125,6 @@ if __name__ == "__main__":
         print("bench/relay.py: the relay bench/perframe.py compares the edge with "
               "(--port, --redis-url, --key-prefix to run it)")
         sys.exit(0)
-    asyncio.run(main(parse_args()))
+    args = parse_args()
+    with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+        runner.run(main(args))

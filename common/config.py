@@ -254,6 +254,7 @@ class EdgeConfig:
     auth_audience: str = ""
     node_id: str = ""  # defaults to a random id
     namespaces_file: str = ""  # "" = the shipped common/namespaces.toml
+    loop: str = "auto"  # the event loop (common/loop.py): auto, asyncio or uvloop
     log_level: str = "info"
 
 
@@ -359,6 +360,18 @@ def _log_level(setting: str, text: str) -> str:
     if text.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(setting, f"must be debug, info, warning or error, got {text!r}")
     return text.lower()
+
+
+def _loop(setting: str, text: str) -> str:
+    from common.loop import LOOPS, uvloop_available
+
+    name = text.lower()
+    if name not in LOOPS:
+        raise ConfigError(setting, f"must be auto, asyncio or uvloop, got {text!r}")
+    if name == "uvloop" and not uvloop_available():
+        raise ConfigError(setting, "uvloop is not installed (it does not run on Windows); "
+                                   "use auto or asyncio")
+    return name
 
 
 def _csv(setting: str, text: str) -> tuple[str, ...]:
@@ -553,6 +566,12 @@ NAMESPACES_FILE_SETTING = Setting(
     "FANOUT_HISTORY and FANOUT_OVERFLOW override its history and overflow policies",
 )
 
+LOOP_SETTING = Setting(
+    "loop", "--loop", "FANOUT_LOOP", _loop,
+    "event loop: uvloop, asyncio, or auto (uvloop where it is installed: not on Windows)",
+    metavar="LOOP",
+)
+
 EDGE_SETTINGS = (
     *REDIS_SETTINGS,
     NAMESPACES_FILE_SETTING,
@@ -680,6 +699,7 @@ EDGE_SETTINGS = (
     Setting("node_id", "--node-id", "FANOUT_NODE_ID", _prefix,
             "this edge's id (in client ids and the probe channel)", metavar="ID",
             default="random"),
+    LOOP_SETTING,
     Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", _log_level,
             "log level: debug, info, warning or error"),
 )
@@ -749,6 +769,7 @@ NOT_SETTINGS: dict[str, str] = {
     CONFIG_ENV: "the config file (--config)",
     "FANOUT_ARTIFACTS": "tests/integration/test_browser.py: where screenshots and traces go",
     "FANOUT_PROPERTY_EXAMPLES": "tests/integration/test_recovery_property.py: hypothesis examples",
+    "FANOUT_TEST_LOOP": "tests/integration/conftest.py: uvloop runs the tests on uvloop",
     # make fuzz (tests/*/test_fuzz.py, tests/support/fuzz_live.py): the run's size, seed and log.
     "FANOUT_FUZZ_EXAMPLES": "tests/unit/test_fuzz.py: hypothesis examples per fuzz target",
     "FANOUT_FUZZ_FRAMES": "tests/integration/test_fuzz.py: frames the live fuzzer sends",

@@ -1,4 +1,9 @@
-"""The edge's Starlette application: /ws, the demo page, health and metrics."""
+"""The edge's ASGI application: /ws, the demo page, health and metrics.
+
+A WebSocket connection to /ws goes straight from the server to the edge (`EdgeApp`), past
+Starlette's middleware stack and router: each layer is a coroutine frame that stays for the
+connection's whole life (~3.5 KiB per idle connection for the six of them). Everything else
+(the HTTP routes, lifespan, WebSockets to other paths) is Starlette's, as before."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,16 +21,18 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.applications import Starlette
-from starlette.middleware import Middleware
+from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from common.broker import Broker
 from common.broker.redisbroker import RedisBroker
 from common.config import EdgeConfig, redact_url
 from common.errors import CloseCode, Disconnect
+from common.loop import loop_name
 from common.namespaces import use_file
 from common.protocol import SUBPROTOCOLS, Codec
 from edge.admission import Admission, Gate
@@ -34,7 +41,7 @@ from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
 from edge.tokens import TokenVerifier
 from edge.webstatic import STATIC, static_files
-from edge.wire import RawSendMiddleware
+from edge.wire import RAW_SEND
 
 WS_PATH = "/ws"
 
@@ -66,7 +73,8 @@ class Edge:
 
     async def start(self) -> None:
         url = self.config.redis.url
-        self.log.info("edge starting node=%s redis=%s", self.node_id, redact_url(url))
+        self.log.info("edge starting node=%s redis=%s loop=%s", self.node_id, redact_url(url),
+                      loop_name(asyncio.get_running_loop()))
         if self.verifier is None:
             self.log.warning("authentication is off (no FANOUT_AUTH_SECRET, "
                              "FANOUT_AUTH_PUBLIC_KEY_FILE or FANOUT_AUTH_JWKS_URL): any client "
@@ -125,27 +133,42 @@ class Edge:
 
     # --- endpoints -----------------------------------------------------------------------
 
-    async def websocket(self, ws: WebSocket) -> None:
-        """A connection admitted by the server's protocol (edge/handshake.py: origin and
-        connection limits are decided there, before the upgrade)."""
+    async def connection(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket connection to /ws admitted by the server's protocol
+        (edge/handshake.py: origin and connection limits are decided there, before the
+        upgrade), called by `EdgeApp` as the ASGI app itself: no frame in between (each
+        stays for the connection's life)."""
         assert self.hub is not None
-        offered = list(ws.scope.get("subprotocols") or [])
-        codec, subprotocol = Codec.for_subprotocols(offered)
-        await ws.accept(subprotocol=subprotocol)
-        if self.draining:  # the load balancer has not noticed yet: try another edge
-            await ws.close(int(CloseCode.SHUTDOWN), "server shutting down")
-            return
-        session = Session(
-            ws, self.hub, self.config, self.stats, self.log.getChild("session"), codec,
-            f"{self.node_id}-{os.urandom(6).hex()}", self.verifier,
-        )
-        task = asyncio.current_task()
-        assert task is not None
-        self.sessions[session] = task
+        scope[RAW_SEND] = send  # the server's own send: its protocol (edge/wire.py)
         try:
-            await session.run()
+            ws: WebSocket = WebSocket(scope, receive, send)
+            offered = list(scope.get("subprotocols") or [])
+            codec, subprotocol = Codec.for_subprotocols(offered)
+            await ws.accept(subprotocol=subprotocol)
+            if self.draining:  # the load balancer has not noticed yet: try another edge
+                await ws.close(int(CloseCode.SHUTDOWN), "server shutting down")
+                return
+            session = Session(
+                ws, self.hub, self.config, self.stats, self.log.getChild("session"), codec,
+                f"{self.node_id}-{os.urandom(6).hex()}", self.verifier, receive,
+            )
+            task = asyncio.current_task()
+            assert task is not None
+            self.sessions[session] = task
+            try:
+                await session.run()
+            finally:
+                self.sessions.pop(session, None)
         finally:
-            self.sessions.pop(session, None)
+            # uvicorn's protocol holds this scope, and `send` is its own method: left in
+            # place, every connection would end as a reference cycle (protocol, transport,
+            # buffers) that only a full garbage collection frees.
+            scope.pop(RAW_SEND, None)
+
+    async def websocket(self, ws: WebSocket) -> None:
+        """The same as a Starlette endpoint (its route is listed, but `EdgeApp` serves
+        /ws itself)."""
+        await self.connection(ws.scope, ws._receive, ws._send)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.node_id})
@@ -175,7 +198,31 @@ class Edge:
         return FileResponse(STATIC / "index.html")
 
 
-def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Starlette:
+class EdgeApp:
+    """WebSocket connections to /ws straight to `Edge.connection`, with the server's own
+    ``send`` in the scope (edge/wire.py); anything else to the Starlette app. An exception
+    of the endpoint reaches the server as it did through Starlette (whose middleware
+    re-raises everything but its own HTTP/WebSocket exceptions on a WebSocket): uvicorn
+    logs it and closes with 1011."""
+
+    def __init__(self, edge: Edge, app: Starlette) -> None:
+        self.edge = edge
+        self.app = app
+        self.state: State = app.state
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        """The Starlette app's routes, and /ws."""
+        return self.app.routes
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine itself: the server awaits the edge's (or Starlette's) directly.
+        if scope["type"] == "websocket" and scope["path"] == WS_PATH:
+            return self.edge.connection(scope, receive, send)
+        return self.app(scope, receive, send)
+
+
+def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> EdgeApp:
     use_file(config.namespaces_file)  # channel names are parsed with these from now on
     edge = Edge(config, logger)
 
@@ -193,14 +240,15 @@ def create_app(config: EdgeConfig, logger: logging.Logger | None = None) -> Star
             Route("/healthz", edge.healthz),
             Route("/readyz", edge.readyz),
             Route("/metrics", edge.metrics),
+            # Not reached from a server (`EdgeApp` takes /ws first): listed for the
+            # route table (tests/integration/test_k8s.py) and `url_path_for`.
             WebSocketRoute(WS_PATH, edge.websocket),
             Mount("/static", static_files(), name="static"),
         ],
-        middleware=[Middleware(RawSendMiddleware)],
         lifespan=lifespan,
     )
     app.state.edge = edge
-    return app
+    return EdgeApp(edge, app)
 
 
-__all__ = ["SUBPROTOCOLS", "Edge", "create_app"]
+__all__ = ["SUBPROTOCOLS", "Edge", "EdgeApp", "create_app"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import ClassVar
 
 import h11
@@ -60,6 +61,7 @@ class EdgeHttpProtocol(H11Protocol):
     ws_path: ClassVar[str] = "/ws"
 
     _deadline: asyncio.TimerHandle | None = None
+    _armed_at = 0.0  # time.monotonic() when the deadline was armed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -119,6 +121,7 @@ class EdgeHttpProtocol(H11Protocol):
         self.transport.close()
 
     def _arm(self) -> None:
+        self._armed_at = time.monotonic()
         self._deadline = self.loop.call_later(self.handshake_timeout, self._expired)
 
     def _disarm(self) -> None:
@@ -128,6 +131,13 @@ class EdgeHttpProtocol(H11Protocol):
 
     def _expired(self) -> None:
         self._deadline = None
+        left = self._armed_at + self.handshake_timeout - time.monotonic()
+        if left > 0:
+            # uvloop's clock counts whole milliseconds and its timers start from the time
+            # the loop's turn began, so one can fire a little early: the deadline is never
+            # shorter than the setting.
+            self._deadline = self.loop.call_later(left, self._expired)
+            return
         if self.transport.is_closing():
             return
         if self.admission is not None:

@@ -90,7 +90,8 @@ class SendQueue:
         self.codec = codec
         self.max_messages = max_messages
         self.max_bytes = max_bytes
-        self._entries: deque[Entry] = deque()
+        # None while empty: an idle client's empty deque would be ~0.7 KiB (one block).
+        self._entries: deque[Entry] | None = None
         self._alive = 0
         self._bytes = 0
         self._latest: dict[tuple[str, str], Entry] = {}  # conflatable entries by key
@@ -125,15 +126,19 @@ class SendQueue:
             self._on_size(messages, size)
 
     def _append(self, entry: Entry) -> None:
-        self._entries.append(entry)
+        entries = self._entries
+        if entries is None:
+            entries = self._entries = deque()
+        entries.append(entry)
         self._count(entry.count, entry.size)
 
     def _kill(self, entry: Entry) -> None:
         entry.alive = False
         self._count(-1, -entry.size)
         # Tombstones of a client that reads nothing would pile up: compact now and then.
-        if len(self._entries) > 64 and len(self._entries) > 2 * self._alive:
-            self._entries = deque(e for e in self._entries if e.alive)
+        entries = self._entries
+        if entries is not None and len(entries) > 64 and len(entries) > 2 * self._alive:
+            self._entries = deque(e for e in entries if e.alive)
 
     def push_control(self, frame: Frame) -> None:
         """Replies, pings, resyncs, recovered messages: never dropped nor conflated (each is
@@ -231,9 +236,11 @@ class SendQueue:
         if not self._alive and self._gaps and not self.lagging:
             self._announce_all_gaps()
         entries = self._entries
+        out: list[Frame] = []
+        if entries is None:
+            return out, 0
         alive = (e for e in entries if e.alive)
         first = next(split(((e.size, e.count) for e in alive), max_bytes, max_messages), None)
-        out: list[Frame] = []
         if first is not None:
             n, count = first
             latest = self._latest
@@ -251,6 +258,8 @@ class SendQueue:
         else:
             count = 0
             entries.clear()  # only tombstones
+        if not entries:
+            self._entries = None
         if not self._alive and self._gaps and not self.lagging:
             self._announce_all_gaps()
         return out, count
@@ -269,7 +278,7 @@ class SendQueue:
     def clear(self) -> None:
         if self._on_size is not None:
             self._on_size(-self._alive, -self._bytes)
-        self._entries.clear()
+        self._entries = None
         self._latest.clear()
         self._gaps.clear()
         self._alive = 0

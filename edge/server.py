@@ -11,12 +11,14 @@ from types import FrameType
 import uvicorn
 
 from common.config import EdgeConfig
+from common.loop import resolve
 from edge.app import WS_PATH, Edge, create_app
 from edge.handshake import AdmittedWebSocketProtocol, edge_http_protocol
 
 
 def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
-    """uvicorn settings for fan-out: websockets-sansio (it has write backpressure), no
+    """uvicorn settings for fan-out: the event loop FANOUT_LOOP names (common/loop.py),
+    websockets-sansio (it has write backpressure), no
     protocol-level pings (the app pings), permessage-deflate off unless asked for. Both
     protocols are the edge's subclasses: edge/handshake.py (a deadline for the request head,
     and admission, origin and connection limits, decided before the upgrade) and, for the
@@ -27,6 +29,9 @@ def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
     edge: Edge = app.state.edge
     return uvicorn.Config(
         app,
+        # EdgeApp's __call__ is no coroutine function (edge/app.py): uvicorn would take it
+        # for an ASGI2 app.
+        interface="asgi3",
         host=config.host,
         port=config.port,
         http=edge_http_protocol(edge.admission, config.handshake_timeout, WS_PATH),
@@ -36,6 +41,7 @@ def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
         ws_per_message_deflate=config.compression,
         ws_ping_interval=None,
         ws_ping_timeout=None,
+        loop=resolve(config.loop),  # FANOUT_LOOP: uvicorn's "auto" would pick uvloop by itself
         lifespan="on",
         log_config=None,
         access_log=False,

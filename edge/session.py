@@ -19,6 +19,7 @@ import functools
 import logging
 from typing import Any
 
+from starlette.types import Message, Receive
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from common import protocol
@@ -119,6 +120,7 @@ class Session:
         codec: Codec,
         client_id: str,
         verifier: TokenVerifier | None = None,
+        receive: Receive | None = None,
     ) -> None:
         self.ws = ws
         self.hub = hub
@@ -129,6 +131,10 @@ class Session:
         self.client_id = client_id
         self.subscriptions: dict[str, Feed] = {}
         self._subscribing: dict[str, asyncio.Task[None]] = {}
+        # The server's ASGI receive, if given, past Starlette's `WebSocket.receive` (whose
+        # checks are of no use past the accept): one coroutine frame less while the
+        # connection idles.
+        self._asgi_receive: Receive = receive or ws.receive
         self.writer = Writer(ws, codec, config, stats)
         self.queue = self.writer.queue
         self.credentials = Credentials(verifier, logger, client_id)
@@ -137,9 +143,16 @@ class Session:
         # FANOUT_OVERFLOW, or the namespaces file's (config.overflow has both, resolved);
         # a namespace missing there (a config built by hand) has its file's.
         self._policies = {ns: Policy(p) for ns, p in config.overflow.items()}
-        # Set by `fail`: a plain future, not a task waiting on an event (one task less per
-        # connection; `asyncio.wait` takes futures).
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A failed write ends the session (cleared by `writer.close` in the cleanup: the
+        # writer must not hold the session after it ends).
+        self.writer.on_error = self._write_failed
+        # The connection's own task, which runs the request loop (`run`): `fail` from any
+        # other task or callback cancels it while it reads (`_reading`); `_cancelled` tells
+        # that cancel from one of the server's (a shutdown), which must propagate.
+        self._task: asyncio.Task[Any] | None = None
+        self._reading = False
+        self._cancelled = False
+        self._stopped = False  # the request loop is to end (`fail`, or a lost connection)
         self._close: Disconnect | None = None
         # The session's cleanup has begun: whatever finishes after it (a request or a
         # subscribe whose cancel a library swallowed) must leave nothing behind.
@@ -203,11 +216,31 @@ class Session:
             self.stats.clients_behind += 1
 
     def fail(self, exc: Disconnect) -> None:
-        """End the session with `exc`'s close code (from any task)."""
+        """End the session with `exc`'s close code (from any task or callback)."""
         if self._close is None:
             self._close = exc
-            if not self._done.done():
-                self._done.set_result(None)
+            self._stop()
+
+    def _stop(self) -> None:
+        """End the request loop: at its next turn if this is its own task, else now (its
+        task is cancelled, and `run` tells that cancel from a server's)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        task = self._task
+        if self._reading and task is not None and task is not asyncio.current_task():
+            self._cancelled = True
+            task.cancel()
+
+    def _write_failed(self, exc: BaseException) -> None:
+        """The writer task ended with `exc` (edge/writer.py)."""
+        if isinstance(exc, Disconnect):
+            self.fail(exc)
+        elif isinstance(exc, WebSocketDisconnect | OSError):
+            self._stop()  # the connection is gone: nobody to send a close frame to
+        else:
+            self.log.error("session error client=%s error=%r", self.client_id, exc, exc_info=exc)
+            self.fail(Disconnect(CloseCode.SERVER_ERROR, "internal error"))
 
     # --- writing -------------------------------------------------------------------------
 
@@ -262,80 +295,101 @@ class Session:
     # --- the connection's life -----------------------------------------------------------
 
     async def run(self) -> None:
+        """The connection's life, in the connection's own task (uvicorn's, for the ASGI
+        call): the request loop, then the cleanup. No other task per idle connection: the
+        writer has one only while its queue is busy (edge/writer.py), the heartbeat is a
+        loop timer (edge/heartbeat.py), a subscribe one while it waits on Redis."""
         self.stats.connections += 1
         self.stats.connections_total += 1
-        tasks: list[asyncio.Future[Any]] = [
-            asyncio.create_task(self._read_loop()),
-            asyncio.create_task(self.writer.run()),
-            self._done,
-        ]
-        # Until the first of them ends: `_done` is set by `fail`, or by either task's end.
-        # (Not `asyncio.wait`: its waiter, set and callbacks stay for the connection's whole
-        # life, ~1.5 KiB per idle connection.)
-        for task in tasks[:2]:
-            task.add_done_callback(self._task_ended)
+        self._task = task = asyncio.current_task()
         try:
-            await self._done  # a cancel of this task (shutdown) cancels it: nothing else awaits it
-            for task in tasks[:2]:
-                if not task.done():
-                    continue
-                exc = task.exception()
-                if isinstance(exc, Disconnect):
-                    self.fail(exc)
-                elif exc is not None and not isinstance(exc, WebSocketDisconnect | OSError):
-                    self.log.error("session error client=%s error=%r", self.client_id, exc,
-                                   exc_info=exc)
-                    self.fail(Disconnect(CloseCode.SERVER_ERROR, "internal error"))
+            try:
+                self._reading = True
+                await self._read_loop()
+            finally:
+                self._reading = False
+        except Disconnect as exc:
+            self.fail(exc)
+        except asyncio.CancelledError:
+            # Ours (`fail`, `_stop`) is swallowed; a server's (shutdown) goes on after the
+            # cleanup.
+            if not self._uncancel(task):
+                raise
+        except (WebSocketDisconnect, OSError):
+            pass
+        except Exception as exc:
+            self.log.error("session error client=%s error=%r", self.client_id, exc,
+                           exc_info=exc)
+            self.fail(Disconnect(CloseCode.SERVER_ERROR, "internal error"))
         finally:
-            self._ending = True
-            self.credentials.close()
-            tasks += self._subscribing.values()
-            for task in tasks:
-                task.cancel()
-            # Waited for, not awaited one by one: re-raised here, each task's exception would
-            # take this frame into its traceback, a reference cycle (frame, tasks, exception)
-            # holding the whole session until a full garbage collection (rare: edge/server.py).
+            # A cancel of ours that a library swallowed (and that nothing raised) is taken
+            # back too: the cleanup below must not be cancelled by it.
+            self._uncancel(task)
+            await self._cleanup()
+
+    def _uncancel(self, task: asyncio.Task[Any] | None) -> bool:
+        """Take back the cancel `_stop` sent, if it did: whether no other cancel is left."""
+        if not self._cancelled or task is None:
+            return False
+        self._cancelled = False
+        return task.uncancel() == 0
+
+    async def _cleanup(self) -> None:
+        self._ending = True
+        self._stopped = True
+        self.heartbeat.stop()
+        self.credentials.close()
+        tasks: list[asyncio.Task[Any]] = list(self._subscribing.values())
+        writing = self.writer.close()
+        if writing is not None:
+            tasks.append(writing)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Waited for, not awaited one by one: re-raised here, each task's exception
+            # would take this frame into its traceback, a reference cycle (frame, tasks,
+            # exception) holding the whole session until a full garbage collection (rare:
+            # edge/server.py).
             with contextlib.suppress(asyncio.CancelledError):  # this task's own: clean up
                 await asyncio.wait(tasks)
             for task in tasks:
                 if task.done() and not task.cancelled():
-                    task.exception()  # retrieved: run() has dealt with the first ones above
-            for name, feed in self.subscriptions.items():
-                if feed.throttle is not None:
-                    feed.throttle.reset()
-                self.hub.unsubscribe(self, name)
-            self.subscriptions.clear()
-            self.queue.clear()
-            self.stats.connections -= 1
-            close = self._close
-            if close is not None:
-                reason = _CLOSE_REASONS.get(close.code, "other")
-            else:
-                reasons = _FAILED_REASONS if self._failed else _PEER_CLOSE_REASONS
-                reason = reasons.get(self._peer_close_code, "client_closed")
-            self.stats.count_disconnect(reason)
-            if close is not None:
-                self.log.info("disconnect client=%s code=%d reason=%s",
-                              self.client_id, close.code, close.reason)
-                # The close frame waits behind whatever the socket still holds: a slow client
-                # that drains in time gets it (and knows to reconnect and recover); a frozen
-                # one is cut off when the wait ends.
-                # (Not `wait_for`: in Python 3.11 it runs the close as a task of its own whose
-                # exception, a WebSocketDisconnect, makes a reference cycle with it.)
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(CLOSE_TIMEOUT):
-                        await self.ws.close(int(close.code), close.reason)
-            if close is not None:
-                # Its traceback, and what it was raised from (a decoder's error), hold the
-                # tasks' frames and so the session: dropped for the same reason.
-                close.__traceback__ = close.__context__ = close.__cause__ = None
-
-    def _task_ended(self, task: asyncio.Future[Any]) -> None:
-        if not self._done.done():
-            self._done.set_result(None)
+                    task.exception()  # retrieved: a subscribe's end is of no interest now
+        for name, feed in self.subscriptions.items():
+            if feed.throttle is not None:
+                feed.throttle.reset()
+            self.hub.unsubscribe(self, name)
+        self.subscriptions.clear()
+        self.queue.clear()
+        self.stats.connections -= 1
+        close = self._close
+        if close is not None:
+            reason = _CLOSE_REASONS.get(close.code, "other")
+        else:
+            reasons = _FAILED_REASONS if self._failed else _PEER_CLOSE_REASONS
+            reason = reasons.get(self._peer_close_code, "client_closed")
+        self.stats.count_disconnect(reason)
+        if close is not None:
+            self.log.info("disconnect client=%s code=%d reason=%s",
+                          self.client_id, close.code, close.reason)
+            # The close frame waits behind whatever the socket still holds: a slow client
+            # that drains in time gets it (and knows to reconnect and recover); a frozen
+            # one is cut off when the wait ends.
+            # (Not `wait_for`: in Python 3.11 it runs the close as a task of its own whose
+            # exception, a WebSocketDisconnect, makes a reference cycle with it.)
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self.ws.close(int(close.code), close.reason)
+            # Its traceback, and what it was raised from (a decoder's error), hold the
+            # frames and so the session: dropped for the same reason.
+            close.__traceback__ = close.__context__ = close.__cause__ = None
+        self._task = None
 
     async def _receive(self) -> Frame | None:
-        message = await self.ws.receive()
+        return self._frame_of(await self._asgi_receive())
+
+    def _frame_of(self, message: Message) -> Frame | None:
+        """A received ASGI message's frame, or None for the end of the connection."""
         if message["type"] == "websocket.disconnect":
             self._peer_close_code = int(message.get("code") or 1005)
             self._failed = bool(message.get(FAILED))
@@ -347,13 +401,18 @@ class Session:
         data: bytes = message.get("bytes") or b""
         return data
 
-    async def _read_loop(self) -> None:
+    async def _connect(self) -> bool:
+        """The first message, `connect`: whether the session goes on. (A method of its
+        own: its locals, the request and its token, end with it, not kept while idle.)"""
+        # (`asyncio.timeout`, not `wait_for`: in Python 3.11 that runs the receive as a
+        # task of its own.)
         try:
-            first = await asyncio.wait_for(self._receive(), self.config.connect_timeout)
+            async with asyncio.timeout(self.config.connect_timeout):
+                first = await self._receive()
         except TimeoutError:
             raise Disconnect(CloseCode.CONNECT_TIMEOUT, "no connect in time") from None
-        if first is None:
-            return
+        if first is None or self._stopped:
+            return False
         obj = protocol.decode_frame(first, self.codec)
         try:
             command = protocol.parse_command(obj)
@@ -362,31 +421,40 @@ class Session:
         if not isinstance(command, protocol.Connect):
             raise Disconnect(CloseCode.BAD_REQUEST, "first message must be connect")
         await self.credentials.authenticate(command.token, self.fail)
+        if self._stopped:
+            return False
         self.enqueue(protocol.encode(protocol.connected(
             command.id, self.client_id, self.config.ping_interval, self.config.pong_timeout,
             self.credentials.expires_in(),
         ), self.codec))
+        return True
+
+    async def _read_loop(self) -> None:
+        if not await self._connect():
+            return
         sock = connection_socket(self.ws.scope)
         if sock is not None:
             limit_unsent(sock, self.config.socket_unsent_limit)
-        pinger = asyncio.create_task(self.heartbeat.run(
+        # Stopped by the session's cleanup (`_cleanup`), which also lets its callbacks go.
+        self.heartbeat.start(
             protocol.encode(protocol.ping(), self.codec), self.enqueue, self.fail,
             self.behind, None if sock is None else functools.partial(acked_bytes, sock),
-        ))
+        )
         bucket = TokenBucket(self.config.request_rate, self.config.request_burst,
                              self._loop.time())
-        try:
-            while True:
-                frame = await self._receive()
-                if frame is None:
-                    return
-                if not bucket.take(self._loop.time()):
-                    raise Disconnect(CloseCode.TOO_MANY_REQUESTS, "too many requests",
-                                     TOO_MANY_RETRY_AFTER)
-                await self._handle(protocol.decode_frame(frame, self.codec))
-                raise_if_cancelling()  # a history read's Redis call may swallow a cancel
-        finally:
-            pinger.cancel()
+        receive = self._asgi_receive
+        while not self._stopped:  # `fail` from this task itself (a request) ends it here
+            # (The server's receive, called here: no coroutine frame in between while the
+            # connection idles.)
+            frame = self._frame_of(await receive())
+            if frame is None:
+                return
+            if not bucket.take(self._loop.time()):
+                raise Disconnect(CloseCode.TOO_MANY_REQUESTS, "too many requests",
+                                 TOO_MANY_RETRY_AFTER)
+            await self._handle(protocol.decode_frame(frame, self.codec))
+            frame = None  # not kept while the connection idles
+            raise_if_cancelling()  # a history read's Redis call may swallow a cancel
 
     def _policy(self, channel: Channel) -> Policy:
         policy = self._policies.get(channel.namespace)

@@ -13,8 +13,8 @@ Starlette's test client) gets None and the session sends through ``WebSocket.sen
 Frames are written whole, in one ``write`` each, so they never interleave with the
 library's own frames (pongs, the close frame), which uvicorn also writes whole.
 
-`RawSendMiddleware` keeps the server's own ``send`` in the scope: Starlette's exception
-middleware wraps ``send`` before the endpoint sees it.
+The edge's ASGI dispatcher (edge/app.py `EdgeApp`) keeps the server's own ``send`` in the
+scope (`RAW_SEND`) for the connection's life: the protocol object is its ``__self__``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 try:  # uvicorn is a dependency, but its protocol modules are internals: degrade, never fail
     from uvicorn.protocols.websockets.websockets_sansio_impl import (
@@ -53,26 +53,6 @@ def encode_frame(payload: str | bytes) -> bytes:
         data = payload.encode()
         return frame_header(OP_TEXT, len(data)) + data
     return frame_header(OP_BINARY, len(payload)) + payload
-
-
-class RawSendMiddleware:
-    """Records the server's ``send`` of a WebSocket connection in its scope."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "websocket":
-            await self.app(scope, receive, send)
-            return
-        scope[RAW_SEND] = send
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            # uvicorn's protocol holds this scope, and `send` is its own method: left in
-            # place, every connection would end as a reference cycle (protocol, transport,
-            # buffers) that only a full garbage collection frees.
-            scope.pop(RAW_SEND, None)
 
 
 class RawWebSocket:

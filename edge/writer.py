@@ -1,5 +1,7 @@
 """Writing to one client: straight to the socket while it keeps up, else through its
-bounded send queue, drained by the writer task (`run`).
+bounded send queue, drained by a writer task that exists only while the queue has
+something to send (`wake` starts it, it ends when the queue is empty): an idle connection
+has none (a task and its frames are ~1 KiB per connection).
 
 Direct writes (edge/wire.py) go past the queue only when it is empty: the writer pops
 parts only when the transport takes them at once, so an empty queue means nothing is in
@@ -7,13 +9,16 @@ flight and nothing can be reordered. During the hub's turn, what a client takes 
 (batches of several channels, and replies queued meanwhile) is held until `end_turn` and
 written in one system call.
 
-Holds nothing of the session (no callbacks): a reference back would make every session a
-reference cycle, freed only by the garbage collector's rare full collections.
+Holds one callback of the session's, `on_error` (how a failed write ends the session), and
+lets it go in `close`, which the session's cleanup always calls: a reference back kept
+after that would make every session a reference cycle, freed only by the garbage
+collector's rare full collections.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -23,12 +28,11 @@ from edge.pack import Batch, Wire, coalesce, pack
 from edge.sendqueue import SendQueue
 from edge.stats import EdgeStats
 from edge.wire import RawWebSocket, encode_frame
-from edge.wsprotocol import LightEvent
 
 
 class Writer:
-    __slots__ = ("_direct", "_out", "_raw", "_wakeup", "codec", "delay", "max_bytes",
-                 "max_messages", "queue", "stats", "ws")
+    __slots__ = ("_closed", "_direct", "_out", "_raw", "_task", "codec", "delay", "max_bytes",
+                 "max_messages", "on_error", "queue", "stats", "ws")
 
     def __init__(self, ws: WebSocket, codec: Codec, config: EdgeConfig, stats: EdgeStats
                  ) -> None:
@@ -42,7 +46,12 @@ class Writer:
             # The stats' method, not one of the session's (see the module doc).
             codec, config.queue_max_messages, config.queue_max_bytes, stats.count_queue
         )
-        self._wakeup = LightEvent()  # asyncio.Event's deque is ~0.8 KiB per connection
+        # The writer task, while the queue has something to send (`wake`, `_drain`).
+        self._task: asyncio.Task[None] | None = None
+        # Called with what ended a writer task (a lost connection, a bug): set by the
+        # session, dropped by `close`.
+        self.on_error: Callable[[BaseException], None] | None = None
+        self._closed = False
         # Direct writes to the transport (edge/wire.py), when the server allows them...
         self._raw = RawWebSocket.attach(ws.scope) if config.direct_write else None
         # ... and past the queue when it is empty, unless the writer is to wait and gather.
@@ -62,11 +71,38 @@ class Writer:
         self.queue.lagging = lagging
         self._direct = None if lagging or self.delay else self._raw
         if not lagging:
-            self._wakeup.set()
+            self.wake()
 
     def wake(self) -> None:
-        """Something was queued: the writer task drains it."""
-        self._wakeup.set()
+        """Something was queued: a writer task drains it (started unless one runs: it
+        writes after the current turn of the loop, so what the turn queued goes in one
+        frame)."""
+        if self._task is None and not self._closed:
+            self._task = task = asyncio.get_running_loop().create_task(self._drain())
+            task.add_done_callback(self._drained)
+
+    def close(self) -> asyncio.Task[None] | None:
+        """The session ends: no more writes; the running writer task, if any, cancelled
+        (returned, for the caller to wait for); the session's callback dropped."""
+        self._closed = True
+        self.on_error = None
+        task = self._task
+        if task is not None:
+            task.cancel()
+        return task
+
+    def _drained(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            on_error = self.on_error
+            if on_error is not None:
+                on_error(exc)
+            # Its traceback holds the task's frames (and this writer): not kept.
+            exc.__traceback__ = None
 
     def send(self, frame: Frame) -> None:
         """A control frame (a reply, a ping, a resync): direct if the client keeps up,
@@ -81,7 +117,7 @@ class Writer:
                 self._write_now(raw, encode_frame(frame), 1, 1, len(frame))
                 return
         self.queue.push_control(frame)
-        self._wakeup.set()
+        self.wake()
 
     def send_all(self, frames: list[Frame]) -> None:
         """Control messages that belong together, in order (a subscribe's reply and the
@@ -102,7 +138,7 @@ class Writer:
         push = self.queue.push_control
         for frame in frames:
             push(frame)
-        self._wakeup.set()
+        self.wake()
 
     def take(self, batch: Batch) -> bool:
         """Take a whole batch directly, if the client keeps up: written at `end_turn`,
@@ -162,44 +198,40 @@ class Writer:
         stats.messages_sent += messages
         stats.bytes_sent += payload
 
-    async def run(self) -> None:
+    async def _drain(self) -> None:
         """Drain the queue, everything pending coalesced into one frame (up to the frame
         bounds): a frame costs about the same CPU whatever it holds, so a client that
         falls behind costs less per message, not more. Writes wait while the socket's
-        write buffer is over its high-water mark; meanwhile the queue's policy applies."""
+        write buffer is over its high-water mark; meanwhile the queue's policy applies.
+        Ends when the queue is empty (the next `wake` starts another)."""
         queue = self.queue
         stats = self.stats
         codec = self.codec
         max_messages = self.max_messages
         max_bytes = self.max_bytes
-        delay = self.delay
         raw = self._raw
-        send = self.ws.send
-        kind = "text" if codec is Codec.JSON else "bytes"
-        while True:
-            await self._wakeup.wait()
-            if delay:
-                await asyncio.sleep(delay)
-            self._wakeup.clear()
-            while queue.busy:
-                if raw is not None:
-                    if not raw.ready:
-                        if raw.closed:
-                            raise WebSocketDisconnect(1006)
-                        await raw.wait_writable()
-                        continue
-                    parts, count = queue.pop_parts(max_messages, max_bytes)
-                    if not parts:
-                        break
-                    frame = coalesce(parts, codec, count)
-                    raw.write(encode_frame(frame))
-                else:
-                    parts, count = queue.pop_parts(max_messages, max_bytes)
-                    if not parts:
-                        break
-                    frame = coalesce(parts, codec, count)
-                    await send({"type": "websocket.send", kind: frame})
-                stats.writes += 1
-                stats.frames_sent += 1
-                stats.messages_sent += count
-                stats.bytes_sent += len(frame)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        while queue.busy:
+            if raw is not None:
+                if not raw.ready:
+                    if raw.closed:
+                        raise WebSocketDisconnect(1006)
+                    await raw.wait_writable()
+                    continue
+                parts, count = queue.pop_parts(max_messages, max_bytes)
+                if not parts:
+                    break
+                frame = coalesce(parts, codec, count)
+                raw.write(encode_frame(frame))
+            else:
+                parts, count = queue.pop_parts(max_messages, max_bytes)
+                if not parts:
+                    break
+                frame = coalesce(parts, codec, count)
+                kind = "text" if codec is Codec.JSON else "bytes"
+                await self.ws.send({"type": "websocket.send", kind: frame})
+            stats.writes += 1
+            stats.frames_sent += 1
+            stats.messages_sent += count
+            stats.bytes_sent += len(frame)

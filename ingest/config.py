@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.config import (
+    LOOP_SETTING,
     NAMESPACES_FILE_SETTING,
     REDIS_SETTINGS,
     Command,
@@ -54,6 +55,7 @@ class IngestConfig:
     api_port: int = 0
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     namespaces_file: str = ""  # "" = the shipped common/namespaces.toml
+    loop: str = "auto"  # the event loop (common/loop.py): auto, asyncio or uvloop
     log_level: str = "info"
     # Each feed's settings, a field named after the feed (ingest/feeds/<name>.py).
     sim: SimSettings = field(default_factory=SimSettings)
@@ -113,6 +115,7 @@ def _settings() -> tuple[Setting, ...]:
                 "port of the HTTP publish API (0 = off)"),
         Setting("api_keys", "--api-keys", "FANOUT_API_KEYS", parse_csv,
                 "comma-separated API keys of the HTTP publish API", secret=True),
+        LOOP_SETTING,
         Setting("log_level", "--log-level", "FANOUT_LOG_LEVEL", parse_log_level,
                 "log level: debug, info, warning or error"),
     )

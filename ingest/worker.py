@@ -36,6 +36,7 @@ from common.backoff import Backoff
 from common.broker import Broker, BrokerUnavailable, Fence
 from common.broker.redisbroker import RedisBroker
 from common.config import redact_url
+from common.loop import loop_factory, loop_name
 from common.namespaces import use_file
 from ingest.config import IngestConfig
 from ingest.feeds import make_upstream, state_metric
@@ -318,8 +319,9 @@ async def serve(
     leader = Leader(broker, feed_id, logger,
                     LeaderMetrics(registry), ttl=config.lease_ttl)
     logger.info(
-        "ingest starting feed=%s feed_id=%s owner=%s lease_ttl=%.2f redis=%s",
+        "ingest starting feed=%s feed_id=%s owner=%s lease_ttl=%.2f redis=%s loop=%s",
         upstream.name, feed_id, leader.owner, config.lease_ttl, redact_url(config.redis.url),
+        loop_name(asyncio.get_running_loop()),
     )
     worker = Worker(upstream, publisher, logger, metrics, config.batch_size, leader=leader)
     servers: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
@@ -377,5 +379,6 @@ def run_worker(config: IngestConfig, upstream: Upstream | None = None) -> int:
             await task
         logger.info("ingest stopped")
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory(config.loop)) as runner:  # FANOUT_LOOP
+        runner.run(main())
     return 0

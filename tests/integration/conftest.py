@@ -8,6 +8,10 @@ point REDIS_URL at a disposable database.
 Cluster tests get a real 3-master + 3-replica Valkey cluster (`redis_cluster`, started once
 per session), or the cluster REDIS_CLUSTER_URL names (redis+cluster://host:port,...): then
 the tests that kill nodes or move slots skip, as they need to control the nodes.
+
+FANOUT_TEST_LOOP=uvloop runs every test, and so the edges served in it, on uvloop instead
+of asyncio's loop (FANOUT_LOOP, common/loop.py); edges started as processes follow
+FANOUT_LOOP (default auto: uvloop where installed).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -32,6 +36,15 @@ from edge.app import Edge
 from edge.server import uvicorn_config
 from fanout.embedded import EmbeddedValkey, EmbeddedValkeyCluster
 from ingest.publisher import Publisher
+
+if os.environ.get("FANOUT_TEST_LOOP", "asyncio") == "uvloop":
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        """Every test's loop is uvloop's (FANOUT_TEST_LOOP)."""
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
 
 
 @dataclass

@@ -7,6 +7,7 @@ Every test passes its own `env` mapping, so the process environment is never rea
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import re
 from pathlib import Path
@@ -605,6 +606,42 @@ def test_gc_thresholds_setting() -> None:
     for bad in ("1,2", "1,2,0", "a,b,c", "1,2,3,4"):
         with pytest.raises(ConfigError, match="FANOUT_GC_THRESHOLDS: must be three"):
             build(EdgeConfig, EDGE_SETTINGS, env={"FANOUT_GC_THRESHOLDS": bad})
+
+
+def test_loop_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FANOUT_LOOP for both commands: auto resolves to uvloop where it is installed; uvloop
+    where it is not (Windows) is refused at start, naming the setting."""
+    from common import loop
+
+    assert EdgeConfig().loop == "auto" and IngestConfig().loop == "auto"
+    for name in ("auto", "asyncio", "uvloop", "UVLOOP"):
+        env = {"FANOUT_LOOP": name}
+        assert build(EdgeConfig, EDGE_SETTINGS, env=env).loop == name.lower()
+        assert build(IngestConfig, INGEST_SETTINGS, env=env).loop == name.lower()
+    for settings, cls in ((EDGE_SETTINGS, EdgeConfig), (INGEST_SETTINGS, IngestConfig)):
+        with pytest.raises(ConfigError, match="FANOUT_LOOP: must be auto, asyncio or uvloop"):
+            build(cls, settings, env={"FANOUT_LOOP": "trio"})
+    assert loop.resolve("asyncio") == "asyncio"
+    assert loop.resolve("auto") == "uvloop"  # installed here (the locks have it on Linux)
+    monkeypatch.setattr(loop, "uvloop_available", lambda: False)
+    assert loop.resolve("auto") == "asyncio"
+    assert loop.loop_factory("auto") is asyncio.new_event_loop
+    with pytest.raises(ConfigError, match="FANOUT_LOOP: uvloop is not installed"):
+        build(EdgeConfig, EDGE_SETTINGS, env={"FANOUT_LOOP": "uvloop"})
+
+
+def test_loop_factory_makes_the_named_loop() -> None:
+    import uvloop
+
+    from common.loop import loop_factory, loop_name
+
+    for name, expected in (("asyncio", "asyncio"), ("uvloop", "uvloop"), ("auto", "uvloop")):
+        event_loop = loop_factory(name)()
+        try:
+            assert loop_name(event_loop) == expected
+            assert isinstance(event_loop, uvloop.Loop) is (expected == "uvloop")
+        finally:
+            event_loop.close()
 
 
 def test_tune_gc_sets_the_thresholds_or_leaves_pythons() -> None:
