@@ -398,7 +398,8 @@ class RedisLive:
                             continue
                         data = msg["data"]
                     if ch.startswith(live_prefix):
-                        on_publication(decode_live(channel_of_live(ch), data))
+                        for pub in decode_live(channel_of_live(ch), data):
+                            on_publication(pub)
                     elif ch == probe_channel:
                         self._probe_seen.set()
             except asyncio.CancelledError:

@@ -11,6 +11,7 @@ EVALSHA only (`Script.queue`); the caller reloads and resends what came back NOS
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -22,7 +23,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from common.broker.keys import Keys
+from common.broker.keys import Keys, idempotency_bucket
 from common.broker.types import Fence, PublishRequest, SnapshotWant
 
 Call = tuple[list[str], list[str | int]]  # KEYS, ARGV
@@ -92,8 +93,9 @@ class PublishCall:
     indexes: list[int] = field(default_factory=list)
 
 
-PUBLISH_FIRST_MESSAGE_ARG = 9  # index of ARGV[10], the first message's data
-PUBLISH_ARGS_PER_MESSAGE = 6
+PUBLISH_FIRST_MESSAGE_ARG = 10  # index of ARGV[11], the first message's data
+PUBLISH_ARGS_PER_MESSAGE = 4
+_FLAGS = ("0", "1", "2", "3")  # delete + 2 * if_changed
 
 
 def group_publishes(batch: Sequence[PublishRequest]) -> list[PublishCall]:
@@ -117,11 +119,15 @@ def group_publishes(batch: Sequence[PublishRequest]) -> list[PublishCall]:
 def publish_call(
     keys: Keys, call: PublishCall, batch: Sequence[PublishRequest], new_epoch: str,
     fence: Fence | None, *, meta_ttl: int, idempotency_ttl: int, sharded: bool = False,
+    now: float | None = None,
 ) -> Call:
-    """`sharded`: notify with SPUBLISH (Redis Cluster) instead of PUBLISH."""
+    """`sharded`: notify with SPUBLISH (Redis Cluster) instead of PUBLISH. `now`: the
+    publisher's clock (s) that picks the idempotency bucket (default: time.time())."""
     name = call.channel
     mode, max_length, max_age_ms = call.policy
-    key_list = [keys.meta(name), keys.stream(name), keys.snapshot(name)]
+    bucket = idempotency_bucket(idempotency_ttl, time.time() if now is None else now)
+    key_list = [keys.meta(name), keys.stream(name), keys.snapshot(name),
+                keys.idempotency(name, bucket), keys.idempotency(name, bucket - 1)]
     args: list[str | int] = [
         mode,  # 1
         max_length,  # 2
@@ -134,22 +140,15 @@ def publish_call(
         "" if fence is None or fence.deadline_ms is None else fence.deadline_ms,  # 9
         "1" if sharded else "0",  # 10
     ]
-    idem: dict[str, int] = {}  # message id -> its key's index in KEYS (1-based)
+    flags = _FLAGS
     for i in call.indexes:
         req = batch[i]
-        slot = 0
-        if req.msg_id:
-            slot = idem.get(req.msg_id, 0)
-            if not slot:
-                key_list.append(keys.idempotency(name, req.msg_id))
-                slot = idem[req.msg_id] = len(key_list)
+        flag = flags[req.delete + 2 * req.if_changed]
         args += (
             req.data,  # +0
             req.key,  # +1
-            slot,  # +2
-            "1" if req.delete else "0",  # +3
-            "1" if req.if_changed else "0",  # +4
-            req.received_ms or "",  # +5
+            req.msg_id,  # +2
+            f"{flag}{req.received_ms}" if req.received_ms else flag,  # +3
         )
     return key_list, args
 

@@ -61,7 +61,13 @@ async def test_a_batch_is_one_evalsha_per_channel_and_no_script_exists(
     delta = {name: after.get(name, 0) - before.get(name, 0) for name in after}
     assert delta["evalsha"] == batches * len(channels)
     assert delta.get("script|exists", 0) == 0 and delta.get("script|load", 0) == 0
-    assert delta["xadd"] == delta["publish"] == batches * per_batch
+    assert delta["xadd"] == batches * per_batch
+    # Per call, not per message: one live message, one lookup and one write of the ids.
+    calls = batches * len(channels)
+    assert delta["publish"] == calls
+    assert delta["hset"] == 3 * calls  # the meta's top, the snapshot, the ids
+    assert delta.get("get", 0) == delta.get("set", 0) == 0
+    assert delta["hmget"] == 2 * calls + calls  # the ids' two buckets + the meta's state
     # Every offset once, in order.
     for ch in channels:
         assert await private_redis.hget(Keys("t").meta(ch), "top") == str(
@@ -123,7 +129,10 @@ async def test_ttls_are_set_by_a_call_that_creates_the_channel(redis: Redis,
     assert 90 < await redis.ttl(keys.meta(ch)) <= 100
     assert 90 < await redis.ttl(keys.snapshot(ch)) <= 100
     assert 0 < await redis.pttl(keys.stream(ch)) <= 300_000
-    assert 40 < await redis.ttl(keys.idempotency(ch, "i1")) <= 50
+    # The ids' hash (one time bucket) lives 2 idempotency TTLs after its last write.
+    idem = [k async for k in redis.scan_iter(match=f"{key_prefix}:{{{ch}}}:idem:*")]
+    assert len(idem) == 1 and await redis.hkeys(idem[0]) == ["i1"]
+    assert 90 < await redis.ttl(idem[0]) <= 100
     assert json.loads((await redis.hgetall(keys.snapshot(ch)))[""]) == {"a": 1, "b": 2}
 
 

@@ -34,11 +34,11 @@ def stop_before_writing(message_id: str, log: logging.Logger) -> None:
     """SIGSTOP this process once, as the pipeline carrying `message_id` is written."""
     original = Pipeline._execute_pipeline
     fired = False
-    idem_key = f":idem:{message_id}"  # publish.lua gets a message's id as its key only
 
     async def execute(self: Pipeline, connection: Any, commands: Any, *args: Any) -> Any:
         nonlocal fired
-        if not fired and any(_text(arg).endswith(idem_key) for cmd in commands
+        # publish.lua gets each message's id as an argument of its own
+        if not fired and any(_text(arg) == message_id for cmd in commands
                              for arg in cmd[0]):
             fired = True
             log.warning("pausing before the write of %s pid=%d", message_id, os.getpid())
