@@ -6,7 +6,7 @@ in one slot, as the Lua scripts that touch them together require.
     <prefix>:{<channel>}:meta         hash   epoch, top (last assigned offset)
     <prefix>:{<channel>}:stream       stream history; entry id "<offset>-0", fields d, k, t
     <prefix>:{<channel>}:snap         hash   snapshot: key -> latest value (JSON); key "" if unkeyed
-    <prefix>:{<channel>}:idem:<b>     hash   upstream message id -> "<epoch>:<offset>" of the
+    <prefix>:{<channel>}:ids:<b>      hash   upstream message id -> "<epoch>:<offset>" of the
                                       ids published in time bucket <b> (publisher's clock
                                       in s // idempotency TTL); expires 2 TTLs after its
                                       last write
@@ -49,7 +49,7 @@ class Keys:
 
     def idempotency(self, channel: str, bucket: int) -> str:
         """The hash of the message ids published to `channel` in time bucket `bucket`."""
-        return f"{self.prefix}:{{{channel}}}:idem:{bucket}"
+        return f"{self.prefix}:{{{channel}}}:ids:{bucket}"
 
     def live(self, channel: str) -> str:
         return f"{self.prefix}:live:{{{channel}}}"

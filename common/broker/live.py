@@ -16,7 +16,7 @@ cheaper for Redis and for every edge reading it.
 
 The older format, one message per pub/sub message (`encode_live_one`), starts with the
 epoch, never with 0x1E: `decode_live` reads both, so edges can be upgraded before the
-ingest processes (docs/operations.md, "Upgrading").
+ingest processes (docs/architecture.md, "Upgrading the live message format").
 
 Keep this and common/broker/lua/publish.lua in step.
 """

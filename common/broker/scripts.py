@@ -31,7 +31,7 @@ Call = tuple[list[str], list[str | int]]  # KEYS, ARGV
 Client = Redis | RedisCluster  # a script runs on one server, or on a cluster by its keys' slot
 
 # Most messages of one channel in one publish.lua call: a call blocks the server while it
-# runs (~10-20 µs per message), so a channel's share of a big batch is split.
+# runs (~3-10 µs per message), so a channel's share of a big batch is split.
 MAX_CALL_MESSAGES = 1000
 
 

@@ -329,7 +329,7 @@ async def test_if_changed_keeps_fencing_first_and_ids_their_meaning(
     with pytest.raises(FencedOut):
         await publisher.publish(UpstreamMessage(ch, {"balance": 9}, if_changed=True), Fence(2))
     # What was skipped is not remembered as published: its id names nothing.
-    idem = [k async for k in redis.scan_iter(match=f"{keys.prefix}:{{{ch}}}:idem:*")]
+    idem = [k async for k in redis.scan_iter(match=f"{keys.prefix}:{{{ch}}}:ids:*")]
     assert idem and not any([await redis.hexists(k, "v2") for k in idem])
     assert await stream_offsets(redis, keys, ch) == [1]
     changed = await publisher.publish(UpstreamMessage(ch, {"balance": 9}, msg_id="v2",

@@ -131,7 +131,7 @@ async def test_ttls_are_set_by_a_call_that_creates_the_channel(redis: Redis,
     assert 90 < await redis.ttl(keys.snapshot(ch)) <= 100
     assert 0 < await redis.pttl(keys.stream(ch)) <= 300_000
     # The ids' hash (one time bucket) lives 2 idempotency TTLs after its last write.
-    idem = [k async for k in redis.scan_iter(match=f"{key_prefix}:{{{ch}}}:idem:*")]
+    idem = [k async for k in redis.scan_iter(match=f"{key_prefix}:{{{ch}}}:ids:*")]
     assert len(idem) == 1 and await redis.hkeys(idem[0]) == ["i1"]
     assert 90 < await redis.ttl(idem[0]) <= 100
     assert json.loads((await redis.hgetall(keys.snapshot(ch)))[""]) == {"a": 1, "b": 2}

@@ -81,6 +81,7 @@ local out = {}
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_text = tostring(now)  -- formatted once, not by every XADD
 
 -- Fencing, before anything else: a deposed leader writes nothing, not even a duplicate.
 -- The meta's fence only grows with this token, so the answer is the same for every message.
@@ -283,12 +284,14 @@ for base = FIRST, #ARGV, PER do
     raise_fence()
     published = published + 1
     first = first or offset
-    redis.call('XADD', stream, offset .. '-0', 'd', data, 'k', key, 't', now, 'x', deleted)
+    local offset_text = tostring(offset)
+    redis.call('XADD', stream, offset_text .. '-0', 'd', data, 'k', key, 't', now_text,
+      'x', deleted)
     update_snapshot(key, data, delete, cur)
     if id ~= '' then
       known[id] = offset
       fresh[nf + 1] = id
-      fresh[nf + 2] = epoch .. ':' .. offset
+      fresh[nf + 2] = epoch .. ':' .. offset_text
       nf = nf + 2
     end
     -- This message's record of the live message: "\30" (no JSON text holds one), then
