@@ -233,19 +233,24 @@ local published = 0
 local first = nil  -- the first offset published by this call
 local pieces, np = {}, 0  -- the live message, concatenated once at the end
 local fresh, nf = {}, 0  -- HSET arguments: the ids published by this call, their values
+local no = 0  -- entries in `out`
+
+-- The current message's data decoded as an object (or false), decoded at most once (one
+-- function for all messages: no closure per message).
+local data, decoded = nil, nil
+local function cur()
+  if decoded == nil then
+    decoded = as_object(data)
+  end
+  return decoded
+end
 
 for base = FIRST, #ARGV, PER do
-  local data, key, id, flags = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local key, id, flags = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  data, decoded = ARGV[base], nil
   local f = string.byte(flags, 1) - 48
   local deleted = (f % 2 == 1) and '1' or '0'
   local delete = deleted == '1'
-  local decoded = nil
-  local function cur()
-    if decoded == nil then
-      decoded = as_object(data)
-    end
-    return decoded
-  end
   local offset, status = nil, nil
 
   if id ~= '' then
@@ -306,9 +311,10 @@ for base = FIRST, #ARGV, PER do
     pieces[np + 8] = data
     np = np + 8
   end
-  out[#out + 1] = offset
-  out[#out + 1] = (status == 4 and not epoch) and '' or epoch
-  out[#out + 1] = status
+  out[no + 1] = offset
+  out[no + 2] = (status == 4 and not epoch) and '' or epoch
+  out[no + 3] = status
+  no = no + 3
 end
 
 if published > 0 and fence_dirty then
