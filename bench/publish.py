@@ -3,8 +3,9 @@
 Runs the real ingest `Worker` over a `SimulatedFeed` whose rate is so high that pacing never
 holds it back (it ends after `--messages`), at each `--batch-sizes`, against an embedded
 Valkey (or `--redis-url`). Every publish goes through the real Lua publish script (offset,
-history append + trim, snapshot, idempotency key, live PUBLISH). Afterwards the `top` of every
-channel's meta hash is summed: it must equal the number of messages, or the run fails.
+history append + trim, snapshot, idempotency, one live PUBLISH per call). Afterwards the
+`top` of every channel's meta hash is summed: it must equal the number of messages, or the
+run fails.
 
 Two more rows put the worker's rate in context: the feed alone (simulate and iterate, no
 publishing), and `Publisher.publish_batch` in a plain loop over pre-built messages (the

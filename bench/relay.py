@@ -87,8 +87,9 @@ class Relay:
             channel = channel_of(msg["channel"])
             subs = clients.get(channel)
             if subs:
-                pub = decode_live(channel, msg["data"])
-                broadcast(subs, pub_json(channel, pub.offset, pub.key, pub.data, pub.deleted))
+                for pub in decode_live(channel, msg["data"]):
+                    broadcast(subs, pub_json(channel, pub.offset, pub.key, pub.data,
+                                             pub.deleted))
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -116,8 +116,10 @@ def publish_script_args(requests: list[Any], prefix: str) -> list[list[str | int
     ids = {r.msg_id for r in requests}
     out = []
     for ks, argv in calls:
-        ks = [k.replace(":idem:", ":idem:" + RAND + RAND) for k in ks]
-        # An older publish.lua also gets the id itself in ARGV (only "is there one" matters).
+        # An older publish.lua gets one key per id (made random); a newer one the ids'
+        # hashes per time bucket (kept), and the ids themselves in ARGV (made random).
+        ks = [k.replace(":idem:", ":idem:" + RAND + RAND)
+              if k.rpartition(":idem:")[2] in ids else k for k in ks]
         argv = [RAND + RAND if a in ids else a for a in argv]
         out.append([len(ks), *ks, *argv])
     return out

@@ -93,7 +93,8 @@ def _settings() -> tuple[Setting, ...]:
                 "history per namespace, <namespace>=<max length>/<max age seconds>,...; "
                 "namespaces not named keep theirs", metavar="POLICIES"),
         Setting("idempotency_ttl", "--idempotency-ttl", "FANOUT_IDEMPOTENCY_TTL",
-                parse_int(1), "seconds a published upstream message id is remembered"),
+                parse_int(1), "seconds a published upstream message id is remembered (at "
+                "least; at most twice as long)"),
         Setting("metrics_port", "--metrics-port", "FANOUT_INGEST_METRICS_PORT",
                 parse_int(0, 65535),
                 "port of the ingest's /metrics, /healthz and /readyz (0 = none)"),

@@ -32,7 +32,11 @@ from common.config import HistoryPolicy, namespace_history
 from common.errors import BadChannel
 from ingest.upstream import UpstreamMessage
 
-MAX_TRACKED_CHANNELS = 100_000  # channels whose last offset a publisher remembers
+MAX_TRACKED_CHANNELS = 100_000  # channels whose last offset (and policy) a publisher remembers
+
+# JSON text of a message's data: one encoder for all (json.dumps with options builds one per
+# call).
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 class InvalidMessage(ValueError):
@@ -97,28 +101,44 @@ class Publisher:
         self.log = logger or logging.getLogger("fanout.publisher")
         # channel -> (epoch, highest offset this publisher got): how a loss is noticed.
         self._seen: dict[str, tuple[str, int]] = {}
+        self._channels: dict[str, tuple[str, str, int, int]] = {}  # see `_channel`
         self.rebased = 0  # channels given a new epoch because their offsets went back
         self._on_rebase = on_rebase  # for a metric
 
+    def _channel(self, name: str) -> tuple[str, str, int, int]:
+        """A channel's (name, snapshot mode, history max length, max age ms), parsed once
+        per channel (raises BadChannel)."""
+        known = self._channels.get(name)
+        if known is None:
+            channel = parse_channel(name)
+            spec = channel.spec
+            policy = self.history.get(channel.namespace) or HistoryPolicy(
+                spec.history_length, spec.history_age
+            )
+            known = (channel.name, str(spec.snapshot), policy.max_length,
+                     int(policy.max_age * 1000))
+            if len(self._channels) >= MAX_TRACKED_CHANNELS:
+                self._channels.clear()  # bounded memory
+            self._channels[name] = known
+        return known
+
     def _request(self, msg: UpstreamMessage) -> PublishRequest:
         try:
-            channel = parse_channel(msg.channel)
-            key = validate_key(msg.key)
-            data = json.dumps(msg.data, separators=(",", ":"), ensure_ascii=False,
-                              allow_nan=False)
+            name, mode, max_length, max_age_ms = self._channel(msg.channel)
+            key = msg.key
+            if key:
+                validate_key(key)
+            elif key != "":
+                raise ValueError("snapshot key must be a string")
+            data = _json(msg.data)
         except (BadChannel, ValueError, TypeError) as exc:
             raise InvalidMessage(f"{msg.channel!r}: {exc}") from None
         if len(msg.msg_id) > MAX_MESSAGE_ID_LENGTH:
             raise InvalidMessage(f"{msg.channel!r}: message id longer than "
                                  f"{MAX_MESSAGE_ID_LENGTH} characters")
-        spec = channel.spec
-        policy = self.history.get(channel.namespace) or HistoryPolicy(
-            spec.history_length, spec.history_age
-        )
         return PublishRequest(
-            channel.name, data, key, msg.msg_id, str(spec.snapshot), policy.max_length,
-            int(policy.max_age * 1000), msg.delete, msg.if_changed,
-            int(msg.received_at * 1000),
+            name, data, key, msg.msg_id, mode, max_length, max_age_ms, msg.delete,
+            msg.if_changed, int(msg.received_at * 1000),
         )
 
     async def snapshot(self, channel: str) -> dict[str, Any]:

@@ -266,7 +266,8 @@ class _Shard:
                     if isinstance(reply, list) and len(reply) == 3 and reply[0] == "smessage":
                         ch: str = reply[1]
                         if ch.startswith(live_prefix):
-                            on_publication(decode_live(channel_of_live(ch), reply[2]))
+                            for pub in decode_live(channel_of_live(ch), reply[2]):
+                                on_publication(pub)
                         elif ch == self.probe_channel:
                             self.probe_seen.set()
                         continue

@@ -6,7 +6,10 @@ in one slot, as the Lua scripts that touch them together require.
     <prefix>:{<channel>}:meta         hash   epoch, top (last assigned offset)
     <prefix>:{<channel>}:stream       stream history; entry id "<offset>-0", fields d, k, t
     <prefix>:{<channel>}:snap         hash   snapshot: key -> latest value (JSON); key "" if unkeyed
-    <prefix>:{<channel>}:idem:<id>    string "<epoch>:<offset>" of an upstream message id
+    <prefix>:{<channel>}:ids:<b>      hash   upstream message id -> "<epoch>:<offset>" of the
+                                      ids published in time bucket <b> (publisher's clock
+                                      in s // idempotency TTL); expires 2 TTLs after its
+                                      last write
     <prefix>:live:{<channel>}         pub/sub channel of live messages for the edges
     <prefix>:probe:<node>             pub/sub channel an edge publishes to itself (liveness)
     <prefix>:probe:<node>:{<n>}       in Redis Cluster, the same per shard: sharded pub/sub,
@@ -44,8 +47,9 @@ class Keys:
     def snapshot(self, channel: str) -> str:
         return f"{self.prefix}:{{{channel}}}:snap"
 
-    def idempotency(self, channel: str, message_id: str) -> str:
-        return f"{self.prefix}:{{{channel}}}:idem:{message_id}"
+    def idempotency(self, channel: str, bucket: int) -> str:
+        """The hash of the message ids published to `channel` in time bucket `bucket`."""
+        return f"{self.prefix}:{{{channel}}}:ids:{bucket}"
 
     def live(self, channel: str) -> str:
         return f"{self.prefix}:live:{{{channel}}}"
@@ -68,3 +72,9 @@ class Keys:
 
     def fence(self, feed: str) -> str:
         return f"{self.prefix}:fence:{{{feed}}}"
+
+
+def idempotency_bucket(idempotency_ttl: int, now: float) -> int:
+    """The time bucket (the publisher's clock `now`, s) whose hash takes the ids published
+    now; publish.lua looks an id up in it and in the one before."""
+    return int(now) // max(idempotency_ttl, 1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.broker.base import LiveListener
+from common.broker.keys import idempotency_bucket
 from common.broker.types import (
     BrokerUnavailable,
     Fence,
@@ -64,7 +65,9 @@ class MemoryBroker:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._channels: dict[str, _Channel] = {}
-        self._idem: dict[tuple[str, str], tuple[str, float]] = {}
+        # (channel, time bucket) -> (message id -> "<epoch>:<offset>", expires at): as
+        # publish.lua's idempotency hashes (common/broker/keys.py).
+        self._idem: dict[tuple[str, int], tuple[dict[str, str], float]] = {}
         self._leases: dict[str, tuple[str, float]] = {}  # feed -> (value, expires at)
         self._fences: dict[str, int] = {}
         self._lives: list[MemoryLive] = []
@@ -158,15 +161,17 @@ class MemoryBroker:
             if fence.deadline_ms is not None and now >= fence.deadline_ms:
                 return PublishReply(0, "", PublishStatus.EXPIRED)
         epoch = ch.epoch
-        idem_key = (req.channel, req.msg_id)
+        bucket = idempotency_bucket(idem_ttl, now_s)
         if req.msg_id and epoch is not None:
-            prev = self._idem.get(idem_key)
-            if prev is not None and prev[1] > now_s:
-                e, _, o = prev[0].rpartition(":")
-                if e == epoch:
-                    if token is not None and token > ch.fence:
-                        ch.fence = token
-                    return PublishReply(int(o), epoch, PublishStatus.DUPLICATE)
+            for b in (bucket, bucket - 1):
+                ids = self._idem.get((req.channel, b))
+                prev = ids[0].get(req.msg_id) if ids is not None and ids[1] > now_s else None
+                if prev is not None:
+                    e, _, o = prev.rpartition(":")
+                    if e == epoch:
+                        if token is not None and token > ch.fence:
+                            ch.fence = token
+                        return PublishReply(int(o), epoch, PublishStatus.DUPLICATE)
         if req.if_changed:
             if epoch is not None:
                 same = self._unchanged(ch, req)
@@ -181,6 +186,8 @@ class MemoryBroker:
         if epoch is None:
             epoch = ch.epoch = new
             ch.top, ch.fence, ch.stream, ch.snapshot = 0, 0, [], {}
+            self._idem.pop((req.channel, bucket), None)
+            self._idem.pop((req.channel, bucket - 1), None)
         ch.top += 1
         offset = ch.top
         if token is not None and token > ch.fence:
@@ -198,7 +205,10 @@ class MemoryBroker:
         self._update_snapshot(ch, req)
         ch.meta_expires = ch.snap_expires = now_s + meta_ttl
         if req.msg_id:
-            self._idem[idem_key] = (f"{epoch}:{offset}", now_s + idem_ttl)
+            ids = self._idem.get((req.channel, bucket))
+            known = ids[0] if ids is not None and ids[1] > now_s else {}
+            known[req.msg_id] = f"{epoch}:{offset}"
+            self._idem[(req.channel, bucket)] = (known, now_s + 2 * idem_ttl)
         self.published += 1
         pub = Publication(req.channel, epoch, offset, req.key, req.data, req.delete,
                           req.received_ms / 1000 if req.received_ms else 0.0)

@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from common.aio import wait_event
 from common.broker.base import LiveListener
@@ -50,6 +50,9 @@ from common.broker.types import (
     new_epoch,
 )
 from common.config import RedisSettings
+
+_STATUSES = tuple(PublishStatus)  # by the number publish.lua returns
+assert all(s == n for n, s in enumerate(_STATUSES))
 
 # Most history entries history.lua returns itself; more are read with a plain XRANGE.
 INLINE_HISTORY = 100
@@ -144,24 +147,23 @@ class RedisBroker:
         self, batch: Sequence[PublishRequest], fence: Fence | None = None, *,
         meta_ttl: int, idempotency_ttl: int,
     ) -> list[PublishReply]:
-        """One publish.lua call per channel (see `group_publishes`), all in one pipeline;
-        replies in batch order. Calls that come back NOSCRIPT ran nothing: the script is
-        loaded and they are sent again, in order."""
+        """One publish.lua call per channel (see `group_publishes`), all in one write
+        (`_pipelined`); replies in batch order. Calls that come back NOSCRIPT ran nothing:
+        the script is loaded and they are sent again, in order."""
         epoch = new_epoch()  # used only by a channel that has no epoch yet
         calls = group_publishes(batch)
-        args = [publish_call(self.keys, call, batch, epoch, fence, meta_ttl=meta_ttl,
-                             idempotency_ttl=idempotency_ttl) for call in calls]
+        now = time.time()  # picks the idempotency bucket, the same for the whole batch
+        script = self._publish
+        packed = [script.pack(*publish_call(self.keys, call, batch, epoch, fence,
+                                            meta_ttl=meta_ttl, idempotency_ttl=idempotency_ttl,
+                                            now=now))
+                  for call in calls]
         replies: list[PublishReply | None] = [None] * len(batch)
         todo = list(range(len(calls)))
-        script = self._publish
-        redis = self.redis
-        assert isinstance(redis, Redis)  # RedisClusterBroker has a publish of its own
+        status = _STATUSES
         async with _unavailable():
             for attempt in range(2):
-                async with redis.pipeline(transaction=False) as pipe:
-                    for c in todo:
-                        script.queue(pipe, *args[c])
-                    raw = await pipe.execute(raise_on_error=False)
+                raw = await self._pipelined(b"".join([packed[c] for c in todo]), len(todo))
                 again = []
                 for c, reply in zip(todo, raw, strict=True):
                     if script.missing(reply) and attempt == 0:
@@ -169,10 +171,11 @@ class RedisBroker:
                         continue
                     if isinstance(reply, Exception):
                         raise reply
-                    indexes = calls[c].indexes
-                    for j, i in enumerate(indexes):
-                        replies[i] = PublishReply(int(reply[3 * j]), _text(reply[3 * j + 1]),
-                                                  PublishStatus(int(reply[3 * j + 2])))
+                    j = 0
+                    for i in calls[c].indexes:
+                        replies[i] = PublishReply(reply[j], _text(reply[j + 1]),
+                                                  status[reply[j + 2]])
+                        j += 3
                 if not again:
                     break
                 self.log.info("publish script not on the server: loading it calls=%d",
@@ -181,6 +184,31 @@ class RedisBroker:
                 todo = again
         assert all(r is not None for r in replies)
         return replies  # type: ignore[return-value]
+
+    async def _pipelined(self, packed: bytes, count: int) -> list[Any]:
+        """Send `count` commands packed as RESP (`packed`) in one write on one pooled
+        connection and read their replies, an error reply as its exception. Not redis-py's
+        pipeline, which would encode every argument again in Python. No retry: a broken
+        connection raises (the caller retries the batch; ids make that idempotent), and a
+        connection left with unread replies (an error, a cancellation) is dropped."""
+        redis = self.redis
+        assert isinstance(redis, Redis)  # RedisClusterBroker has a publish of its own
+        pool = redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(packed)
+            replies: list[Any] = []
+            for _ in range(count):
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     async def rebase(
         self, channel: str, old_epoch: str, token: int | None, *, meta_ttl: int
@@ -398,7 +426,8 @@ class RedisLive:
                             continue
                         data = msg["data"]
                     if ch.startswith(live_prefix):
-                        on_publication(decode_live(channel_of_live(ch), data))
+                        for pub in decode_live(channel_of_live(ch), data):
+                            on_publication(pub)
                     elif ch == probe_channel:
                         self._probe_seen.set()
             except asyncio.CancelledError:

@@ -27,7 +27,7 @@ from common.broker import (
 )
 from common.broker.cluster import ClusterLive, RedisClusterBroker, cluster_client
 from common.broker.keys import Keys
-from common.broker.live import decode_live, encode_live
+from common.broker.live import decode_live, encode_live, encode_live_one
 from common.broker.memory import MemoryBroker
 from common.broker.redisbroker import RedisBroker
 from tests.integration.conftest import ClusterServer, RedisServer
@@ -404,11 +404,14 @@ async def test_reconnect_wakes_a_reader_blocked_in_its_read(broker: Broker) -> N
 
 
 def test_the_live_codec_round_trips() -> None:
-    text = encode_live("e1", 7, "bid:1", '{"a":"x\\ny"}\n', deleted=True, received_ms=1500)
-    p = decode_live("depth.X", text)
-    assert (p.channel, p.epoch, p.offset, p.key, p.data, p.deleted, p.received) == (
-        "depth.X", "e1", 7, "bid:1", '{"a":"x\\ny"}\n', True, 1.5)
-    assert decode_live("c", encode_live("e", 1, "", "1")).received == 0.0
+    """Both formats (more in tests/unit/test_live_codec.py)."""
+    for text in (encode_live_one("e1", 7, "bid:1", '{"a":"x\\ny"}\n', deleted=True,
+                                 received_ms=1500),
+                 encode_live("e1", 7, [("bid:1", '{"a":"x\\ny"}\n', True, 1500)])):
+        [p] = decode_live("depth.X", text)
+        assert (p.channel, p.epoch, p.offset, p.key, p.data, p.deleted, p.received) == (
+            "depth.X", "e1", 7, "bid:1", '{"a":"x\\ny"}\n', True, 1.5)
+    assert decode_live("c", encode_live_one("e", 1, "", "1"))[0].received == 0.0
 
 
 # --- leases ------------------------------------------------------------------------------

@@ -307,7 +307,7 @@ async def test_batch_with_one_bad_item_publishes_nothing(
 
     for channel in ("account.5.orders", "trades.ES"):
         assert not await channel_exists(redis, key_prefix, channel)
-    assert not await redis.exists(Keys(key_prefix).idempotency("account.5.orders", "x1"))
+    assert not [k async for k in redis.scan_iter(match=f"{key_prefix}:{{account.5.orders}}:ids:*")]
 
 
 @integration

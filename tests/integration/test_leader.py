@@ -228,7 +228,8 @@ async def test_step_down_raises_the_fence_counter_to_the_floor(
 
 
 async def _state(redis: Redis, keys: Keys, channel: str) -> tuple[Any, ...]:
-    idem = sorted([k async for k in redis.scan_iter(match=f"{keys.prefix}:{{{channel}}}:idem:*")])
+    idem = [(k, await redis.hgetall(k)) for k in sorted(
+        [k async for k in redis.scan_iter(match=f"{keys.prefix}:{{{channel}}}:ids:*")])]
     return (
         await redis.hgetall(keys.meta(channel)),
         await redis.xrange(keys.stream(channel)),

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from common.broker import Fence
 from common.broker.keys import Keys
+from common.broker.live import decode_live
 from common.broker.redisbroker import RedisBroker
 from ingest.publisher import FencedOut, Publisher
 from ingest.upstream import UpstreamMessage
@@ -187,7 +188,7 @@ class LiveTap:
             while offset not in self.offsets:
                 msg = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                 if msg is not None:
-                    self.offsets.append(int(msg["data"].split("\n", 2)[1]))
+                    self.offsets += [p.offset for p in decode_live(self.channel, msg["data"])]
         return self.offsets
 
 
@@ -328,7 +329,8 @@ async def test_if_changed_keeps_fencing_first_and_ids_their_meaning(
     with pytest.raises(FencedOut):
         await publisher.publish(UpstreamMessage(ch, {"balance": 9}, if_changed=True), Fence(2))
     # What was skipped is not remembered as published: its id names nothing.
-    assert await redis.exists(keys.idempotency(ch, "v2")) == 0
+    idem = [k async for k in redis.scan_iter(match=f"{keys.prefix}:{{{ch}}}:ids:*")]
+    assert idem and not any([await redis.hexists(k, "v2") for k in idem])
     assert await stream_offsets(redis, keys, ch) == [1]
     changed = await publisher.publish(UpstreamMessage(ch, {"balance": 9}, msg_id="v2",
                                                       if_changed=True), Fence(3))

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
 from common.broker.keys import Keys
+from common.broker.redisbroker import RedisBroker
 from common.config import build
 from ingest.config import INGEST_SETTINGS, IngestConfig
 from ingest.worker import run_worker
@@ -31,22 +32,36 @@ from tests.support.seqfeed import SequenceFeed
 
 
 def stop_before_writing(message_id: str, log: logging.Logger) -> None:
-    """SIGSTOP this process once, as the pipeline carrying `message_id` is written."""
-    original = Pipeline._execute_pipeline
+    """SIGSTOP this process once, as the publish carrying `message_id` is written (publish.lua
+    gets each message's id as an argument of its own): RedisBroker's packed write, or a
+    redis-py pipeline (the cluster broker's)."""
     fired = False
-    idem_key = f":idem:{message_id}"  # publish.lua gets a message's id as its key only
+    needle = f"\r\n{message_id}\r\n".encode()  # the id as a RESP bulk string
+
+    def pause() -> None:
+        nonlocal fired
+        fired = True
+        log.warning("pausing before the write of %s pid=%d", message_id, os.getpid())
+        os.kill(os.getpid(), signal.SIGSTOP)
+        log.warning("resumed, writing the batch of %s", message_id)
+
+    original = Pipeline._execute_pipeline
 
     async def execute(self: Pipeline, connection: Any, commands: Any, *args: Any) -> Any:
-        nonlocal fired
-        if not fired and any(_text(arg).endswith(idem_key) for cmd in commands
-                             for arg in cmd[0]):
-            fired = True
-            log.warning("pausing before the write of %s pid=%d", message_id, os.getpid())
-            os.kill(os.getpid(), signal.SIGSTOP)
-            log.warning("resumed, writing the batch of %s", message_id)
+        if not fired and any(_text(arg) == message_id for cmd in commands for arg in cmd[0]):
+            pause()
         return await original(self, connection, commands, *args)
 
     Pipeline._execute_pipeline = execute  # type: ignore[method-assign,assignment]
+
+    pipelined = RedisBroker._pipelined
+
+    async def packed_write(self: RedisBroker, packed: bytes, count: int) -> list[Any]:
+        if not fired and needle in packed:
+            pause()
+        return await pipelined(self, packed, count)
+
+    RedisBroker._pipelined = packed_write  # type: ignore[method-assign]
 
 
 def _text(value: Any) -> str:

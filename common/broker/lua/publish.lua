@@ -4,7 +4,11 @@
 --
 -- All keys are the channel's (one hash slot, under its {channel} hash tag):
 -- KEYS[1] meta hash     KEYS[2] stream     KEYS[3] snapshot hash
--- KEYS[4...] the idempotency keys of the messages that have an upstream id
+-- KEYS[4] idempotency hash of the current time bucket, KEYS[5] of the previous one
+--   (bucket = floor(publisher's clock in s / idempotency TTL); field = upstream message
+--   id, value "<epoch>:<offset>"). An id is looked up in both, and written to the current
+--   one, which then expires 2 TTLs later: a replay within one TTL is always found, one
+--   after 1 to 2 TTLs may be (see docs/architecture.md).
 -- Per call:
 -- ARGV[1] snapshot mode: merge | last | keyed | none (no snapshot kept)
 -- ARGV[2] history max length        ARGV[3] history max age (ms)
@@ -14,40 +18,43 @@
 -- ARGV[9] the leader's lease deadline, server clock in ms ("" = none)
 -- ARGV[10] "1" = notify with SPUBLISH (Redis Cluster: sharded pub/sub; the live channel
 --          shares this slot), else PUBLISH
--- Then 6 per message, from ARGV[11] (message i at ARGV[11 + 6 * (i - 1)] ...):
+-- Then 4 per message, from ARGV[11] (message i at ARGV[11 + 4 * (i - 1)] ...):
 -- +0 data (JSON text)        +1 snapshot key ("" = unkeyed)
--- +2 index in KEYS of its idempotency key ("0" = no upstream id: not idempotent)
--- +3 "1" = delete the key from a keyed snapshot (the message says so to clients), else "0"
--- +4 "1" = publish only if the message changes the channel's snapshot (a state, such as a
---    depth level or a position: repeating the current state is not news), else "0"
--- +5 when the message came from the upstream, wall clock in ms ("" = unknown): passed on to
---    the edges, which measure delivery latency from it
+-- +2 upstream message id ("" = none: not idempotent)
+-- +3 flags, one digit: 1 = delete the key from a keyed snapshot (the message says so to
+--    clients), + 2 = publish only if the message changes the channel's snapshot (a state,
+--    such as a depth level or a position: repeating the current state is not news); then,
+--    in the same argument, when the message came from the upstream, wall clock in ms
+--    (nothing = unknown): passed on to the edges, which measure delivery latency from it.
+--    "3170000000123" = delete, if changed, received at 170000000123.
 -- Returns {offset, epoch, status} per message, flattened: {o1, e1, s1, o2, e2, s2, ...}.
 -- Status 0 = published, 1 = duplicate (the offset and epoch the message id was published
 -- at), 2 = fenced (a higher token has published to the channel: nothing written; offset 0,
 -- epoch = the channel's fence), 3 = expired (the server clock is past ARGV[9]: nothing
--- written; offset 0, epoch ""), 4 = unchanged (+4 and the snapshot already holds this state:
--- nothing published; the channel's top offset and epoch, or 0 and "" for a channel that
--- has no epoch yet).
+-- written; offset 0, epoch ""), 4 = unchanged (if-changed and the snapshot already holds
+-- this state: nothing published; the channel's top offset and epoch, or 0 and "" for a
+-- channel that has no epoch yet).
 --
 -- Each message is decided exactly as if it had been a call of its own, in order (a message
 -- sees what the earlier ones of the call wrote: their offsets, ids and snapshot). What is
--- per call: one TIME (every entry of the call has the same `t`), the length and age trims
--- of the history and the TTLs, and the snapshot's writes, which are kept in a table and
--- written once per key at the end (merge mode decodes a stored value once and encodes the
--- result once, however many messages of the call merge into it).
+-- per call: one TIME (every entry of the call has the same `t`), one lookup of all the
+-- call's ids (HMGET of each bucket) and one write of the published ones (HSET, EXPIRE),
+-- the length and age trims of the history and the TTLs, one live message carrying every
+-- message the call published (format: common/broker/live.py), and the snapshot's writes,
+-- which are kept in a table and written once per key at the end (merge mode decodes a
+-- stored value once and encodes the result once, however many messages of the call merge
+-- into it).
 
-local meta, stream, snap = KEYS[1], KEYS[2], KEYS[3]
+local meta, stream, snap, idem, idem_prev = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local mode = ARGV[1]
 local maxlen, maxage = tonumber(ARGV[2]), tonumber(ARGV[3])
 local meta_ttl, idem_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local live = ARGV[6]
 local token, deadline = ARGV[8], ARGV[9]
 local notify = ARGV[10] == '1' and 'SPUBLISH' or 'PUBLISH'
-local FIRST, PER = 11, 6
+local FIRST, PER = 11, 4
 local count = (#ARGV - FIRST + 1) / PER
 
--- JSON equality of two decoded values (key order does not matter; cjson.null is a value).
 local function same(a, b)
   if type(a) ~= 'table' or type(b) ~= 'table' then
     return a == b
@@ -74,6 +81,7 @@ local out = {}
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_text = tostring(now)  -- formatted once, not by every XADD
 
 -- Fencing, before anything else: a deposed leader writes nothing, not even a duplicate.
 -- The meta's fence only grows with this token, so the answer is the same for every message.
@@ -193,34 +201,67 @@ local function update_snapshot(field, data, delete, cur)
   end
 end
 
-local published = 0
-
-for i = 0, count - 1 do
-  local base = FIRST + i * PER
-  local data, key, idx = ARGV[base], ARGV[base + 1], tonumber(ARGV[base + 2])
-  local deleted = ARGV[base + 3]
-  local delete = deleted == '1'
-  local decoded = nil
-  local function cur()
-    if decoded == nil then
-      decoded = as_object(data)
+-- Idempotency: the call's ids, looked up in both buckets at once (a channel without an
+-- epoch has no ids: creating the epoch deletes them). `known` maps an id to the offset it
+-- was published at in this epoch; the call's own publications are added as they happen.
+local known = {}
+if epoch then
+  local ids, n = {}, 0
+  for base = FIRST + 2, #ARGV, PER do
+    if ARGV[base] ~= '' then
+      n = n + 1
+      ids[n] = ARGV[base]
     end
-    return decoded
   end
-  local offset, status = nil, nil
-
-  if idx > 0 and epoch then
-    local prev = redis.call('GET', KEYS[idx])
-    if prev then
-      local e, o = string.match(prev, '^([^:]+):(%d+)$')
-      if e == epoch then
-        raise_fence()  -- a newer leader replaying: fence it here too
-        offset, status = tonumber(o), 1
+  if n > 0 then
+    local prefix = epoch .. ':'
+    local plen = #prefix
+    -- the previous bucket first: the current one's value wins (it is the later write)
+    for _, key in ipairs({idem_prev, idem}) do
+      local found = redis.call('HMGET', key, unpack(ids))
+      for j = 1, n do
+        local v = found[j]
+        if v and string.sub(v, 1, plen) == prefix then
+          known[ids[j]] = tonumber(string.sub(v, plen + 1))
+        end
       end
     end
   end
+end
 
-  if not status and ARGV[base + 4] == '1' then
+local published = 0
+local first = nil  -- the first offset published by this call
+local pieces, np = {}, 0  -- the live message, concatenated once at the end
+local fresh, nf = {}, 0  -- HSET arguments: the ids published by this call, their values
+local no = 0  -- entries in `out`
+
+-- The current message's data decoded as an object (or false), decoded at most once (one
+-- function for all messages: no closure per message).
+local data, decoded = nil, nil
+local function cur()
+  if decoded == nil then
+    decoded = as_object(data)
+  end
+  return decoded
+end
+
+for base = FIRST, #ARGV, PER do
+  local key, id, flags = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  data, decoded = ARGV[base], nil
+  local f = string.byte(flags, 1) - 48
+  local deleted = (f % 2 == 1) and '1' or '0'
+  local delete = deleted == '1'
+  local offset, status = nil, nil
+
+  if id ~= '' then
+    local o = known[id]
+    if o then
+      raise_fence()  -- a newer leader replaying: fence it here too
+      offset, status = o, 1
+    end
+  end
+
+  if not status and f >= 2 then
     -- A channel without an epoch has an empty snapshot (creating the epoch empties it):
     -- only a keyed delete leaves it unchanged. Checked after fencing and idempotency: a
     -- deposed leader is refused, and a known id is a duplicate, whatever the state.
@@ -239,7 +280,7 @@ for i = 0, count - 1 do
       -- A new channel, or its state was lost (Redis restarted empty, or the meta expired):
       -- a new epoch, and nothing of an older epoch may survive next to it.
       epoch = ARGV[7]
-      redis.call('DEL', meta, stream, snap)
+      redis.call('DEL', meta, stream, snap, idem, idem_prev)
       redis.call('HSET', meta, 'epoch', epoch)
       top, fence, cache = 0, nil, {}
     end
@@ -247,19 +288,33 @@ for i = 0, count - 1 do
     offset, status = top, 0
     raise_fence()
     published = published + 1
-    redis.call('XADD', stream, offset .. '-0', 'd', data, 'k', key, 't', now, 'x', deleted)
+    first = first or offset
+    local offset_text = tostring(offset)
+    redis.call('XADD', stream, offset_text .. '-0', 'd', data, 'k', key, 't', now_text,
+      'x', deleted)
     update_snapshot(key, data, delete, cur)
-    if idx > 0 then
-      redis.call('SET', KEYS[idx], epoch .. ':' .. offset, 'EX', idem_ttl)
+    if id ~= '' then
+      known[id] = offset
+      fresh[nf + 1] = id
+      fresh[nf + 2] = epoch .. ':' .. offset_text
+      nf = nf + 2
     end
-    -- Live message: a newline-separated header (keys hold no control characters), then
-    -- data.
-    redis.call(notify, live, epoch .. '\n' .. offset .. '\n' .. deleted .. '\n' .. key
-      .. '\n' .. ARGV[base + 5] .. '\n' .. data)
+    -- This message's record of the live message: "\30" (no JSON text holds one), then
+    -- deleted, key, received ms, data, newline-separated (keys hold no control characters)
+    pieces[np + 1] = '\30'
+    pieces[np + 2] = deleted
+    pieces[np + 3] = '\n'
+    pieces[np + 4] = key
+    pieces[np + 5] = '\n'
+    pieces[np + 6] = string.sub(flags, 2)
+    pieces[np + 7] = '\n'
+    pieces[np + 8] = data
+    np = np + 8
   end
-  out[#out + 1] = offset
-  out[#out + 1] = (status == 4 and not epoch) and '' or epoch
-  out[#out + 1] = status
+  out[no + 1] = offset
+  out[no + 2] = (status == 4 and not epoch) and '' or epoch
+  out[no + 3] = status
+  no = no + 3
 end
 
 if published > 0 and fence_dirty then
@@ -271,6 +326,16 @@ elseif fence_dirty then
 end
 
 if published > 0 then
+  -- One live message for the call: "\30<epoch>\n<first offset>", then the records.
+  redis.call(notify, live, '\30' .. epoch .. '\n' .. first .. table.concat(pieces))
+
+  if nf > 0 then
+    for j = 1, nf, 1000 do
+      redis.call('HSET', idem, unpack(fresh, j, math.min(j + 999, nf)))
+    end
+    redis.call('EXPIRE', idem, 2 * idem_ttl)
+  end
+
   -- The snapshot's writes, one per key.
   local sets, dels = {}, {}
   for field, e in pairs(cache) do
