@@ -514,10 +514,6 @@ class Session:
                      *(pub.frame(codec) for pub in joined.replay)])
 
     def _reply(self, frames: list[Frame]) -> None:
-        """Subscribe replies: those of one turn (a client's 20 subscribes answered from
-        memory, or a batch of reads landing) go out in one write (`Writer.hold`)."""
-        if self.writer.hold():
-            self._loop.call_soon(self.writer.end_turn)
         self.enqueue_all(frames)
 
     async def _history(self, command: protocol.History) -> None:

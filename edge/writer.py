@@ -104,17 +104,6 @@ class Writer:
             push(frame)
         self._wakeup.set()
 
-    def hold(self) -> bool:
-        """Hold what is sent directly from now on until `end_turn`, to write it in one go
-        (a client's subscribe replies of one turn); True: the caller ends the turn (soon,
-        in this loop iteration or the next). False: nothing to hold (already held, or the
-        client is not written to directly)."""
-        raw = self._direct
-        if self._out is not None or raw is None or self.queue.busy or not raw.ready:
-            return False
-        self._out = []
-        return True
-
     def take(self, batch: Batch) -> bool:
         """Take a whole batch directly, if the client keeps up: written at `end_turn`,
         with the batch's shared frames (one channel) or packed with the turn's others.

@@ -55,7 +55,7 @@ from common.config import RedisSettings
 
 # Most history entries history.lua returns itself; more are read with a plain XRANGE.
 INLINE_HISTORY = 100
-# Most channels in one SUBSCRIBE command (a storm's new channels of one turn).
+# Most channels in one SUBSCRIBE or UNSUBSCRIBE command (a storm's of one turn).
 SUBSCRIBE_BATCH = 1000
 
 
@@ -363,6 +363,7 @@ class RedisLive:
         # This turn's new channels, and the future their SUBSCRIBE resolves.
         self._to_subscribe: list[str] = []
         self._subscribes_sent: asyncio.Future[None] | None = None
+        self._to_unsubscribe: list[str] = []  # this turn's dropped channels
 
     @property
     def connected(self) -> bool:
@@ -421,18 +422,29 @@ class RedisLive:
                 sent.set_result(None)
 
     def unsubscribe(self, channel: str) -> None:
+        """Queued for this turn's UNSUBSCRIBE: channels dropped together (lingering ones
+        whose clients went elsewhere) cost one command, not a task and a command each."""
         self.channels.discard(channel)
         if self._pubsub is None:
             return
-        task = asyncio.create_task(self._unsubscribe(channel))
+        self._to_unsubscribe.append(channel)
+        if len(self._to_unsubscribe) == 1:
+            asyncio.get_running_loop().call_soon(self._send_unsubscribes)
+
+    def _send_unsubscribes(self) -> None:
+        names, self._to_unsubscribe = self._to_unsubscribe, []
+        task = asyncio.create_task(self._unsubscribe_many(names))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _unsubscribe(self, channel: str) -> None:
-        if channel in self.channels or self._pubsub is None:
-            return  # resubscribed meanwhile
+    async def _unsubscribe_many(self, names: list[str]) -> None:
+        live = self.keys.live
+        pubsub = self._pubsub
+        # Not those subscribed again meanwhile.
+        todo = [live(n) for n in dict.fromkeys(names) if n not in self.channels]
         with contextlib.suppress(Exception):
-            await self._pubsub.unsubscribe(self.keys.live(channel))
+            for i in range(0, len(todo) if pubsub is not None else 0, SUBSCRIBE_BATCH):
+                await pubsub.unsubscribe(*todo[i:i + SUBSCRIBE_BATCH])  # type: ignore[union-attr]
 
     async def probe(self, timeout: float) -> bool:
         self._probe_seen.clear()
