@@ -117,23 +117,16 @@ class Client(asyncio.Protocol):
 
     def _flush(self) -> None:
         assert self.transport is not None
-        data = b"".join(self.proto.data_to_send())  # one system call, not one per frame
-        if data:
-            self.transport.write(data)
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
 
-    def send(self, obj: dict[str, Any], flush: bool = True) -> None:
-        """Send a request; `flush=False`: written with the next flush (a client's 20
-        subscribes in one write, as a browser's would leave in one segment)."""
+    def send(self, obj: dict[str, Any]) -> None:
         if (self.closed or self.proto.state is not State.OPEN or self.transport is None
                 or self.transport.is_closing()):
             return
         self.proto.send_text(json.dumps(obj, separators=(",", ":")).encode())
-        if flush:
-            self._flush()
-
-    def flush(self) -> None:
-        if self.transport is not None and not self.closed:
-            self._flush()
+        self._flush()
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -218,7 +211,7 @@ class BenchClient:
 
     ports: list[int] = []
 
-    def subscribe(self, channel: str, flush: bool = True) -> None:
+    def subscribe(self, channel: str) -> None:
         assert self.conn is not None
         self.ids += 1
         self.requests[self.ids] = channel
@@ -226,7 +219,7 @@ class BenchClient:
         pos = self.positions.get(channel)
         if pos is not None:
             req["recover"] = {"offset": pos[0], "epoch": pos[1]}
-        self.conn.send(req, flush)
+        self.conn.send(req)
 
     def message(self, conn: Client, m: dict[str, Any]) -> None:
         if conn is not self.conn:
@@ -248,8 +241,7 @@ class BenchClient:
             conn.send({"type": "pong"})
         elif kind == "connected":
             for ch in self.channels:
-                self.subscribe(ch, flush=False)
-            conn.flush()
+                self.subscribe(ch)
         elif kind == "subscribed":
             ch = self.requests.pop(m["id"])
             pos = self.positions.get(ch)
