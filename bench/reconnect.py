@@ -174,7 +174,8 @@ class BenchClient:
     def reset(self) -> None:
         self.live.clear()
         self.requests.clear()
-        self.done = asyncio.get_running_loop().create_future()
+        if self.done.done():  # not when dropped during its recovery: the storm waits on it
+            self.done = asyncio.get_running_loop().create_future()
 
     async def connect(self, ports: list[int]) -> None:
         """Connect (retrying as advised) and subscribe every channel; `done` resolves with
