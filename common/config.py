@@ -222,8 +222,11 @@ class EdgeConfig:
     channel_linger: float = 10.0  # s a channel stays subscribed after its last client left
     # Load admission (edge/admission.py): broker reads of recovering subscribes at once
     # (0 = no limit), how many may wait for one, and the retry delay advised beyond that.
-    max_recoveries: int = 32
-    recovery_queue: int = 2_000
+    # The reads of one event-loop turn go to Redis in one pipeline (edge/hub.py), so a
+    # thousand at once is a few round trips; a waiting subscribe costs the edge a future
+    # (its task exists anyway), a deferred one a request and a reply more.
+    max_recoveries: int = 1_000
+    recovery_queue: int = 50_000
     recovery_retry: float = 0.5  # s; advised: random in [x, 2x]
     connection_rate: float = 0.0  # new connections per second (0 = no limit) ...
     connection_burst: int = 1_000  # ... and how many at once above it (HTTP 503 beyond)

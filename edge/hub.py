@@ -61,7 +61,15 @@ from typing import Any, Protocol
 
 from common import protocol
 from common.aio import raise_if_cancelling
-from common.broker import Broker, BrokerUnavailable, HistoryResult, Live, Publication, SnapshotWant
+from common.broker import (
+    Broker,
+    BrokerUnavailable,
+    HistoryRead,
+    HistoryResult,
+    Live,
+    Publication,
+    SnapshotWant,
+)
 from common.channels import Channel
 from common.errors import CloseCode, Disconnect, Unavailable
 from common.protocol import Codec, Frame, Position
@@ -151,8 +159,8 @@ class Flight:
 
     __slots__ = ("seq", "task")
 
-    def __init__(self, task: asyncio.Task[HistoryResult], seq: int) -> None:
-        self.task = task
+    def __init__(self, task: asyncio.Future[HistoryResult], seq: int) -> None:
+        self.task = task  # resolved by the batch it went out with (Hub._read_batch)
         self.seq = seq  # Hub._seq when it was issued
 
 
@@ -246,6 +254,9 @@ class Hub:
         self.gate = gate
         self._seq = 0  # counts registrations of subscribers (Subscription.seq)
         self._flights: dict[ReadKey, Flight] = {}
+        # This turn's subscribe reads, sent together at its end (`_send_reads`).
+        self._reads: list[tuple[ReadKey, asyncio.Future[HistoryResult]]] = []
+        self._read_batches: set[asyncio.Task[None]] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -263,6 +274,8 @@ class Hub:
                 state.linger.cancel()
         for flight in list(self._flights.values()):
             flight.task.cancel()
+        for task in list(self._read_batches):
+            task.cancel()
         if self._prober is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._prober
@@ -273,6 +286,20 @@ class Hub:
         return self.live.connected and self.live_ok
 
     # --- subscribe / unsubscribe ---------------------------------------------------------
+
+    def subscribe_now(
+        self, session: Subscriber, channel: Channel, recover: Position | None,
+        want_snapshot: bool,
+    ) -> tuple[Subscription, Joined] | None:
+        """Join `channel` from memory, synchronously, if the hub can (most subscribes of a
+        reconnect storm: see the module's docstring); None: `subscribe` it. The caller
+        sends the reply and the replay before returning to the loop."""
+        state = self.channels.get(channel.name)
+        if state is None:
+            return None
+        sub = Subscription(session, channel.name)
+        joined = self._join_from_memory(state, sub, recover, want_snapshot)
+        return None if joined is None else (sub, joined)
 
     async def subscribe(
         self, session: Subscriber, channel: Channel, recover: Position | None,
@@ -534,9 +561,7 @@ class Hub:
                 except _Served:
                     gate.leave()
                     raise
-            name, since, snapshot, epoch, until = key
-            task = asyncio.create_task(
-                self.read_history(name, since, snapshot, epoch, until), name="hub-read")
+            task = self._read_soon(key)
             self._flights[key] = flight = Flight(task, self._seq)
             task.add_done_callback(functools.partial(self._landed, key, flight))
             self.stats.subscribe_sources["broker"] += 1
@@ -559,6 +584,51 @@ class Hub:
             self.gate.leave()
         if not flight.task.cancelled():
             flight.task.exception()  # retrieved: its waiters (if any) got it
+
+    def _read_soon(self, key: ReadKey) -> asyncio.Future[HistoryResult]:
+        """The read `key`, sent with the others of this turn in one broker call."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[HistoryResult] = loop.create_future()
+        self._reads.append((key, future))
+        if len(self._reads) == 1:
+            loop.call_soon(self._send_reads)
+        return future
+
+    def _send_reads(self) -> None:
+        reads, self._reads = self._reads, []
+        task = asyncio.create_task(self._read_batch(reads), name="hub-reads")
+        self._read_batches.add(task)
+        task.add_done_callback(self._read_batches.discard)
+
+    async def _read_batch(
+        self, reads: list[tuple[ReadKey, asyncio.Future[HistoryResult]]]
+    ) -> None:
+        """One `history_many` for a turn's reads; each future gets its read's outcome."""
+        reads = [r for r in reads if not r[1].done()]  # cancelled (the hub closing)
+        if not reads:
+            return
+        self.stats.history_reads += len(reads)
+        self.stats.history_batches += 1
+        try:
+            results: list[HistoryResult | BrokerUnavailable] = await self.broker.history_many(
+                [HistoryRead(*key) for key, _ in reads], limit=self.recovery_limit,
+                meta_ttl=self.meta_ttl)
+        except BaseException as exc:
+            for _, future in reads:
+                if not future.done():
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(reads, results, strict=True):
+            if not future.done():
+                if isinstance(result, HistoryResult):
+                    future.set_result(result)
+                else:
+                    future.set_exception(result)
 
     # --- history -------------------------------------------------------------------------
 

@@ -39,10 +39,10 @@ from common.errors import (
     TooManySubscriptions,
     Unavailable,
 )
-from common.protocol import Codec, Frame
+from common.protocol import Codec, Frame, Position
 from edge.credentials import Credentials
 from edge.heartbeat import Heartbeat
-from edge.hub import Hub
+from edge.hub import Hub, Joined
 from edge.limits import TokenBucket
 from edge.pack import Batch
 from edge.sendqueue import Outcome, Policy
@@ -490,7 +490,12 @@ class Session:
             raise TooManySubscriptions(
                 f"at most {self.config.max_subscriptions} subscriptions per connection"
             )
-        task = asyncio.create_task(self._subscribe(command))
+        recover, snapshot, feed = self._subscribe_args(command)
+        now = self.hub.subscribe_now(self, command.channel, recover, snapshot)
+        if now is not None:  # from memory: no task, no await (most of a reconnect storm)
+            self._joined(command, feed, now[1])
+            return
+        task = asyncio.create_task(self._subscribe(command, recover, snapshot, feed))
         self._subscribing[name] = task
         task.add_done_callback(self._subscribed)
 
@@ -536,34 +541,48 @@ class Session:
             raise BadRequest("already connected")
         raise InternalError("unhandled command")
 
-    async def _subscribe(self, command: protocol.Subscribe) -> None:
-        name = command.channel.name
-        spec = command.channel.spec
+    def _subscribe_args(
+        self, command: protocol.Subscribe
+    ) -> tuple[Position | None, bool, Feed]:
+        """The position to recover, whether to send the snapshot, and the feed."""
+        channel = command.channel
+        spec = channel.spec
         recover, snapshot = command.recover, command.snapshot
         if recover is not None and not spec.recovery:
             # The namespace does not recover: the client starts over from the snapshot
             # (recovered: false), as after a position that is no longer retained.
             recover, snapshot = None, True
-        channel = command.channel
         feed = Feed(channel.namespace, self._policy(channel),
                     channel.snapshot_mode is SnapshotMode.MERGE, spec.rate(command.max_rate))
+        return recover, snapshot, feed
+
+    async def _subscribe(self, command: protocol.Subscribe, recover: Position | None,
+                         snapshot: bool, feed: Feed) -> None:
+        name = command.channel.name
         try:
-            _, joined = await self.hub.subscribe(self, channel, recover, snapshot)
+            _, joined = await self.hub.subscribe(self, command.channel, recover, snapshot)
         except RequestError as exc:
             self.stats.count_error(exc.code)
-            self.enqueue(protocol.encode(protocol.error(command.id, exc), self.codec))
+            self._reply([protocol.encode(protocol.error(command.id, exc), self.codec)])
             return
         if self._ending:  # the session ended meanwhile (and its cleanup ran without this)
             self.hub.unsubscribe(self, name)
             return
-        # No await between the hub's merge and these enqueues: the reply and the replay go
-        # out before any live message that follows them.
+        self._joined(command, feed, joined)
+
+    def _joined(self, command: protocol.Subscribe, feed: Feed, joined: Joined) -> None:
+        """Send a subscribe's reply and replay. Called with no await since the hub's merge:
+        they go out before any live message that follows them."""
+        name = command.channel.name
         self.subscriptions[name] = feed
         codec = self.codec
         reply = protocol.subscribed(command.id, name, joined.epoch, joined.offset,
                                     joined.recovered, joined.snapshot, feed.delivery)
-        self.enqueue_all([protocol.encode(reply, codec),
-                          *(pub.frame(codec) for pub in joined.replay)])
+        self._reply([protocol.encode(reply, codec),
+                     *(pub.frame(codec) for pub in joined.replay)])
+
+    def _reply(self, frames: list[Frame]) -> None:
+        self.enqueue_all(frames)
 
     async def _history(self, command: protocol.History) -> None:
         """Backfill after a gap notice: the publications first..last, if still retained."""

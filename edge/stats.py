@@ -100,6 +100,7 @@ class EdgeStats:
     subscribe_sources: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(SUBSCRIBE_SOURCES, 0))
     history_reads: int = 0  # broker history reads (subscribes, history requests, repairs)
+    history_batches: int = 0  # broker calls that carried subscribes' reads (many each)
     window_messages: int = 0  # publications held in the hubs' recent windows
 
     # Upstream receive -> written to every client that keeps up, by namespace (edge/hub.py).
@@ -191,6 +192,8 @@ class EdgeCollector(Collector):
         yield sources
         yield counter("history_reads", "Broker history reads (subscribes, history requests, "
                       "gap fills and resyncs).", s.history_reads)
+        yield counter("history_batches", "Broker calls carrying subscribes' history reads "
+                      "(the reads of one event-loop turn go in one).", s.history_batches)
         yield gauge("window_messages", "Publications held in the channels' recent windows "
                     "(FANOUT_RECENT_WINDOW_*).", s.window_messages)
         admission = CounterMetricFamily(

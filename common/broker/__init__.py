@@ -8,6 +8,7 @@ from common.broker.base import Broker, Live, LiveListener
 from common.broker.types import (
     BrokerUnavailable,
     Fence,
+    HistoryRead,
     HistoryResult,
     LeaseGrant,
     LeaseRenewal,
@@ -22,7 +23,8 @@ from common.broker.types import (
 )
 
 __all__ = [
-    "Broker", "BrokerUnavailable", "Fence", "HistoryResult", "LeaseGrant", "LeaseRenewal",
+    "Broker", "BrokerUnavailable", "Fence", "HistoryRead", "HistoryResult",
+    "LeaseGrant", "LeaseRenewal",
     "Live", "LiveListener", "Publication", "PublishReply", "PublishRequest", "PublishStatus",
     "RebaseReply", "RebaseStatus", "SnapshotWant", "new_epoch",
 ]

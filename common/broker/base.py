@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from common.broker.types import (
+    BrokerUnavailable,
     Fence,
+    HistoryRead,
     HistoryResult,
     LeaseGrant,
     LeaseRenewal,
@@ -65,7 +67,9 @@ class Live(Protocol):
 
     async def subscribe(self, channel: str) -> None:
         """Subscribe; the listener's `on_subscribed` confirms. A failure is logged: the
-        connection notices it is broken and resubscribes on reconnect."""
+        connection notices it is broken and resubscribes on reconnect. The subscribes of
+        one event-loop turn go to the server together (one SUBSCRIBE command for many
+        channels where the server allows it)."""
         ...
 
     def unsubscribe(self, channel: str) -> None:
@@ -119,6 +123,16 @@ class Broker(Protocol):
         the channel's (or "") and at most `limit` are missing, and the snapshot per
         `snapshot`; read atomically. A channel without an epoch is created with a new one
         (that expires after `meta_ttl` s unless published to)."""
+        ...
+
+    async def history_many(
+        self, reads: Sequence[HistoryRead], *, limit: int, meta_ttl: int,
+    ) -> list[HistoryResult | BrokerUnavailable]:
+        """`history` for each read, in one round trip (per node in a cluster): a reconnect
+        storm's recovering subscribes cost one command each on the wire, not one round
+        trip each. Each read is atomic on its own (not with the others); its outcome is
+        its result or, if that read alone failed, BrokerUnavailable. A store that does not
+        answer raises BrokerUnavailable for all."""
         ...
 
     def live(self, listener: LiveListener, node_id: str) -> Live:

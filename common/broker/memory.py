@@ -23,6 +23,7 @@ from common.broker.keys import idempotency_bucket
 from common.broker.types import (
     BrokerUnavailable,
     Fence,
+    HistoryRead,
     HistoryResult,
     LeaseGrant,
     LeaseRenewal,
@@ -287,6 +288,14 @@ class MemoryBroker:
         self._check()
         return self.history_now(channel, since, snapshot, epoch=epoch, until=until,
                                 limit=limit, meta_ttl=meta_ttl)
+
+    async def history_many(
+        self, reads: Sequence[HistoryRead], *, limit: int, meta_ttl: int,
+    ) -> list[HistoryResult | BrokerUnavailable]:
+        """`history` for each read in turn (a subclass's `history`, a test's, applies)."""
+        return [await self.history(r.channel, r.since, r.snapshot, epoch=r.epoch,
+                                   until=r.until, limit=limit, meta_ttl=meta_ttl)
+                for r in reads]
 
     def history_now(
         self, channel: str, since: int, snapshot: SnapshotWant, *, epoch: str = "",

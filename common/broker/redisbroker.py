@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from common.aio import wait_event
 from common.broker.base import LiveListener
@@ -33,10 +33,12 @@ from common.broker.scripts import (
     register,
     release_call,
     renew_call,
+    source,
 )
 from common.broker.types import (
     BrokerUnavailable,
     Fence,
+    HistoryRead,
     HistoryResult,
     LeaseGrant,
     LeaseRenewal,
@@ -56,6 +58,8 @@ assert all(s == n for n, s in enumerate(_STATUSES))
 
 # Most history entries history.lua returns itself; more are read with a plain XRANGE.
 INLINE_HISTORY = 100
+# Most channels in one SUBSCRIBE or UNSUBSCRIBE command (a storm's of one turn).
+SUBSCRIBE_BATCH = 1000
 
 
 @contextlib.asynccontextmanager
@@ -241,22 +245,74 @@ class RedisBroker:
             epoch=epoch, inline=self.inline_history, until=until,
         )
         async with _unavailable():
-            result = await self._read_history(channel, keys, args)
-            end = result.top if until is None else min(until, result.top)
-            if result.recoverable and end - since > self.inline_history:
-                entries = await self._read_range(channel, result.epoch, since, end)
-                if entries is not None:
-                    return replace(result, entries=entries)
-                self.log.info("history changed between reads channel=%s: reading again",
-                              channel)
-                args[HISTORY_INLINE_ARG] = ""  # no inline limit: one atomic read
-                result = await self._read_history(channel, keys, args)
+            result = self._history_result(channel, await self._history(keys=keys, args=args))
+            return await self._complete(result, channel, since, until, keys, args)
+
+    async def history_many(
+        self, reads: Sequence[HistoryRead], *, limit: int, meta_ttl: int,
+    ) -> list[HistoryResult | BrokerUnavailable]:
+        """One history.lua call per read, all in one pipeline (a cluster's: redis-py sends
+        each node its calls at once). Calls that came back NOSCRIPT ran nothing: the
+        script is loaded (on every master) and they are sent again. A read with more than
+        `inline_history` entries is completed as `history` does, with a round trip of its
+        own (a client far behind: rare in a storm, where most are a few messages back)."""
+        epoch = new_epoch()
+        calls = [history_call(self.keys, r.channel, r.since, r.snapshot, epoch, limit=limit,
+                              meta_ttl=meta_ttl, epoch=r.epoch, inline=self.inline_history,
+                              until=r.until) for r in reads]
+        out: list[HistoryResult | BrokerUnavailable | None] = [None] * len(reads)
+        todo = list(range(len(reads)))
+        sha = self._history.sha
+        async with _unavailable():
+            for attempt in range(2):
+                pipe = self.redis.pipeline(transaction=False)
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                raw = await pipe.execute(raise_on_error=False)
+                again: list[int] = []
+                for i, reply in zip(todo, raw, strict=True):
+                    if isinstance(reply, NoScriptError) and attempt == 0:
+                        again.append(i)
+                    elif isinstance(reply, BaseException):
+                        out[i] = BrokerUnavailable(repr(reply))
+                    else:
+                        out[i] = self._history_result(reads[i].channel, reply)
+                if not again:
+                    break
+                self.log.info("history script not on the server: loading it calls=%d",
+                              len(again))
+                await self.redis.script_load(source("history"))
+                todo = again
+            for i, result in enumerate(out):
+                if isinstance(result, HistoryResult):
+                    read = reads[i]
+                    out[i] = await self._complete(result, read.channel, read.since, read.until,
+                                                  *calls[i])
+        assert all(r is not None for r in out)
+        return out  # type: ignore[return-value]
+
+    async def _complete(
+        self, result: HistoryResult, channel: str, since: int, until: int | None,
+        keys: list[str], args: list[str | int],
+    ) -> HistoryResult:
+        """A history.lua result with the entries beyond its inline limit read by XRANGE
+        (see `history`)."""
+        end = result.top if until is None else min(until, result.top)
+        if result.recoverable and end - since > self.inline_history:
+            entries = await self._read_range(channel, result.epoch, since, end)
+            if entries is not None:
+                return replace(result, entries=entries)
+            self.log.info("history changed between reads channel=%s: reading again",
+                          channel)
+            args = list(args)
+            args[HISTORY_INLINE_ARG] = ""  # no inline limit: one atomic read
+            result = self._history_result(channel, await self._history(keys=keys, args=args))
         return result
 
-    async def _read_history(
-        self, name: str, keys: list[str], args: list[str | int]
-    ) -> HistoryResult:
-        epoch, top, first, recoverable, flat, snap = await self._history(keys=keys, args=args)
+    @staticmethod
+    def _history_result(name: str, raw: Any) -> HistoryResult:
+        epoch, top, first, recoverable, flat, snap = raw
         entries = [
             Publication(name, epoch, int(flat[i]), flat[i + 1], flat[i + 3], flat[i + 2] == "1")
             for i in range(0, len(flat), 4)
@@ -332,6 +388,10 @@ class RedisLive:
         self._wake = ReaderWake()
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
+        # This turn's new channels, and the future their SUBSCRIBE resolves.
+        self._to_subscribe: list[str] = []
+        self._subscribes_sent: asyncio.Future[None] | None = None
+        self._to_unsubscribe: list[str] = []  # this turn's dropped channels
 
     @property
     def connected(self) -> bool:
@@ -354,28 +414,65 @@ class RedisLive:
         await self._connected.wait()
 
     async def subscribe(self, channel: str) -> None:
+        """Queued for this turn's SUBSCRIBE (`_send_subscribes`), which it waits for: a
+        storm's thousands of new channels cost a command per turn, not one each."""
         self.channels.add(channel)
-        pubsub = self._pubsub
-        if pubsub is None:
-            return  # the reader subscribes every channel as it connects
-        try:
-            await pubsub.subscribe(self.keys.live(channel))
-        except Exception as exc:  # the reader notices the broken connection and resubscribes
-            self.log.warning("redis subscribe failed channel=%s error=%r", channel, exc)
-
-    def unsubscribe(self, channel: str) -> None:
-        self.channels.discard(channel)
         if self._pubsub is None:
-            return
-        task = asyncio.create_task(self._unsubscribe(channel))
+            return  # the reader subscribes every channel as it connects
+        self._to_subscribe.append(channel)
+        sent = self._subscribes_sent
+        if sent is None:
+            sent = self._subscribes_sent = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._send_subscribes)
+        await asyncio.shield(sent)
+
+    def _send_subscribes(self) -> None:
+        names, self._to_subscribe = self._to_subscribe, []
+        sent, self._subscribes_sent = self._subscribes_sent, None
+        assert sent is not None
+        task = asyncio.create_task(self._subscribe_many(names, sent))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _unsubscribe(self, channel: str) -> None:
-        if channel in self.channels or self._pubsub is None:
-            return  # resubscribed meanwhile
+    async def _subscribe_many(self, names: list[str], sent: asyncio.Future[None]) -> None:
+        live = self.keys.live
+        try:
+            pubsub = self._pubsub
+            # Not the ones unsubscribed meanwhile; none if the connection went: the reader
+            # subscribes every channel as it connects.
+            todo = [live(n) for n in names if n in self.channels]
+            for i in range(0, len(todo) if pubsub is not None else 0, SUBSCRIBE_BATCH):
+                await pubsub.subscribe(*todo[i:i + SUBSCRIBE_BATCH])  # type: ignore[union-attr]
+        except Exception as exc:  # the reader notices the broken connection and resubscribes
+            self.log.warning("redis subscribe failed channels=%d error=%r", len(names), exc)
+        finally:
+            if not sent.done():
+                sent.set_result(None)
+
+    def unsubscribe(self, channel: str) -> None:
+        """Queued for this turn's UNSUBSCRIBE: channels dropped together (lingering ones
+        whose clients went elsewhere) cost one command, not a task and a command each."""
+        self.channels.discard(channel)
+        if self._pubsub is None:
+            return
+        self._to_unsubscribe.append(channel)
+        if len(self._to_unsubscribe) == 1:
+            asyncio.get_running_loop().call_soon(self._send_unsubscribes)
+
+    def _send_unsubscribes(self) -> None:
+        names, self._to_unsubscribe = self._to_unsubscribe, []
+        task = asyncio.create_task(self._unsubscribe_many(names))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _unsubscribe_many(self, names: list[str]) -> None:
+        live = self.keys.live
+        pubsub = self._pubsub
+        # Not those subscribed again meanwhile.
+        todo = [live(n) for n in dict.fromkeys(names) if n not in self.channels]
         with contextlib.suppress(Exception):
-            await self._pubsub.unsubscribe(self.keys.live(channel))
+            for i in range(0, len(todo) if pubsub is not None else 0, SUBSCRIBE_BATCH):
+                await pubsub.unsubscribe(*todo[i:i + SUBSCRIBE_BATCH])  # type: ignore[union-attr]
 
     async def probe(self, timeout: float) -> bool:
         self._probe_seen.clear()

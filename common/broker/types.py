@@ -78,6 +78,17 @@ class HistoryResult:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryRead:
+    """One read of `Broker.history_many`: `Broker.history`'s arguments but the limits."""
+
+    channel: str
+    since: int
+    snapshot: SnapshotWant
+    epoch: str = ""
+    until: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Fence:
     """What a leader publishes with: its fencing token, and the moment (the store's clock,
     ms since the epoch) after which its lease may have expired (None = no deadline)."""

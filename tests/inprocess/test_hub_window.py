@@ -7,12 +7,13 @@ subscribe took."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from common.broker import HistoryResult, SnapshotWant
+from common.broker import BrokerUnavailable, HistoryRead, HistoryResult, SnapshotWant
 from common.broker.memory import MemoryBroker
 from common.errors import Unavailable
 from common.protocol import Position
@@ -37,6 +38,7 @@ class CountingBroker(MemoryBroker):
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[tuple[str, int, str]] = []
+        self.batches: list[int] = []  # reads per history_many call
         self.hold = False
         self.released = asyncio.Event()
 
@@ -49,6 +51,12 @@ class CountingBroker(MemoryBroker):
             await self.released.wait()
         return await super().history(channel, since, snapshot, epoch=epoch, until=until,
                                      limit=limit, meta_ttl=meta_ttl)
+
+    async def history_many(
+        self, reads: Sequence[HistoryRead], *, limit: int, meta_ttl: int,
+    ) -> list[HistoryResult | BrokerUnavailable]:
+        self.batches.append(len(reads))
+        return await super().history_many(reads, limit=limit, meta_ttl=meta_ttl)
 
     def let_go(self) -> None:
         self.hold = False
@@ -485,3 +493,40 @@ def test_the_advice_spreads_the_backlog_over_the_time_to_work_through_it() -> No
     for _ in range(100_000):
         advice = gate.retry_after()
     assert advice == 0.5 + 30.0  # capped
+
+
+def last_is(s: FakeSession, channel: str, offset: int) -> bool:
+    return s.offsets(channel)[-1:] == [offset]
+
+
+# --- batched reads -------------------------------------------------------------------------
+
+
+async def test_a_storm_of_new_channels_is_read_in_few_broker_calls_and_stays_gapless(
+    hub: Hub, broker: CountingBroker
+) -> None:
+    """200 subscribers recovering on 100 channels the hub does not hold, all at once, while
+    every channel is published to: their reads go out together (a call per turn, not per
+    read), and each subscriber gets every publication after its position exactly once."""
+    names = [f"trades.B{i}" for i in range(100)]
+    for name in names:
+        await publish(broker, name, *range(1, 6))
+    epochs = {name: await epoch_of(broker, name) for name in names}
+    rng = random.Random(7)
+    subs = [(FakeSession(), names[i % 100], rng.randint(0, 5)) for i in range(200)]
+    tasks = [asyncio.create_task(join(hub, s, name, recover=Position(at, epochs[name])))
+             for s, name, at in subs]
+    for n in range(6, 12):  # live publications overlap the reads
+        await publish(broker, names[n * 7 % 100], n)
+        await asyncio.sleep(0)
+    replies = await asyncio.gather(*tasks)
+    assert all(r["recovered"] is True for r in replies)
+    assert sum(broker.batches) == len(broker.reads) <= 200
+    assert len(broker.batches) <= 3, broker.batches  # not one call per read
+    for name in names:
+        await publish(broker, name, 99)
+    for s, name, at in subs:
+        top = broker.history_now(name, -1, "0", limit=1, meta_ttl=TTL).top
+        await until(functools.partial(last_is, s, name, top))
+        assert s.offsets(name) == list(range(at + 1, top + 1)) and s.failed is None
+    assert hub.stats.history_batches == len(broker.batches)

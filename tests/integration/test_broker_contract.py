@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from common.broker import (
     Broker,
     Fence,
+    HistoryRead,
     HistoryResult,
     Live,
     Publication,
@@ -279,6 +280,45 @@ async def test_history_positions_and_snapshots(broker: Broker) -> None:
     assert r.top == 10 and not r.recoverable and r.snapshot == {"k": "9"}
 
 
+def view(r: HistoryResult) -> tuple[object, ...]:
+    return (r.epoch, r.top, r.first, r.recoverable, r.snapshot,
+            [(p.channel, p.epoch, p.offset, p.key, p.data, p.deleted) for p in r.entries])
+
+
+async def test_history_many_answers_each_read_as_history_does(broker: Broker) -> None:
+    """Many reads in one call (one pipeline; a cluster's across its masters) give what
+    each read gives alone: positions, entries (the long one past the inline limit too),
+    snapshots, epochs, a channel created by its read."""
+    names = [f"trades.M{i}" for i in range(12)]
+    epochs = {}
+    for i, name in enumerate(names):
+        replies = await pub(broker, *(req(j, name, key="k") for j in range(i + 1)))
+        epochs[name] = replies[0].epoch
+    reads = [HistoryRead(name, i // 2, "r", epochs[name]) for i, name in enumerate(names)]
+    reads += [HistoryRead(names[11], 0, "0"),  # 12 entries: past the inline limit (5)
+              HistoryRead(names[3], 1, "r", "other-epoch"),
+              HistoryRead(names[5], 1, "1", until=3),
+              HistoryRead("trades.MNEW", -1, "0")]
+    if isinstance(broker, RedisBroker):
+        await broker.redis.script_flush()  # NOSCRIPT: loaded and sent again
+    many = await broker.history_many(reads, limit=100, meta_ttl=TTL)
+    assert len(many) == len(reads)
+    for read, got in zip(reads, many, strict=True):
+        assert isinstance(got, HistoryResult), got
+        alone = await hist(broker, read.since, read.snapshot, channel=read.channel,
+                           epoch=read.epoch, until=read.until)
+        if read.channel == "trades.MNEW":
+            assert got.top == 0 and got.epoch == alone.epoch  # created by the first read
+        assert view(got) == view(alone), read
+    long, other, until_3 = many[12], many[13], many[14]
+    assert isinstance(long, HistoryResult) and isinstance(other, HistoryResult)
+    assert isinstance(until_3, HistoryResult)
+    assert [p.offset for p in long.entries] == list(range(1, 13))
+    assert not other.recoverable and other.snapshot == {"k": "3"}
+    assert [p.offset for p in until_3.entries] == [2, 3] and until_3.snapshot == {"k": "5"}
+    assert await broker.history_many([], limit=100, meta_ttl=TTL) == []
+
+
 async def test_history_is_trimmed_by_length_and_age(broker: Broker) -> None:
     await pub(broker, *(req(i, max_length=4) for i in range(10)))
     r = await hist(broker, 5)
@@ -366,6 +406,25 @@ async def test_live_messages_in_order(broker: Broker) -> None:
         await pub(broker, req(99))
         await asyncio.sleep(0.1)
         assert len(listener.pubs) == 20
+    finally:
+        await live.close()
+
+
+async def test_many_subscribes_at_once_are_each_confirmed(broker: Broker) -> None:
+    """A turn's subscribes go out together (one SUBSCRIBE where the server allows it):
+    each channel is confirmed and gets its live messages."""
+    listener = Listener()
+    live: Live = broker.live(listener, "node")
+    await live.start()
+    names = [f"trades.S{i}" for i in range(300)]
+    try:
+        await asyncio.wait_for(live.wait_connected(), 5)
+        await asyncio.gather(*(live.subscribe(name) for name in names))
+        await until(lambda: len(listener.subscribed) == len(names))
+        assert sorted(listener.subscribed) == sorted(names)
+        await pub(broker, *(req(1, name) for name in names))
+        await until(lambda: len(listener.pubs) == len(names))
+        assert sorted(p.channel for p in listener.pubs) == sorted(names)
     finally:
         await live.close()
 
