@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,21 +60,26 @@ from common.loop import LOOPS, resolve
 from ingest.publisher import Publisher
 
 RELAY = Path(__file__).resolve().parent / "relay.py"
+NODE_RELAY = Path(__file__).resolve().parent / "noderelay"
 
 
 class RelayProcess(EdgeProcess):
     """bench/relay.py on a free loopback port, pinned like the edge, killed with us: an
     edge's lifecycle (stop, output, pid), another command."""
 
+    name = "relay"
+
     def __init__(self, redis_url: str, prefix: str, cpu: int | None, loop: str) -> None:
         super().__init__(redis_url, prefix, cpu, [])
         self.loop = loop
 
+    def command(self) -> list[str]:
+        return [sys.executable, str(RELAY), "--host", HOST, "--port", str(self.port),
+                "--redis-url", self.redis_url, "--key-prefix", self.prefix, "--loop", self.loop]
+
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(RELAY), "--host", HOST, "--port", str(self.port),
-             "--redis-url", self.redis_url, "--key-prefix", self.prefix, "--loop", self.loop],
-            cwd=source_root(), stdin=subprocess.DEVNULL, stdout=self.log,
+            self.command(), cwd=source_root(), stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=subprocess.STDOUT, preexec_fn=child_preexec(self.cpu),
             start_new_session=True,
         )
@@ -83,14 +89,38 @@ class RelayProcess(EdgeProcess):
         while True:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"relay exited: {self.output()}")
+                raise RuntimeError(f"{self.name} exited: {self.output()}")
             with contextlib.suppress(OSError):
                 _, writer = await asyncio.open_connection(HOST, self.port)
                 writer.close()
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"relay not ready after {timeout:.0f} s")
+                raise RuntimeError(f"{self.name} not ready after {timeout:.0f} s")
             await asyncio.sleep(0.1)
+
+
+class NodeRelayProcess(RelayProcess):
+    """bench/noderelay/relay.mjs (Node.js: `ws` + node-redis, its packages installed with
+    `npm ci` from the committed lock): the same relay in the runtime the issue's
+    reference figure came from."""
+
+    name = "node"
+
+    @staticmethod
+    def install() -> None:
+        """`npm ci` once (the versions and hashes of bench/noderelay/package-lock.json)."""
+        if (NODE_RELAY / "node_modules" / "ws").is_dir():
+            return
+        if shutil.which("npm") is None:
+            raise SetupError("--relays node needs Node.js and npm on the PATH")
+        done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--silent"],
+                              cwd=NODE_RELAY, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise SetupError(f"npm ci in {NODE_RELAY} failed: {done.stderr.strip()[-500:]}")
+
+    def command(self) -> list[str]:
+        return ["node", str(NODE_RELAY / "relay.mjs"), "--host", HOST, "--port",
+                str(self.port), "--redis-url", self.redis_url, "--key-prefix", self.prefix]
 
 
 @dataclass
@@ -114,11 +144,12 @@ class Run:
         return self.expected - self.phase.received
 
 
-def order(runs: int) -> list[str]:
-    """edge, relay, relay, edge, edge, relay, ...: each server first in half the pairs."""
+def order(runs: int, servers: list[str]) -> list[str]:
+    """edge, relay, relay, edge, edge, relay, ...: each server first in half the rounds
+    (with more servers: the round's order reversed every other round)."""
     out: list[str] = []
     for i in range(runs):
-        out += ["edge", "relay"] if i % 2 == 0 else ["relay", "edge"]
+        out += servers if i % 2 == 0 else servers[::-1]
     return out
 
 
@@ -157,7 +188,10 @@ async def _main(args: argparse.Namespace, url: str, valkey_pid: int | None, wslo
     redis = Redis.from_url(url, decode_responses=True)
     # The same event loop for both, so that the comparison stays fair.
     edge = EdgeProcess(url, prefix, cpus[0], ["--loop", args.loop, *shlex.split(args.edge_args)])
-    relay = RelayProcess(url, prefix, cpus[0], resolve(args.loop))
+    relays = {"relay": RelayProcess(url, prefix, cpus[0], resolve(args.loop))}
+    if "node" in args.relays:
+        relays["node"] = NodeRelayProcess(url, prefix, cpus[0], "node")
+    names = ["edge", *relays]
     runs: list[Run] = []
     try:
         publisher = Publisher(RedisBroker(redis, Keys(prefix)))
@@ -165,19 +199,24 @@ async def _main(args: argparse.Namespace, url: str, valkey_pid: int | None, wslo
         results = await publisher.publish_batch([message(c, time.time(), 0) for c in channels])
         last = [r.offset for r in results]
         edge.start()
-        relay.start()
+        for relay in relays.values():
+            relay.start()
         await wait_ready(edge)
-        await relay.wait_ready()
-        servers = {"edge": (edge.port, edge.pid), "relay": (relay.port, relay.pid)}
-        for i, server in enumerate(order(args.runs)):
-            progress(f"run {i + 1}/{2 * args.runs}: {server}")
+        for relay in relays.values():
+            await relay.wait_ready()
+        servers = {"edge": (edge.port, edge.pid),
+                   **{name: (relay.port, relay.pid) for name, relay in relays.items()}}
+        for i, server in enumerate(order(args.runs, names)):
+            progress(f"run {i + 1}/{len(names) * args.runs}: {server}")
             port, pid = servers[server]
             runs += await one_run(args, server, port, pid, publisher, channels, last, wsload,
                                   cpus, valkey_pid)
     finally:
-        edge_log, relay_log = edge.output().strip(), relay.output().strip()
+        logs = {"edge": edge.output().strip(),
+                **{name: relay.output().strip() for name, relay in relays.items()}}
         edge.stop()
-        relay.stop()
+        for relay in relays.values():
+            relay.stop()
         with contextlib.suppress(Exception):
             await delete_prefix(redis, prefix)
         await redis.aclose()
@@ -194,12 +233,13 @@ async def _main(args: argparse.Namespace, url: str, valkey_pid: int | None, wslo
     for rate in args.rates:
         med = {s: statistics.median(r.us_per_pub for r in runs
                                     if r.server == s and r.rate == rate)
-               for s in ("edge", "relay")}
-        rows.append([round(rate), round(med["edge"], 1), round(med["relay"], 1),
-                     round(med["edge"] / med["relay"], 2)])
-    out += ["Median CPU per frame (us) over the runs:", "",
-            table(["publish rate/s", "edge", "relay", "edge / relay"], rows)]
-    for name, log in (("edge", edge_log), ("relay", relay_log)):
+               for s in names}
+        rows.append([round(rate), *(round(med[s], 1) for s in names),
+                     *(round(med["edge"] / med[s], 2) for s in names[1:])])
+    out += ["Median CPU per frame (us) over the runs (relay: bench/relay.py, Python; node: "
+            "bench/noderelay/relay.mjs):", "",
+            table(["publish rate/s", *names, *(f"edge / {s}" for s in names[1:])], rows)]
+    for name, log in logs.items():
         if log:
             out += ["", f"{name} log (tail):", log[-2_000:]]
     return out
@@ -213,6 +253,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rates", default="2000",
                    help="total publish rates (msgs/s, comma-separated), each run")
     p.add_argument("--runs", type=int, default=3, help="runs per server (interleaved)")
+    p.add_argument("--relays", default="python",
+                   help="relays beside the edge: python (bench/relay.py), or python,node "
+                        "(also bench/noderelay/relay.mjs: needs node and npm)")
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--drain", type=float, default=10.0)
@@ -228,6 +271,9 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     args.channels = args.channels or args.clients
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    args.relays = [r.strip() for r in args.relays.split(",") if r.strip()]
+    if args.relays not in (["python"], ["python", "node"]):
+        p.error("--relays: python or python,node")
     if args.clients % args.channels:
         p.error("--clients must be a multiple of --channels")
     if args.channels > 10_000:
@@ -242,6 +288,8 @@ def main() -> int:
     print(source_state(), flush=True)
     try:
         wsload = build_wsload()
+        if "node" in args.relays:
+            NodeRelayProcess.install()
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
