@@ -56,7 +56,7 @@ import functools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from common import protocol
@@ -121,7 +121,9 @@ class Subscription:
     channel: str
     last: int = -1  # highest offset delivered (or covered by the snapshot)
     epoch: str = ""
-    buffer: list[Publication] | None = field(default_factory=list)  # while pending
+    # While pending: the index in its channel's `held` (absolute, `ChannelState.held_start`
+    # counted) of the first publication dispatched after it registered.
+    mark: int = 0
     seq: int = 0  # when it was registered as pending (Hub._seq): which reads it may share
 
     def deliver(self, batch: Batch) -> None:
@@ -178,6 +180,8 @@ class ChannelState:
         "backlog",
         "confirmed",
         "epoch",
+        "held",
+        "held_start",
         "last",
         "linger",
         "name",
@@ -194,7 +198,13 @@ class ChannelState:
     def __init__(self, name: str) -> None:
         self.name = name
         self.active: dict[Subscriber, Subscription] = {}
-        self.pending: list[Subscription] = []
+        # Registered, waiting for a read (insertion order: the oldest first). What is
+        # dispatched meanwhile is kept once in `held`, not once per pending subscriber: a
+        # storm puts thousands of them on a busy channel, and a copy each made every
+        # publication cost as many appends.
+        self.pending: dict[Subscription, None] = {}
+        self.held: list[Publication] = []
+        self.held_start = 0  # the absolute index of held[0]
         self.last: int | None = None
         self.epoch: str | None = None
         self.tail: Publication | None = None  # the publication at `last`, if known
@@ -342,7 +352,8 @@ class Hub:
         # Pending before the first await: a subscribe that ends early (cancelled) drops a
         # state it created, which would otherwise stay, never confirmed, and make every
         # later subscribe of the channel on this node wait out the timeout.
-        state.pending.append(sub)
+        sub.mark = state.held_start + len(state.held)
+        state.pending[sub] = None
         self._seq += 1
         sub.seq = self._seq
         try:
@@ -367,7 +378,7 @@ class Hub:
             if slot:
                 assert gate is not None
                 gate.leave()
-            state.pending.remove(sub)
+            self._unpend(state, sub)
             self._maybe_drop(state)
             if not isinstance(exc, Exception):
                 raise
@@ -378,9 +389,7 @@ class Hub:
             self.log.warning("subscribe failed channel=%s error=%r", name, exc)
             raise Unavailable("channel temporarily unavailable, retry") from None
         # From here on no await: the merge below must see a consistent buffer.
-        state.pending.remove(sub)
-        buffered = sub.buffer or []
-        sub.buffer = None
+        buffered = self._unpend(state, sub)
         recovered = False
         replay: list[Publication] = []
         if recover is not None and result.recoverable and recover.epoch == result.epoch:
@@ -430,6 +439,25 @@ class Hub:
         else:
             self.stats.subscribes_not_recovered += 1
         return sub, Joined(result.epoch, result.top, recovered, snapshot, replay)
+
+    @staticmethod
+    def _unpend(state: ChannelState, sub: Subscription) -> list[Publication]:
+        """`sub` is pending no more: what was dispatched since it registered. `held` is cut
+        to what the oldest pending subscriber still needs (amortized: when that is at least
+        half of it)."""
+        del state.pending[sub]
+        held = state.held
+        buffered = held[sub.mark - state.held_start:]
+        if not state.pending:
+            state.held_start += len(held)
+            state.held = []
+        else:
+            oldest = next(iter(state.pending))
+            done = oldest.mark - state.held_start
+            if done * 2 >= len(held) and done:
+                del held[:done]
+                state.held_start += done
+        return buffered
 
     def unsubscribe(self, session: Subscriber, name: str) -> None:
         state = self.channels.get(name)
@@ -497,7 +525,6 @@ class Hub:
             skip = recover.offset - first + 1  # entries the client already has
             replay = [recent[i] for i in range(skip, len(recent))] if skip else list(recent)
         self._keep(state)
-        sub.buffer = None
         sub.last = last
         sub.epoch = epoch
         state.active[sub.session] = sub
@@ -689,9 +716,8 @@ class Hub:
         state.tail = pub
         if state.recent_max:
             self._remember(state, pub)
-        for sub in state.pending:
-            if sub.buffer is not None:
-                sub.buffer.append(pub)
+        if state.pending:
+            state.held.append(pub)
         if state.active:
             if not state.outbox:
                 self._to_flush.append(state)

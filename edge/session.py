@@ -575,6 +575,7 @@ class Session:
         they go out before any live message that follows them."""
         name = command.channel.name
         self.subscriptions[name] = feed
+        self.writer.hold()  # the other replies of this turn (a burst) in the same write
         codec = self.codec
         reply = protocol.subscribed(command.id, name, joined.epoch, joined.offset,
                                     joined.recovered, joined.snapshot, feed.delivery)

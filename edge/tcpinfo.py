@@ -69,7 +69,10 @@ def acked_bytes(sock: Any) -> int | None:
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _INFO_LEN)
-    except OSError:
+    except (OSError, ValueError):
+        # ValueError: uvloop's socket of a connection already closed (its descriptor -1),
+        # which a heartbeat may still ask before the session's cleanup has run (a storm:
+        # thousands at once, each logged with a traceback).
         return None
     if len(info) < _INFO_LEN:
         return None  # a kernel older than 4.1

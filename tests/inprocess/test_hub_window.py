@@ -286,6 +286,48 @@ async def test_identical_concurrent_reads_are_done_once(broker: CountingBroker) 
         await hub.close()
 
 
+async def test_publications_during_pending_reads_are_held_once_for_every_waiter(
+    broker: CountingBroker,
+) -> None:
+    """Subscribers waiting for reads, registered at different points of a live channel:
+    each gets exactly what follows its position, and the hub keeps what was dispatched
+    meanwhile once (a storm puts thousands of waiters on a busy channel: a copy each made
+    every publication cost one append per waiter), and nothing once none waits."""
+    hub = make_hub(broker, window_messages=0)  # no window: every recovery reads
+    await hub.start()
+    try:
+        await publish(broker, CH, *range(1, 6))
+        epoch = await epoch_of(broker)
+        holder = FakeSession()
+        await join(hub, holder)  # the channel is held and live
+        broker.hold = True
+        waiters: list[tuple[FakeSession, int, asyncio.Task[dict[str, object]]]] = []
+        top = 5
+        for round_ in range(5):
+            for position in (1, 3, top - 1):
+                s = FakeSession()
+                task = asyncio.create_task(join(hub, s, recover=Position(position, epoch)))
+                waiters.append((s, position, task))
+            await until(lambda: len(hub.channels[CH].pending) == len(waiters))
+            top = (await publish(broker, CH, 100 + round_, 200 + round_))[-1]
+            await until(reached(holder, top, -1))
+        state = hub.channels[CH]
+        # Dispatched since the first waiter registered: 10 publications, held once.
+        assert [p.offset for p in state.held] == list(range(6, top + 1))
+        broker.let_go()
+        replies = await asyncio.gather(*(task for _, _, task in waiters))
+        assert all(r["recovered"] is True for r in replies)
+        await publish(broker, CH, 999)
+        top += 1
+        for s, position, _ in waiters:
+            await until(reached(s, top, position))
+            assert s.offsets() == list(range(position + 1, top + 1)), position
+            assert s.failed is None
+        assert not state.pending and state.held == []
+    finally:
+        await hub.close()
+
+
 async def test_a_read_issued_before_a_subscriber_registered_is_not_shared_with_it(
     broker: CountingBroker,
 ) -> None:

@@ -4,6 +4,7 @@ path a frame took."""
 from __future__ import annotations
 
 import asyncio
+import json
 from functools import partial
 
 import httpx
@@ -125,3 +126,44 @@ async def test_a_clients_channels_of_one_turn_go_out_in_one_frame(
         assert frames >= rounds * len(channels) / max_frame_messages, (writes, frames)
     await client.close()
 
+
+
+@pytest.mark.integration
+async def test_a_burst_of_resubscribes_is_answered_in_one_write(
+    edge: EdgeServer, publisher: Publisher
+) -> None:
+    """A client back from a reconnect sends its resubscribes together (fanout.js does; TCP
+    and the browser coalesce them): their replies and replays go out together, in order,
+    one write and one frame, not one each."""
+    channels = [f"quotes.B{i}" for i in range(8)]
+    holder = await ProtoClient.open(edge.url)  # the edge holds the channels: from memory
+    for ch in channels:
+        await holder.subscribe(ch)
+    for i in range(3):
+        await publisher.publish_batch([UpstreamMessage(ch, {"i": i}) for ch in channels])
+    def holder_has_all() -> bool:
+        return all(len(holder.offsets[ch]) == 3 for ch in channels)
+
+    await holder.wait_for(holder_has_all, 10)
+    client = await ProtoClient.open(edge.url)
+    before = await _counters(edge, "writes", "frames_sent")
+    frames_before = len(client.frames)
+    proto = client.ws.protocol
+    for ch in channels:
+        rid = next(client.ids)
+        epoch = holder.positions[ch][1]
+        client._recover[rid] = (1, epoch)
+        client.replies[rid] = asyncio.get_running_loop().create_future()
+        proto.send_text(json.dumps({"type": "subscribe", "id": rid, "channel": ch,
+                                    "recover": {"offset": 1, "epoch": epoch}}).encode())
+    client.ws.transport.write(b"".join(proto.data_to_send()))  # one write, 8 frames
+    def all_replayed() -> bool:
+        return all(client.offsets.get(ch) == [2, 3] for ch in channels)
+
+    await client.wait_for(all_replayed, 10)
+    assert all(m["recovered"] is True for m in client.messages if m["type"] == "subscribed")
+    after = await _counters(edge, "writes", "frames_sent")
+    assert after["writes"] - before["writes"] == 1, (before, after)
+    assert len(client.frames) - frames_before == 1  # 8 replies and 16 replays in one frame
+    await client.close()
+    await holder.close()

@@ -9,6 +9,7 @@ import asyncio
 from common.errors import CloseCode, Disconnect
 from common.protocol import Frame
 from edge.heartbeat import Heartbeat, Target, Timers
+from edge.tcpinfo import acked_bytes
 
 
 class Clock:
@@ -232,3 +233,19 @@ async def test_timers_fire_in_order_on_one_loop_timer() -> None:
         assert at >= start + delay - 0.002, name
     assert len(errors) == 1 and isinstance(errors[0]["exception"], RuntimeError)
     assert len(timers) == 0
+
+
+def test_the_acked_count_of_a_closed_socket_is_unknown_not_an_error() -> None:
+    """A heartbeat may ask a connection closed but not yet cleaned up: asyncio's socket then
+    raises OSError, uvloop's ValueError (descriptor -1); both mean "the kernel does not
+    say", not a traceback per connection (a reconnect storm logged thousands)."""
+
+    class Closed:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        def getsockopt(self, *args: object) -> bytes:
+            raise self.exc
+
+    assert acked_bytes(Closed(ValueError("negative file descriptor"))) is None
+    assert acked_bytes(Closed(OSError(9, "bad file descriptor"))) is None
