@@ -23,8 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from common.broker import Broker, Fence, PublishRequest, PublishStatus, RebaseStatus
 from common.channels import MAX_MESSAGE_ID_LENGTH, parse_channel, validate_key
@@ -68,12 +67,12 @@ class InvalidMessage(ValueError):
     """A message that cannot be published: bad channel, key or data."""
 
 
-@dataclass(frozen=True, slots=True)
-class PublishResult:
+class PublishResult(NamedTuple):
     """What the script did with one message. `duplicate`: its id was published before, at
     `offset`. `unchanged`: an `if_changed` message equal to the snapshot's state, not
     published; `offset` is the channel's top (0, and `epoch` "", if it has no epoch yet).
-    Otherwise the message was published at `offset`."""
+    Otherwise the message was published at `offset`. A named tuple, not a dataclass: one
+    per published message, built in a third of the time."""
 
     channel: str
     offset: int
