@@ -23,8 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from common.broker import Broker, Fence, PublishRequest, PublishStatus, RebaseStatus
 from common.channels import MAX_MESSAGE_ID_LENGTH, parse_channel, validate_key
@@ -39,16 +38,41 @@ MAX_TRACKED_CHANNELS = 100_000  # channels whose last offset (and policy) a publ
 _json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
+def json_encoder() -> Callable[[object], str]:
+    """`_json`, byte for byte, calling the C encoder that `JSONEncoder.encode` builds on
+    every call (and reaches through two Python frames) once built: a third of the
+    publisher's JSON cost per message. Not thread-safe (its circular-reference markers are
+    shared): one per Publisher. Falls back to `_json` without the C accelerator."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return _json
+    markers: dict[int, object] = {}
+    base = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    encode = make(markers, base.default, json.encoder.encode_basestring, None,
+                  base.key_separator, base.item_separator, base.sort_keys, base.skipkeys,
+                  base.allow_nan)
+    join = "".join
+
+    def dumps(obj: object) -> str:
+        try:
+            return join(encode(obj, 0))
+        except BaseException:
+            markers.clear()  # left holding the containers being encoded when it raised
+            raise
+
+    return dumps
+
+
 class InvalidMessage(ValueError):
     """A message that cannot be published: bad channel, key or data."""
 
 
-@dataclass(frozen=True, slots=True)
-class PublishResult:
+class PublishResult(NamedTuple):
     """What the script did with one message. `duplicate`: its id was published before, at
     `offset`. `unchanged`: an `if_changed` message equal to the snapshot's state, not
     published; `offset` is the channel's top (0, and `epoch` "", if it has no epoch yet).
-    Otherwise the message was published at `offset`."""
+    Otherwise the message was published at `offset`. A named tuple, not a dataclass: one
+    per published message, built in a third of the time."""
 
     channel: str
     offset: int
@@ -104,6 +128,7 @@ class Publisher:
         self._channels: dict[str, tuple[str, str, int, int]] = {}  # see `_channel`
         self.rebased = 0  # channels given a new epoch because their offsets went back
         self._on_rebase = on_rebase  # for a metric
+        self._json = json_encoder()
 
     def _channel(self, name: str) -> tuple[str, str, int, int]:
         """A channel's (name, snapshot mode, history max length, max age ms), parsed once
@@ -130,7 +155,7 @@ class Publisher:
                 validate_key(key)
             elif key != "":
                 raise ValueError("snapshot key must be a string")
-            data = _json(msg.data)
+            data = self._json(msg.data)
         except (BadChannel, ValueError, TypeError) as exc:
             raise InvalidMessage(f"{msg.channel!r}: {exc}") from None
         if len(msg.msg_id) > MAX_MESSAGE_ID_LENGTH:
@@ -165,18 +190,22 @@ class Publisher:
         requests = [self._request(msg) for msg in messages]
         # What this publisher had got before sending: whatever Redis answers now comes
         # after it, while batches sent concurrently may complete in any order.
-        before = {msg.channel: self._seen.get(msg.channel) for msg in messages}
+        seen = self._seen
+        before = {channel: seen.get(channel) for channel in {msg.channel for msg in messages}}
         replies = await self.broker.publish(requests, fence, meta_ttl=self.meta_ttl,
                                             idempotency_ttl=self.idempotency_ttl)
         results: list[PublishResult] = []
         refused: tuple[str, int, str] | None = None
+        published, duplicate, unchanged = (PublishStatus.PUBLISHED, PublishStatus.DUPLICATE,
+                                           PublishStatus.UNCHANGED)
+        append = results.append
         for msg, r in zip(messages, replies, strict=True):
             status = r.status
-            if status in (PublishStatus.PUBLISHED, PublishStatus.DUPLICATE,
-                          PublishStatus.UNCHANGED):
-                results.append(PublishResult(msg.channel, r.offset, r.epoch,
-                                             duplicate=status is PublishStatus.DUPLICATE,
-                                             unchanged=status is PublishStatus.UNCHANGED))
+            if status is published:  # the common case first: no keyword arguments
+                append(PublishResult(msg.channel, r.offset, r.epoch, False))
+            elif status is duplicate or status is unchanged:
+                append(PublishResult(msg.channel, r.offset, r.epoch, status is duplicate,
+                                     status is unchanged))
             elif refused is None:
                 if status is PublishStatus.FENCED:
                     refused = (msg.channel, int(r.epoch), "token")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from common import protocol
 from common.protocol import Codec, Frame
@@ -97,10 +97,11 @@ class Fence:
     deadline_ms: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class PublishRequest:
+class PublishRequest(NamedTuple):
     """One message to publish, already validated: `channel` a parsed name, `data` JSON
-    text. The history policy and snapshot mode are the channel's."""
+    text. The history policy and snapshot mode are the channel's. A named tuple, not a
+    dataclass: one is built per published message, in a third of a frozen dataclass's
+    time (issue 11: the publisher's CPU per message)."""
 
     channel: str
     data: str
@@ -122,8 +123,9 @@ class PublishStatus(IntEnum):
     UNCHANGED = 4  # if_changed and the snapshot holds this state: the channel's top
 
 
-@dataclass(frozen=True, slots=True)
-class PublishReply:
+class PublishReply(NamedTuple):
+    """What the publish script did with one message (a named tuple: one per message)."""
+
     offset: int
     epoch: str
     status: PublishStatus
