@@ -50,8 +50,9 @@ from common.broker.redisbroker import (
     _text,
     _unavailable,
     pubsub_reader,
+    run_scripts,
 )
-from common.broker.scripts import group_publishes, publish_call, source
+from common.broker.scripts import group_publishes, publish_call
 from common.broker.types import (
     BrokerUnavailable,
     Fence,
@@ -146,34 +147,20 @@ class RedisClusterBroker(RedisBroker):
         calls = group_publishes(batch)
         args = [publish_call(self.keys, call, batch, epoch, fence, meta_ttl=meta_ttl,
                              idempotency_ttl=idempotency_ttl, sharded=True) for call in calls]
+        async with _unavailable():
+            raw = await run_scripts(self.cluster, "publish", self._publish.sha, args, self.log,
+                                    attempts=NOSCRIPT_RETRIES)
         replies: list[PublishReply | None] = [None] * len(batch)
-        todo = list(range(len(calls)))
-        sha = self._publish.sha
-        for _ in range(NOSCRIPT_RETRIES):
-            async with _unavailable():
-                pipe = self.cluster.pipeline(transaction=False)
-                for c in todo:
-                    keys, argv = args[c]
-                    pipe.evalsha(sha, len(keys), *keys, *argv)
-                raw = await pipe.execute(raise_on_error=False)
-            again: list[int] = []
-            for c, reply in zip(todo, raw, strict=True):
-                if isinstance(reply, NoScriptError):
-                    again.append(c)
-                    continue
-                if isinstance(reply, BaseException):
-                    raise BrokerUnavailable(repr(reply))
-                for j, i in enumerate(calls[c].indexes):
-                    replies[i] = PublishReply(int(reply[3 * j]), _text(reply[3 * j + 1]),
-                                              PublishStatus(int(reply[3 * j + 2])))
-            if not again:
-                assert all(r is not None for r in replies)
-                return replies  # type: ignore[return-value]
-            self.log.info("publish script missing on a node: loading it calls=%d", len(again))
-            async with _unavailable():
-                sha = await self.cluster.script_load(source("publish"))
-            todo = again
-        raise BrokerUnavailable("NOSCRIPT after loading the publish script")
+        for call, reply in zip(calls, raw, strict=True):
+            if isinstance(reply, NoScriptError):
+                raise BrokerUnavailable("NOSCRIPT after loading the publish script")
+            if isinstance(reply, BaseException):
+                raise BrokerUnavailable(repr(reply))
+            for j, i in enumerate(call.indexes):
+                replies[i] = PublishReply(int(reply[3 * j]), _text(reply[3 * j + 1]),
+                                          PublishStatus(int(reply[3 * j + 2])))
+        assert all(r is not None for r in replies)
+        return replies  # type: ignore[return-value]
 
     def live(self, listener: LiveListener, node_id: str) -> ClusterLive:  # type: ignore[override]
         return ClusterLive(self, listener, node_id)

@@ -260,37 +260,20 @@ class RedisBroker:
         calls = [history_call(self.keys, r.channel, r.since, r.snapshot, epoch, limit=limit,
                               meta_ttl=meta_ttl, epoch=r.epoch, inline=self.inline_history,
                               until=r.until) for r in reads]
-        out: list[HistoryResult | BrokerUnavailable | None] = [None] * len(reads)
-        todo = list(range(len(reads)))
-        sha = self._history.sha
+        out: list[HistoryResult | BrokerUnavailable] = []
         async with _unavailable():
-            for attempt in range(2):
-                pipe = self.redis.pipeline(transaction=False)
-                for i in todo:
-                    keys, args = calls[i]
-                    pipe.evalsha(sha, len(keys), *keys, *args)
-                raw = await pipe.execute(raise_on_error=False)
-                again: list[int] = []
-                for i, reply in zip(todo, raw, strict=True):
-                    if isinstance(reply, NoScriptError) and attempt == 0:
-                        again.append(i)
-                    elif isinstance(reply, BaseException):
-                        out[i] = BrokerUnavailable(repr(reply))
-                    else:
-                        out[i] = self._history_result(reads[i].channel, reply)
-                if not again:
-                    break
-                self.log.info("history script not on the server: loading it calls=%d",
-                              len(again))
-                await self.redis.script_load(source("history"))
-                todo = again
+            raw = await run_scripts(self.redis, "history", self._history.sha, calls, self.log)
+            for read, reply in zip(reads, raw, strict=True):
+                if isinstance(reply, BaseException):
+                    out.append(BrokerUnavailable(repr(reply)))
+                else:
+                    out.append(self._history_result(read.channel, reply))
             for i, result in enumerate(out):
                 if isinstance(result, HistoryResult):
                     read = reads[i]
                     out[i] = await self._complete(result, read.channel, read.since, read.until,
                                                   *calls[i])
-        assert all(r is not None for r in out)
-        return out  # type: ignore[return-value]
+        return out
 
     async def _complete(
         self, result: HistoryResult, channel: str, since: int, until: int | None,
@@ -574,6 +557,37 @@ class ReaderWake:
         if task is not None:
             task.uncancel()
         return True
+
+
+async def run_scripts(
+    client: Redis | RedisCluster, name: str, sha: str,
+    calls: Sequence[tuple[list[str], list[Any]]], log: logging.Logger, attempts: int = 2,
+) -> list[Any]:
+    """Each call as EVALSHA of script `name` (lua/<name>.lua, `sha`), all in one
+    non-transactional pipeline (a cluster's: redis-py sends each node its calls at once).
+    Calls answered NOSCRIPT ran nothing (a restarted server, or a promoted replica: SCRIPT
+    LOAD is not replicated): the script is loaded (a cluster's `script_load` goes to every
+    master) and they are sent again, up to `attempts` sends in all. The replies in call
+    order, errors as values (a NoScriptError where the last send still got one)."""
+    out: list[Any] = [None] * len(calls)
+    todo = list(range(len(calls)))
+    for attempt in range(attempts):
+        pipe = client.pipeline(transaction=False)
+        for i in todo:
+            keys, args = calls[i]
+            pipe.evalsha(sha, len(keys), *keys, *args)
+        raw = await pipe.execute(raise_on_error=False)
+        again = []
+        for i, reply in zip(todo, raw, strict=True):
+            out[i] = reply
+            if isinstance(reply, NoScriptError):
+                again.append(i)
+        if not again or attempt == attempts - 1:
+            break
+        log.info("script not on the server: loading it script=%s calls=%d", name, len(again))
+        sha = await client.script_load(source(name))
+        todo = again
+    return out
 
 
 def pubsub_reader(pubsub: PubSub) -> Callable[[], Awaitable[Any]]:
