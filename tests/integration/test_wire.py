@@ -36,6 +36,13 @@ async def _frames(edge: object) -> tuple[float, float]:
     return c["frames_sent"], c["frames_direct"]
 
 
+def _received(clients: list[ProtoClient]) -> int:
+    """Frames the clients got: the edge counted at least these (and pings). Not one frame
+    per publish: publications that reach the edge in one loop turn share a frame, which
+    happens under load."""
+    return sum(len(c.frames) for c in clients)
+
+
 async def _publish_and_collect(
     edge: object, publisher: Publisher, n: int, clients: list[ProtoClient]
 ) -> int:
@@ -67,7 +74,7 @@ async def test_clients_of_both_codecs_get_everything_in_order_through_direct_wri
         assert [p["data"]["i"] for p in pubs][:3] == [0, 1, 1]
     # Readers that keep up never fill the socket: every frame (the replies too) went direct.
     sent, direct = await _frames(edge)
-    assert sent >= 2 * 60 and direct == sent
+    assert sent >= _received(clients) > 0 and direct == sent
     for client in clients:
         await client.close()
 
@@ -86,7 +93,7 @@ async def test_queue_path_when_direct_writes_are_off_or_compressing(
     for client in clients:
         assert client.offsets["trades.WIRE"] == list(range(1, last + 1))
     sent, direct = await _frames(edge)
-    assert sent >= 2 * 30 and direct == 0
+    assert sent >= _received(clients) > 0 and direct == 0
     for client in clients:
         await client.close()
 
