@@ -52,7 +52,7 @@ from common.broker.redisbroker import (
     pubsub_reader,
     run_scripts,
 )
-from common.broker.scripts import group_publishes, publish_call
+from common.broker.scripts import Script, group_publishes, publish_call
 from common.broker.types import (
     BrokerUnavailable,
     Fence,
@@ -161,6 +161,12 @@ class RedisClusterBroker(RedisBroker):
                                           PublishStatus(int(reply[3 * j + 2])))
         assert all(r is not None for r in replies)
         return replies  # type: ignore[return-value]
+
+    async def _run_calls(
+        self, script: Script, calls: Sequence[tuple[list[str], list[Any]]]
+    ) -> list[Any]:
+        """redis-py's cluster pipeline: it sends each node its calls at once."""
+        return await run_scripts(self.cluster, script.name, script.sha, calls, self.log)
 
     def live(self, listener: LiveListener, node_id: str) -> ClusterLive:  # type: ignore[override]
         return ClusterLive(self, listener, node_id)
