@@ -362,8 +362,9 @@ class Hub:
             # Not `wait_for`, and a cancel that redis-py swallowed raised again (common/aio.py):
             # a subscribe cancelled (its session ending) must never register a subscriber,
             # which nothing would remove again (it held the session and its socket).
-            async with asyncio.timeout(self.subscribe_timeout):
-                await asyncio.shield(state.confirmed)
+            if not state.confirmed.done():
+                async with asyncio.timeout(self.subscribe_timeout):
+                    await asyncio.shield(state.confirmed)
             if slot:
                 slot = False
                 assert gate is not None

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
+from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
@@ -399,9 +400,7 @@ class RedisLive:
         self._wake = ReaderWake()
         self._closing = False
         self._background: set[asyncio.Task[None]] = set()
-        # This turn's new channels, and the future their SUBSCRIBE resolves.
-        self._to_subscribe: list[str] = []
-        self._subscribes_sent: asyncio.Future[None] | None = None
+        self._to_subscribe: list[str] = []  # this turn's new channels
         self._to_unsubscribe: list[str] = []  # this turn's dropped channels
 
     @property
@@ -425,40 +424,22 @@ class RedisLive:
         await self._connected.wait()
 
     async def subscribe(self, channel: str) -> None:
-        """Queued for this turn's SUBSCRIBE (`_send_subscribes`), which it waits for: a
-        storm's thousands of new channels cost a command per turn, not one each."""
+        """Queued for this turn's SUBSCRIBE (`_send_subscribes`): a storm's thousands of
+        new channels cost a command per turn, not one each. Returns at once: what the
+        caller waits for is the confirmation (`LiveListener.on_subscribed`), which follows
+        the send; a send that fails is retried by the reader's reconnect."""
         self.channels.add(channel)
         if self._pubsub is None:
             return  # the reader subscribes every channel as it connects
         self._to_subscribe.append(channel)
-        sent = self._subscribes_sent
-        if sent is None:
-            sent = self._subscribes_sent = asyncio.get_running_loop().create_future()
+        if len(self._to_subscribe) == 1:
             asyncio.get_running_loop().call_soon(self._send_subscribes)
-        await asyncio.shield(sent)
 
     def _send_subscribes(self) -> None:
         names, self._to_subscribe = self._to_subscribe, []
-        sent, self._subscribes_sent = self._subscribes_sent, None
-        assert sent is not None
-        task = asyncio.create_task(self._subscribe_many(names, sent))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _subscribe_many(self, names: list[str], sent: asyncio.Future[None]) -> None:
-        live = self.keys.live
-        try:
-            pubsub = self._pubsub
-            # Not the ones unsubscribed meanwhile; none if the connection went: the reader
-            # subscribes every channel as it connects.
-            todo = [live(n) for n in names if n in self.channels]
-            for i in range(0, len(todo) if pubsub is not None else 0, SUBSCRIBE_BATCH):
-                await pubsub.subscribe(*todo[i:i + SUBSCRIBE_BATCH])  # type: ignore[union-attr]
-        except Exception as exc:  # the reader notices the broken connection and resubscribes
-            self.log.warning("redis subscribe failed channels=%d error=%r", len(names), exc)
-        finally:
-            if not sent.done():
-                sent.set_result(None)
+        # Not the ones unsubscribed meanwhile (the reader subscribes every channel as it
+        # connects: none are lost if the connection went).
+        self._send_batched("SUBSCRIBE", [n for n in names if n in self.channels])
 
     def unsubscribe(self, channel: str) -> None:
         """Queued for this turn's UNSUBSCRIBE: channels dropped together (lingering ones
@@ -472,18 +453,35 @@ class RedisLive:
 
     def _send_unsubscribes(self) -> None:
         names, self._to_unsubscribe = self._to_unsubscribe, []
-        task = asyncio.create_task(self._unsubscribe_many(names))
+        # Not those subscribed again meanwhile.
+        self._send_batched("UNSUBSCRIBE",
+                           [n for n in dict.fromkeys(names) if n not in self.channels])
+
+    def _send_batched(self, command: str, names: list[str]) -> None:
+        """`command` for `names`, SUBSCRIBE_BATCH channels per command, packed in C and
+        written in one go on the pub/sub connection (redis-py's `PubSub.subscribe`
+        normalizes and encodes every name in Python, and retries by reconnecting behind the
+        reader). Their confirmations are handled by the reader. A connection that broke is
+        the reader's to notice: it resubscribes every channel as it reconnects."""
+        pubsub = self._pubsub
+        conn = None if pubsub is None else pubsub.connection
+        if not names or conn is None:
+            return
+        live = self.keys.live
+        todo = [live(n) for n in names]
+        packed = b"".join(
+            pack_command((command, *todo[i:i + SUBSCRIBE_BATCH]))
+            for i in range(0, len(todo), SUBSCRIBE_BATCH))
+        task = asyncio.create_task(self._write(conn, command, packed, len(names)))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _unsubscribe_many(self, names: list[str]) -> None:
-        live = self.keys.live
-        pubsub = self._pubsub
-        # Not those subscribed again meanwhile.
-        todo = [live(n) for n in dict.fromkeys(names) if n not in self.channels]
-        with contextlib.suppress(Exception):
-            for i in range(0, len(todo) if pubsub is not None else 0, SUBSCRIBE_BATCH):
-                await pubsub.unsubscribe(*todo[i:i + SUBSCRIBE_BATCH])  # type: ignore[union-attr]
+    async def _write(self, conn: Any, command: str, packed: bytes, count: int) -> None:
+        try:
+            await conn.send_packed_command(packed, check_health=False)
+        except Exception as exc:
+            self.log.warning("redis %s failed channels=%d error=%r", command.lower(), count,
+                             exc)
 
     async def probe(self, timeout: float) -> bool:
         self._probe_seen.clear()
@@ -520,10 +518,17 @@ class RedisLive:
                 while True:
                     reply = await read()
                     delay = 0.1
-                    if isinstance(reply, list) and len(reply) == 3 and reply[0] == "message":
+                    kind = reply[0] if isinstance(reply, list) and len(reply) == 3 else None
+                    if kind == "message":
                         ch: str = reply[1]
                         data: str = reply[2]
-                    else:  # confirmations (rare): redis-py's handling keeps its bookkeeping
+                    elif kind == "subscribe":  # a storm's new channels: thousands of them
+                        if reply[1].startswith(live_prefix):
+                            listener.on_subscribed(channel_of_live(reply[1]))
+                        continue
+                    elif kind == "unsubscribe":
+                        continue
+                    else:  # anything else (a pong, another kind of reply): redis-py decides
                         msg = await pubsub.handle_message(reply, ignore_subscribe_messages=False)
                         if msg is None:
                             continue
