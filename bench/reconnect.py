@@ -33,7 +33,9 @@ time, the load client is the bound, not the edges), this process's (**publisher 
 the publisher and the metrics reads; with the Python clients it is in bench CPU s),
 **history reads** (Redis history.lua calls, from Valkey's
 INFO commandstats: EVALSHA calls minus the publisher's), deferred (`unavailable` replies
-and 503s the clients got) and what the clients saw: after the storm the publisher stops and
+and 503s the clients got), **conn failures** (connections that failed before the upgrade's
+answer, e.g. none within 30 s of the TCP connect: retried after 0.1-1 s) and what the
+clients saw: after the storm the publisher stops and
 every client must reach the last published offset of each of its channels with no offset
 missed or repeated (**gaps**, **dups**; both must be 0; **behind**: with the C client the
 (client, channel) pairs still behind after 60 s, with the Python client the channels of the
@@ -625,8 +627,8 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
         deferred = delta([await edge_metric(e, deferred_name) for e in edges], deferred0)
         stats = await clients.counts()
         if isinstance(clients, CLoad):
-            progress(f"[{n}] stormload: publications {clients.pubs:,}, connection failures "
-                     f"{stats.conn_failures}, disconnects {stats.disconnects}")
+            progress(f"[{n}] stormload: publications {clients.pubs:,}, disconnects "
+                     f"{stats.disconnects}")
         return [
             n, f"{result.elapsed:.1f}" if result.elapsed is not None else f"> {args.timeout:.0f} "
             f"({result.back} back)",
@@ -634,7 +636,7 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
             stats.recovered, stats.resynced,
             " / ".join(f"{x:.1f}" for x in cpu), f"{bench_cpu:.2f}",
             f"{pub_cpu:.2f}" if isinstance(clients, CLoad) else "(in bench)", reads,
-            stats.deferred, stats.refused,
+            stats.deferred, stats.refused, stats.conn_failures,
             memory, deferred,
             stats.gaps, stats.conflated, stats.dups, behind,
             stats.gap_notices if isinstance(clients, CLoad) else "-",
@@ -794,8 +796,8 @@ def main() -> int:
     print()
     print(table(["clients", "recovered s", "p50 s", "recovered", "resynced",
                  "edge CPU s (A / B)", "bench CPU s", "publisher CPU s", "history reads",
-                 "unavailable", "503", "from memory", "deferred (edges)", "gaps", "conflated",
-                 "dups", "behind", "gap notices"], rows))
+                 "unavailable", "503", "conn failures", "from memory", "deferred (edges)",
+                 "gaps", "conflated", "dups", "behind", "gap notices"], rows))
     print()
     print("\n".join(notes))
     if stormload is not None:

@@ -39,8 +39,9 @@
  * is `refused`: wait its Retry-After (1 s without one) plus up to half again. An `error` reply
  * to a subscribe with code `unavailable` or `internal` is `deferred`: that subscribe is sent
  * again on the same connection after retry_after_ms x (1 + rand/2), or 1-5 s without advice.
- * A connection that fails before it is open (refused, reset, not open within 30 s) counts in
- * `conn_failures` and is tried again after 0.1-1 s. A connection lost while its client is not
+ * A connection that fails before it is open (TCP refused, reset or timed out by the kernel;
+ * the upgrade not done within 30 s of the TCP connect, as the Python client's wait_for)
+ * counts in `conn_failures` and is tried again after 0.1-1 s. A connection lost while its client is not
  * back (the server closed it, a reset) is replaced at once, on a random edge, resubscribing
  * everything with recover; one lost after the client is back is not (the Python client's
  * rule; counted in `disconnects`). Other errors: counted, the first 5 texts kept.
@@ -189,7 +190,7 @@ static double uniform(double a, double b) { return a + (b - a) * rand01(); }
 #define NCH 20 /* 4 shared + 16 own */
 #define ALL ((1u << NCH) - 1)
 #define EPOCH_MAX 32 /* epochs are 12 hex digits (common/broker/types.py new_epoch) */
-#define CONNECT_TIMEOUT 30.0  /* s: TCP connect + upgrade */
+#define CONNECT_TIMEOUT 30.0  /* s: from the TCP connect to the upgrade's answer */
 #define INITIAL_TIMEOUT 120.0 /* s: a client's first return (the Python bench's wait_for) */
 
 static const char *const KINDS[4] = {"orders", "positions", "balance", "trades"};
@@ -214,7 +215,7 @@ typedef struct {
     uint32_t known;   /* bit j: channel j has a position */
     uint32_t ids;     /* the last request id used */
     uint32_t req[NCH]; /* the id of channel j's pending subscribe; 0: none */
-    int64_t deadline; /* monotonic ns: open by then, or a connection failure */
+    int64_t deadline; /* monotonic ns: upgraded by then (HANDSHAKE), or a connection failure */
     int64_t started;  /* monotonic ns: the initial phase's first connect */
     int64_t back_ns;  /* monotonic ns: when it was last back */
     char accept[32];  /* the expected Sec-WebSocket-Accept */
@@ -1031,8 +1032,7 @@ static void start_attempt(client *c) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->fd = fd;
-    c->state = CONNECTING;
-    c->deadline = clock_ns(CLOCK_MONOTONIC) + (int64_t)(CONNECT_TIMEOUT * 1e9);
+    c->state = CONNECTING; /* no deadline of ours: the kernel's SYN retries, as asyncio's */
     n_open++;
     struct epoll_event ev = {.events = EPOLLOUT, .data.u64 = tag(c)};
     if (epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl: %s", strerror(errno));
@@ -1071,6 +1071,7 @@ static void on_connected(client *c) { /* the TCP connect finished */
                      "User-Agent: stormload\r\n\r\n",
                      opt.path, opt.host, port, key);
     c->state = HANDSHAKE;
+    c->deadline = clock_ns(CLOCK_MONOTONIC) + (int64_t)(CONNECT_TIMEOUT * 1e9);
     set_events(c, false);
     send_raw(c, (const uint8_t *)req, (size_t)n);
 }
@@ -1298,7 +1299,7 @@ static void tick(int64_t now) {
         next = now + 100000000;
         for (int i = 0; i < opt.clients; i++) {
             client *c = &cl[i];
-            if ((c->state == CONNECTING || c->state == HANDSHAKE) && now > c->deadline) conn_failed(c);
+            if (c->state == HANDSHAKE && now > c->deadline) conn_failed(c);
             if (phase == P_INITIAL && c->inflight && now - c->started > (int64_t)(INITIAL_TIMEOUT * 1e9)) {
                 reply("error client %d not subscribed to its %d channels within %.0f s: %s", i,
                       NCH, INITIAL_TIMEOUT, n_samples ? samples[0] : "no error seen");
