@@ -44,6 +44,9 @@ subscribe reply said `delivery` `conflate` or `drop` (the shipped `quotes` names
 conflates for a client that falls behind, as an overloaded bench process does) are counted
 apart (**conflated**): allowed by the protocol, not a gap. **gap notices**: `gap` messages
 (the drop policy's notice; the C client counts them, the Python client ignores them: "-").
+**msgs/frame**: messages the edges sent per WebSocket frame during the storm (their
+`messages_sent` / `frames_sent`): a client that reads slowly gets more per frame, which
+costs the edges less.
 
     .venv/bin/python bench/reconnect.py [--clients 1000,5000,10000] [--rate 2000]
     .venv/bin/python bench/reconnect.py --clients 10000 --rate 200 --layout split
@@ -607,6 +610,8 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
         deferred_name = 'fanout_edge_admission_total{kind="recovery",outcome="deferred"}'
         memory0 = [await edge_metric(e, memory_name) for e in edges]
         deferred0 = [await edge_metric(e, deferred_name) for e in edges]
+        frames0 = [await edge_metric(e, "fanout_edge_frames_sent_total") for e in edges]
+        sent0 = [await edge_metric(e, "fanout_edge_messages_sent_total") for e in edges]
         cpu0 = [cpu_seconds(e.pid) for e in edges]
         bench_cpu0 = clients.cpu()
         pub_cpu0 = time.process_time()
@@ -617,6 +622,12 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
         bench_cpu = clients.cpu() - bench_cpu0
         pub_cpu = time.process_time() - pub_cpu0
         cmd1 = await commandstats(redis)
+        frames = delta([await edge_metric(e, "fanout_edge_frames_sent_total") for e in edges],
+                       frames0)
+        sent = delta([await edge_metric(e, "fanout_edge_messages_sent_total") for e in edges],
+                     sent0)
+        per_frame = (f"{sent / frames:.1f}" if isinstance(sent, int) and isinstance(frames, int)
+                     and frames else "-")
         pub_during = published - pub0
         reads = cmd1.get("evalsha", 0) - cmd0.get("evalsha", 0) - pub_during
         publishing = False
@@ -639,7 +650,7 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
             stats.deferred, stats.refused, stats.conn_failures,
             memory, deferred,
             stats.gaps, stats.conflated, stats.dups, behind,
-            stats.gap_notices if isinstance(clients, CLoad) else "-",
+            stats.gap_notices if isinstance(clients, CLoad) else "-", per_frame,
         ]
     finally:
         publishing = False
@@ -797,7 +808,7 @@ def main() -> int:
     print(table(["clients", "recovered s", "p50 s", "recovered", "resynced",
                  "edge CPU s (A / B)", "bench CPU s", "publisher CPU s", "history reads",
                  "unavailable", "503", "conn failures", "from memory", "deferred (edges)",
-                 "gaps", "conflated", "dups", "behind", "gap notices"], rows))
+                 "gaps", "conflated", "dups", "behind", "gap notices", "msgs/frame"], rows))
     print()
     print("\n".join(notes))
     if stormload is not None:
