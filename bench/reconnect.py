@@ -363,9 +363,15 @@ async def commandstats(redis: Redis) -> dict[str, int]:
 
 
 async def edge_metric(edge: EdgeProcess, name: str) -> float | None:
+    """A metric's total over its labels; None if the edge does not export it, or did not
+    answer within 30 s (an edge swamped by the storm: a "-" in the row, not a lost row)."""
     from _common import http_get
 
-    _, text = await asyncio.to_thread(http_get, edge.url("/metrics"))
+    try:
+        _, text = await asyncio.to_thread(http_get, edge.url("/metrics"), 30.0)
+    except (OSError, TimeoutError) as exc:
+        progress(f"/metrics of {edge.url('')}: {exc!r}")
+        return None
     total = None
     for line in text.splitlines():
         if line.startswith(name):
@@ -622,14 +628,14 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
         bench_cpu = clients.cpu() - bench_cpu0
         pub_cpu = time.process_time() - pub_cpu0
         cmd1 = await commandstats(redis)
+        pub_during = published - pub0
+        reads = cmd1.get("evalsha", 0) - cmd0.get("evalsha", 0) - pub_during
         frames = delta([await edge_metric(e, "fanout_edge_frames_sent_total") for e in edges],
                        frames0)
         sent = delta([await edge_metric(e, "fanout_edge_messages_sent_total") for e in edges],
                      sent0)
         per_frame = (f"{sent / frames:.1f}" if isinstance(sent, int) and isinstance(frames, int)
                      and frames else "-")
-        pub_during = published - pub0
-        reads = cmd1.get("evalsha", 0) - cmd0.get("evalsha", 0) - pub_during
         publishing = False
         await pub_task
         progress(f"[{n}] recovered: {result.back}/{n}; checking every client reaches the tops")
