@@ -20,6 +20,12 @@ calls it exactly once per connection, however the connection ends (the client cl
 error, the drain, a WebSocket handshake the library refused, a shutdown). So the count is
 the number of admitted TCP connections still open, exact without any bookkeeping in the app.
 
+The lean path. A connection whose first bytes hold a whole, valid WebSocket upgrade for
+``/ws`` (and nothing h11 has started on) skips h11 and uvicorn's WebSocket protocol:
+edge/leanws.py parses the head once, admission decides as above, and the transport is
+switched to `LeanWebSocket` (docs/architecture.md, "The WebSocket layer"). Everything
+else goes to h11 untouched, and from there to `AdmittedWebSocketProtocol` as before.
+
 This relies on uvicorn's internals (``handle_events``, ``handle_websocket_upgrade``,
 ``self.scope``/``self.headers`` set per request, ``self.conn`` being h11's, the upgrade
 switching the transport's protocol), which tests/integration/test_admission.py exercises against the
