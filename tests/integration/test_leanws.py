@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 
 import pytest
 
 from edge.handshake import AdmittedWebSocketProtocol, EdgeHttpProtocol
-from edge.leanws import LeanWebSocket, accept_value
+from edge.leanws import FrameParser, LeanWebSocket, accept_value
 from tests.integration.conftest import EdgeFactory, EdgeServer
 from tests.integration.test_malformed import masked
 from tests.support.wsclient import ProtoClient
@@ -268,3 +269,38 @@ async def test_server_shutdown_closes_with_1012(edge_factory: EdgeFactory) -> No
     assert code == 1012
     with contextlib.suppress(Exception):
         await client.close()
+
+
+async def test_ended_lean_connections_are_freed_without_the_garbage_collector(
+    edge_factory: EdgeFactory,
+) -> None:
+    """Closed, failed (1009, 1002, 3500, a bad close code) and aborted connections leave no
+    LeanWebSocket, parser or transport in a reference cycle (the edge raises the
+    collector's thresholds: a cycle would wait for a full collection)."""
+    edge = await edge_factory(max_message_size=1000)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for bad in (b"", masked(0x81, b"x" * 5000), b"\x81\x02{}", masked(0x81, b"\xff"),
+                    masked(0x88, b"\x03\xe7"), masked(0x81, b"abc")[:4]):
+            raw = await connected(edge)
+            raw.writer.write(bad)
+            if bad:
+                raw.writer.write_eof()
+                with contextlib.suppress(ConnectionError):
+                    await raw.rest()
+            raw.writer.transport.abort()
+        async with asyncio.timeout(10):
+            while edge.edge.stats.connections or LeanWebSocket in protocols(edge):
+                await asyncio.sleep(0.02)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage
+                if isinstance(o, LeanWebSocket | FrameParser)
+                or (isinstance(o, asyncio.Transport)
+                    and (o.get_extra_info("sockname") or ("", 0))[1] == edge.port)]
+        assert left == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
