@@ -3,16 +3,22 @@ parser (split reads, fragmentation, masks, sizes, UTF-8), close frames."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import os
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import h11
 import pytest
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES
+from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.server import ServerState
 from websockets.speedups import apply_mask as c_apply_mask
 from websockets.utils import accept_key
 
-from edge.admission import Refusal
+from edge.admission import ConnectionLimiter, Refusal, Slot
 from edge.handshake import refusal_parts, refusal_response
 from edge.leanws import (
     OP_BINARY,
@@ -21,6 +27,8 @@ from edge.leanws import (
     OP_PONG,
     OP_TEXT,
     FrameParser,
+    LeanServer,
+    LeanWebSocket,
     ProtocolError,
     accept_value,
     close_frame,
@@ -29,7 +37,7 @@ from edge.leanws import (
     parse_upgrade,
     py_apply_mask,
 )
-from edge.wsprotocol import INVALID_UTF8_REASON
+from edge.wsprotocol import FAILED, INVALID_UTF8_REASON
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 GOOD = [b"Host: edge:8000", b"Upgrade: websocket", b"Connection: Upgrade",
@@ -268,3 +276,214 @@ def test_a_refusal_written_directly_is_the_answer_h11_writes(refusal: Refusal) -
                or b"") + (conn.send(h11.Data(data=body)) or b"") + (
                    conn.send(h11.EndOfMessage()) or b"")
     assert refusal_response(refusal) == via_h11
+
+
+# --- LeanWebSocket's ASGI side, on a fake transport ---------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    """What LeanWebSocket writes, and whether it paused, half-closed or closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closing = False
+        self.eof = False
+        self.paused = False
+        self.proto: asyncio.BaseProtocol | None = None
+
+    def write(self, data: Any) -> None:
+        assert not self.closing and not self.eof
+        self.out += data
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            proto = self.proto
+            if isinstance(proto, asyncio.Protocol):
+                asyncio.get_running_loop().call_soon(proto.connection_lost, None)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+async def serve(app: App, data: bytes = b"", max_size: int = 1 << 20,
+                ) -> tuple[LeanWebSocket, FakeTransport, ServerState, Slot]:
+    state = ServerState()
+    state.default_headers = [(b"date", b"today"), (b"server", b"uvicorn")]
+    server = LeanServer(app, state, {"k": "v"}, max_size, "", "3.0",
+                        logging.getLogger("fanout.edge.ws"), close_timeout=0.5)
+    transport = FakeTransport()
+    limiter = ConnectionLimiter(0, 0)
+    assert limiter.try_acquire("k") is None
+    slot = Slot(limiter, "127.0.0.1", "k")
+    proto = LeanWebSocket(server, transport, asyncio.get_running_loop(), slot)
+    transport.proto = proto
+    request = parse_upgrade(head([*GOOD, b"Sec-WebSocket-Protocol: a, b"],
+                                 b"GET /ws?x=1 HTTP/1.1"), "/ws", False)
+    assert request is not None
+    proto.start(request, "ws", ("127.0.0.1", 5000), ("127.0.0.1", 8000), data)
+    return proto, transport, state, slot
+
+
+async def until(cond: Callable[[], bool]) -> None:
+    async with asyncio.timeout(2):
+        while not cond():
+            await asyncio.sleep(0)
+
+
+async def test_accept_receive_send_and_the_scope_uvicorn_gives() -> None:
+    seen: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append({k: v for k, v in scope.items() if k != "headers"})
+        seen.append(len(scope["headers"]))
+        seen.append(await receive())
+        await send({"type": "websocket.accept", "subprotocol": "b"})
+        seen.append(scope["headers"])  # emptied at the accept
+        seen.append(await receive())
+        await send({"type": "websocket.send", "text": "é"})
+        await send({"type": "websocket.send", "bytes": b"\x00"})
+        seen.append(await receive())
+
+    proto, transport, state, slot = await serve(app, masked(0x81, b"hi"))
+    await until(lambda: len(seen) >= 5)
+    scope, n_headers, connect, headers_after, first = seen[:5]
+    assert scope == {
+        "type": "websocket", "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1", "scheme": "ws", "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5000), "root_path": "", "path": "/ws", "raw_path": b"/ws",
+        "query_string": b"x=1", "subprotocols": ["a", "b"], "state": {"k": "v"},
+        "extensions": {"websocket.http.response": {}},
+    }
+    assert n_headers == len(GOOD) + 1 and headers_after == []
+    assert connect == {"type": "websocket.connect"}
+    assert first == {"type": "websocket.receive", "text": "hi"}
+    response = bytes(transport.out).partition(b"\r\n\r\n")[0]
+    assert response.split(b"\r\n") == [
+        b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket", b"Connection: Upgrade",
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", b"date: today",
+        b"server: uvicorn", b"Sec-WebSocket-Protocol: b"]
+    await until(lambda: len(transport.out) > len(response) + 4 + 4)
+    assert bytes(transport.out).endswith(frame(OP_TEXT, "é".encode()) + frame(OP_BINARY, b"\x00"))
+    connections: set[Any] = state.connections
+    assert proto in connections and len(state.tasks) == 1
+    proto.data_received(masked(0x88, b"\x03\xe8"))  # the client closes: echoed, then closed
+    await until(lambda: len(seen) == 6 and not state.tasks)
+    assert seen[5] == {"type": "websocket.disconnect", "code": 1000, "reason": ""}
+    assert bytes(transport.out).endswith(b"\x88\x02\x03\xe8") and transport.closing
+    await until(lambda: proto.disconnected)
+    assert proto not in connections and slot._limiter is None  # the slot given back
+
+
+async def test_reading_pauses_while_a_message_waits_for_the_app() -> None:
+    gate = asyncio.Event()
+    got: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        await gate.wait()
+        got.append(await receive())
+        got.append(await receive())
+        await gate.wait()
+
+    proto, transport, _, _ = await serve(app, masked(0x81, b"1") + masked(0x81, b"2"))
+    assert transport.paused
+    gate.set()
+    await until(lambda: len(got) == 2)
+    assert not transport.paused
+    proto.data_received(masked(0x81, b"3"))
+    assert transport.paused
+
+
+async def test_close_before_accept_is_403_and_a_failing_app_before_accept_500() -> None:
+    async def refuse(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "websocket.close"})
+
+    async def fail(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        raise ValueError("boom")
+
+    for app, status in ((refuse, b"403 Forbidden"), (fail, b"500 Internal Server Error")):
+        proto, transport, state, _ = await serve(app)
+        await until(lambda: proto.disconnected)  # noqa: B023
+        assert bytes(transport.out).startswith(b"HTTP/1.1 " + status + b"\r\n")
+        assert b"Connection: close" in transport.out and not state.tasks
+
+
+async def test_an_app_failing_after_accept_closes_1011_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        raise ValueError("boom")
+
+    proto, transport, _, _ = await serve(app)
+    await until(lambda: bytes(transport.out).endswith(close_frame(1011)))
+    assert not transport.closing  # waits for the client's close, or close_timeout
+    proto.data_received(masked(0x88, b"\x03\xf3"))
+    assert transport.closing
+    assert any(r.name == "fanout.edge.ws" and r.exc_info for r in caplog.records)
+
+
+async def test_a_failed_connection_half_closes_reads_on_and_marks_the_event() -> None:
+    events: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        events.append(await receive())
+        with pytest.raises(ClientDisconnected):
+            await send({"type": "websocket.send", "text": "late"})
+
+    proto, transport, _, _ = await serve(app, max_size=100)
+    await until(lambda: transport.out.endswith(b"\r\n\r\n"))
+    proto.data_received(masked(0x81, b"x" * 101)[:8] + masked(0x89, b"p"))
+    await until(lambda: bool(events))
+    assert events[0]["code"] == 1009 and events[0][FAILED] is True
+    assert close_frame(1009, events[0]["reason"]) in transport.out
+    assert transport.eof and not transport.closing  # half-closed, still reading
+    proto.data_received(masked(0x89, b"ignored"))  # discarded: no pong after the end
+    assert frame(OP_PONG, b"p") not in transport.out
+    await until(lambda: transport.closing)  # close_timeout (0.5 s here)
+
+
+async def test_shutdown_closes_1012_and_sends_after_the_loss_raise() -> None:
+    results: list[Any] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "websocket.accept"})
+        results.append(await receive())
+        await until(lambda: proto.disconnected)
+        try:
+            await send({"type": "websocket.send", "text": "x"})
+        except ClientDisconnected:
+            results.append("disconnected")
+
+    proto, transport, _, _ = await serve(app)
+    await until(lambda: transport.out.endswith(b"\r\n\r\n"))
+    proto.shutdown()
+    await until(lambda: len(results) == 2)
+    assert results == [{"type": "websocket.disconnect", "code": 1012, "reason": ""},
+                       "disconnected"]
+    assert bytes(transport.out).endswith(close_frame(1012))
