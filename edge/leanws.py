@@ -341,7 +341,7 @@ class LeanServer:
     per connection)."""
 
     __slots__ = ("app", "app_state", "asgi_version", "close_timeout", "log", "max_size",
-                 "root_path", "server_state")
+                 "root_path", "server_state", "uvicorn_log")
 
     def __init__(self, app: Callable[..., Awaitable[Any]], server_state: Any,
                  app_state: dict[str, Any], max_size: int, root_path: str,
@@ -354,6 +354,8 @@ class LeanServer:
         self.asgi_version = asgi_version
         self.log = log
         self.close_timeout = close_timeout
+        # uvicorn's own lines ("WebSocket /ws" [accepted] / 403), on its logger, as before.
+        self.uvicorn_log = logging.getLogger("uvicorn.error")
 
 
 class LeanWebSocket(asyncio.Protocol):
@@ -591,6 +593,7 @@ class LeanWebSocket(asyncio.Protocol):
             elif kind == "websocket.close":
                 self._queue_end(1006, "")
                 self._app_closed = True
+                self._log_answer("403")
                 self._answer(403, [], b"")
             elif kind == "websocket.http.response.start":
                 status = message["status"]
@@ -631,6 +634,7 @@ class LeanWebSocket(asyncio.Protocol):
         if not self.transport.is_closing():
             self.handshake_complete = True
             self.transport.write(b"".join(out))
+            self._log_answer("[accepted]")
         self._accept = None
         # The scope's request headers are never read again (admission read them before
         # the upgrade): not kept for the connection's life.
@@ -638,6 +642,17 @@ class LeanWebSocket(asyncio.Protocol):
         if scope is not None:
             scope["headers"] = []
         self.scope = None
+
+    def _log_answer(self, what: str) -> None:
+        log = self.server.uvicorn_log
+        scope = self.scope
+        if scope is None or not log.isEnabledFor(logging.INFO):
+            return
+        path = scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            path += "?" + scope["query_string"].decode("ascii", "replace")
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else ""
+        log.info('%s - "WebSocket %s" %s', client, path.replace('"', "%22"), what)
 
     # --- ending ----------------------------------------------------------------------------
 

@@ -487,3 +487,21 @@ async def test_shutdown_closes_1012_and_sends_after_the_loss_raise() -> None:
     assert results == [{"type": "websocket.disconnect", "code": 1012, "reason": ""},
                        "disconnected"]
     assert bytes(transport.out).endswith(close_frame(1012))
+
+
+async def test_accepts_and_refusals_are_logged_as_uvicorn_logs_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def accept(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "websocket.accept"})
+
+    async def refuse(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "websocket.close"})
+
+    with caplog.at_level(logging.INFO, "uvicorn.error"):
+        for app in (accept, refuse):
+            proto, _, _, _ = await serve(app)
+            await until(lambda: proto.disconnected)  # noqa: B023
+    lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.error"]
+    assert lines == ['127.0.0.1:5000 - "WebSocket /ws?x=1" [accepted]',
+                     '127.0.0.1:5000 - "WebSocket /ws?x=1" 403']
