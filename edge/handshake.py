@@ -20,6 +20,12 @@ calls it exactly once per connection, however the connection ends (the client cl
 error, the drain, a WebSocket handshake the library refused, a shutdown). So the count is
 the number of admitted TCP connections still open, exact without any bookkeeping in the app.
 
+The lean path. A connection whose first bytes hold a whole, valid WebSocket upgrade for
+``/ws`` (and nothing h11 has started on) skips h11 and uvicorn's WebSocket protocol:
+edge/leanws.py parses the head once, admission decides as above, and the transport is
+switched to `LeanWebSocket` (docs/architecture.md, "The WebSocket layer"). Everything
+else goes to h11 untouched, and from there to `AdmittedWebSocketProtocol` as before.
+
 This relies on uvicorn's internals (``handle_events``, ``handle_websocket_upgrade``,
 ``self.scope``/``self.headers`` set per request, ``self.conn`` being h11's, the upgrade
 switching the transport's protocol), which tests/integration/test_admission.py exercises against the
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from typing import ClassVar
 
@@ -37,6 +44,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
 
 from edge.admission import Admission, Refusal, Slot
+from edge.leanws import LeanServer, LeanWebSocket, http_response, parse_upgrade
 from edge.wsprotocol import EdgeWebSocketProtocol
 
 
@@ -60,6 +68,12 @@ class EdgeHttpProtocol(H11Protocol):
     admission: ClassVar[Admission | None] = None
     ws_path: ClassVar[str] = "/ws"
 
+    # The lean WebSocket path (edge/leanws.py) for valid upgrades to ws_path; False: every
+    # request through h11 and uvicorn's WebSocket protocol.
+    lean: ClassVar[bool] = True
+    # The lean path's shared settings, made by the first connection of a server.
+    _lean_server: ClassVar[LeanServer | None] = None
+
     _deadline: asyncio.TimerHandle | None = None
     _armed_at = 0.0  # time.monotonic() when the deadline was armed
 
@@ -69,9 +83,53 @@ class EdgeHttpProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         # The first bytes of a kept-alive connection's next request start its deadline.
-        if self._deadline is None and self.conn.their_state is h11.IDLE:
-            self._arm()
+        conn = self.conn
+        if conn.their_state is h11.IDLE:
+            if self._deadline is None:
+                self._arm()
+            if (self.lean and conn.our_state is h11.IDLE and not conn.trailing_data[0]
+                    and self._lean_upgrade(data)):
+                return
         super().data_received(data)
+
+    def _lean_upgrade(self, data: bytes) -> bool:
+        """Serve a complete, valid upgrade request for ws_path in `data` on the lean path
+        (edge/leanws.py); False leaves `data` to h11, untouched."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        config = self.config
+        request = parse_upgrade(data[:end], self.ws_path, bool(config.ws_per_message_deflate))
+        if request is None:
+            return False
+        self._disarm()
+        self._unset_keepalive_if_required()
+        slot: Slot | None = None
+        admission = self.admission
+        if admission is not None:
+            decision = admission.admit(request.headers, self.client)
+            if isinstance(decision, Refusal):
+                self.transport.write(refusal_response(decision))
+                self.transport.close()
+                return True
+            slot = decision
+        server = self._lean_server
+        if server is None or server.server_state is not self.server_state:
+            server = LeanServer(self.app, self.server_state, self.app_state,
+                                config.ws_max_size, self.root_path, self.asgi_version,
+                                logging.getLogger("fanout.edge.ws"))
+            type(self)._lean_server = server
+        self.connections.discard(self)
+        transport = self.transport
+        protocol = LeanWebSocket(server, transport, self.loop, slot)
+        try:
+            transport.set_protocol(protocol)
+            protocol.start(request, "wss" if self.scheme == "https" else "ws", self.client,
+                           self.server, data[end + 4:])
+        except BaseException:
+            protocol.connection_lost(None)  # gives the slot back and closes
+            raise
+        return True
 
     def handle_events(self) -> None:
         scope = self.scope
@@ -107,11 +165,7 @@ class EdgeHttpProtocol(H11Protocol):
         super().connection_lost(exc)
 
     def _refuse(self, refusal: Refusal) -> None:
-        body = (refusal.message + "\n").encode()
-        headers = [(b"content-type", b"text/plain; charset=utf-8"),
-                   (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-        if refusal.retry_after:
-            headers.append((b"retry-after", str(refusal.retry_after).encode()))
+        body, headers = refusal_parts(refusal)
         conn = self.conn
         response = h11.Response(status_code=refusal.status, headers=headers,
                                 reason=STATUS_PHRASES[refusal.status])
@@ -143,6 +197,23 @@ class EdgeHttpProtocol(H11Protocol):
         if self.admission is not None:
             self.admission.handshake_timed_out(self.client)
         self.transport.close()
+
+
+def refusal_parts(refusal: Refusal) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """A refusal's answer body and headers."""
+    body = (refusal.message + "\n").encode()
+    headers = [(b"content-type", b"text/plain; charset=utf-8"),
+               (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+    if refusal.retry_after:
+        headers.append((b"retry-after", str(refusal.retry_after).encode()))
+    return body, headers
+
+
+def refusal_response(refusal: Refusal) -> bytes:
+    """A refusal's whole answer, the bytes h11 writes for it (`EdgeHttpProtocol._refuse`)."""
+    body, headers = refusal_parts(refusal)
+    return http_response(refusal.status, STATUS_PHRASES[refusal.status].decode(), headers,
+                         body)
 
 
 def edge_http_protocol(admission: Admission, handshake_timeout: float,

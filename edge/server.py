@@ -23,8 +23,10 @@ def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
     protocols are the edge's subclasses: edge/handshake.py (a deadline for the request head,
     and admission, origin and connection limits, decided before the upgrade) and, for the
     WebSocket, edge/wsprotocol.py (close frames not lost to a reset, no traceback for text
-    that is not UTF-8). No proxy headers: uvicorn would believe X-Forwarded-For from
-    127.0.0.1 by default, and the edge decides whom to believe (FANOUT_TRUSTED_PROXIES)."""
+    that is not UTF-8), for what the edge's own lean path (edge/leanws.py, taken in
+    edge/handshake.py for plain /ws upgrades) leaves to uvicorn. No proxy headers: uvicorn
+    would believe X-Forwarded-For from 127.0.0.1 by default, and the edge decides whom to
+    believe (FANOUT_TRUSTED_PROXIES)."""
     app = create_app(config)
     edge: Edge = app.state.edge
     return uvicorn.Config(

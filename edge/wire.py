@@ -6,9 +6,10 @@ serializer) on top of the write itself. A server frame is not masked, so the byt
 frame are the same for every client of a codec: the hub builds them once per batch and
 each client's cost is one ``transport.write``.
 
-`RawWebSocket` is that fast path, for uvicorn's ``websockets-sansio`` protocol only (the
-one the edge runs, see edge/server.py) and only when no extension (permessage-deflate)
-was negotiated: there the library must compress. Anything else (another ASGI server,
+`RawWebSocket` is that fast path, for the edge's lean WebSocket protocol (edge/leanws.py,
+which negotiates no extension) and for uvicorn's ``websockets-sansio`` protocol (the one
+the edge falls back to, see edge/server.py) when no extension (permessage-deflate) was
+negotiated: there the library must compress. Anything else (another ASGI server,
 Starlette's test client) gets None and the session sends through ``WebSocket.send``.
 Frames are written whole, in one ``write`` each, so they never interleave with the
 library's own frames (pongs, the close frame), which uvicorn also writes whole.
@@ -30,6 +31,8 @@ try:  # uvicorn is a dependency, but its protocol modules are internals: degrade
     )
 except ImportError:  # pragma: no cover
     _SansIO = None  # type: ignore[assignment,misc]
+
+from edge.leanws import LeanWebSocket
 
 RAW_SEND = "fanout.raw_send"  # scope key
 
@@ -69,6 +72,8 @@ class RawWebSocket:
     def attach(cls, scope: Scope) -> RawWebSocket | None:
         """The fast path for this connection, or None if it cannot have one."""
         proto = getattr(scope.get(RAW_SEND), "__self__", None)
+        if isinstance(proto, LeanWebSocket):
+            return cls(proto)  # the edge's own path: never an extension
         if _SansIO is None or not isinstance(proto, _SansIO):
             return None
         conn = getattr(proto, "conn", None)
