@@ -241,6 +241,10 @@ class EmbeddedValkeyCluster:
     def address(self, index: int) -> str:
         return f"{self.host}:{self.nodes[index].port}"
 
+    def _role(self, index: int) -> str:
+        """ROLE's first field on node `index`: master or slave."""
+        return str(self.call(index, "ROLE")[0])
+
     def index_of(self, address: str) -> int:
         for i, node in enumerate(self.nodes):
             if f"{node.host}:{node.port}" == address:
@@ -484,7 +488,16 @@ class EmbeddedValkeyCluster:
         """Move `slot` with its keys from its master to master `dest`, as
         `valkey-cli --cluster reshard` does: IMPORTING on the target, MIGRATING on the
         source, MIGRATE of its keys, then SETSLOT NODE on both and every other master."""
-        src = self.index_of(self.slot_owners()[slot])
+        # The owner as a live node sees it, once that node agrees it is a master: after a
+        # failover earlier in the cluster's life, a view not yet updated names a node that
+        # is a replica now, which refuses SETSLOT ("use SETSLOT only with masters").
+        def owner() -> int:
+            return self.index_of(self.slot_owners()[slot])
+
+        self._wait(lambda: self._role(owner()) == "master", 30.0,
+                   f"slot {slot}'s owner to be a master in its own view")
+        self._wait(lambda: self._role(dest) == "master", 30.0, "the target to be a master")
+        src = owner()
         if src == dest:
             return
         dest_id = self.call(dest, "CLUSTER", "MYID")
