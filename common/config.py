@@ -188,6 +188,10 @@ class RedisSettings:
 class EdgeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    # Connections the kernel queues until the edge accepts them (listen(2); capped by
+    # net.core.somaxconn). A mass reconnect brings thousands at once: beyond the queue the
+    # kernel drops them, and each client waits out TCP's retransmission (1, 3, 7, 15 s...).
+    backlog: int = 16384
     redis: RedisSettings = RedisSettings()
     # A trading front end must notice a stalled edge (or network) within seconds, not a
     # minute: a client gives up after interval + timeout (+ 1-2 s grace), ~11-12 s. The
@@ -580,6 +584,9 @@ EDGE_SETTINGS = (
     NAMESPACES_FILE_SETTING,
     Setting("host", "--host", "FANOUT_EDGE_HOST", _nonempty, "address to listen on"),
     Setting("port", "--port", "FANOUT_EDGE_PORT", _int(0, 65535), "port to listen on"),
+    Setting("backlog", "--backlog", "FANOUT_BACKLOG", _int(1),
+            "connections the kernel queues until the edge accepts them (listen backlog; "
+            "the kernel caps it at net.core.somaxconn)"),
     Setting("ping_interval", "--ping-interval", "FANOUT_PING_INTERVAL", _float(0),
             "seconds between server pings"),
     Setting("pong_timeout", "--pong-timeout", "FANOUT_PONG_TIMEOUT", _float(0),
@@ -1142,7 +1149,7 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     (r"auth_.*", "authentication"),
     (r"api_.*", "HTTP publish API"),
     (r"namespace.*", "channel namespaces"),
-    (r"host|port|node_id|metrics_host|metrics_port", "network"),
+    (r"host|port|backlog|node_id|metrics_host|metrics_port", "network"),
     (r"ping_interval|pong_timeout|connect_timeout|handshake_timeout|.*_timeout",
      "heartbeats and timeouts"),
     (r"max_message_size|max_subscriptions|request_rate|request_burst|max_connections.*"

@@ -36,6 +36,7 @@ def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
         interface="asgi3",
         host=config.host,
         port=config.port,
+        backlog=config.backlog,  # uvicorn's default (2048) overflows in a mass reconnect
         http=edge_http_protocol(edge.admission, config.handshake_timeout, WS_PATH),
         proxy_headers=False,
         ws=AdmittedWebSocketProtocol,
