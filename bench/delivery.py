@@ -543,26 +543,31 @@ def cache_dir() -> Path:
 
 
 def build_wsload() -> Path:
-    """`cc -O2 -o <cache dir>/wsload bench/wsload.c`, unless the binary is newer than the
-    source. Built under a temporary name and renamed: concurrent runs never see half a
-    binary."""
-    binary = cache_dir() / "wsload"
+    """bench/wsload.c, built (or cached) by `build_c`."""
+    return build_c(WSLOAD_SRC, "--client raw (the Python client, limited to ~500k msgs/s)")
+
+
+def build_c(source: Path, fallback: str) -> Path:
+    """`cc -O2 -o <cache dir>/<name> <source>`, unless the binary is newer than the source
+    (a C load client: bench/wsload.c, bench/stormload.c). Built under a temporary name and
+    renamed: concurrent runs never see half a binary. `fallback`: what to run instead,
+    for the error message."""
+    binary = cache_dir() / source.stem
     with contextlib.suppress(OSError):
-        if binary.stat().st_mtime >= WSLOAD_SRC.stat().st_mtime and os.access(binary, os.X_OK):
+        if binary.stat().st_mtime >= source.stat().st_mtime and os.access(binary, os.X_OK):
             return binary
     cc = shutil.which("cc")
     if cc is None:
         raise SetupError("--client c needs a C compiler: `cc` is not on PATH (install one, "
-                         "e.g. `apt-get install gcc`), or run with --client raw (the Python "
-                         "client, limited to ~500k msgs/s)")
+                         f"e.g. `apt-get install gcc`), or run with {fallback}")
     binary.parent.mkdir(parents=True, exist_ok=True)
-    tmp = binary.with_name(f"wsload.{os.getpid()}.tmp")
+    tmp = binary.with_name(f"{source.stem}.{os.getpid()}.tmp")
     try:
-        done = subprocess.run([cc, "-O2", "-o", str(tmp), str(WSLOAD_SRC)],
+        done = subprocess.run([cc, "-O2", "-o", str(tmp), str(source)],
                               capture_output=True, text=True, timeout=120, check=False)
         if done.returncode != 0:
-            raise SetupError(f"`cc -O2 -o {tmp} {WSLOAD_SRC}` failed (exit "
-                             f"{done.returncode}); use --client raw meanwhile:\n"
+            raise SetupError(f"`cc -O2 -o {tmp} {source}` failed (exit "
+                             f"{done.returncode}); use {fallback} meanwhile:\n"
                              f"{(done.stdout + done.stderr).strip()[-3_000:]}")
         os.replace(tmp, binary)
     finally:

@@ -1,33 +1,56 @@
 """Reconnect storm: N clients on two edges all drop at once and come back with `recover`.
 
-Two edges (`python -m fanout edge` subprocesses, pinned to `--edge-cpu`) and an embedded
-Valkey; this process (the clients and the publisher, pinned with Valkey to `--bench-cpu`)
-opens N WebSocket clients, half on each edge, each subscribed to 20 channels: 16 of its own
+Two edges (`python -m fanout edge` subprocesses) and an embedded Valkey; N WebSocket
+clients, half on each edge, each subscribed to 20 channels: 16 of its own
 (`account.<client>x<j>.<kind>`, 4 accounts x orders/positions/balance/trades) and 4 shared
-(`quotes.STORM<k>`). A publisher keeps publishing (`--rate` messages/s, spread over all the
-channels) the whole time. Then every client's TCP connection is aborted in the same instant
-and each client reconnects at once, to a random edge, sending its 20 subscribes with
-`recover` from the positions it had in one write, as the client packages do (the browser
-and TCP coalesce them). Publications are read by a scan of the edge's frame layout
+(`quotes.STORM<k>`). This process's publisher keeps publishing (`--rate` messages/s, spread
+over all the channels) the whole time. Then every client's TCP connection is aborted in the
+same instant and each client reconnects at once, to a random edge, sending its 20 subscribes
+with `recover` from the positions it had in one write, as the client packages do (the
+browser and TCP coalesce them). Publications are read by a scan of the edge's frame layout
 (channel, offset), not a JSON decode, so that the load client is not the bound. It
 follows the edges' advice: an HTTP 503's Retry-After, an `unavailable` reply's
 `retry_after_ms` (plus up to half again; without advice 1-5 s); connection failures back
 off 0.1-1 s.
 
+The clients (`--client`): `c` (the default) is bench/stormload.c, built on first use with
+`cc -O2 -o <cache dir>/stormload bench/stormload.c` (like delivery.py's wsload), every
+client in one epoll loop in a process of its own, driven over its stdin/stdout; `python`
+is the BenchClient below, in this process beside the publisher (at 5,000 clients it spends
+as much CPU as the edges: the bound, not the edges). Both have the same semantics (see the
+top of stormload.c for the few paths where they differ).
+
+Where things run (`--layout`): `shared` (the default) pins both edges to `--edge-cpu` and
+the clients, this process and Valkey to `--bench-cpu`; `split` pins edge A to CPU 0 and
+edge B to CPU 1 and leaves the C client, this process (the publisher) and Valkey unpinned:
+they float over both CPUs, beside the edges.
+
 Reported per row: **recovered s** (from the abort until the last client had all 20 channels
 subscribed again), **p50 s** (median client), **recovered/resynced** subscribes, the edges'
-CPU seconds during the storm and this process's (**bench CPU s**: the clients and the
-publisher, on one core: when it nears the storm's wall time, the load client is the
-bound, not the edges), **history reads** (Redis history.lua calls, from Valkey's
+CPU seconds during the storm, the clients' (**bench CPU s**: the C client's process; with
+`--client python` this process, the publisher included: when it nears the storm's wall
+time, the load client is the bound, not the edges), this process's (**publisher CPU s**:
+the publisher and the metrics reads; with the Python clients it is in bench CPU s),
+**history reads** (Redis history.lua calls, from Valkey's
 INFO commandstats: EVALSHA calls minus the publisher's), deferred (`unavailable` replies
-and 503s the clients got) and what the clients saw: after the storm the publisher stops and
+and 503s the clients got), **conn failures** (connections that failed before the upgrade's
+answer, e.g. none within 30 s of the TCP connect: retried after 0.1-1 s) and what the
+clients saw: after the storm the publisher stops and
 every client must reach the last published offset of each of its channels with no offset
-missed or repeated (**gaps**, **dups**; both must be 0). Offsets skipped on a channel whose
+missed or repeated (**gaps**, **dups**; both must be 0; **behind**: with the C client the
+(client, channel) pairs still behind after 60 s, with the Python client the channels of the
+first client still behind). Offsets skipped on a channel whose
 subscribe reply said `delivery` `conflate` or `drop` (the shipped `quotes` namespace
 conflates for a client that falls behind, as an overloaded bench process does) are counted
-apart (**conflated**): allowed by the protocol, not a gap.
+apart (**conflated**): allowed by the protocol, not a gap. **gap notices**: `gap` messages
+(the drop policy's notice; the C client counts them, the Python client ignores them: "-").
+**msgs/frame**: messages the edges sent per WebSocket frame during the storm (their
+`messages_sent` / `frames_sent`): a client that reads slowly gets more per frame, which
+costs the edges less.
 
     .venv/bin/python bench/reconnect.py [--clients 1000,5000,10000] [--rate 2000]
+    .venv/bin/python bench/reconnect.py --clients 10000 --rate 200 --layout split
+    .venv/bin/python bench/reconnect.py --clients 1000 --client python  # the Python clients
     .venv/bin/python bench/reconnect.py --edge-source /tmp/base  # another checkout's edges
 
 The machine is shared: absolute times are pessimistic; compare rows of one run.
@@ -46,14 +69,16 @@ import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NamedTuple
 
 from _common import (
     HOST,
     EdgeProcess,
     bench_prefix,
+    child_preexec,
     cpu_seconds,
     delete_prefix,
     environment,
@@ -66,6 +91,7 @@ from _common import (
     table,
     wait_ready,
 )
+from delivery import SetupError, build_c
 from redis.asyncio import Redis
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus
@@ -80,6 +106,7 @@ from ingest.publisher import Publisher
 from ingest.upstream import UpstreamMessage
 
 KINDS = ("orders", "positions", "balance", "trades")
+STORMLOAD_SRC = Path(__file__).resolve().parent / "stormload.c"
 SHARED = [f"quotes.STORM{k}" for k in range(4)]
 
 
@@ -109,6 +136,8 @@ class Stats:
         self.deferred = 0  # unavailable replies
         self.refused = 0  # HTTP 503 (or another failed handshake)
         self.conn_failures = 0
+        self.gap_notices = 0  # `gap` messages (the C client counts them; Python ignores them)
+        self.disconnects = 0  # connections lost after their client was back (C client)
         self.errors: list[str] = []
 
 
@@ -334,9 +363,15 @@ async def commandstats(redis: Redis) -> dict[str, int]:
 
 
 async def edge_metric(edge: EdgeProcess, name: str) -> float | None:
+    """A metric's total over its labels; None if the edge does not export it, or did not
+    answer within 30 s (an edge swamped by the storm: a "-" in the row, not a lost row)."""
     from _common import http_get
 
-    _, text = await asyncio.to_thread(http_get, edge.url("/metrics"))
+    try:
+        _, text = await asyncio.to_thread(http_get, edge.url("/metrics"), 30.0)
+    except (OSError, TimeoutError) as exc:
+        progress(f"/metrics of {edge.url('')}: {exc!r}")
+        return None
     total = None
     for line in text.splitlines():
         if line.startswith(name):
@@ -351,20 +386,210 @@ def delta(after: list[float | None], before: list[float | None]) -> object:
     return int(sum(a or 0 for a in after) - sum(b or 0 for b in before))
 
 
+CONNECT_CONCURRENCY = 200  # clients between their first connect and their return at once
+CHECK_WAIT = 60.0  # s for every client to reach the last published offsets
+
+
+class StormResult(NamedTuple):
+    back: int  # clients back (all 20 channels subscribed again)
+    elapsed: float | None  # s from the abort to the last one back; None if not all were
+    p50: float | None  # the median client's, s
+
+
+class PythonLoad:
+    """`--client python`: the BenchClients above, in this process (with the publisher)."""
+
+    description = "python: the clients in this process (asyncio, websockets sans-I/O)"
+
+    def __init__(self, n: int, ports: list[int], rng: random.Random) -> None:
+        self.stats = Stats()
+        self.ports = ports
+        BenchClient.ports = ports
+        BenchClient.stopping = False
+        self.clients = [BenchClient(i, self.stats, rng) for i in range(n)]
+
+    async def connect(self) -> None:
+        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+        async def first(c: BenchClient, port: int) -> None:
+            async with sem:
+                await c.connect([port])
+                await asyncio.wait_for(asyncio.shield(c.done), 120)
+
+        await asyncio.gather(*(first(c, self.ports[c.index % 2]) for c in self.clients))
+
+    def cpu(self) -> float:
+        """The clients' CPU seconds so far: this process's (the publisher's included)."""
+        return time.process_time()
+
+    async def storm(self, timeout: float) -> StormResult:
+        # The storm: every connection aborted at once, every client back at once.
+        start = time.monotonic()
+        for c in self.clients:
+            conn = c.conn
+            c.conn = None
+            c.reset()
+            if conn is not None:
+                conn.abort()
+        for c in self.clients:
+            asyncio.ensure_future(c.connect(self.ports)).add_done_callback(_retrieved)
+        pending = {c.done for c in self.clients}
+        done_at: list[float] = []
+        timed_out = False
+        while pending:
+            finished, pending = await asyncio.wait(pending, timeout=max(
+                timeout - (time.monotonic() - start), 0.01))
+            done_at += [f.result() - start for f in finished]
+            if not finished:
+                timed_out = True
+                break
+        return StormResult(len(done_at), max(done_at) if done_at and not timed_out else None,
+                           statistics.median(done_at) if done_at else None)
+
+    async def behind(self, tops: dict[str, int]) -> int:
+        """Waits up to CHECK_WAIT for every client to reach the tops; then the channels the
+        first client still behind is behind on (0: all caught up)."""
+        deadline = time.monotonic() + CHECK_WAIT
+        behind = 0
+        for c in self.clients:
+            while True:
+                behind = sum(1 for ch in c.channels
+                             if ch in tops and c.positions.get(ch, (0, ""))[0] < tops[ch])
+                if not behind or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            if behind:
+                break
+        return behind
+
+    async def counts(self) -> Stats:
+        return self.stats
+
+    async def close(self) -> None:
+        BenchClient.stopping = True
+        for c in self.clients:
+            if c.conn is not None:
+                c.conn.abort()
+
+
+class CLoad:
+    """`--client c`: bench/stormload.c, a child process running every client in one epoll
+    loop, driven over its stdin/stdout one line at a time (see the top of stormload.c).
+    It dies with us (PR_SET_PDEATHSIG) and when its stdin closes; `close()` ends it."""
+
+    REPLY_TIMEOUT = 30.0  # s for a command's answer beyond the time it may take itself
+
+    def __init__(self, binary: Path, n: int, ports: list[int], seed: int, timeout: float,
+                 cpu: int | None) -> None:
+        self.cmd = [str(binary), "--ports", ",".join(map(str, ports)), "--clients", str(n),
+                    "--concurrency", str(CONNECT_CONCURRENCY), "--timeout", str(timeout),
+                    "--seed", str(seed), "--host", HOST, "--path", "/ws"]
+        self.timeout = timeout
+        self.cpu_pin = cpu
+        self.description = f"c: bench/stormload.c ({binary}), every client in one epoll loop"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: IO[bytes] = tempfile.TemporaryFile(prefix="bench-stormload-")  # noqa: SIM115
+        self.storm_reply: dict[str, Any] = {}
+        self.pubs = 0  # publications the clients took (not dups), from `stats`
+
+    async def _line(self, timeout: float | None) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"stormload did not answer within {timeout:g} s") from None
+        if not raw:
+            code = await self.proc.wait()
+            raise RuntimeError(f"stormload exited with code {code}: {self.output()}")
+        line = raw.decode(errors="replace").strip()
+        if line.startswith("error"):
+            raise RuntimeError(f"stormload: {line}")
+        return line
+
+    async def command(self, text: str, timeout: float) -> str:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
+        return await self._line(timeout + self.REPLY_TIMEOUT)
+
+    async def connect(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=self.log, preexec_fn=child_preexec(self.cpu_pin), start_new_session=True,
+            limit=1 << 20,
+        )
+        line = await self._line(None)  # it gives up on a client after 120 s itself
+        if not line.startswith("ready "):
+            raise RuntimeError(f"stormload: {line}")
+
+    def cpu(self) -> float:
+        """The C client's CPU seconds so far (its own process: not the publisher's)."""
+        assert self.proc is not None
+        return cpu_seconds(self.proc.pid)
+
+    async def storm(self, timeout: float) -> StormResult:
+        d = json.loads(await self.command("storm", timeout))
+        self.storm_reply = d
+        return StormResult(d["back"], None if d["timed_out"] else d["max"], d["p50"])
+
+    async def behind(self, tops: dict[str, int]) -> int:
+        """Every (client, channel) pair still behind the tops after up to CHECK_WAIT."""
+        with tempfile.NamedTemporaryFile("w", prefix="bench-storm-tops-", suffix=".txt") as f:
+            f.writelines(f"{ch} {offset}\n" for ch, offset in tops.items())
+            f.flush()
+            d = json.loads(await self.command(f"check {f.name} {CHECK_WAIT:g}", CHECK_WAIT))
+        return int(d["behind"])
+
+    async def counts(self) -> Stats:
+        d = json.loads(await self.command("stats", 0))
+        stats = Stats()
+        for name in ("gaps", "conflated", "dups", "recovered", "resynced", "deferred",
+                     "refused", "conn_failures", "gap_notices", "disconnects"):
+            setattr(stats, name, d[name])
+        self.pubs = int(d["pubs"])
+        stats.errors = d["error_samples"]
+        if d["errors"] > len(stats.errors):
+            stats.errors.append(f"... {d['errors']} errors in all")
+        return stats
+
+    async def close(self) -> None:
+        """`quit` (every connection aborted), then the process ends; killed if it does not
+        within 5 s."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            assert proc.stdin is not None
+            proc.stdin.write(b"quit\n")
+            await asyncio.wait_for(proc.stdin.drain(), 2.0)
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    def output(self, limit: int = 2_000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-limit:].strip() or "(no output)"
+
+
 async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[EdgeProcess],
-                prefix: str) -> list[object]:
+                prefix: str, stormload: Path | None, client_cpu: int | None) -> list[object]:
     redis = Redis.from_url(redis_url)
     publisher = Publisher(RedisBroker(Redis.from_url(redis_url), Keys(prefix)))
-    stats = Stats()
     rng = random.Random(n)
     ports = [e.port for e in edges]
-    BenchClient.ports = ports
-    BenchClient.stopping = False
-    clients = [BenchClient(i, stats, rng) for i in range(n)]
+    clients: PythonLoad | CLoad = (
+        CLoad(stormload, n, ports, n, args.timeout, client_cpu) if stormload is not None
+        else PythonLoad(n, ports, rng))
     channels = SHARED + [ch for c in range(n) for ch in own_channels(c)]
     published = 0
     tops: dict[str, int] = {}
     publishing = True
+    stats: Stats | None = None
 
     async def publish() -> None:
         nonlocal published
@@ -380,104 +605,88 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
             await asyncio.sleep(max(0.02 - (time.monotonic() - t0), 0.0))
 
     try:
-        progress(f"[{n}] connecting {n} clients x {len(clients[0].channels)} channels ...")
-        sem = asyncio.Semaphore(200)
-
-        async def first(c: BenchClient, port: int) -> None:
-            async with sem:
-                await c.connect([port])
-                await asyncio.wait_for(asyncio.shield(c.done), 120)
-
+        progress(f"[{n}] connecting {n} clients x {len(SHARED) + 16} channels "
+                 f"({clients.description}) ...")
         pub_task = asyncio.create_task(publish())
         t0 = time.monotonic()
-        await asyncio.gather(*(first(c, ports[c.index % 2]) for c in clients))
+        await clients.connect()
         progress(f"[{n}] connected in {time.monotonic() - t0:.1f} s; publishing {args.rate}/s")
         await asyncio.sleep(2.0)
         memory_name = 'fanout_edge_subscribe_sources_total{source="memory"}'
         deferred_name = 'fanout_edge_admission_total{kind="recovery",outcome="deferred"}'
         memory0 = [await edge_metric(e, memory_name) for e in edges]
         deferred0 = [await edge_metric(e, deferred_name) for e in edges]
+        frames0 = [await edge_metric(e, "fanout_edge_frames_sent_total") for e in edges]
+        sent0 = [await edge_metric(e, "fanout_edge_messages_sent_total") for e in edges]
         cpu0 = [cpu_seconds(e.pid) for e in edges]
-        bench_cpu0 = time.process_time()
+        bench_cpu0 = clients.cpu()
+        pub_cpu0 = time.process_time()
         cmd0 = await commandstats(redis)
         pub0 = published
-        # The storm: every connection aborted at once, every client back at once.
-        start = time.monotonic()
-        for c in clients:
-            conn = c.conn
-            c.conn = None
-            c.reset()
-            if conn is not None:
-                conn.abort()
-        for c in clients:
-            asyncio.ensure_future(c.connect(ports)).add_done_callback(_retrieved)
-        pending = {c.done for c in clients}
-        done_at: list[float] = []
-        timed_out = False
-        while pending:
-            finished, pending = await asyncio.wait(pending, timeout=max(
-                args.timeout - (time.monotonic() - start), 0.01))
-            done_at += [f.result() - start for f in finished]
-            if not finished:
-                timed_out = True
-                break
-        elapsed = max(done_at) if done_at and not timed_out else None
+        result = await clients.storm(args.timeout)
         cpu = [cpu_seconds(e.pid) - c0 for e, c0 in zip(edges, cpu0, strict=True)]
-        bench_cpu = time.process_time() - bench_cpu0
+        bench_cpu = clients.cpu() - bench_cpu0
+        pub_cpu = time.process_time() - pub_cpu0
         cmd1 = await commandstats(redis)
         pub_during = published - pub0
         reads = cmd1.get("evalsha", 0) - cmd0.get("evalsha", 0) - pub_during
+        frames = delta([await edge_metric(e, "fanout_edge_frames_sent_total") for e in edges],
+                       frames0)
+        sent = delta([await edge_metric(e, "fanout_edge_messages_sent_total") for e in edges],
+                     sent0)
+        per_frame = (f"{sent / frames:.1f}" if isinstance(sent, int) and isinstance(frames, int)
+                     and frames else "-")
         publishing = False
         await pub_task
-        progress(f"[{n}] recovered: {len(done_at)}/{n}; checking every client reaches the tops")
-        deadline = time.monotonic() + 60
-        behind = 0
-        for c in clients:
-            while True:
-                behind = sum(1 for ch in c.channels
-                             if ch in tops and c.positions.get(ch, (0, ""))[0] < tops[ch])
-                if not behind or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.05)
-            if behind:
-                break
+        progress(f"[{n}] recovered: {result.back}/{n}; checking every client reaches the tops")
+        behind = await clients.behind(tops)
         memory = delta([await edge_metric(e, memory_name) for e in edges], memory0)
         deferred = delta([await edge_metric(e, deferred_name) for e in edges], deferred0)
-        BenchClient.stopping = True
-        for c in clients:
-            if c.conn is not None:
-                c.conn.abort()
+        stats = await clients.counts()
+        if isinstance(clients, CLoad):
+            progress(f"[{n}] stormload: publications {clients.pubs:,}, disconnects "
+                     f"{stats.disconnects}")
         return [
-            n, f"{elapsed:.1f}" if elapsed is not None else f"> {args.timeout:.0f} "
-            f"({len(done_at)} back)",
-            f"{statistics.median(done_at):.1f}" if done_at else "-",
+            n, f"{result.elapsed:.1f}" if result.elapsed is not None else f"> {args.timeout:.0f} "
+            f"({result.back} back)",
+            f"{result.p50:.1f}" if result.p50 is not None else "-",
             stats.recovered, stats.resynced,
-            " / ".join(f"{x:.1f}" for x in cpu), f"{bench_cpu:.1f}", reads,
-            stats.deferred, stats.refused,
+            " / ".join(f"{x:.1f}" for x in cpu), f"{bench_cpu:.2f}",
+            f"{pub_cpu:.2f}" if isinstance(clients, CLoad) else "(in bench)", reads,
+            stats.deferred, stats.refused, stats.conn_failures,
             memory, deferred,
             stats.gaps, stats.conflated, stats.dups, behind,
+            stats.gap_notices if isinstance(clients, CLoad) else "-", per_frame,
         ]
     finally:
         publishing = False
+        await clients.close()
         await redis.aclose()
-        if stats.errors:
+        if stats is None and isinstance(clients, PythonLoad):
+            stats = clients.stats
+        if stats is not None and stats.errors:
             progress(f"[{n}] errors: {stats.errors}")
+        if isinstance(clients, CLoad) and clients.proc is not None:
+            tail = clients.output()
+            if tail != "(no output)":
+                progress(f"[{n}] stormload stderr: {tail}")
 
 
-async def run(args: argparse.Namespace, url: str, edge_cpu: int | None) -> list[list[object]]:
+async def run(args: argparse.Namespace, url: str, edge_cpus: list[int | None],
+              stormload: Path | None, client_cpu: int | None) -> list[list[object]]:
     rows: list[list[object]] = []
     for n in args.clients:
         prefix = bench_prefix("storm")
         extra = shlex.split(args.edge_args)
-        edges = [SourceEdge(Path(args.edge_source), url, prefix, edge_cpu, extra)
-                 if args.edge_source else EdgeProcess(url, prefix, edge_cpu, extra)
-                 for _ in range(2)]
+        edges = [SourceEdge(Path(args.edge_source), url, prefix, cpu, extra)
+                 if args.edge_source else EdgeProcess(url, prefix, cpu, extra)
+                 for cpu in edge_cpus]
         try:
             for e in edges:
                 e.start()
             for e in edges:
                 await wait_ready(e)
-            rows.append(await storm(args, n, url, edges, prefix))
+            rows.append(await storm(args, n, url, edges, prefix, stormload, client_cpu))
             progress(f"[{n}] {rows[-1]}")
             for name, e in zip("AB", edges, strict=True):
                 lines = e.output(100_000).splitlines()
@@ -536,9 +745,18 @@ def parse_args() -> argparse.Namespace:
                    help="messages published per second (default 2000)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for every client to recover (default 60)")
-    p.add_argument("--edge-cpu", type=int, default=0, help="CPU to pin both edges to")
+    p.add_argument("--client", choices=("c", "python"), default="c",
+                   help="the load client: c (bench/stormload.c, built with cc; default) or "
+                        "python (the BenchClients in this process)")
+    p.add_argument("--layout", choices=("shared", "split"), default="shared",
+                   help="shared (default): both edges on --edge-cpu, the clients, publisher "
+                        "and Valkey on --bench-cpu; split: edge A on CPU 0, edge B on CPU 1, "
+                        "the rest unpinned")
+    p.add_argument("--edge-cpu", type=int, default=0,
+                   help="CPU to pin both edges to (--layout shared)")
     p.add_argument("--bench-cpu", type=int, default=1,
-                   help="CPU to pin this process (clients, publisher) and Valkey to")
+                   help="CPU to pin the clients, this process (publisher) and Valkey to "
+                        "(--layout shared)")
     p.add_argument("--no-pin", action="store_true", help="do not pin anything")
     p.add_argument("--edge-args", default="", help="more flags for `fanout edge`")
     p.add_argument("--edge-source", default="",
@@ -554,29 +772,56 @@ def main() -> int:
     print(f"fanout reconnect-storm benchmark: {environment()}", flush=True)
     print(source_state() if not args.edge_source else f"edges from {args.edge_source}",
           flush=True)
-    notes: list[str] = []
-    edge_cpu: int | None = None
-    can_pin = len(os.sched_getaffinity(0)) >= 2 and args.edge_cpu != args.bench_cpu
-    if not args.no_pin and can_pin and pin(0, args.bench_cpu):
-        edge_cpu = args.edge_cpu
-        notes.append(f"both edges pinned to CPU {args.edge_cpu}; clients, publisher and "
+    stormload: Path | None = None
+    if args.client == "c":
+        try:
+            stormload = build_c(STORMLOAD_SRC, "--client python")
+        except SetupError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    who = "the C client (its own process)" if stormload else "the Python clients"
+    notes = [f"client: {args.client}; layout: {args.layout}; rate {args.rate:g}/s"]
+    edge_cpus: list[int | None] = [None, None]
+    client_cpu: int | None = None
+    pin_valkey: int | None = None
+    usable = os.sched_getaffinity(0)
+    if args.no_pin:
+        notes.append("nothing pinned")
+    elif args.layout == "split":
+        if {0, 1} <= usable:
+            edge_cpus = [0, 1]
+            notes.append(f"edge A pinned to CPU 0, edge B to CPU 1; {who}, the publisher "
+                         "(this process) and Valkey unpinned: they float over both CPUs, "
+                         "beside the edges")
+        else:
+            notes.append("nothing pinned (--layout split needs CPUs 0 and 1)")
+    elif len(usable) >= 2 and args.edge_cpu != args.bench_cpu and pin(0, args.bench_cpu):
+        edge_cpus = [args.edge_cpu, args.edge_cpu]
+        client_cpu = pin_valkey = args.bench_cpu
+        notes.append(f"both edges pinned to CPU {args.edge_cpu}; {who}, the publisher and "
                      f"Valkey to CPU {args.bench_cpu}")
     else:
         notes.append("nothing pinned")
     try:
         with redis_server(args.redis_url) as server:
-            if server.embedded is not None and server.pid and edge_cpu is not None:
-                pin(server.pid, args.bench_cpu)
-            rows = run_async(run(args, server.url, edge_cpu))
+            if server.embedded is not None and server.pid and pin_valkey is not None:
+                pin(server.pid, pin_valkey)
+            rows = run_async(run(args, server.url, edge_cpus, stormload, client_cpu))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     print()
     print(table(["clients", "recovered s", "p50 s", "recovered", "resynced",
-                 "edge CPU s (A / B)", "bench CPU s", "history reads", "unavailable", "503",
-                 "from memory", "deferred (edges)", "gaps", "conflated", "dups", "behind"], rows))
+                 "edge CPU s (A / B)", "bench CPU s", "publisher CPU s", "history reads",
+                 "unavailable", "503", "conn failures", "from memory", "deferred (edges)",
+                 "gaps", "conflated", "dups", "behind", "gap notices", "msgs/frame"], rows))
     print()
     print("\n".join(notes))
+    if stormload is not None:
+        print("bench CPU s: the C client's process; publisher CPU s: this process (the "
+              "publisher and the metrics reads)")
+    else:
+        print("bench CPU s: this process (the Python clients and the publisher together)")
     return 0
 
 
