@@ -218,6 +218,11 @@ class EdgeConfig:
     max_frame_messages: int = 1_000  # messages coalesced into one frame (1 = no coalescing)
     max_frame_bytes: int = 65_536  # a coalesced frame's size; a single larger message goes alone
     write_delay: float = 0.0  # s the writer waits to gather more messages into a frame
+    # Pacing (edge/hub.py `Hub.pace`): the share of the loop's time live flushes may take
+    # (1 = never pace; halved while recovering subscribes wait for Redis reads), and the
+    # longest the pub/sub reader holds a reply so that more gathers for the next flush.
+    live_share: float = 0.5
+    live_coalesce_max: float = 0.05
     recovery_limit: int = 10_000  # most messages one subscribe may replay
     # Recovery from memory (edge/hub.py): the last publications of each channel the edge
     # serves, by count and by bytes (payload + 100 per message); 0 messages = none kept.
@@ -342,6 +347,14 @@ def _float(lo: float, strict: bool = True) -> Callable[[str, str], float]:
         return value
 
     return parse
+
+
+def _share(setting: str, text: str) -> float:
+    """A fraction: 0 < x <= 1."""
+    value = _float(0)(setting, text)
+    if value > 1:
+        raise ConfigError(setting, f"must be a number > 0 and <= 1, got {text}")
+    return value
 
 
 def _bool(setting: str, text: str) -> bool:
@@ -647,6 +660,15 @@ EDGE_SETTINGS = (
             "largest coalesced frame in bytes"),
     Setting("write_delay", "--write-delay", "FANOUT_WRITE_DELAY", _float(0, strict=False),
             "seconds a writer waits to batch more messages into a frame"),
+    Setting("live_share", "--live-share", "FANOUT_LIVE_SHARE", _share,
+            "share of the event loop's time live flushes may take (0 < x <= 1; halved while "
+            "subscribes wait for recovery reads); after a flush that took longer than 1 ms "
+            "the pub/sub reader waits so that the next flush carries more (1 = never wait)",
+            metavar="FRACTION"),
+    Setting("live_coalesce_max", "--live-coalesce-max", "FANOUT_LIVE_COALESCE_MAX",
+            _float(0, strict=False),
+            "most seconds the pub/sub reader holds a live message to pace expensive flushes "
+            "(0 = never)", metavar="SECONDS"),
     Setting("compression", "--compression", "FANOUT_WS_COMPRESSION", _bool,
             "permessage-deflate (true/false)"),
     Setting("direct_write", "--direct-write", "FANOUT_DIRECT_WRITE", _bool,
@@ -1155,7 +1177,8 @@ _GROUPS: tuple[tuple[str, str], ...] = (
     (r"max_message_size|max_subscriptions|request_rate|request_burst|max_connections.*"
      r"|.*origins?|.*prox(y|ies)|max_recoveries|recovery_queue|recovery_retry"
      r"|connection_rate|connection_burst", "connection limits and admission"),
-    (r"queue_.*|max_lag|socket_.*|overflow|max_frame_.*|write_delay|compression|direct_write",
+    (r"queue_.*|max_lag|socket_.*|overflow|max_frame_.*|write_delay|live_share"
+     r"|live_coalesce_max|compression|direct_write",
      "queues and delivery"),
     (r"recovery_limit|unpublished_ttl|history|idempotency_ttl|recent_window_.*"
      r"|channel_linger", "history and recovery"),

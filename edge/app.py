@@ -95,6 +95,8 @@ class Edge:
             window_messages=self.config.recent_window_messages,
             window_bytes=self.config.recent_window_bytes,
             linger=self.config.channel_linger,
+            live_share=self.config.live_share,
+            live_coalesce_max=self.config.live_coalesce_max,
             gate=Gate("recovery", self.config.max_recoveries, self.config.recovery_queue,
                       self.config.recovery_retry, self.stats),
         )

@@ -56,6 +56,7 @@ import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -79,6 +80,10 @@ from edge.stats import EdgeStats
 
 # A window entry's cost in its byte bound, on top of its payload (the object, its fields).
 WINDOW_OVERHEAD = 100
+
+# A flush cheaper than this (s) never paces the live reader (`Hub.pace`): under light load
+# nothing waits.
+PACE_MIN_COST = 0.001
 
 # A broker read's arguments: channel, since, snapshot, epoch, until.
 ReadKey = tuple[str, int, SnapshotWant, str, int | None]
@@ -241,6 +246,9 @@ class Hub:
         window_bytes: int = 0,
         linger: float = 0.0,
         gate: Gate | None = None,
+        live_share: float = 1.0,
+        live_coalesce_max: float = 0.05,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.broker = broker
         self.stats = stats
@@ -267,6 +275,14 @@ class Hub:
         # This turn's subscribe reads, sent together at its end (`_send_reads`).
         self._reads: list[tuple[ReadKey, asyncio.Future[HistoryResult]]] = []
         self._read_batches: set[asyncio.Task[None]] = set()
+        # Pacing the live reader (`pace`): the share of the loop's time live flushes may
+        # take (1: never pace), the longest a reply is held, and the last flush's cost (s,
+        # 0 once `pace` used it) and end (clock time).
+        self.live_share = live_share
+        self.live_coalesce_max = live_coalesce_max
+        self._clock = clock
+        self._flush_cost = 0.0
+        self._flush_ended = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -729,7 +745,8 @@ class Hub:
     def _flush(self) -> None:
         """Deliver what each channel got during this event-loop turn, as one batch per
         channel; then end the turn once for each subscriber delivered to (see
-        `Subscriber.end_turn`)."""
+        `Subscriber.end_turn`). Its duration is recorded for `pace`."""
+        started = self._clock()
         self._flush_handle = None
         states, self._to_flush = self._to_flush, []
         turn: dict[Subscriber, None] = {}
@@ -750,6 +767,38 @@ class Hub:
             for pub in pubs:
                 if pub.received:
                     hist.observe(max(now - pub.received, 0.0))
+        ended = self._clock()
+        self._flush_cost = ended - started
+        self._flush_ended = ended
+
+    def pace(self) -> float:
+        """Seconds the live reader holds its next reply (`LiveListener.pace`), so that live
+        flushes take at most `live_share` of the loop's time: after a flush that cost `c`
+        (at least PACE_MIN_COST), `c * (1/share - 1)` minus the time since it ended, at most
+        `live_coalesce_max`; once per flush, then 0 until the next one. What Redis sends
+        meanwhile is read and flushed in one turn: fewer, fuller frames, one write per
+        client per flush, and the loop's time left to handshakes and resubscribes.
+
+        While the recovery gate holds or queues reads (subscribes recovering from Redis: a
+        reconnect storm), live flushes get half the share. Subscribes served from memory do
+        not enter the gate and do not lower it. A share of 1 never paces, gate or not."""
+        cost = self._flush_cost
+        if cost < PACE_MIN_COST:  # also 0: no flush since the last call
+            return 0.0
+        self._flush_cost = 0.0
+        share = self.live_share
+        if share >= 1.0:
+            return 0.0
+        gate = self.gate
+        if gate is not None and (gate.held or gate.waiting):
+            share /= 2
+        hold = min(cost * (1.0 / share - 1.0) - (self._clock() - self._flush_ended),
+                   self.live_coalesce_max)
+        if hold <= 0.0:
+            return 0.0
+        self.stats.live_paced += 1
+        self.stats.live_paced_seconds += hold
+        return hold
 
     def _flush_channel(self, state: ChannelState, turn: dict[Subscriber, None]) -> None:
         """Hand the channel's outbox to its subscribers as one batch; each one delivered to

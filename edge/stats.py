@@ -74,6 +74,9 @@ class EdgeStats:
     bytes_sent: int = 0
     frames_received: int = 0
     live_messages: int = 0
+    # Live reader paced after an expensive flush (edge/hub.py `Hub.pace`): times, seconds.
+    live_paced: int = 0
+    live_paced_seconds: float = 0.0
     subscribes_fresh: int = 0
     subscribes_recovered: int = 0
     subscribes_not_recovered: int = 0
@@ -174,6 +177,10 @@ class EdgeCollector(Collector):
         yield counter("bytes_sent", "Payload bytes sent to clients.", s.bytes_sent)
         yield counter("frames_received", "Frames received from clients.", s.frames_received)
         yield counter("live_messages", "Live messages received from Redis.", s.live_messages)
+        yield counter("live_paced", "Flushes after which the live reader held its next reply "
+                      "(the flush was expensive: more gathers for the next one).", s.live_paced)
+        yield counter("live_paced_seconds", "Seconds the live reader held replies after "
+                      "expensive flushes.", s.live_paced_seconds)
         subs = CounterMetricFamily(
             "fanout_edge_subscribes", "Subscribes by outcome.", labels=["outcome"]
         )

@@ -49,6 +49,15 @@ class LiveListener(Protocol):
         """The connection is down; messages published until it is back are lost."""
         ...
 
+    def pace(self) -> float:
+        """Seconds the reader should hold the reply it just read before handing it over
+        (0: none). Called after each read returns, before the reply is processed: while it
+        waits, what the server sends meanwhile gathers in the socket and is then handed
+        over in one loop turn (the hub flushes fewer, fuller batches when its flushes are
+        expensive). Only delays: order and content are untouched. A connection with no
+        socket to read (the memory broker's, which delivers from `publish`) never calls it."""
+        ...
+
 
 class Live(Protocol):
     """One node's live-message connection. Tracks its channels itself and resubscribes

@@ -228,6 +228,7 @@ class _Shard:
         live_prefix = keys.live_prefix()
         channel_of_live = keys.channel_of_live
         on_publication = listener.on_publication
+        pace = listener.pace
         delay = 0.1
         host, _, port = self.address.rpartition(":")
         while not self.closing:
@@ -256,6 +257,9 @@ class _Shard:
                         live.on_redirect(self, str(exc))
                         continue
                     delay = 0.1
+                    hold = pace()
+                    if hold > 0:  # as RedisLive: the listener's flushes are expensive
+                        await asyncio.sleep(hold)
                     if isinstance(reply, list) and len(reply) == 3 and reply[0] == "smessage":
                         ch: str = reply[1]
                         if ch.startswith(live_prefix):

@@ -384,7 +384,9 @@ class MemoryBroker:
 
 class MemoryLive:
     """A live connection of the memory broker: publications reach the listener from the
-    event loop (call_soon), in publish order, as pub/sub messages would."""
+    event loop (call_soon), in publish order, as pub/sub messages would. It never calls
+    `LiveListener.pace`: there is no socket in which held-back messages would gather, so
+    holding a delivery would only add latency (pure tests see the hub unpaced)."""
 
     def __init__(self, broker: MemoryBroker, listener: LiveListener, node_id: str) -> None:
         self.broker = broker

@@ -503,6 +503,7 @@ class RedisLive:
         channel_of_live = keys.channel_of_live
         listener = self.listener
         on_publication = listener.on_publication
+        pace = listener.pace
         probe_channel = self._probe_channel
         wake = self._wake
         wake.task = asyncio.current_task()
@@ -518,6 +519,9 @@ class RedisLive:
                 while True:
                     reply = await read()
                     delay = 0.1
+                    hold = pace()
+                    if hold > 0:  # the listener's flushes are expensive: let more gather
+                        await asyncio.sleep(hold)
                     kind = reply[0] if isinstance(reply, list) and len(reply) == 3 else None
                     if kind == "message":
                         ch: str = reply[1]

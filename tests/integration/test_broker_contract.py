@@ -381,6 +381,9 @@ class Listener:
     def on_lost(self, error: BaseException, retry_in: float) -> None:
         pass
 
+    def pace(self) -> float:
+        return 0.0
+
 
 async def test_live_messages_in_order(broker: Broker) -> None:
     listener = Listener()
@@ -425,6 +428,67 @@ async def test_many_subscribes_at_once_are_each_confirmed(broker: Broker) -> Non
         await pub(broker, *(req(1, name) for name in names))
         await until(lambda: len(listener.pubs) == len(names))
         assert sorted(p.channel for p in listener.pubs) == sorted(names)
+    finally:
+        await live.close()
+
+
+async def test_a_paced_reader_hands_over_what_gathered_in_one_turn(broker: Broker) -> None:
+    """A listener whose `pace` asks for a hold: the reader holds the reply it just read
+    that long before handing it over; what is published meanwhile (separate PUBLISHes) is
+    then handed over in the same event-loop turn (no turn boundary between the
+    publications, as the hub's end-of-turn flush sees them), in order, none lost."""
+    if isinstance(broker, MemoryBroker):
+        pytest.skip("the memory broker delivers from publish: it never paces")
+    hold = 0.3
+    loop = asyncio.get_running_loop()
+    turns: list[list[int]] = []  # offsets handed over per event-loop turn
+    paced_at: list[float] = []
+
+    class Pacing(Listener):
+        armed = False
+        turn_open = False
+
+        def on_publication(self, pub: Publication) -> None:
+            super().on_publication(pub)
+            if not self.turn_open:  # the first of a turn: the turn ends at the next one
+                self.turn_open = True
+                turns.append([])
+                loop.call_soon(self.end_turn)
+            turns[-1].append(pub.offset)
+
+        def end_turn(self) -> None:
+            self.turn_open = False
+
+        def pace(self) -> float:
+            if self.armed:
+                self.armed = False
+                paced_at.append(time.monotonic())
+                return hold
+            return 0.0
+
+    listener = Pacing()
+    live: Live = broker.live(listener, "node")
+    await live.start()
+    try:
+        await asyncio.wait_for(live.wait_connected(), 5)
+        await live.subscribe(CH)
+        await until(lambda: listener.subscribed == [CH])
+        listener.armed = True
+        await pub(broker, req(1))
+        await until(lambda: bool(paced_at))  # the reader holds publication 1
+        for i in range(2, 11):  # one PUBLISH each, sent while it holds
+            await pub(broker, req(i))
+        sent = time.monotonic()
+        assert sent - paced_at[0] < hold, "published too slowly to test the hold"
+        assert listener.pubs == []  # held
+        await until(lambda: len(listener.pubs) == 10)
+        assert time.monotonic() - paced_at[0] >= hold * 0.9
+        assert turns == [list(range(1, 11))]  # all ten in one turn
+        for i in range(11, 21):  # unpaced: all arrive, in order
+            await pub(broker, req(i))
+        await until(lambda: len(listener.pubs) == 20)
+        assert [p.offset for p in listener.pubs] == list(range(1, 21))
+        assert sum(map(len, turns)) == 20 and turns[0] == list(range(1, 11))
     finally:
         await live.close()
 

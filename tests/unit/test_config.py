@@ -167,6 +167,21 @@ def test_a_bad_origin_pattern_is_named() -> None:
     assert "ftp://bad.example" in info.value.problem
 
 
+def test_live_pacing_settings() -> None:
+    defaults = edge({})
+    assert (defaults.live_share, defaults.live_coalesce_max) == (0.5, 0.05)
+    config = edge({"FANOUT_LIVE_SHARE": "0.25"}, ["--live-coalesce-max", "0"])
+    assert (config.live_share, config.live_coalesce_max) == (0.25, 0.0)
+    assert edge({}, ["--live-share", "1"]).live_share == 1.0
+    for bad in ("0", "1.5", "-0.1", "nan", "half"):
+        with pytest.raises(ConfigError) as info:
+            edge({"FANOUT_LIVE_SHARE": bad})
+        assert info.value.setting == "FANOUT_LIVE_SHARE"
+    with pytest.raises(ConfigError) as info:
+        edge({}, ["--live-coalesce-max", "-0.01"])
+    assert info.value.setting in ("--live-coalesce-max", "FANOUT_LIVE_COALESCE_MAX")
+
+
 def test_a_bad_trusted_proxy_is_named() -> None:
     with pytest.raises(ConfigError) as info:
         edge({"FANOUT_TRUSTED_PROXIES": "10.0.0.0/8,haproxy"})
