@@ -303,6 +303,24 @@ class EdgeProcess:
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
 
 
+async def quit_child(proc: asyncio.subprocess.Process) -> None:
+    """A C load client's orderly end: `quit` on its stdin, then the process ends; killed if
+    it does not within 5 s (bench/wsload.c and bench/stormload.c speak the same command)."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(Exception):
+        assert proc.stdin is not None
+        proc.stdin.write(b"quit\n")
+        await asyncio.wait_for(proc.stdin.drain(), 2.0)
+        proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.wait(), 5.0)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     try:
         with _HTTP.open(url, timeout=timeout) as resp:

@@ -79,6 +79,7 @@ from _common import (
     http_get,
     pin,
     progress,
+    quit_child,
     redis_server,
     run_async,
     sigterm_as_interrupt,
@@ -662,19 +663,8 @@ class CClients(ClientSide):
     async def stop(self) -> None:
         """`quit` (every client sends a close frame), then the process ends; killed if it
         does not within 5 s."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(Exception):
-            assert proc.stdin is not None
-            proc.stdin.write(b"quit\n")
-            await asyncio.wait_for(proc.stdin.drain(), 2.0)
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5.0)
-        except TimeoutError:
-            self.kill()
-            await proc.wait()
+        if self.proc is not None:
+            await quit_child(self.proc)
 
     def kill(self) -> None:
         """Synchronous last resort (e.g. the event loop is gone)."""

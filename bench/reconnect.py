@@ -84,6 +84,7 @@ from _common import (
     environment,
     pin,
     progress,
+    quit_child,
     redis_server,
     run_async,
     sigterm_as_interrupt,
@@ -555,20 +556,8 @@ class CLoad:
     async def close(self) -> None:
         """`quit` (every connection aborted), then the process ends; killed if it does not
         within 5 s."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(Exception):
-            assert proc.stdin is not None
-            proc.stdin.write(b"quit\n")
-            await asyncio.wait_for(proc.stdin.drain(), 2.0)
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 5.0)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        if self.proc is not None:
+            await quit_child(self.proc)
 
     def output(self, limit: int = 2_000) -> str:
         self.log.flush()
