@@ -363,6 +363,12 @@ async def commandstats(redis: Redis) -> dict[str, int]:
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
 
 
+async def redis_cpu(redis: Redis) -> float:
+    """The Redis server's CPU seconds (INFO cpu: user + system, its main thread's included)."""
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 async def edge_metric(edge: EdgeProcess, name: str) -> float | None:
     """A metric's total over its labels; None if the edge does not export it, or did not
     answer within 30 s (an edge swamped by the storm: a "-" in the row, not a lost row)."""
@@ -600,7 +606,12 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
         t0 = time.monotonic()
         await clients.connect()
         progress(f"[{n}] connected in {time.monotonic() - t0:.1f} s; publishing {args.rate}/s")
+        steady0, t_steady = [cpu_seconds(e.pid) for e in edges], time.monotonic()
         await asyncio.sleep(2.0)
+        steady = [(cpu_seconds(e.pid) - c0) / (time.monotonic() - t_steady) * 100
+                  for e, c0 in zip(edges, steady0, strict=True)]
+        progress(f"[{n}] edges' CPU before the storm (publishing, all clients on): "
+                 + " / ".join(f"{x:.0f} %" for x in steady))
         memory_name = 'fanout_edge_subscribe_sources_total{source="memory"}'
         deferred_name = 'fanout_edge_admission_total{kind="recovery",outcome="deferred"}'
         memory0 = [await edge_metric(e, memory_name) for e in edges]
@@ -611,12 +622,20 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
         bench_cpu0 = clients.cpu()
         pub_cpu0 = time.process_time()
         cmd0 = await commandstats(redis)
+        redis_cpu0 = await redis_cpu(redis)
         pub0 = published
+        hook = (await asyncio.create_subprocess_shell(
+            args.on_storm.format(pids=" ".join(str(e.pid) for e in edges)))
+            if args.on_storm else None)
         result = await clients.storm(args.timeout)
+        if hook is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(hook.wait(), 60)
         cpu = [cpu_seconds(e.pid) - c0 for e, c0 in zip(edges, cpu0, strict=True)]
         bench_cpu = clients.cpu() - bench_cpu0
         pub_cpu = time.process_time() - pub_cpu0
         cmd1 = await commandstats(redis)
+        redis_cpu1 = await redis_cpu(redis)
         pub_during = published - pub0
         reads = cmd1.get("evalsha", 0) - cmd0.get("evalsha", 0) - pub_during
         frames = delta([await edge_metric(e, "fanout_edge_frames_sent_total") for e in edges],
@@ -635,6 +654,12 @@ async def storm(args: argparse.Namespace, n: int, redis_url: str, edges: list[Ed
         if isinstance(clients, CLoad):
             progress(f"[{n}] stormload: publications {clients.pubs:,}, disconnects "
                      f"{stats.disconnects}")
+            progress(f"[{n}] Redis CPU during the storm: {redis_cpu1 - redis_cpu0:.1f} s")
+            d = clients.storm_reply
+            if "upgraded_p50" in d:
+                progress(f"[{n}] s from the abort, p50 / p90: upgraded {d['upgraded_p50']:.1f} / "
+                         f"{d['upgraded_p90']:.1f}, connected {d['connected_p50']:.1f} / "
+                         f"{d['connected_p90']:.1f}, back {d['p50']:.1f} / {d['p90']:.1f}")
         return [
             n, f"{result.elapsed:.1f}" if result.elapsed is not None else f"> {args.timeout:.0f} "
             f"({result.back} back)",
@@ -748,6 +773,9 @@ def parse_args() -> argparse.Namespace:
                         "(--layout shared)")
     p.add_argument("--no-pin", action="store_true", help="do not pin anything")
     p.add_argument("--edge-args", default="", help="more flags for `fanout edge`")
+    p.add_argument("--on-storm", default="", metavar="CMD",
+                   help="a shell command started at the abort, `{pids}` replaced by the edges' "
+                        "process ids (e.g. a profiler: see bench/README.md)")
     p.add_argument("--edge-source", default="",
                    help="run the edges from this checkout (e.g. a worktree of the base)")
     p.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL"),

@@ -218,6 +218,8 @@ typedef struct {
     int64_t deadline; /* monotonic ns: upgraded by then (HANDSHAKE), or a connection failure */
     int64_t started;  /* monotonic ns: the initial phase's first connect */
     int64_t back_ns;  /* monotonic ns: when it was last back */
+    int64_t open_ns;  /* monotonic ns: the last upgrade's 101 */
+    int64_t conn_ns;  /* monotonic ns: the last `connected` reply */
     char accept[32];  /* the expected Sec-WebSocket-Accept */
     uint8_t *in;      /* bytes of an incomplete response or frame */
     size_t nin, capin;
@@ -731,6 +733,7 @@ static void on_message(client *c, const msg *m, int64_t now) {
     } else if (IS(type, "ping")) {
         send_text(c, "{\"type\":\"pong\"}");
     } else if (IS(type, "connected")) {
+        c->conn_ns = now;
         subscribe_all(c);
     } else if (IS(type, "subscribed")) {
         int j = slot_of_request(c, m);
@@ -972,6 +975,7 @@ static bool on_handshake(client *c) {
     memmove(c->in, c->in + hl, c->nin - hl);
     c->nin -= hl;
     c->state = OPEN;
+    c->open_ns = clock_ns(CLOCK_MONOTONIC);
     send_text(c, "{\"type\":\"connect\",\"id\":0,\"name\":\"storm\"}");
     return c->state == OPEN;
 }
@@ -1149,6 +1153,18 @@ static void storm_reply(bool timed_out) {
                               (double)t[k - 1] / 1e9, p50 / 1e9, (double)t[(int)(0.9 * k)] / 1e9);
     } else {
         o += (size_t)snprintf(buf + o, sizeof buf - o, "\"max\":null,\"p50\":null,\"p90\":null,");
+    }
+    /* Where the clients' time went: the p50 and p90 of the upgrade's 101 and of the
+     * `connected` reply, from the abort (the clients back). */
+    static const char *const what[2] = {"upgraded", "connected"};
+    for (int w = 0; w < 2 && k; w++) {
+        int m = 0;
+        for (int i = 0; i < opt.clients; i++)
+            if (cl[i].done) t[m++] = (w ? cl[i].conn_ns : cl[i].open_ns) - phase_start;
+        qsort(t, (size_t)m, sizeof *t, cmp_i64);
+        o += (size_t)snprintf(buf + o, sizeof buf - o, "\"%s_p50\":%.3f,\"%s_p90\":%.3f,",
+                              what[w], (double)t[m / 2] / 1e9, what[w],
+                              (double)t[(int)(0.9 * m)] / 1e9);
     }
     put_counters(buf + o, sizeof buf - o);
     free(t);
