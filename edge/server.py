@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import socket
+import sys
 from types import FrameType
 
 import uvicorn
 
 from common.config import EdgeConfig
 from common.loop import resolve
+from edge.accept import Acceptor, bind_listeners
 from edge.app import WS_PATH, Edge, create_app
 from edge.handshake import AdmittedWebSocketProtocol, edge_http_protocol
+
+STARTUP_FAILURE = 3  # uvicorn's exit status when its startup fails (uvicorn/server.py)
 
 
 def uvicorn_config(config: EdgeConfig) -> uvicorn.Config:
@@ -66,20 +71,61 @@ def tune_gc(thresholds: tuple[int, int, int] | None) -> None:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains the edge (`Edge.drain`) before the
-    usual shutdown: a rolling restart moves clients to the other edges gradually. A second
+    """uvicorn, with two changes. It accepts connections itself, many per event-loop
+    iteration (edge/accept.py: uvloop's libuv accepts one per iteration, which throttled a
+    reconnect storm to ~500 connections/s), and serves each with uvicorn's protocol as
+    before. And the first SIGTERM/SIGINT drains the edge (`Edge.drain`) before the usual
+    shutdown: a rolling restart moves clients to the other edges gradually. A second
     signal during the drain exits at once, as uvicorn does."""
 
-    def __init__(self, config: uvicorn.Config, drain_seconds: float) -> None:
+    def __init__(self, config: uvicorn.Config, drain_seconds: float,
+                 logger: logging.Logger | None = None) -> None:
         super().__init__(config)
         self.drain_seconds = drain_seconds
+        self.log = logger or logging.getLogger("fanout.edge.server")
+        self.acceptor: Acceptor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain: asyncio.Task[None] | None = None
         self._drain_started = False
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().startup(sockets)
+        """Bind (unless given bound `sockets`), run uvicorn's startup with no listener of
+        its own, then listen and accept here."""
+        loop = self._loop = asyncio.get_running_loop()
+        config = self.config
+        if sockets is None:
+            try:
+                listeners = bind_listeners(config.host, config.port)
+            except OSError as exc:
+                self.log.error("cannot listen event=bind_failed error=%s", exc)
+                sys.exit(STARTUP_FAILURE)
+        else:
+            listeners = list(sockets)
+        acceptor = Acceptor(loop, self._protocol, listeners, self.log)
+        try:
+            await super().startup(sockets=[])
+        except BaseException:
+            acceptor.close()
+            raise
+        acceptor.listen(config.backlog)
+        self.acceptor = acceptor
+        if sockets is None:
+            for sock in listeners:
+                host, port = sock.getsockname()[:2]
+                self.log.info("listening event=listening host=%s port=%s backlog=%s",
+                              host, port, config.backlog)
+
+    def _protocol(self) -> asyncio.Protocol:
+        """uvicorn's protocol for one accepted connection (what its `startup` makes)."""
+        protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state,
+            app_state=self.lifespan.state, _loop=self._loop)
+        return protocol
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.acceptor is not None:
+            self.acceptor.close()  # no new connections; uvicorn then closes the open ones
+        await super().shutdown(sockets=sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         loop = self._loop

@@ -26,14 +26,13 @@ from typing import Any, Protocol
 
 import hypothesis  # noqa: F401  (loaded up front: a lazy import at session end trips a CPython 3.11 AST bug)
 import pytest
-import uvicorn
 from redis.asyncio import Redis
 
 from common.broker.keys import Keys
 from common.broker.redisbroker import RedisBroker
 from common.config import EdgeConfig, RedisSettings
 from edge.app import Edge
-from edge.server import uvicorn_config
+from edge.server import DrainingServer, uvicorn_config
 from fanout.embedded import EmbeddedValkey, EmbeddedValkeyCluster
 from ingest.publisher import Publisher
 
@@ -133,7 +132,8 @@ async def publisher(redis: Redis, key_prefix: str) -> Publisher:
 
 
 class EdgeServer:
-    """An edge served by uvicorn on an ephemeral loopback port, in this event loop."""
+    """An edge served as `fanout edge` serves it (edge/server.py: uvicorn, connections
+    accepted by edge/accept.py) on an ephemeral loopback port, in this event loop."""
 
     def __init__(self, config: EdgeConfig) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -141,7 +141,7 @@ class EdgeServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
         self.config = replace(config, port=self.port)
-        self.server = uvicorn.Server(uvicorn_config(self.config))
+        self.server = DrainingServer(uvicorn_config(self.config), drain_seconds=0)
         self.task: asyncio.Task[None] | None = None
 
     @property
