@@ -577,10 +577,10 @@ class Session:
         self.subscriptions[name] = feed
         self.writer.hold()  # the other replies of this turn (a burst) in the same write
         codec = self.codec
-        reply = protocol.subscribed(command.id, name, joined.epoch, joined.offset,
-                                    joined.recovered, joined.snapshot, feed.delivery)
-        self._reply([protocol.encode(reply, codec),
-                     *(pub.frame(codec) for pub in joined.replay)])
+        reply = protocol.subscribed_frame(command.id, name, joined.epoch, joined.offset,
+                                          joined.recovered, joined.snapshot, feed.delivery,
+                                          codec)
+        self._reply([reply, *(pub.frame(codec) for pub in joined.replay)])
 
     def _reply(self, frames: list[Frame]) -> None:
         self.enqueue_all(frames)

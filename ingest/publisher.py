@@ -29,39 +29,10 @@ from common.broker import Broker, Fence, PublishRequest, PublishStatus, RebaseSt
 from common.channels import MAX_MESSAGE_ID_LENGTH, parse_channel, validate_key
 from common.config import HistoryPolicy, namespace_history
 from common.errors import BadChannel
+from common.strictjson import compact_encoder
 from ingest.upstream import UpstreamMessage
 
 MAX_TRACKED_CHANNELS = 100_000  # channels whose last offset (and policy) a publisher remembers
-
-# JSON text of a message's data: one encoder for all (json.dumps with options builds one per
-# call).
-_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
-
-
-def json_encoder() -> Callable[[object], str]:
-    """`_json`, byte for byte, calling the C encoder that `JSONEncoder.encode` builds on
-    every call (and reaches through two Python frames) once built: a third of the
-    publisher's JSON cost per message. Not thread-safe (its circular-reference markers are
-    shared): one per Publisher. Falls back to `_json` without the C accelerator."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return _json
-    markers: dict[int, object] = {}
-    base = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    encode = make(markers, base.default, json.encoder.encode_basestring, None,
-                  base.key_separator, base.item_separator, base.sort_keys, base.skipkeys,
-                  base.allow_nan)
-    join = "".join
-
-    def dumps(obj: object) -> str:
-        try:
-            return join(encode(obj, 0))
-        except BaseException:
-            markers.clear()  # left holding the containers being encoded when it raised
-            raise
-
-    return dumps
-
 
 class InvalidMessage(ValueError):
     """A message that cannot be published: bad channel, key or data."""
@@ -128,7 +99,8 @@ class Publisher:
         self._channels: dict[str, tuple[str, str, int, int]] = {}  # see `_channel`
         self.rebased = 0  # channels given a new epoch because their offsets went back
         self._on_rebase = on_rebase  # for a metric
-        self._json = json_encoder()
+        # JSON text of a message's data (the C encoder built once; one per Publisher).
+        self._json = compact_encoder(allow_nan=False)
 
     def _channel(self, name: str) -> tuple[str, str, int, int]:
         """A channel's (name, snapshot mode, history max length, max age ms), parsed once

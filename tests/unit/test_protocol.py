@@ -711,3 +711,28 @@ def test_refresh_carries_a_token() -> None:
 def test_refresh_without_a_usable_token_is_bad_request(token: object) -> None:
     with pytest.raises(BadRequest, match="token must be a string"):
         parse_command({"type": "refresh", "id": 3, "token": token})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rid=st.one_of(st.none(), st.integers(0, protocol.MAX_REQUEST_ID)),
+    channel=st.sampled_from(["quotes.AAPL", "account.c1x0.orders", "bars.BTC-USD.1m"]),
+    epoch=st.text(),
+    offset=st.integers(0, 2**63),
+    recovered=st.booleans(),
+    delivery=st.sampled_from(["all", "conflate", "drop"]),
+    snapshot=st.one_of(st.none(), st.dictionaries(st.text(), st.integers(), max_size=3)),
+    codec=st.sampled_from(list(protocol.Codec)),
+)
+def test_subscribed_frame_is_the_encoded_reply_byte_for_byte(
+    rid: int | None, channel: str, epoch: str, offset: int, recovered: bool, delivery: str,
+    snapshot: dict[str, Any] | None, codec: protocol.Codec,
+) -> None:
+    """The template (JSON, no snapshot) and the general path give what encoding the
+    `subscribed` dict gives, whatever the epoch holds (quotes, escapes, non-ASCII)."""
+    reply = protocol.subscribed(rid, channel, epoch, offset, recovered, snapshot, delivery)
+    frame = protocol.subscribed_frame(rid, channel, epoch, offset, recovered, snapshot,
+                                      delivery, codec)
+    assert frame == protocol.encode(reply, codec)
+    if codec is protocol.Codec.JSON:
+        assert json.loads(frame) == reply

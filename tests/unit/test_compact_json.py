@@ -1,15 +1,17 @@
-"""The publisher's JSON of a message's data: byte for byte what json.dumps gives with its
-options, the same errors, and usable again after one."""
+"""common/strictjson.py `compact_encoder`, the C encoder built once (the publisher's JSON of
+a message's data, the edge's protocol messages): byte for byte what json.dumps gives with
+its options, the same errors, and usable again after one."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from ingest.publisher import json_encoder
+from common.strictjson import compact_encoder
 
 SAMPLES: list[Any] = [
     {"price": 21034.25, "size": 3, "side": "buy", "ts": 1733400000123, "id": "abc123"},
@@ -20,13 +22,34 @@ SAMPLES: list[Any] = [
 ]
 
 
-def expected(obj: object) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+def expected(obj: object, allow_nan: bool = False) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=allow_nan)
+
+
+def json_encoder() -> Callable[[object], str]:
+    """The publisher's: NaN refused, circular references checked."""
+    return compact_encoder(allow_nan=False)
 
 
 @pytest.mark.parametrize("obj", SAMPLES)
 def test_same_text_as_json_dumps(obj: object) -> None:
     assert json_encoder()(obj) == expected(obj)
+
+
+@pytest.mark.parametrize("obj", [*SAMPLES, math.nan, [math.inf, -math.inf]])
+def test_the_protocols_encoder_same_text_as_json_dumps(obj: object) -> None:
+    """The edge's (common/protocol.py `encode`): NaN allowed as json.dumps allows it by
+    default, no circular check (thread-safe)."""
+    assert compact_encoder(allow_nan=True, check_circular=False)(obj) == expected(obj, True)
+
+
+def test_without_the_circular_check_a_loop_is_a_recursion_error() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    dumps = compact_encoder(allow_nan=True, check_circular=False)
+    with pytest.raises(RecursionError):
+        dumps(loop)
+    assert dumps([1]) == "[1]"
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, [1, -math.inf], {"x": {1, 2}}, object()])
