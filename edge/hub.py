@@ -229,6 +229,32 @@ class ChannelState:
         return not self.active and not self.pending
 
 
+
+async def wait_shared(shared: asyncio.Future[None], timeout: float) -> None:
+    """Until `shared` (a future many wait for) is done, at most `timeout` s (TimeoutError).
+    Cancelling this waiter leaves `shared` alone. What `asyncio.timeout` around
+    `asyncio.shield` does, with one future and one timer per waiter instead of a timeout
+    context, a shield future and their callbacks: a storm's new channels wait for their
+    SUBSCRIBE's confirmation by the ten thousand."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def done(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def expired() -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
+
+    shared.add_done_callback(done)
+    timer = loop.call_later(timeout, expired)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        shared.remove_done_callback(done)
+
 class Hub:
     def __init__(
         self,
@@ -379,8 +405,7 @@ class Hub:
             # a subscribe cancelled (its session ending) must never register a subscriber,
             # which nothing would remove again (it held the session and its socket).
             if not state.confirmed.done():
-                async with asyncio.timeout(self.subscribe_timeout):
-                    await asyncio.shield(state.confirmed)
+                await wait_shared(state.confirmed, self.subscribe_timeout)
             if slot:
                 slot = False
                 assert gate is not None
