@@ -172,6 +172,9 @@ async def test_stormload_counts_what_the_edge_does(
         result = json.loads(await storm.command("storm"))
         assert result["back"] == 2 and not result["timed_out"], result
         assert 0 < result["p50"] <= result["max"] < 15
+        # Where the time went: each back client was upgraded, then connected, then back.
+        assert 0 < result["upgraded_p50"] <= result["connected_p50"] <= result["p50"]
+        assert result["upgraded_p90"] <= result["connected_p90"] <= result["p90"]
         assert result["refused"] == 1 and result["deferred"] == 1
         assert result["recovered"] == 38 and result["resynced"] == 2  # STORM3 for both
         recovers = {(m["channel"], m["recover"]["offset"]) for m in edge.subscribes}
