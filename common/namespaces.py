@@ -118,8 +118,8 @@ class ChannelSettings:
 
     @property
     def snapshot_mode(self) -> SnapshotMode | None:
-        # A dict lookup, not SnapshotMode(...): the enum's call was ~7 % of an edge's CPU in
-        # a reconnect storm (every subscribe asks).
+        # A dict lookup, not SnapshotMode(...): the enum's call showed as ~7 % of an edge's
+        # CPU in py-spy during a reconnect storm (every subscribe asks).
         if self.snapshot == "none":
             return None
         return _SNAPSHOT_MODES.get(self.snapshot) or SnapshotMode(self.snapshot)

@@ -132,8 +132,8 @@ class Acceptor:
         `connection_made`, so nothing is awaited here beyond the next turn."""
         try:
             await self.loop.connect_accepted_socket(self.protocol_factory, conn)
-        except OSError as exc:  # e.g. the peer reset it before the loop took it
-            self.log.debug("accepted connection lost event=attach_failed error=%s", exc)
+        except Exception as exc:  # e.g. the peer reset it before the loop took it
+            self.log.debug("accepted connection lost event=attach_failed error=%r", exc)
             conn.close()
 
     def close(self) -> None:

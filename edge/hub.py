@@ -229,7 +229,6 @@ class ChannelState:
         return not self.active and not self.pending
 
 
-
 async def wait_shared(shared: asyncio.Future[None], timeout: float) -> None:
     """Until `shared` (a future many wait for) is done, at most `timeout` s (TimeoutError).
     Cancelling this waiter leaves `shared` alone. What `asyncio.timeout` around
@@ -254,6 +253,7 @@ async def wait_shared(shared: asyncio.Future[None], timeout: float) -> None:
     finally:
         timer.cancel()
         shared.remove_done_callback(done)
+
 
 class Hub:
     def __init__(
