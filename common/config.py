@@ -247,6 +247,9 @@ class EdgeConfig:
     drain_seconds: float = 10.0  # on SIGTERM/SIGINT, close connections spread over this long
     # The cyclic garbage collector's thresholds (gc.set_threshold); None = Python's own.
     gc_thresholds: tuple[int, int, int] | None = (50_000, 50, 100)
+    # The young generation's threshold while the recovery gate holds a storm's reads
+    # (edge/gcpolicy.py); 0 = as the rest of the time. Not with gc_thresholds None.
+    gc_storm_gen0: int = 500_000
     # Admission (common/admission.py, edge/admission.py): who may connect, and how many.
     allowed_origins: tuple[str, ...] = ()  # browser Origin patterns; () = any (a warning)
     allow_no_origin: bool = True  # handshakes without an Origin header (not a browser)
@@ -684,6 +687,9 @@ EDGE_SETTINGS = (
     Setting("gc_thresholds", "--gc-thresholds", "FANOUT_GC_THRESHOLDS", _gc_thresholds,
             "garbage collector thresholds gen0,gen1,gen2, or 'python' for Python's "
             "700,10,10", metavar="N,N,N"),
+    Setting("gc_storm_gen0", "--gc-storm-gen0", "FANOUT_GC_STORM_GEN0", _int(0),
+            "the collector's young-generation threshold while 100 or more subscribes read "
+            "from Redis at once (a reconnect storm); 0 = unchanged", metavar="N"),
     Setting("allowed_origins", "--allowed-origins", "FANOUT_ALLOWED_ORIGINS", _origins,
             "browser origins allowed to connect: comma-separated patterns such as "
             "https://app.example.com,https://*.example.com (unset: any, with a warning)"),

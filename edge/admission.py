@@ -215,12 +215,19 @@ class Gate:
     """
 
     __slots__ = ("_bucket_at", "_clock", "_deferred", "_deferred_before", "_left", "_rand",
-                 "_waiters", "held", "kind", "limit", "queue", "rate", "retry", "stats")
+                 "_told_busy", "_waiters", "busy_at", "held", "kind", "limit", "on_busy",
+                 "queue", "rate", "retry", "stats")
 
     def __init__(self, kind: str, limit: int, queue: int, retry: float, stats: EdgeStats,
                  rand: Callable[[float, float], float] = random.uniform,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_busy: Callable[[bool], None] | None = None, busy_at: int = 1) -> None:
         self.kind = kind  # the metric label: recovery
+        # Told True when `busy_at` places are held and False once none is (edge/gcpolicy.py:
+        # fewer collector passes while a storm's reads run, not for a trickle of them).
+        self.on_busy = on_busy
+        self.busy_at = busy_at
+        self._told_busy = False
         self.limit = limit
         self.queue = queue
         self.retry = retry  # s: the shortest delay a deferred caller is advised
@@ -271,6 +278,9 @@ class Gate:
         A caller cancelled while waiting takes no place either."""
         if not self.limit or (self.held < self.limit and not self._waiters):
             self.held += 1
+            if self.held == self.busy_at and self.on_busy is not None and not self._told_busy:
+                self._told_busy = True
+                self.on_busy(True)
             self.stats.count_admission(self.kind, "admitted")
             return True
         if len(self._waiters) >= self.queue:
@@ -300,3 +310,7 @@ class Gate:
                 waiter.set_result(None)  # the place passes on: `held` stays
                 return
         self.held -= 1
+        if self.held == 0 and self._told_busy:
+            self._told_busy = False
+            if self.on_busy is not None:
+                self.on_busy(False)

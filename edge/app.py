@@ -36,6 +36,7 @@ from common.loop import loop_name
 from common.namespaces import use_file
 from common.protocol import SUBPROTOCOLS, Codec
 from edge.admission import Admission, Gate
+from edge.gcpolicy import STORM_READS, storm_gc
 from edge.hub import Hub
 from edge.session import Session
 from edge.stats import EdgeCollector, EdgeStats
@@ -98,7 +99,10 @@ class Edge:
             live_share=self.config.live_share,
             live_coalesce_max=self.config.live_coalesce_max,
             gate=Gate("recovery", self.config.max_recoveries, self.config.recovery_queue,
-                      self.config.recovery_retry, self.stats),
+                      self.config.recovery_retry, self.stats,
+                      on_busy=(storm_gc(self.config.gc_storm_gen0)
+                               if self.config.gc_thresholds is not None else None),
+                      busy_at=STORM_READS),
         )
         await self.hub.start()
 
