@@ -6,9 +6,9 @@ subscriptions), so the young generation fills fast and each pass scans it all: o
 10,000-client run an edge made ~80 young passes (~1.5 s together, ~20 ms each) and one
 middle one (0.45 s), a `gc.callbacks` probe showed. With the young threshold at 500,000
 while at least STORM_READS reads are in the gate, the short-lived objects die before a
-pass sees them: ~20 passes (0.8-0.9 s), none of the middle generation; in three
-interleaved pairs at 10,000 clients the storm took 8.5 / 9.6 / 8.6 s against 10.4 / 10.2 /
-9.9 s, edge CPU 0.84-0.94x (bench/README.md). The cost: a young pass during a storm
+pass sees them: ~20 passes (0.8-0.9 s), none of the middle generation; in five pairs at
+10,000 clients the storm took 8.1-9.6 s against 9.4-11.2 s, edge CPU 0.84-0.96x
+(bench/README.md, "the collector during a storm"). The cost: a young pass during a storm
 pauses the loop longer (up to ~180 ms measured, against ~50 ms), and cyclic garbage waits
 longer (bounded by the threshold). Outside a storm the configured thresholds
 (FANOUT_GC_THRESHOLDS) are in effect, so the steady state's pauses stay short.
